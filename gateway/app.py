@@ -1,0 +1,94 @@
+"""The app factory: composes the core's resources as `cleanup_ctx` contexts, in dependency order.
+
+Up: HTTP client session -> store -> model client -> dispatcher (resumes the inbox) -> whatever
+`setup` functions add (the platform adapters and routes, from `handlers`). Down in reverse. Intake
+stops and the dispatcher drains in `on_shutdown`, i.e. while adapters can still deliver replies.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+
+import aiohttp
+from aiohttp import web
+
+from . import __version__
+from .config import Config
+from .dispatcher import Dispatcher
+from .errors import StoreError
+from .keys import CHANNELS, CONFIG, DISPATCHER, HTTP, METRICS, MODEL, STARTED_AT, STORE
+from .metrics import Metrics
+from .model import create_model_client
+from .responder import Responder
+from .store import open_store
+
+log = logging.getLogger(__name__)
+
+Setup = Callable[[web.Application], None]
+
+
+async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
+    connector = aiohttp.TCPConnector(limit=200, ttl_dns_cache=300)
+    async with aiohttp.ClientSession(
+        connector=connector, headers={"User-Agent": f"botgate/{__version__}"}
+    ) as session:
+        app[HTTP] = session
+        yield
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG]
+    store = open_store(cfg.store.url, cfg.state_dir)
+    await store.open()
+    app[STORE] = store
+    try:
+        yield
+    finally:
+        await store.close()
+
+
+async def _model_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[MODEL] = create_model_client(app[CONFIG].model, app[HTTP], app[METRICS])
+    yield
+
+
+async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG]
+    responder = Responder(cfg, app[STORE], app[MODEL], app[CHANNELS], app[METRICS])
+    dispatcher = Dispatcher(cfg.dispatcher, app[STORE], app[METRICS], responder)
+    app[DISPATCHER] = dispatcher
+    yield
+    # Normally drained already in on_shutdown; this is the backstop (e.g. a failed startup).
+    await dispatcher.drain(0.0 if not dispatcher.accepting else cfg.dispatcher.drain_timeout)
+
+
+async def _resume_inbox(app: web.Application) -> AsyncIterator[None]:
+    """Answer what a previous process accepted but never answered (after adapters are up)."""
+    try:
+        await app[DISPATCHER].resume()
+    except StoreError as e:
+        log.error("could not read the inbox: %s", e)
+    yield
+
+
+async def _drain(app: web.Application) -> None:
+    if DISPATCHER in app:
+        await app[DISPATCHER].drain(app[CONFIG].dispatcher.drain_timeout)
+
+
+def create_app(config: Config, setup: Iterable[Setup] = ()) -> web.Application:
+    """Build the application. `setup` functions (from `handlers`) add routes and adapters."""
+    app = web.Application(client_max_size=config.server.max_body_bytes)
+    app[CONFIG] = config
+    app[METRICS] = Metrics()
+    app[CHANNELS] = {}
+    app[STARTED_AT] = time.time()
+    app.cleanup_ctx.extend([_http_ctx, _store_ctx, _model_ctx, _dispatcher_ctx])
+    for fn in setup:
+        fn(app)
+    app.cleanup_ctx.append(_resume_inbox)
+    app.on_shutdown.append(_drain)
+    return app
+

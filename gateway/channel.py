@@ -1,0 +1,87 @@
+"""The seam between the core and a platform adapter: `Channel`, its state, and `ReplyStream`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Protocol
+
+from .messages import Attachment, InboundMessage, Reply
+
+
+class ChannelState(StrEnum):
+    DISABLED = "disabled"  # not configured
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelStatus:
+    """A snapshot for /readyz, metrics and the status page."""
+
+    platform: str
+    state: ChannelState
+    transports: tuple[str, ...] = ()
+    connected_since: float | None = None
+    reconnects: int = 0
+    attempt: int = 0
+    last_error: str = ""
+    last_event_at: float | None = None
+    detail: str = ""  # e.g. "not configured: set BOTGATE_DINGTALK__ENABLED=true ..."
+
+    @property
+    def ready(self) -> bool:
+        # A webhook-only channel has nothing to connect; it is ready while running.
+        return self.state is ChannelState.CONNECTED
+
+
+@dataclass(slots=True)
+class StatusTracker:
+    """Mutable holder adapters update; `snapshot()` hands out frozen copies."""
+
+    status: ChannelStatus
+    _changed_at: float = field(default_factory=time.time)
+
+    def set(self, **changes: object) -> None:
+        self.status = replace(self.status, **changes)  # type: ignore[arg-type]
+        self._changed_at = time.time()
+
+    def event_seen(self) -> None:
+        self.status = replace(self.status, last_event_at=time.time())
+
+    def snapshot(self) -> ChannelStatus:
+        return self.status
+
+
+class ReplyStream(Protocol):
+    """Progressive delivery of one answer (AI card, card updates, web chat deltas).
+
+    `update` receives the whole text so far; the stream decides how often to push it (throttling is
+    the adapter's job). `finish` delivers the final text exactly once and must fall back to a plain
+    message itself if streaming broke: the user gets one answer, never none and never two.
+    """
+
+    async def update(self, text: str) -> None: ...
+
+    async def finish(self, text: str) -> None: ...
+
+
+class Channel(Protocol):
+    platform: str
+
+    def status(self) -> ChannelStatus: ...
+
+    async def send(self, reply: Reply) -> None:
+        """Deliver a complete reply; raises `PlatformError` when the platform refused it."""
+
+    async def open_stream(self, message: InboundMessage) -> ReplyStream | None:
+        """A stream for progressive answers, or None when this channel/message cannot stream."""
+
+    async def fetch(self, message: InboundMessage, attachment: Attachment) -> tuple[bytes, str]:
+        """Download an attachment: (bytes, mime type). Raises `PlatformError`."""
+
+    async def reconnect(self) -> None:
+        """Drop the current long connection and connect afresh (admin action)."""

@@ -1,0 +1,368 @@
+"""Configuration: `config.toml` -> frozen dataclasses, `BOTGATE_<SECTION>__<KEY>` env overrides.
+
+Every key has a typed default here; the shipped `config.toml` documents them. Validation happens once
+at load time and raises `ConfigError` naming the offending key (and file), never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "BOTGATE_"
+
+
+class ConfigError(Exception):
+    """A configuration problem a human must fix; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 18789
+    max_body_bytes: int = 1_048_576
+    tls_cert: str = ""
+    tls_key: str = ""
+    state_dir: str = ""  # "" = $STATE_DIRECTORY (systemd) or ./state
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    provider: str = "auto"  # auto | openai | echo  (auto = echo unless base_url is set)
+    base_url: str = ""
+    model: str = "gpt-4o-mini"
+    api_keys: list[str] = field(default_factory=list)
+    system_prompt: str = "You are a helpful assistant in a company chat. Answer concisely in Markdown."
+    vision: bool = False
+    temperature: float = 0.7
+    max_tokens: int = 1024
+    stream: bool = True
+    connect_timeout: float = 5.0
+    first_token_timeout: float = 30.0
+    total_timeout: float = 120.0
+    max_retries: int = 3
+    key_cooldown: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class DispatcherConfig:
+    max_queue: int = 10_000
+    max_concurrency: int = 64
+    dedup_ttl: float = 600.0
+    deadline: float = 180.0
+    drain_timeout: float = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class ContextConfig:
+    max_turns: int = 20
+    max_chars: int = 12_000
+    idle_ttl: float = 86_400.0
+
+
+@dataclass(frozen=True, slots=True)
+class DingTalkConfig:
+    enabled: bool = False
+    mode: str = "stream"  # stream | webhook | both
+    client_id: str = ""
+    client_secret: str = ""
+    robot_code: str = ""  # "" = client_id (internal-app robots use the AppKey as robot code)
+    api_base: str = "https://api.dingtalk.com"
+    oapi_base: str = "https://oapi.dingtalk.com"
+    card_template_id: str = ""
+    stale_after: float = 90.0
+    stream_interval: float = 0.3
+    monthly_api_budget: int = 0
+    allow_senders: list[str] = field(default_factory=list)
+    deny_senders: list[str] = field(default_factory=list)
+    allow_conversations: list[str] = field(default_factory=list)
+    deny_conversations: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class FeishuConfig:
+    enabled: bool = False
+    mode: str = "ws"  # ws | webhook | both
+    app_id: str = ""
+    app_secret: str = ""
+    encrypt_key: str = ""
+    verification_token: str = ""
+    domain: str = "https://open.feishu.cn"
+    stream_interval: float = 0.2
+    max_message_age: float = 600.0
+    monthly_api_budget: int = 0
+    allow_users: list[str] = field(default_factory=list)
+    deny_users: list[str] = field(default_factory=list)
+    allow_chats: list[str] = field(default_factory=list)
+    deny_chats: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    url: str = "memory://"
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    enabled: bool = True
+    ttl: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    per_user_per_minute: int = 0  # 0 = unlimited
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    password: str = ""
+    jwt_secret: str = ""
+    token_ttl: float = 43_200.0
+    metrics_token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AlertsConfig:
+    dingtalk_webhook: str = ""
+    dingtalk_secret: str = ""
+    feishu_webhook: str = ""
+    feishu_secret: str = ""
+    channel_down_after: float = 120.0
+    error_ratio: float = 0.05
+    model_failures: int = 5
+    min_interval: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "INFO"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dispatcher: DispatcherConfig = field(default_factory=DispatcherConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
+    dingtalk: DingTalkConfig = field(default_factory=DingTalkConfig)
+    feishu: FeishuConfig = field(default_factory=FeishuConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = "<defaults>"  # the file it came from, for messages
+
+    def secrets(self) -> list[str]:
+        """Every configured secret value, so logs and dumps can mask them."""
+        values = [
+            *self.model.api_keys,
+            self.dingtalk.client_secret,
+            self.feishu.app_secret,
+            self.feishu.encrypt_key,
+            self.feishu.verification_token,
+            self.admin.password,
+            self.admin.jwt_secret,
+            self.admin.metrics_token,
+            self.alerts.dingtalk_webhook,
+            self.alerts.dingtalk_secret,
+            self.alerts.feishu_webhook,
+            self.alerts.feishu_secret,
+        ]
+        return [v for v in values if v]
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.server.state_dir or os.environ.get("STATE_DIRECTORY", "") or "state")
+
+
+SECRET_KEYS = frozenset(
+    {
+        "model.api_keys",
+        "dingtalk.client_secret",
+        "feishu.app_secret",
+        "feishu.encrypt_key",
+        "feishu.verification_token",
+        "admin.password",
+        "admin.jwt_secret",
+        "admin.metrics_token",
+        "alerts.dingtalk_webhook",
+        "alerts.dingtalk_secret",
+        "alerts.feishu_webhook",
+        "alerts.feishu_secret",
+    }
+)
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.provider": ("auto", "openai", "echo"),
+    "dingtalk.mode": ("stream", "webhook", "both"),
+    "feishu.mode": ("ws", "webhook", "both"),
+    "log.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+}
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if f.name != "source"}
+
+
+def _describe(tp: Any) -> str:
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, "a list of strings"
+    )
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check a TOML value against the field's type; floats accept integers."""
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, int | float) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+        or (tp == list[str] and isinstance(value, list) and all(isinstance(v, str) for v in value))
+    )
+    if not ok:
+        raise ConfigError(f"{where}: expected {_describe(tp)}, got {type(value).__name__} {value!r}")
+    return float(value) if tp is float else value
+
+
+def _parse_env(raw: str, tp: Any, where: str) -> Any:
+    """Environment values are strings; type them by the key they override."""
+    text = raw.strip()
+    if tp is bool:
+        if text.lower() in ("true", "1", "yes", "on"):
+            return True
+        if text.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true/false, got {raw!r}")
+    if tp is int or tp is float:
+        try:
+            return tp(text)
+        except ValueError:
+            raise ConfigError(f"{where}: expected {_describe(tp)}, got {raw!r}") from None
+    if tp is str:
+        return raw
+    return [part.strip() for part in raw.split(",") if part.strip()]
+
+
+def _env_overrides(env: Mapping[str, str], sections: dict[str, type]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        section, sep, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        if not sep or section not in sections:
+            raise ConfigError(f"environment variable {name}: unknown section {section!r}")
+        hints = typing.get_type_hints(sections[section])
+        if key not in hints:
+            raise ConfigError(f"environment variable {name}: unknown key {section}.{key}")
+        out.setdefault(section, {})[key] = _parse_env(raw, hints[key], f"environment variable {name}")
+    return out
+
+
+def _validate(cfg: Config) -> None:
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"{cfg.source}: {key}: {why}")
+
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            fail(key, f"must be one of {', '.join(allowed)}, got {value!r}")
+    if not 0 < cfg.server.port < 65536:
+        fail("server.port", f"must be between 1 and 65535, got {cfg.server.port}")
+    if bool(cfg.server.tls_cert) != bool(cfg.server.tls_key):
+        fail("server.tls_cert", "tls_cert and tls_key must be set together")
+    for key in ("max_queue", "max_concurrency"):
+        if getattr(cfg.dispatcher, key) < 1:
+            fail(f"dispatcher.{key}", "must be at least 1")
+    for key in ("deadline", "drain_timeout", "dedup_ttl"):
+        if getattr(cfg.dispatcher, key) <= 0:
+            fail(f"dispatcher.{key}", "must be positive")
+    if cfg.model.provider == "openai" and not cfg.model.base_url:
+        fail("model.base_url", "is required when model.provider = \"openai\"")
+    for key in ("model.base_url", "dingtalk.api_base", "dingtalk.oapi_base", "feishu.domain"):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value and not value.startswith(("http://", "https://")):
+            fail(key, f"must be an http(s) URL, got {value!r}")
+    if cfg.dingtalk.enabled:
+        for key in ("client_id", "client_secret"):
+            if not getattr(cfg.dingtalk, key):
+                fail(
+                    f"dingtalk.{key}",
+                    f"is required when dingtalk.enabled = true (set BOTGATE_DINGTALK__{key.upper()})",
+                )
+    if cfg.feishu.enabled:
+        for key in ("app_id", "app_secret"):
+            if not getattr(cfg.feishu, key):
+                fail(
+                    f"feishu.{key}",
+                    f"is required when feishu.enabled = true (set BOTGATE_FEISHU__{key.upper()})",
+                )
+    if not cfg.store.url.startswith(("memory://", "sqlite://", "redis://", "rediss://", "unix://")):
+        fail("store.url", f"must start with memory://, sqlite:/// or redis://, got {cfg.store.url!r}")
+
+
+def build(data: Mapping[str, Any], env: Mapping[str, str], source: str = "<defaults>") -> Config:
+    """Merge file data and env overrides onto the defaults, type-check and validate."""
+    sections = _sections()
+    merged: dict[str, dict[str, Any]] = {}
+    for section, values in data.items():
+        if section not in sections:
+            raise ConfigError(f"{source}: unknown section [{section}]")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+        merged[section] = dict(values)
+    for section, values in _env_overrides(env, sections).items():
+        merged.setdefault(section, {}).update(values)
+
+    kwargs: dict[str, Any] = {}
+    for section, cls in sections.items():
+        hints = typing.get_type_hints(cls)
+        values = merged.get(section, {})
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(f"{source}: unknown key {section}.{key}")
+            values[key] = _coerce(value, hints[key], f"{source}: {section}.{key}")
+        kwargs[section] = cls(**values)
+    cfg = Config(**kwargs, source=source)
+    _validate(cfg)
+    return cfg
+
+
+def load(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:
+    """Load `path` (None = defaults only) with overrides from `env` (default: os.environ)."""
+    env = os.environ if env is None else env
+    if path is None:
+        return build({}, env)
+    source = str(path)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: file not found") from None
+    except PermissionError:
+        raise ConfigError(f"{source}: permission denied") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: invalid TOML: {e}") from None
+    return build(data, env, source)
+
+
+def masked(cfg: Config) -> dict[str, dict[str, Any]]:
+    """The config as plain data with every secret replaced by a marker (for dumps and the status page)."""
+    out: dict[str, dict[str, Any]] = {}
+    for section in _sections():
+        values = dataclasses.asdict(getattr(cfg, section))
+        for key, value in values.items():
+            if f"{section}.{key}" in SECRET_KEYS and value:
+                values[key] = "***"
+        out[section] = values
+    return out

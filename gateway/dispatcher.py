@@ -1,0 +1,213 @@
+"""The async dispatcher: bounded, ordered per conversation, concurrent across conversations,
+deduplicated, back-pressured.
+
+`submit()` is what every adapter calls. It returns only after the message is safely accepted
+(dedup key claimed, message in the inbox), so the adapter may ACK the platform right then; the
+answer is produced later by a worker. One worker task exists per conversation that has queued
+messages (so order is strict and idle conversations cost nothing); a semaphore bounds how many
+messages are being answered at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable
+from enum import StrEnum
+from typing import Protocol
+
+from .config import DispatcherConfig
+from .errors import StoreError
+from .messages import InboundMessage
+from .metrics import Metrics
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+BUSY_NOTICE = "The assistant is busy right now. Please send your message again in a minute."
+APOLOGY = "Sorry, something went wrong while answering. Please try again. (ref {request_id})"
+TIMEOUT_NOTICE = "Sorry, that took too long to answer. Please try again. (ref {request_id})"
+
+
+class Admission(StrEnum):
+    ACCEPTED = "accepted"  # in the inbox; ACK the platform
+    DUPLICATE = "duplicate"  # seen before; ACK and forget
+    BUSY = "busy"  # queue full; the sender was told; ACK
+    UNAVAILABLE = "unavailable"  # store down: do NOT ACK, let the platform redeliver
+    CLOSED = "closed"  # shutting down: do NOT ACK (webhooks answer 503)
+
+    @property
+    def acknowledge(self) -> bool:
+        return self in (Admission.ACCEPTED, Admission.DUPLICATE, Admission.BUSY)
+
+
+class Responder(Protocol):
+    async def handle(self, message: InboundMessage) -> None:
+        """Answer one message (model call, reply delivery)."""
+
+    async def notice(self, message: InboundMessage, text: str) -> None:
+        """Send a short notice; must not raise."""
+
+
+class Dispatcher:
+    def __init__(
+        self, cfg: DispatcherConfig, store: Store, metrics: Metrics, responder: Responder
+    ) -> None:
+        self.cfg = cfg
+        self._store = store
+        self._metrics = metrics
+        self._responder = responder
+        self._queues: dict[str, deque[InboundMessage]] = {}
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._side_tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(cfg.max_concurrency)
+        self._depth = 0
+        self._inflight = 0
+        self._closing = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- intake ------------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @property
+    def accepting(self) -> bool:
+        return not self._closing
+
+    async def submit(self, message: InboundMessage) -> Admission:
+        if self._closing:
+            return Admission.CLOSED
+        try:
+            if not await self._store.claim(message.dedup_key, self.cfg.dedup_ttl):
+                self._metrics.dedup_dropped.labels(message.platform).inc()
+                log.info("duplicate dropped", extra=_fields(message))
+                return Admission.DUPLICATE
+            if self._depth >= self.cfg.max_queue:
+                log.warning("queue full, sender told to retry", extra=_fields(message))
+                self._spawn(self._responder.notice(message, BUSY_NOTICE))
+                return Admission.BUSY
+            await self._store.inbox_add(message)
+        except StoreError as e:
+            log.error("store unavailable, message not accepted: %s", e, extra=_fields(message))
+            return Admission.UNAVAILABLE
+        self._metrics.messages_received.labels(
+            message.platform, message.transport, message.conversation_kind.value
+        ).inc()
+        self._enqueue(message)
+        return Admission.ACCEPTED
+
+    async def resume(self) -> int:
+        """Queue every inbox entry left unanswered by a previous process."""
+        pending = await self._store.inbox_pending()
+        for message in pending:
+            self._enqueue(message)
+        if pending:
+            log.info("resumed unanswered messages", extra={"count": len(pending)})
+        return len(pending)
+
+    def _enqueue(self, message: InboundMessage) -> None:
+        key = message.conversation_key
+        self._queues.setdefault(key, deque()).append(message)
+        self._depth += 1
+        self._metrics.queue_depth.set(self._depth)
+        self._idle.clear()
+        if key not in self._workers:
+            task = asyncio.create_task(self._work(key), name=f"conversation:{key}")
+            self._workers[key] = task
+
+    # -- workers -----------------------------------------------------------------------------
+    async def _work(self, key: str) -> None:
+        queue = self._queues[key]
+        try:
+            while queue:
+                message = queue[0]
+                async with self._slots:
+                    queue.popleft()
+                    self._depth -= 1
+                    self._inflight += 1
+                    self._metrics.queue_depth.set(self._depth)
+                    self._metrics.inflight.set(self._inflight)
+                    try:
+                        await self._answer(message)
+                    finally:
+                        self._inflight -= 1
+                        self._metrics.inflight.set(self._inflight)
+                await self._settle(message)
+        finally:
+            del self._workers[key]
+            if not queue:
+                del self._queues[key]
+            if not self._workers:
+                self._idle.set()
+
+    async def _answer(self, message: InboundMessage) -> None:
+        """Run the responder under the deadline; any failure becomes a notice, never silence."""
+        try:
+            async with asyncio.timeout(self.cfg.deadline):
+                await self._responder.handle(message)
+        except TimeoutError:
+            log.error("deadline exceeded", extra=_fields(message))
+            await self._responder.notice(message, TIMEOUT_NOTICE.format(request_id=message.request_id))
+        except Exception:
+            log.exception("answer failed", extra=_fields(message))
+            await self._responder.notice(message, APOLOGY.format(request_id=message.request_id))
+
+    async def _settle(self, message: InboundMessage) -> None:
+        """The message got its answer (or a notice): it leaves the inbox."""
+        try:
+            await self._store.inbox_done(message)
+        except StoreError as e:
+            # It stays in the inbox and is answered again after a restart; say so.
+            log.error("could not mark message answered: %s", e, extra=_fields(message))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    # -- shutdown ----------------------------------------------------------------------------
+    def stop_intake(self) -> None:
+        self._closing = True
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop intake and wait up to `timeout` for queued and in-flight messages.
+
+        Whatever is still running after that is cancelled; it stays in the inbox and is resumed
+        by the next start. Returns True when everything finished.
+        """
+        self.stop_intake()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+                if self._side_tasks:
+                    await asyncio.gather(*self._side_tasks, return_exceptions=True)
+            return True
+        except TimeoutError:
+            log.warning(
+                "drain timeout, unfinished messages stay in the inbox",
+                extra={"queued": self._depth, "inflight": self._inflight},
+            )
+            tasks = [*self._workers.values(), *self._side_tasks]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return False
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+def _fields(message: InboundMessage) -> dict[str, object]:
+    return {
+        "request_id": message.request_id,
+        "user_id": message.user_key,
+        "platform": message.platform,
+        "message_id": message.message_id,
+    }

@@ -1,0 +1,22 @@
+"""Every object shared through the aiohttp app, under a typed `web.AppKey` (no string keys)."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from .channel import Channel
+from .config import Config
+from .dispatcher import Dispatcher
+from .metrics import Metrics
+from .model import ModelClient
+from .store import Store
+
+CONFIG = web.AppKey("config", Config)
+METRICS = web.AppKey("metrics", Metrics)
+HTTP = web.AppKey("http", aiohttp.ClientSession)
+STORE = web.AppKey("store", Store)
+MODEL = web.AppKey("model", ModelClient)
+DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+CHANNELS = web.AppKey("channels", dict[str, Channel])
+STARTED_AT = web.AppKey("started_at", float)

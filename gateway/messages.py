@@ -1,0 +1,81 @@
+"""The normalized message types every adapter converts to and from; the core sees nothing else."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class ConversationKind(StrEnum):
+    DM = "dm"
+    GROUP = "group"
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """A non-text part of a message. `ref` is whatever the adapter needs to fetch it later
+    (DingTalk download code, Feishu file key); nothing is downloaded before the ACK."""
+
+    kind: str  # "image" | "file" | "audio" | "video" | "sticker" | ...
+    ref: str
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    platform: str  # "dingtalk" | "feishu" | "web"
+    transport: str  # "stream" | "ws" | "webhook" | "websocket"
+    conversation_id: str
+    conversation_kind: ConversationKind
+    sender_id: str
+    sender_name: str
+    text: str
+    mentioned: bool
+    message_id: str
+    # JSON-serializable, adapter-specific data needed to answer (session webhook and its expiry,
+    # message id to reply under, ...). It is persisted with the message in the inbox.
+    reply_handle: dict[str, Any] = field(default_factory=dict)
+    attachments: tuple[Attachment, ...] = ()
+    # Set by the adapter when it already knows the answer must be a notice (unsupported type).
+    unsupported: str = ""
+    created_at: float = field(default_factory=time.time)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+
+    @property
+    def conversation_key(self) -> str:
+        return f"{self.platform}:{self.conversation_id}"
+
+    @property
+    def user_key(self) -> str:
+        return f"{self.platform}:{self.sender_id}"
+
+    @property
+    def dedup_key(self) -> str:
+        return f"{self.platform}:{self.message_id}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InboundMessage:
+        data = dict(data)
+        data["conversation_kind"] = ConversationKind(data["conversation_kind"])
+        data["attachments"] = tuple(Attachment(**a) for a in data.get("attachments", ()))
+        return cls(**data)
+
+
+class ReplyKind(StrEnum):
+    ANSWER = "answer"  # the model's answer
+    NOTICE = "notice"  # busy / apology / help / unsupported: short, never streamed
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One outbound reply to `to`, in Markdown. Adapters render and split it for their platform."""
+
+    to: InboundMessage
+    text: str
+    kind: ReplyKind = ReplyKind.ANSWER

@@ -1,0 +1,80 @@
+"""Prometheus metric families, one registry per app (so tests and reloads never collide).
+
+Labels only ever take bounded values: platform, transport, kind, outcome, reason, endpoint, route
+template, status. Never user ids, conversation ids or client addresses.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+MODEL_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.messages_received = Counter(
+            "botgate_messages_received",
+            "Inbound messages accepted from a platform.",
+            ["platform", "transport", "kind"],
+            registry=r,
+        )
+        self.replies = Counter(
+            "botgate_replies", "Replies by outcome.", ["platform", "outcome"], registry=r
+        )
+        self.model_duration = Histogram(
+            "botgate_model_request_duration_seconds",
+            "Model call duration, request sent to last byte.",
+            buckets=MODEL_BUCKETS,
+            registry=r,
+        )
+        self.model_errors = Counter(
+            "botgate_model_errors", "Failed model calls by reason.", ["reason"], registry=r
+        )
+        self.model_tokens = Counter(
+            "botgate_model_tokens", "Tokens reported by the model.", ["type"], registry=r
+        )
+        self.overhead = Histogram(
+            "botgate_gateway_overhead_seconds",
+            "Time the gateway adds around the model: arrival to request, last byte to delivery.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "botgate_queue_depth", "Messages accepted and waiting for a worker.", registry=r
+        )
+        self.inflight = Gauge(
+            "botgate_inflight", "Messages being answered right now.", registry=r
+        )
+        self.channel_connected = Gauge(
+            "botgate_channel_connected", "1 when the channel is connected.", ["platform"], registry=r
+        )
+        self.reconnects = Counter(
+            "botgate_reconnects", "Reconnects of a long connection.", ["platform"], registry=r
+        )
+        self.dedup_dropped = Counter(
+            "botgate_dedup_dropped", "Duplicate deliveries dropped.", ["platform"], registry=r
+        )
+        self.dropped = Counter(
+            "botgate_messages_dropped",
+            "Inbound events dropped on purpose (stale replay, self message, filtered).",
+            ["platform", "reason"],
+            registry=r,
+        )
+        self.cache_requests = Counter(
+            "botgate_cache_requests", "Model cache lookups.", ["result"], registry=r
+        )
+        self.platform_api_calls = Counter(
+            "botgate_platform_api_calls",
+            "Outbound platform API calls.",
+            ["platform", "endpoint"],
+            registry=r,
+        )
+        self.http_requests = Counter(
+            "botgate_http_requests", "HTTP requests served.", ["route", "status"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

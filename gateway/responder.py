@@ -1,0 +1,209 @@
+"""What happens to one accepted message: commands, rate limit, context, cache, model, reply."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import time
+from collections.abc import Mapping
+
+import orjson
+
+from .channel import Channel
+from .config import Config
+from .errors import ModelError, PlatformError, StoreError
+from .messages import InboundMessage, Reply, ReplyKind
+from .metrics import Metrics
+from .model import Completion, Message, ModelClient
+from .store import Store, Turn
+
+log = logging.getLogger(__name__)
+
+HELP = (
+    "I am an AI assistant. Just write your question; in groups, @mention me.\n\n"
+    "- `/reset` forgets this conversation\n"
+    "- `/help` shows this message"
+)
+RESET_DONE = "Done: I forgot this conversation. Let's start fresh."
+GREETING = "Hi! What can I do for you? (Send `/help` for what I understand.)"
+RATE_LIMITED = "You are sending messages faster than I can answer. Please wait a minute."
+NO_VISION = "I can't look at images with the current model; please describe it in words."
+MODEL_DOWN = (
+    "Sorry, the AI model is not answering right now ({reason}). Please try again later. "
+    "(ref {request_id})"
+)
+IMAGE_NOTE = "(I can't look at images with the current model, so I only read your text.)\n\n"
+
+
+class Responder:
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        model: ModelClient,
+        channels: Mapping[str, Channel],
+        metrics: Metrics,
+    ) -> None:
+        self.cfg = cfg
+        self._store = store
+        self._model = model
+        self._channels = channels
+        self._metrics = metrics
+
+    async def notice(self, message: InboundMessage, text: str) -> None:
+        try:
+            await self._send(Reply(message, text, ReplyKind.NOTICE))
+        except Exception:
+            log.exception("notice could not be delivered", extra=_fields(message))
+
+    async def handle(self, message: InboundMessage) -> None:
+        text = message.text.strip()
+        command = text.split(maxsplit=1)[0].lower() if text.startswith("/") else ""
+        if message.unsupported:
+            await self._send(Reply(message, message.unsupported, ReplyKind.NOTICE))
+            return
+        if command == "/help":
+            await self._send(Reply(message, HELP, ReplyKind.NOTICE))
+            return
+        if command == "/reset":
+            await self._store.reset(message.conversation_key)
+            await self._send(Reply(message, RESET_DONE, ReplyKind.NOTICE))
+            return
+        if not await self._within_rate_limit(message):
+            return
+        images = [a for a in message.attachments if a.kind == "image"]
+        if not text and not images:
+            await self._send(Reply(message, GREETING, ReplyKind.NOTICE))
+            return
+        if images and not self.cfg.model.vision and not text:
+            await self._send(Reply(message, NO_VISION, ReplyKind.NOTICE))
+            return
+        await self._answer(message, text, images if self.cfg.model.vision else [])
+
+    async def _within_rate_limit(self, message: InboundMessage) -> bool:
+        limit = self.cfg.limits.per_user_per_minute
+        if limit <= 0 or await self._store.take_token(f"rate:{message.user_key}", limit):
+            return True
+        log.info("rate limited", extra=_fields(message))
+        # One notice per minute per user, not one per message.
+        if await self._store.claim(f"rate-notice:{message.user_key}", 60.0):
+            await self._send(Reply(message, RATE_LIMITED, ReplyKind.NOTICE))
+        return False
+
+    async def _answer(self, message: InboundMessage, text: str, images: list) -> None:
+        conversation = message.conversation_key
+        history = await self._store.context(conversation)
+        messages: list[Message] = [{"role": "system", "content": self.cfg.model.system_prompt}]
+        messages += [{"role": t.role, "content": t.content} for t in history]
+        messages.append({"role": "user", "content": await self._user_content(message, text, images)})
+
+        prefix = IMAGE_NOTE if message.attachments and not images and not self.cfg.model.vision else ""
+        cache_key = self._cache_key(messages) if self.cfg.cache.enabled and not images else None
+        answer = await self._cached(cache_key)
+        model_started = time.monotonic()
+        overhead = time.time() - message.created_at  # arrival -> model request (or cache hit)
+        completion = Completion(model=self._model.name)
+        if answer is not None:
+            await self._send(Reply(message, prefix + answer))
+        else:
+            try:
+                answer = await self._stream_answer(message, messages, completion, prefix)
+            except _Answered:
+                return
+            if cache_key:
+                await self._store.cache_put(cache_key, answer, self.cfg.cache.ttl)
+        delivered = time.monotonic()
+        last_byte = completion.last_byte_at or delivered
+        overhead += delivered - last_byte
+        self._metrics.overhead.observe(max(0.0, overhead))
+        self._metrics.model_tokens.labels("prompt").inc(completion.usage.prompt_tokens)
+        self._metrics.model_tokens.labels("completion").inc(completion.usage.completion_tokens)
+        await self._store.append_turns(
+            conversation,
+            [Turn("user", text or "(image)"), Turn("assistant", answer)],
+            self.cfg.context.max_turns,
+            self.cfg.context.max_chars,
+            self.cfg.context.idle_ttl,
+        )
+        log.info(
+            "answered",
+            extra={
+                **_fields(message),
+                "latency_ms": round((delivered - model_started) * 1000 + overhead * 1000, 1),
+                "overhead_ms": round(overhead * 1000, 2),
+                "model_version": completion.model,
+                "cached": cache_key is not None and completion.last_byte_at is None,
+            },
+        )
+
+    async def _stream_answer(
+        self, message: InboundMessage, messages: list[Message], completion: Completion, prefix: str
+    ) -> str:
+        channel = self._channels[message.platform]
+        stream = await channel.open_stream(message)
+        parts: list[str] = []
+        try:
+            async for delta in self._model.stream(messages, completion):
+                parts.append(delta)
+                if stream is not None:
+                    await stream.update(prefix + "".join(parts))
+        except ModelError as e:
+            log.error("model failed: %s", e, extra={**_fields(message), "reason": e.reason})
+            notice = MODEL_DOWN.format(reason=e.reason.replace("_", " "), request_id=message.request_id)
+            # The open stream (a card already shown) gets the notice as its final text, so the
+            # user sees one message, not a stuck card plus a second one.
+            if stream is not None:
+                await stream.finish(notice)
+            else:
+                await self._send(Reply(message, notice, ReplyKind.NOTICE))
+            raise _Answered from e
+        answer = "".join(parts).strip() or "(the model returned an empty answer)"
+        if stream is not None:
+            await stream.finish(prefix + answer)
+            self._metrics.replies.labels(message.platform, "ok").inc()
+        else:
+            await self._send(Reply(message, prefix + answer))
+        return answer
+
+    async def _user_content(self, message: InboundMessage, text: str, images: list) -> object:
+        if not images:
+            return text
+        parts: list[dict[str, object]] = [{"type": "text", "text": text or "What is in this image?"}]
+        channel = self._channels[message.platform]
+        for attachment in images:
+            data, mime = await channel.fetch(message, attachment)
+            url = f"data:{mime};base64,{base64.b64encode(data).decode()}"
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+        return parts
+
+    def _cache_key(self, messages: list[Message]) -> str:
+        digest = hashlib.sha256(orjson.dumps([self._model.name, messages])).hexdigest()
+        return f"cache:{digest}"
+
+    async def _cached(self, key: str | None) -> str | None:
+        if key is None:
+            return None
+        try:
+            value = await self._store.cache_get(key)
+        except StoreError:
+            value = None
+        self._metrics.cache_requests.labels("hit" if value is not None else "miss").inc()
+        return value
+
+    async def _send(self, reply: Reply) -> None:
+        channel = self._channels[reply.to.platform]
+        try:
+            await channel.send(reply)
+        except PlatformError:
+            self._metrics.replies.labels(reply.to.platform, "failed").inc()
+            raise
+        self._metrics.replies.labels(reply.to.platform, "ok").inc()
+
+
+class _Answered(Exception):
+    """The user already got a notice instead of an answer; nothing more to record."""
+
+
+def _fields(message: InboundMessage) -> dict[str, object]:
+    return {"request_id": message.request_id, "user_id": message.user_key}

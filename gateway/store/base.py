@@ -1,0 +1,79 @@
+"""The store interface: inbox, dedup keys, conversation context, model cache, rate limits, leases.
+
+Backends: `memory://` (tests, single process), `sqlite:///PATH` (default), `redis://` (several
+instances). Every method may raise `StoreError`; callers decide whether that refuses the message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..messages import InboundMessage
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    role: str  # "user" | "assistant"
+    content: str
+
+
+class Store(Protocol):
+    backend: str  # "memory" | "sqlite" | "redis"
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise `StoreError` unless the store is usable right now."""
+
+    # -- dedup -----------------------------------------------------------------------------
+    async def claim(self, key: str, ttl: float) -> bool:
+        """Atomically mark `key` seen for `ttl` seconds; False if it already was."""
+
+    # -- inbox: accepted but not yet answered ----------------------------------------------
+    async def inbox_add(self, message: InboundMessage) -> None:
+        """Durably record an accepted message (backends batch these into group commits)."""
+
+    async def inbox_done(self, message: InboundMessage) -> None: ...
+
+    async def inbox_pending(self) -> list[InboundMessage]:
+        """Messages accepted but never answered (resumed at start), oldest first."""
+
+    # -- conversation context ---------------------------------------------------------------
+    async def context(self, conversation: str) -> list[Turn]: ...
+
+    async def append_turns(
+        self, conversation: str, turns: list[Turn], max_turns: int, max_chars: int, idle_ttl: float
+    ) -> None:
+        """Append and trim to the newest `max_turns` turns within `max_chars` characters."""
+
+    async def reset(self, conversation: str) -> None: ...
+
+    # -- model result cache -------------------------------------------------------------------
+    async def cache_get(self, key: str) -> str | None: ...
+
+    async def cache_put(self, key: str, value: str, ttl: float) -> None: ...
+
+    # -- rate limit -----------------------------------------------------------------------------
+    async def take_token(self, bucket: str, per_minute: int) -> bool:
+        """Token bucket of `per_minute` capacity refilling continuously; False when empty."""
+
+    # -- per-conversation lease (several instances) -------------------------------------------
+    async def acquire_lease(self, conversation: str, owner: str, ttl: float) -> bool: ...
+
+    async def release_lease(self, conversation: str, owner: str) -> None: ...
+
+
+def trim_turns(turns: list[Turn], max_turns: int, max_chars: int) -> list[Turn]:
+    """Keep the newest turns that fit both budgets (shared by every backend)."""
+    kept: list[Turn] = []
+    used = 0
+    for turn in reversed(turns[-max_turns:] if max_turns > 0 else []):
+        used += len(turn.content)
+        if used > max_chars and kept:
+            break
+        kept.append(turn)
+    kept.reverse()
+    return kept

@@ -1,0 +1,105 @@
+"""In-process store for tests and single-process runs without durability (`memory://`)."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+from ..messages import InboundMessage
+from .base import Turn, trim_turns
+
+
+class MemoryStore:
+    backend = "memory"
+
+    def __init__(self) -> None:
+        self._seen: dict[str, float] = {}
+        self._inbox: OrderedDict[str, InboundMessage] = OrderedDict()
+        self._context: dict[str, tuple[float, list[Turn]]] = {}
+        self._cache: dict[str, tuple[float, str]] = {}
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._leases: dict[str, tuple[str, float]] = {}
+        self._next_sweep = 0.0
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def ping(self) -> None:
+        return None
+
+    def _sweep(self, now: float) -> None:
+        """Expire TTL'd entries at most once a second, so memory stays bounded."""
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 1.0
+        self._seen = {k: t for k, t in self._seen.items() if t > now}
+        self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+        self._context = {k: v for k, v in self._context.items() if v[0] > now}
+
+    async def claim(self, key: str, ttl: float) -> bool:
+        now = time.monotonic()
+        self._sweep(now)
+        expires = self._seen.get(key)
+        if expires is not None and expires > now:
+            return False
+        self._seen[key] = now + ttl
+        return True
+
+    async def inbox_add(self, message: InboundMessage) -> None:
+        self._inbox[message.request_id] = message
+
+    async def inbox_done(self, message: InboundMessage) -> None:
+        self._inbox.pop(message.request_id, None)
+
+    async def inbox_pending(self) -> list[InboundMessage]:
+        return list(self._inbox.values())
+
+    async def context(self, conversation: str) -> list[Turn]:
+        entry = self._context.get(conversation)
+        if entry is None or entry[0] <= time.monotonic():
+            return []
+        return list(entry[1])
+
+    async def append_turns(
+        self, conversation: str, turns: list[Turn], max_turns: int, max_chars: int, idle_ttl: float
+    ) -> None:
+        history = await self.context(conversation)
+        kept = trim_turns(history + turns, max_turns, max_chars)
+        self._context[conversation] = (time.monotonic() + idle_ttl, kept)
+
+    async def reset(self, conversation: str) -> None:
+        self._context.pop(conversation, None)
+
+    async def cache_get(self, key: str) -> str | None:
+        entry = self._cache.get(key)
+        if entry is None or entry[0] <= time.monotonic():
+            return None
+        return entry[1]
+
+    async def cache_put(self, key: str, value: str, ttl: float) -> None:
+        self._cache[key] = (time.monotonic() + ttl, value)
+
+    async def take_token(self, bucket: str, per_minute: int) -> bool:
+        now = time.monotonic()
+        tokens, last = self._buckets.get(bucket, (float(per_minute), now))
+        tokens = min(float(per_minute), tokens + (now - last) * per_minute / 60.0)
+        if tokens < 1.0:
+            self._buckets[bucket] = (tokens, now)
+            return False
+        self._buckets[bucket] = (tokens - 1.0, now)
+        return True
+
+    async def acquire_lease(self, conversation: str, owner: str, ttl: float) -> bool:
+        now = time.monotonic()
+        holder = self._leases.get(conversation)
+        if holder is not None and holder[0] != owner and holder[1] > now:
+            return False
+        self._leases[conversation] = (owner, now + ttl)
+        return True
+
+    async def release_lease(self, conversation: str, owner: str) -> None:
+        if self._leases.get(conversation, ("", 0.0))[0] == owner:
+            del self._leases[conversation]

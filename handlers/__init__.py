@@ -1,0 +1,12 @@
+"""Platform adapters and HTTP routes; `setup(app)` plugs them into the core's app."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from . import routes, webchat
+
+
+def setup(app: web.Application) -> None:
+    routes.setup(app)
+    webchat.setup(app)

@@ -1,0 +1,45 @@
+"""HTTP plumbing shared by every route: JSON errors (never a bare 500) and request metrics."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from gateway.keys import METRICS
+
+log = logging.getLogger(__name__)
+
+
+def json_error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+def _route_label(request: web.Request) -> str:
+    """The route template (never the raw path, which would explode label cardinality)."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def errors_and_metrics(request: web.Request, handler: Any) -> web.StreamResponse:
+    """aiohttp's own 404/405/413 become JSON errors; an unexpected exception is logged and
+    answered with a JSON 500 instead of escaping; every response is counted by route template."""
+    status = 500
+    try:
+        response: web.StreamResponse = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as e:
+        status = e.status
+        if status < 400:
+            raise
+        message = "request body too large" if status == 413 else (e.reason or "error").lower()
+        headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
+        return web.json_response({"error": message}, status=status, headers=headers)
+    except Exception:
+        log.exception("unhandled error", extra={"route": _route_label(request)})
+        return json_error(500, "internal error")
+    finally:
+        request.app[METRICS].http_requests.labels(_route_label(request), str(status)).inc()

@@ -1,0 +1,85 @@
+"""Operational routes: /healthz (alive), /readyz (store usable, enabled channels connected), /metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from gateway.errors import StoreError
+from gateway.keys import CHANNELS, CONFIG, DISPATCHER, METRICS, STORE
+
+from .http import errors_and_metrics
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+def unconfigured_platforms(request: web.Request) -> dict[str, str]:
+    """Platforms the config leaves disabled, with what to set to enable them."""
+    cfg = request.app[CONFIG]
+    out = {}
+    if not cfg.dingtalk.enabled:
+        out["dingtalk"] = (
+            "not configured: set [dingtalk] enabled = true, client_id and client_secret "
+            "(BOTGATE_DINGTALK__ENABLED, BOTGATE_DINGTALK__CLIENT_ID, BOTGATE_DINGTALK__CLIENT_SECRET)"
+        )
+    if not cfg.feishu.enabled:
+        out["feishu"] = (
+            "not configured: set [feishu] enabled = true, app_id and app_secret "
+            "(BOTGATE_FEISHU__ENABLED, BOTGATE_FEISHU__APP_ID, BOTGATE_FEISHU__APP_SECRET)"
+        )
+    return out
+
+
+async def readyz(request: web.Request) -> web.Response:
+    app = request.app
+    reasons: list[str] = []
+    if DISPATCHER in app and not app[DISPATCHER].accepting:
+        reasons.append("shutting down")
+    try:
+        await app[STORE].ping()
+        store = "ok"
+    except StoreError as e:
+        store = f"unavailable: {e}"
+        reasons.append(f"store {store}")
+    channels = {}
+    for platform, channel in app[CHANNELS].items():
+        status = channel.status()
+        channels[platform] = status.state.value
+        if not status.ready:
+            detail = f" ({status.last_error})" if status.last_error else ""
+            reasons.append(f"{platform} {status.state.value}{detail}")
+    body = {
+        "ready": not reasons,
+        "store": store,
+        "channels": channels,
+        "not_configured": unconfigured_platforms(request),
+    }
+    if reasons:
+        body["reason"] = "; ".join(reasons)
+    return web.json_response(body, status=200 if not reasons else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    app = request.app
+    m = app[METRICS]
+    for platform, channel in app[CHANNELS].items():
+        m.channel_connected.labels(platform).set(1 if channel.status().ready else 0)
+    return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+
+def setup(app: web.Application) -> None:
+    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
+    app.middlewares.append(errors_and_metrics)
+    app.router.add_static("/static", TEMPLATES / "static", append_version=True)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)

@@ -1,0 +1,75 @@
+"""Start botgate: `python run.py [--config PATH] [--check-config]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+import handlers
+from gateway import __version__
+from gateway.app import create_app
+from gateway.config import Config, ConfigError, load
+from gateway.errors import StoreError
+from gateway.logs import setup_logging
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.toml"
+log = logging.getLogger("botgate")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="run.py", description="botgate chat gateway")
+    parser.add_argument("--config", help="path to config.toml (default: the one next to run.py)")
+    parser.add_argument("--check-config", action="store_true", help="validate the config and exit")
+    parser.add_argument("--version", action="version", version=f"botgate {__version__}")
+    return parser.parse_args(argv)
+
+
+def load_config(path: str | None) -> Config:
+    if path is not None:
+        return load(path)
+    return load(DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(f"config ok: {config.source}")
+        return 0
+    setup_logging(config.log.level, config.secrets())
+    app = create_app(config, [handlers.setup])
+    log.info(
+        "starting",
+        extra={"version": __version__, "host": config.server.host, "port": config.server.port},
+    )
+    try:
+        web.run_app(
+            app,
+            host=config.server.host,
+            port=config.server.port,
+            shutdown_timeout=config.dispatcher.drain_timeout + 5,
+            print=None,
+            access_log=None,
+        )
+    except StoreError as e:
+        log.error("store unavailable at start: %s", e)
+        print(f"store error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        log.error("cannot serve: %s", e)
+        print(f"cannot serve on {config.server.host}:{config.server.port}: {e}", file=sys.stderr)
+        return 2
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
