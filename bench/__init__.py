@@ -1,0 +1,1 @@
+"""botgate benchmarks: `python -m bench` (full, writes BENCHMARKS.md) or `python -m bench --quick`."""

@@ -1,0 +1,186 @@
+"""Reference servers and clients measured in the same run as the gateway, each the practical floor
+(or what users would deploy instead) for one scenario. Run as `python -m bench.references KIND`.
+
+  bare      aiohttp handler: read body, check the DingTalk signature, parse JSON, 200 (the ceiling)
+  fastapi   the same handler in FastAPI on uvicorn (what users would otherwise deploy)
+  relay     a minimal web-chat-to-model relay: no dispatcher, store, metrics or logs (latency floor)
+  dingtalk  a bare DingTalk Stream client: open-connection, websocket, parse, ACK (stream ceiling)
+  feishu    a bare Feishu long-connection client: endpoint, protobuf frames, response frame
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from .dingtalk import sign
+from .env import HOST
+from .feishu import Frame, decode_frame, encode_frame
+from .servers import CLIENT_ID, FEISHU_APP_ID, SECRET
+
+WEBHOOK = "/dingtalk/webhook"
+
+
+def check_signature(timestamp: str, signature: str) -> bool:
+    if not timestamp.isdigit() or abs(time.time() * 1000 - int(timestamp)) > 3_600_000:
+        return False
+    return hmac.compare_digest(signature, sign(timestamp))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+# -- bare aiohttp --------------------------------------------------------------------------------
+async def bare_webhook(request: web.Request) -> web.Response:
+    body = await request.read()
+    if not check_signature(request.headers.get("timestamp", ""), request.headers.get("sign", "")):
+        return web.json_response({"error": "bad signature"}, status=401)
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return web.json_response({"error": "malformed JSON"}, status=400)
+    if not isinstance(data, dict):
+        return web.json_response({"error": "malformed JSON"}, status=400)
+    return web.json_response({"ok": True})
+
+
+def bare(port: int) -> None:
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_post(WEBHOOK, bare_webhook)
+    web.run_app(app, host=HOST, port=port, print=None, access_log=None)
+
+
+# -- FastAPI + uvicorn ---------------------------------------------------------------------------
+def fastapi(port: int) -> None:
+    from .ref_fastapi import serve  # optional extra (bench/requirements.txt)
+
+    serve(port)
+
+
+# -- relay: the latency floor of any gateway between a chat socket and the model -----------------
+def relay(port: int, model_url: str) -> None:
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def answer(ws: web.WebSocketResponse, http: aiohttp.ClientSession, frame: dict[str, Any], session: str) -> None:
+        body = {"model": "bench", "stream": True, "messages": [{"role": "user", "content": frame["text"]}]}
+        parts: list[str] = []
+        async with http.post(model_url + "/chat/completions", data=orjson.dumps(body)) as resp:
+            async for line in resp.content:
+                if line.startswith(b"data:") and b"[DONE]" not in line:
+                    for choice in orjson.loads(line[5:]).get("choices") or ():
+                        parts.append(choice.get("delta", {}).get("content") or "")
+                elif b"[DONE]" in line:
+                    break
+        await ws.send_str(orjson.dumps({"type": "done", "text": "".join(parts), "reply_to": f"{session}:{frame['id']}"}).decode())
+
+    async def chat(request: web.Request) -> web.WebSocketResponse:
+        session = request.query.get("session", "s")
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str(orjson.dumps({"type": "hello", "session": session}).decode())
+        async for msg in ws:
+            frame = orjson.loads(msg.data)
+            await ws.send_str(orjson.dumps({"type": "accepted", "id": frame["id"]}).decode())
+            task = asyncio.create_task(answer(ws, request.app["http"], frame, session))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        return ws
+
+    async def http_ctx(app: web.Application) -> Any:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+            app["http"] = http
+            yield
+
+    app = web.Application()
+    app.cleanup_ctx.append(http_ctx)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/chat/ws", chat)
+    web.run_app(app, host=HOST, port=port, print=None, access_log=None)
+
+
+# -- bare stream clients -------------------------------------------------------------------------
+def _client(port: int, serve: Any) -> None:
+    """Run `serve(http, connected)` forever, reconnecting at once; /healthz is 200 while connected."""
+    state = {"connected": False}
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"connected": state["connected"]}, status=200 if state["connected"] else 503)
+
+    async def loop_ctx(app: web.Application) -> Any:
+        async def run() -> None:
+            async with aiohttp.ClientSession() as http:
+                while True:
+                    try:
+                        await serve(http, state)
+                    except (aiohttp.ClientError, OSError):
+                        pass
+                    state["connected"] = False
+
+        task = asyncio.create_task(run())
+        yield
+        task.cancel()
+
+    app = web.Application()
+    app.cleanup_ctx.append(loop_ctx)
+    app.router.add_get("/healthz", health)
+    web.run_app(app, host=HOST, port=port, print=None, access_log=None)
+
+
+def dingtalk(port: int, api_base: str) -> None:
+    async def serve(http: aiohttp.ClientSession, state: dict[str, bool]) -> None:
+        body = {"clientId": CLIENT_ID, "clientSecret": SECRET, "subscriptions": [{"type": "CALLBACK", "topic": "/v1.0/im/bot/messages/get"}]}
+        async with http.post(api_base + "/v1.0/gateway/connections/open", json=body) as resp:
+            conn = await resp.json()
+        async with http.ws_connect(conn["endpoint"], params={"ticket": conn["ticket"]}) as ws:
+            state["connected"] = True
+            async for msg in ws:
+                frame = orjson.loads(msg.data)
+                data = orjson.loads(frame["data"])
+                if frame["type"] == "CALLBACK" and not data.get("msgId"):
+                    continue
+                ack = {"code": 200, "headers": {"contentType": "application/json", "messageId": frame["headers"]["messageId"]}, "message": "OK", "data": '{"response": "OK"}'}
+                await ws.send_str(orjson.dumps(ack).decode())
+
+    _client(port, serve)
+
+
+def feishu(port: int, domain: str) -> None:
+    async def serve(http: aiohttp.ClientSession, state: dict[str, bool]) -> None:
+        async with http.post(domain + "/callback/ws/endpoint", json={"AppID": FEISHU_APP_ID, "AppSecret": SECRET}) as resp:
+            url = (await resp.json())["data"]["URL"]
+        async with http.ws_connect(url) as ws:
+            state["connected"] = True
+            async for msg in ws:
+                frame = decode_frame(msg.data)
+                if frame.method != 1:
+                    continue
+                orjson.loads(frame.payload)  # the event JSON, parsed as an adapter must
+                headers = [*frame.headers, ("biz_rt", "0")]
+                await ws.send_bytes(encode_frame(Frame(frame.seq_id, frame.log_id, frame.service, 1, headers, b'{"code": 200}')))
+
+    _client(port, serve)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.references")
+    parser.add_argument("kind", choices=["bare", "fastapi", "relay", "dingtalk", "feishu"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--upstream", default="", help="model URL (relay), api base (dingtalk), domain (feishu)")
+    args = parser.parse_args()
+    if args.kind in ("relay", "dingtalk", "feishu"):
+        {"relay": relay, "dingtalk": dingtalk, "feishu": feishu}[args.kind](args.port, args.upstream)
+    else:
+        {"bare": bare, "fastapi": fastapi}[args.kind](args.port)
+
+
+if __name__ == "__main__":
+    main()

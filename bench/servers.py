@@ -1,0 +1,205 @@
+"""Servers under test as pinned subprocesses: the gateway (`python run.py --config`) and the references."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .env import HOST, PYTHON, ROOT, Cores, cpu_seconds, free_port, rss_mb
+
+SECRET = "bench-app-secret"  # the DingTalk/Feishu app secret the doubles and the gateway share
+CLIENT_ID = "dingbench"
+FEISHU_APP_ID = "cli_bench"
+
+
+class ServerError(Exception):
+    """A server under test did not start or died: the scenario fails (this is an error, not a miss)."""
+
+
+def toml(sections: Mapping[str, Mapping[str, Any]]) -> str:
+    """Just enough TOML for a config file: strings, numbers, booleans, lists of strings."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise TypeError(f"cannot write {v!r} as TOML")
+
+    out = []
+    for name, keys in sections.items():
+        out.append(f"[{name}]")
+        out += [f"{k} = {value(v)}" for k, v in keys.items()]
+        out.append("")
+    return "\n".join(out)
+
+
+class ServerProcess:
+    """One server process pinned to the server cores; ready when `ready_path` answers 200."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        port: int,
+        cores: Cores,
+        workdir: Path,
+        env: Mapping[str, str] | None = None,
+        ready_path: str = "/readyz",
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.port = port
+        self.cores = cores
+        self.workdir = workdir
+        self.ready_path = ready_path
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BOTGATE_")}
+        self.env.update({"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"})
+        self.env.update(env or {})
+        self.proc: asyncio.subprocess.Process | None = None
+        self.started_at = 0.0
+        self.log_path = workdir / f"{name}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def rss_mb(self) -> float:
+        return rss_mb(self.pid)
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+    async def start(self, timeout: float = 30.0) -> float:
+        """Start and wait for readiness; returns seconds from spawn to the first 200."""
+        cores = self.cores.server
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
+        try:
+            self.started_at = time.monotonic()
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                cwd=ROOT,
+                env=self.env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                preexec_fn=lambda: os.sched_setaffinity(0, cores),
+            )
+        finally:
+            log.close()
+        return await self.wait_ready(timeout)
+
+    async def wait_ready(self, timeout: float = 30.0) -> float:
+        deadline = self.started_at + timeout
+        async with aiohttp.ClientSession() as http:
+            while True:
+                assert self.proc is not None
+                if self.proc.returncode is not None:
+                    raise ServerError(f"{self.name} exited with {self.proc.returncode}: {self.tail()}")
+                with contextlib.suppress(aiohttp.ClientError, OSError):
+                    async with http.get(self.url + self.ready_path) as resp:
+                        if resp.status == 200:
+                            return time.monotonic() - self.started_at
+                if time.monotonic() > deadline:
+                    raise ServerError(f"{self.name} not ready after {timeout:.0f} s: {self.tail()}")
+                await asyncio.sleep(0.005)
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(text[-lines:])
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(timeout):
+                await self.proc.wait()
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+    async def __aenter__(self) -> ServerProcess:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def gateway_sections(
+    port: int,
+    model_url: str | None,
+    store: str = "memory://",
+    **overrides: Mapping[str, Any],
+) -> dict[str, dict[str, Any]]:
+    """The bench's gateway config. Deliberate differences from the shipped defaults are listed in
+    BENCHMARKS.md: loopback host, a raised `max_concurrency` (so a burst is not capped at 64 model
+    calls at once) and a larger `max_queue` (so throughput runs never answer "busy")."""
+    sections: dict[str, dict[str, Any]] = {
+        "server": {"host": HOST, "port": port},
+        "model": (
+            {"provider": "openai", "base_url": model_url, "model": "bench", "max_retries": 0}
+            if model_url
+            else {"provider": "echo"}
+        ),
+        "dispatcher": {"max_concurrency": 4096, "max_queue": 1_000_000, "drain_timeout": 3.0},
+        "store": {"url": store},
+        "log": {"level": "INFO"},
+    }
+    for name, keys in overrides.items():
+        sections.setdefault(name, {}).update(keys)
+    return sections
+
+
+def dingtalk_section(api_base: str, mode: str = "stream") -> dict[str, Any]:
+    return {"enabled": True, "mode": mode, "client_id": CLIENT_ID, "api_base": api_base, "oapi_base": api_base}
+
+
+def feishu_section(domain: str) -> dict[str, Any]:
+    return {"enabled": True, "mode": "ws", "app_id": FEISHU_APP_ID, "domain": domain}
+
+
+def gateway(
+    cores: Cores, workdir: Path, sections: dict[str, dict[str, Any]], name: str = "gateway"
+) -> ServerProcess:
+    """A gateway process for `sections`; secrets go through BOTGATE_ environment variables."""
+    state = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))
+    sections["server"]["state_dir"] = str(state)
+    config = state / "config.toml"
+    config.write_text(toml(sections))
+    env = {}
+    if sections.get("dingtalk", {}).get("enabled"):
+        env["BOTGATE_DINGTALK__CLIENT_SECRET"] = SECRET
+    if sections.get("feishu", {}).get("enabled"):
+        env["BOTGATE_FEISHU__APP_SECRET"] = SECRET
+    argv = [PYTHON, "run.py", "--config", str(config)]
+    return ServerProcess(name, argv, sections["server"]["port"], cores, workdir, env)
+
+
+def reference(cores: Cores, workdir: Path, kind: str, *args: str) -> ServerProcess:
+    """A reference server from `bench.references` (`bare`, `fastapi`, `relay`)."""
+    port = free_port()
+    argv = [PYTHON, "-m", "bench.references", kind, "--port", str(port), *args]
+    return ServerProcess(f"ref-{kind}", argv, port, cores, workdir, ready_path="/healthz")
