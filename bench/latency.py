@@ -1,0 +1,159 @@
+"""Scenarios 3 (gateway overhead at a steady 200 msg/s, model 1 s) and 4 (burst of 2,000
+conversations at once, model 1 s), against the gateway and the minimal relay (the floor)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import re
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from .context import BenchError, Context, channel_doubles, driver_for, gateway_for
+from .doubles import TimedModel
+from .drivers import Driver, WebChatDriver
+from .env import HOST
+from .report import Row, at_most
+from .servers import ServerProcess, reference
+
+RATE = 200  # messages per second
+MODEL_DELAY = 1.0
+S3 = "3. Gateway overhead"
+S4 = "4. Burst"
+_salt = itertools.count()
+
+
+@dataclass(frozen=True, slots=True)
+class Overhead:
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Burst:
+    seconds: float
+    count: int
+
+
+async def serve_model(model: TimedModel) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(model.app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, HOST, 0, backlog=4096).start()
+    return runner, f"http://{HOST}:{runner.addresses[0][1]}/v1"
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(p * len(ordered)) - 1))]
+
+
+async def steady(driver: Driver, model: TimedModel, seconds: float, tag: str) -> Overhead:
+    """RATE msg/s for `seconds`; each conversation has at most one message in flight, as people do."""
+    pool = int(RATE * (MODEL_DELAY + 1.0)) + 1
+    conversations = [f"{tag}{i:06d}" for i in range(pool)]
+    await driver.open(conversations)
+    total = int(RATE * seconds)
+    sent: list[tuple[str, float, asyncio.Future[float]]] = []
+    start = time.monotonic()
+    for k in range(total):
+        delay = start + k / RATE - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        text = f"{tag}-{k}"
+        at, future = await driver.send(conversations[k % pool], text)
+        sent.append((text, at, future))
+    await wait_all([f for _, _, f in sent], MODEL_DELAY + 30)
+    overheads = []
+    for text, at, future in sent:
+        key = text
+        if key not in model.arrivals or key not in model.last_bytes:
+            raise BenchError(f"the model double never saw {key!r}")
+        overheads.append((model.arrivals[key] - at) + (future.result() - model.last_bytes[key]))
+    ms = [o * 1000 for o in overheads]
+    return Overhead(percentile(ms, 0.5), percentile(ms, 0.99), max(ms), len(ms))
+
+
+async def burst(driver: Driver, count: int, tag: str) -> Burst:
+    conversations = [f"{tag}{i:06d}" for i in range(count)]
+    await driver.open(conversations)
+    start = time.monotonic()
+    sends = await asyncio.gather(*(driver.send(c, f"{tag}-{i}") for i, c in enumerate(conversations)))
+    done = await wait_all([f for _, f in sends], MODEL_DELAY + 60)
+    return Burst(max(done) - start, count)
+
+
+async def wait_all(futures: list[asyncio.Future[float]], timeout: float) -> list[float]:
+    try:
+        async with asyncio.timeout(timeout):
+            return list(await asyncio.gather(*futures))
+    except TimeoutError:
+        missing = sum(not f.done() for f in futures)
+        raise BenchError(f"{missing} of {len(futures)} replies never arrived within {timeout:.0f} s") from None
+
+
+async def measure(ctx: Context, driver: Driver, model: TimedModel) -> tuple[Overhead, Burst]:
+    tag = f"b{next(_salt)}x"
+    try:
+        await steady(driver, model, ctx.pick(1.0, 0.25), tag + "w")  # warm-up: pooled connections
+        result = await steady(driver, model, ctx.pick(20.0, 1.0), tag + "s")
+        shot = await burst(driver, ctx.pick(2000, 200), tag + "b")
+    finally:
+        await driver.close()
+    return result, shot
+
+
+async def gateway_histogram_p99(proc: ServerProcess) -> str:
+    """The gateway's own botgate_gateway_overhead_seconds histogram, for comparison."""
+    async with aiohttp.ClientSession() as http, http.get(proc.url + "/metrics") as resp:
+        text = await resp.text()
+    buckets = [(float(le), float(v)) for le, v in re.findall(r'botgate_gateway_overhead_seconds_bucket\{le="([^"+]+)"\} ([\d.e+]+)', text)]
+    total = float(m.group(1)) if (m := re.search(r"botgate_gateway_overhead_seconds_count ([\d.e+]+)", text)) else 0.0
+    if not total:
+        return "gateway histogram: no observations"
+    p99 = next((le for le, v in buckets if v >= 0.99 * total), math.inf)
+    return f"gateway's own histogram: p99 <= {p99 * 1000:g} ms over {total:.0f} answers"
+
+
+async def run(ctx: Context) -> list[Row]:
+    model = TimedModel(delay=MODEL_DELAY)
+    runner, model_url = await serve_model(model)
+    try:
+        async with reference(ctx.cores, ctx.workdir, "relay", "--upstream", model_url) as relay:
+            ref_overhead, ref_burst = await measure(ctx, WebChatDriver(relay.url), model)
+        async with channel_doubles(feishu=False) as channels:
+            proc = gateway_for(ctx, model_url, channels)
+            async with proc:
+                driver = driver_for(proc, channels)
+                overhead, shot = await measure(ctx, driver, model)
+                histogram = await gateway_histogram_p99(proc)
+    finally:
+        await runner.cleanup()
+    steady_note = (
+        f"{overhead.count} messages at {RATE}/s over {driver.path}, model double answers after {MODEL_DELAY:g} s; "
+        f"overhead = (model request received - message sent) + (reply received - model's last byte); "
+        f"max {overhead.max_ms:.1f} ms; {histogram}. Reference: a minimal aiohttp relay "
+        f"(web chat socket -> model -> socket, no dispatcher/store/metrics/logs): p99 {ref_overhead.p99_ms:.1f} ms"
+    )
+    return [
+        Row(S3, "overhead p50", overhead.p50_ms, "ms", "relay p50", ref_overhead.p50_ms, note=steady_note),
+        Row(S3, "overhead p99", overhead.p99_ms, "ms", "relay p99", ref_overhead.p99_ms, "p99 < 20 ms", at_most(20.0)),
+        Row(
+            S4,
+            f"{shot.count} conversations, 1 message each at once",
+            shot.seconds,
+            "s",
+            "relay",
+            ref_burst.seconds,
+            "< 3 s",
+            at_most(3.0),
+            note=f"time from the first send to the last reply, model {MODEL_DELAY:g} s, over {driver.path}; "
+            "bench config raises [dispatcher] max_concurrency to 4096 (default 64 would serialize the burst "
+            f"into {shot.count}/64 model-times)",
+        ),
+    ]
