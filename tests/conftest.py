@@ -20,7 +20,11 @@ os.environ["no_proxy"] = "127.0.0.1,localhost"
 
 
 def make_config(**sections: dict[str, Any]) -> Config:
-    """A config from defaults plus `sections` (e.g. model={"base_url": ...}), without env."""
+    """A config from defaults plus `sections` (e.g. model={"base_url": ...}), without env.
+
+    The store defaults to `memory://` here (fast, nothing on disk); tests of durability pass
+    `store={"url": ...}` themselves."""
+    sections.setdefault("store", {"url": "memory://"})
     return build(sections, env={}, source="<test>")
 
 

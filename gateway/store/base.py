@@ -38,8 +38,9 @@ class Store(Protocol):
 
     async def inbox_done(self, message: InboundMessage) -> None: ...
 
-    async def inbox_pending(self) -> list[InboundMessage]:
-        """Messages accepted but never answered (resumed at start), oldest first."""
+    async def inbox_pending(self, conversation: str | None = None) -> list[InboundMessage]:
+        """Messages accepted but not yet answered, oldest first: all of them (resumed at start)
+        or those of one conversation (what a lease holder answers, in order)."""
 
     # -- conversation context ---------------------------------------------------------------
     async def context(self, conversation: str) -> list[Turn]: ...
@@ -61,9 +62,11 @@ class Store(Protocol):
         """Token bucket of `per_minute` capacity refilling continuously; False when empty."""
 
     # -- per-conversation lease (several instances) -------------------------------------------
-    async def acquire_lease(self, conversation: str, owner: str, ttl: float) -> bool: ...
+    async def acquire_lease(self, conversation: str, owner: str, ttl: float) -> bool:
+        """Take or renew the lease for `ttl` seconds; False while another owner holds it."""
 
-    async def release_lease(self, conversation: str, owner: str) -> None: ...
+    async def release_lease(self, conversation: str, owner: str) -> None:
+        """Give the lease up if `owner` still holds it (never someone else's)."""
 
 
 def trim_turns(turns: list[Turn], max_turns: int, max_chars: int) -> list[Turn]:
