@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.commands.core import AsyncScript
 from redis.backoff import ExponentialWithJitterBackoff
@@ -105,8 +105,11 @@ def safe_url(url: str) -> str:
 class RedisStore:
     backend = "redis"
 
-    def __init__(self, url: str, connect_timeout: float = 2.0, timeout: float = 5.0) -> None:
+    def __init__(
+        self, url: str, connect_timeout: float = 2.0, timeout: float = 5.0, max_connections: int = 128
+    ) -> None:
         self.url = url
+        self._max_connections = max_connections
         self._where = safe_url(url)
         self._connect_timeout = connect_timeout
         self._timeout = timeout
@@ -135,14 +138,19 @@ class RedisStore:
         # a real outage must surface within a fraction of a second (readiness, no ACK).
         retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.2), 2, (RedisConnectionError,))
         try:
-            redis = Redis.from_url(
+            # Blocking pool: a burst waits briefly for a free connection instead of failing with
+            # "Too many connections" (the default pool's behaviour past its limit).
+            pool = BlockingConnectionPool.from_url(
                 self.url,
+                max_connections=self._max_connections,
+                timeout=self._timeout,
                 socket_connect_timeout=self._connect_timeout,
                 socket_timeout=self._timeout,
                 retry=retry,
             )
         except ValueError as e:
             raise StoreError(f"redis {self._where}: bad store url: {e}") from e
+        redis = Redis.from_pool(pool)
         try:
             with self._errors("unreachable"):
                 await redis.ping()

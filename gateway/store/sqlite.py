@@ -177,7 +177,7 @@ class SqliteStore:
             raise StoreError("store is closed")
         if self._failure is not None:
             # Only a write shows whether e.g. a full disk has room again.
-            await self._write(_heartbeat)
+            await self._write(_probe)
         else:
             await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
 
@@ -405,6 +405,12 @@ def _heartbeat(conn: sqlite3.Connection, now: float) -> None:
         " DO UPDATE SET value = excluded.value",
         (repr(now),),
     )
+
+
+def _probe(conn: sqlite3.Connection, now: float) -> None:
+    """Write (and drop) a row the size of a large message: room for it means room for messages."""
+    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', zeroblob(16384))")
+    conn.execute("DELETE FROM meta WHERE key = 'probe'")
 
 
 def _sweep(conn: sqlite3.Connection, now: float) -> int:
