@@ -64,7 +64,7 @@ async def test_keys_carry_the_botgate_prefix(redis_url: str, redis_server: Redis
         await store.close()
     client = aioredis.Redis(port=redis_server.port)
     try:
-        keys = [k.decode() for k in await client.keys("*")]
+        keys = [str(k, "utf-8") if isinstance(k, bytes) else k for k in await client.keys("*")]
     finally:
         await client.aclose()
     assert keys and all(k.startswith("botgate:") for k in keys), keys

@@ -86,8 +86,8 @@ async def test_full_disk_is_reported_and_recovers(tmp_path: Path) -> None:
     await store.open()
     try:
         # A real SQLITE_FULL: cap the file at its current size, as a full disk would.
-        pages = await store._write(lambda conn, now: conn.execute("PRAGMA page_count").fetchone()[0])
-        await store._write(lambda conn, now: conn.execute(f"PRAGMA max_page_count = {pages}"))
+        pages = await store.db.write(lambda conn, now: conn.execute("PRAGMA page_count").fetchone()[0])
+        await store.db.write(lambda conn, now: conn.execute(f"PRAGMA max_page_count = {pages}"))
         big = msg(1, reply_handle={"blob": "x" * 20_000})
         with pytest.raises(StoreError, match="database or disk is full"):
             await store.inbox_add(big)
@@ -96,7 +96,7 @@ async def test_full_disk_is_reported_and_recovers(tmp_path: Path) -> None:
         with pytest.raises(StoreError, match="database or disk is full"):
             await store.ping()
         assert await store.inbox_pending() == []  # reads still work
-        await store._write(lambda conn, now: conn.execute("PRAGMA max_page_count = 1073741823"))
+        await store.db.write(lambda conn, now: conn.execute("PRAGMA max_page_count = 1073741823"))
         await store.inbox_add(big)
         await store.ping()
         assert [m.request_id for m in await store.inbox_pending()] == [big.request_id]

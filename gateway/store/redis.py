@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
-from redis.commands.core import AsyncScript
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 
@@ -192,7 +192,7 @@ class RedisStore:
     async def inbox_pending(self, conversation: str | None = None) -> list[InboundMessage]:
         order = INBOX_ORDER if conversation is None else _conversation_order(conversation)
         with self._errors("inbox read"):
-            ids = await self._r.zrange(order, 0, -1)
+            ids: list[bytes] = list(await self._r.zrange(order, 0, -1))  # type: ignore[arg-type]
             if not ids:
                 return []
             async with self._r.pipeline(transaction=False) as pipe:
@@ -225,7 +225,7 @@ class RedisStore:
                         await pipe.watch(key)
                         raw = await pipe.get(key)
                         kept = trim_turns((_turns(raw) if raw else []) + turns, max_turns, max_chars)
-                        pipe.multi()
+                        pipe.multi()  # type: ignore[no-untyped-call]
                         pipe.set(key, orjson.dumps([[t.role, t.content] for t in kept]), px=_ms(idle_ttl))
                         await pipe.execute()
                         return
@@ -241,7 +241,7 @@ class RedisStore:
     async def cache_get(self, key: str) -> str | None:
         with self._errors("cache read"):
             raw = await self._r.get(f"{PREFIX}cache:{key}")
-        return raw.decode() if raw is not None else None
+        return raw.decode() if isinstance(raw, bytes) else raw
 
     async def cache_put(self, key: str, value: str, ttl: float) -> None:
         with self._errors("cache write"):
@@ -270,5 +270,5 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-def _turns(raw: bytes) -> list[Turn]:
+def _turns(raw: bytes | str) -> list[Turn]:
     return [Turn(role, content) for role, content in orjson.loads(raw)]
