@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import secrets
 import socket
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -78,6 +80,7 @@ class Dispatcher:
         self._queues: dict[str, deque[InboundMessage]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._side_tasks: set[asyncio.Task[None]] = set()
+        self._local: set[str] = set()  # request ids queued or being answered here
         self._slots = asyncio.Semaphore(cfg.max_concurrency)
         self._depth = 0
         self._inflight = 0
@@ -120,16 +123,24 @@ class Dispatcher:
         self._enqueue(message)
         return Admission.ACCEPTED
 
-    async def resume(self) -> int:
-        """Queue every inbox entry left unanswered by a previous process."""
-        pending = await self._store.inbox_pending()
-        for message in pending:
+    async def resume(self, older_than: float = 0.0) -> int:
+        """Queue inbox entries nobody here is answering: at start, everything a previous process
+        left; later (shared store), entries older than `older_than` seconds, left by an instance
+        that died. The lease and the pending check under it make a second copy harmless."""
+        cutoff = time.time() - older_than if older_than else math.inf  # at start: everything
+        orphans = [
+            m
+            for m in await self._store.inbox_pending()
+            if m.request_id not in self._local and m.created_at <= cutoff
+        ]
+        for message in orphans:
             self._enqueue(message)
-        if pending:
-            log.info("resumed unanswered messages", extra={"count": len(pending)})
-        return len(pending)
+        if orphans:
+            log.info("resumed unanswered messages", extra={"count": len(orphans)})
+        return len(orphans)
 
     def _enqueue(self, message: InboundMessage) -> None:
+        self._local.add(message.request_id)
         key = message.conversation_key
         self._queues.setdefault(key, deque()).append(message)
         self._depth += 1
@@ -146,7 +157,7 @@ class Dispatcher:
             while queue:
                 async with self._lease(key):
                     due = await self._due(queue[0])
-                    queue.popleft()
+                    head = queue.popleft()
                     self._depth -= 1
                     self._metrics.queue_depth.set(self._depth)
                     for message in due:
@@ -159,6 +170,7 @@ class Dispatcher:
                                 self._inflight -= 1
                                 self._metrics.inflight.set(self._inflight)
                         await self._settle(message)
+                self._local.discard(head.request_id)
         finally:
             del self._workers[key]
             if not queue:

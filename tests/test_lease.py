@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -117,3 +118,26 @@ async def test_a_dead_instances_lease_expires(pair: Any) -> None:
     await a.submit(msg(1))
     await idle(a)
     assert [text for _, text, _ in log] == ["message 1"]
+
+
+async def test_a_dead_instances_accepted_messages_are_adopted(pair: Any) -> None:
+    (a, store, recorder_a), (b, _, _), log = pair
+    # Accepted by an instance that died (its lease already expired): only in the shared inbox.
+    orphan = dataclasses.replace(msg(1, "c7"), created_at=time.time() - 1000)
+    recent = msg(2, "c8")
+    await store.inbox_add(orphan)
+    await store.inbox_add(recent)
+    recorder_a.gate = asyncio.Event()
+    await a.submit(msg(3, "c9"))  # A's own, still being answered
+    async with asyncio.timeout(5):
+        await recorder_a.started.wait()
+    assert await b.resume(older_than=300) == 1  # a recent one is left to its owner for now
+    await idle(b)
+    assert [(name, text) for name, text, _ in log] == [("A", "message 3"), ("B", "message 1")]
+    assert await a.resume() == 1  # everything, except what A itself is already answering
+    recorder_a.gate.set()
+    await idle(a)
+    assert sorted((name, text) for name, text, _ in log) == [
+        ("A", "message 2"), ("A", "message 3"), ("B", "message 1")
+    ]
+    assert await store.inbox_pending() == []
