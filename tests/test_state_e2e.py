@@ -16,7 +16,7 @@ from tests.redisd import RedisServer
 from tests.test_webchat import chat
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 def store_section(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
     if request.param == "redis":
         return {"url": request.getfixturevalue("redis_url")}
@@ -81,6 +81,7 @@ async def readiness(client: Any) -> tuple[int, dict[str, Any]]:
     return resp.status, await resp.json()
 
 
+@pytest.mark.redis
 async def test_redis_outage_flips_readiness_refuses_messages_and_recovers(
     gateway: Any, openai_double: Any, tmp_path: Path
 ) -> None:

@@ -13,7 +13,7 @@ from gateway.errors import StoreError
 from gateway.messages import Attachment, ConversationKind, InboundMessage
 from gateway.store import MemoryStore, RedisStore, SqliteStore, Store, Turn
 
-BACKENDS = ["memory", "sqlite", "redis"]
+BACKENDS = ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)]
 
 
 class Backend:

@@ -102,3 +102,21 @@ async def test_full_disk_is_reported_and_recovers(tmp_path: Path) -> None:
         assert [m.request_id for m in await store.inbox_pending()] == [big.request_id]
     finally:
         await store.close()
+
+
+async def test_an_unreadable_inbox_entry_does_not_block_the_others(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "odd.sqlite3")
+    await store.open()
+    try:
+        await store.inbox_add(msg(1))
+        # As if written by another botgate version with a field this one does not know.
+        await store.db.write(
+            lambda conn, now: conn.execute(
+                "INSERT INTO inbox (request_id, conversation, message) VALUES ('x', 'dingtalk:c1', ?)",
+                (b'{"platform": "dingtalk", "unknown_field": 1}',),
+            )
+        )
+        await store.inbox_add(msg(2))
+        assert [m.text for m in await store.inbox_pending()] == ["message 1", "message 2"]
+    finally:
+        await store.close()

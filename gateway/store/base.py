@@ -6,10 +6,15 @@ instances). Every method may raise `StoreError`; callers decide whether that ref
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Protocol
 
+import orjson
+
 from ..messages import InboundMessage
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,3 +85,19 @@ def trim_turns(turns: list[Turn], max_turns: int, max_chars: int) -> list[Turn]:
         kept.append(turn)
     kept.reverse()
     return kept
+
+
+def encode_message(message: InboundMessage) -> bytes:
+    return orjson.dumps(message.to_dict())
+
+
+def decode_messages(rows: list[bytes]) -> list[InboundMessage]:
+    """Inbox rows back to messages. An entry this version cannot read (written by a different
+    one) is logged and left out, rather than stopping every other entry from being resumed."""
+    messages = []
+    for raw in rows:
+        try:
+            messages.append(InboundMessage.from_dict(orjson.loads(raw)))
+        except (orjson.JSONDecodeError, TypeError, KeyError, ValueError) as e:
+            log.error("unreadable inbox entry skipped: %s", e, extra={"entry": raw[:200].decode(errors="replace")})
+    return messages

@@ -25,7 +25,7 @@ from redis.exceptions import RedisError, WatchError
 
 from ..errors import StoreError
 from ..messages import InboundMessage
-from .base import Turn, trim_turns
+from .base import Turn, decode_messages, encode_message, trim_turns
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class RedisStore:
 
     # -- inbox --------------------------------------------------------------------------------
     async def inbox_add(self, message: InboundMessage) -> None:
-        data = orjson.dumps(message.to_dict())
+        data = encode_message(message)
         keys = [INBOX, INBOX_SEQ, INBOX_ORDER, _conversation_order(message.conversation_key)]
         with self._errors("inbox add"):
             await self._script("inbox_add", keys, [message.request_id, data])
@@ -200,12 +200,7 @@ class RedisStore:
                     pipe.hmget(INBOX, ids[start : start + CHUNK])
                 chunks = await pipe.execute()
         # An id without a body was answered between the two reads.
-        return [
-            InboundMessage.from_dict(orjson.loads(raw))
-            for chunk in chunks
-            for raw in chunk
-            if raw is not None
-        ]
+        return decode_messages([raw for chunk in chunks for raw in chunk if raw is not None])
 
     # -- context ------------------------------------------------------------------------------
     async def context(self, conversation: str) -> list[Turn]:

@@ -18,7 +18,7 @@ import orjson
 
 from ..errors import StoreError
 from ..messages import InboundMessage
-from .base import Turn, trim_turns
+from .base import Turn, decode_messages, encode_message, trim_turns
 from .memory import LocalLeases
 from .sqlfile import SqliteFile
 
@@ -100,7 +100,7 @@ class SqliteStore:
 
     # -- inbox --------------------------------------------------------------------------------
     async def inbox_add(self, message: InboundMessage) -> None:
-        row = (message.request_id, message.conversation_key, orjson.dumps(message.to_dict()))
+        row = (message.request_id, message.conversation_key, encode_message(message))
 
         def op(conn: sqlite3.Connection, now: float) -> None:
             conn.execute(
@@ -127,7 +127,7 @@ class SqliteStore:
                 )
             return [row[0] for row in rows]
 
-        return [InboundMessage.from_dict(orjson.loads(raw)) for raw in await self.db.read(fn)]
+        return decode_messages(await self.db.read(fn))
 
     # -- context ------------------------------------------------------------------------------
     async def context(self, conversation: str) -> list[Turn]:
