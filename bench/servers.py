@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -72,6 +73,9 @@ class ServerProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self.started_at = 0.0
         self.log_path = workdir / f"{name}.log"
+        self.profile = os.environ.get("BENCH_PROFILE") == "1" and name.startswith("gateway")
+        self.profile_path = workdir / f"{name}-{os.getpid()}-{id(self)}.pyspy"
+        self._spy: asyncio.subprocess.Process | None = None
 
     @property
     def url(self) -> str:
@@ -105,7 +109,16 @@ class ServerProcess:
             )
         finally:
             log.close()
-        return await self.wait_ready(timeout)
+        ready = await self.wait_ready(timeout)
+        if self.profile:
+            # Sampling profiler on the load cores; it stops by itself when the server exits.
+            self._spy = await asyncio.create_subprocess_exec(
+                "taskset", "-c", ",".join(map(str, sorted(self.cores.load))),
+                shutil.which("py-spy") or str(Path(PYTHON).parent / "py-spy"), "record", "--pid", str(self.pid), "--format", "raw", "--rate", "250",
+                "--nonblocking", "--output", str(self.profile_path),
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+        return ready
 
     async def wait_ready(self, timeout: float = 30.0) -> float:
         deadline = self.started_at + timeout
@@ -139,6 +152,9 @@ class ServerProcess:
         except TimeoutError:
             self.proc.kill()
             await self.proc.wait()
+        if self._spy is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._spy.wait(), 30)
 
     async def __aenter__(self) -> ServerProcess:
         await self.start()
