@@ -88,7 +88,7 @@ def gateway_for(
 ) -> ServerProcess:
     sections = gateway_sections(free_port(), model_url, store_url(store), **overrides)
     if channels.dingtalk is not None:
-        sections["dingtalk"] = dingtalk_section(channels.dingtalk.api_base)
+        sections["dingtalk"] = dingtalk_section(channels.dingtalk.api_base, channels.dingtalk.sink.server.url)
     if channels.feishu is not None:
         sections["feishu"] = feishu_section(channels.feishu.domain)
     return gateway(ctx.cores, ctx.workdir, sections, name)

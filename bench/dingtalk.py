@@ -83,6 +83,9 @@ class DingTalkDouble:
         app.router.add_post("/v1.0/oauth2/accessToken", self._token)
         app.router.add_post("/gettoken", self._token)
         app.router.add_get("/connect", self._connect)
+        # OpenAPI sends, used when a sessionWebhook is no longer valid: counted like replies.
+        app.router.add_post("/v1.0/robot/oToMessages/batchSend", self._openapi_send)
+        app.router.add_post("/v1.0/robot/groupMessages/send", self._openapi_send)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, HOST, 0)
@@ -109,6 +112,11 @@ class DingTalkDouble:
 
     async def _token(self, request: web.Request) -> web.Response:
         return web.json_response({"accessToken": "bench-token", "expireIn": 7200, "access_token": "bench-token", "expires_in": 7200, "errcode": 0})
+
+    async def _openapi_send(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.sink.replies += 1
+        return web.json_response({"processQueryKey": "bench"})
 
     async def _connect(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=1 << 20)

@@ -47,7 +47,7 @@ class TimedModel(OpenAIDouble):
         return resp
 
 
-Responder = Callable[[bytes, bytes, bytes], tuple[int, bytes, bytes]]  # method, path, body
+Responder = Callable[[bytes, bytes, bytes], tuple[int, bytes, bytes] | None]  # method, path, body
 
 
 class RawHTTP(asyncio.Protocol):
@@ -85,8 +85,11 @@ class RawHTTP(asyncio.Protocol):
             body = bytes(self._buf[end + 4 : end + 4 + length])
             del self._buf[: end + 4 + length]
             method, path, _ = lines[0].split(b" ", 2)
-            status, ctype, payload = self._server.respond(method, path, body)
+            answer = self._server.respond(method, path, body)
             self._server.count += 1
+            if answer is None:  # parked: never answered (until the connection closes)
+                continue
+            status, ctype, payload = answer
             assert self._transport is not None
             self._transport.write(
                 b"HTTP/1.1 %d OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
@@ -127,6 +130,12 @@ def instant_model(answer: str = ANSWER) -> RawServer:
     usage = {"choices": [], "model": "bench", "usage": {"prompt_tokens": 50, "completion_tokens": 90}}
     sse = b"data: " + orjson.dumps(chunk) + b"\n\ndata: " + orjson.dumps(usage) + b"\n\ndata: [DONE]\n\n"
     return RawServer(lambda method, path, body: (200, b"text/event-stream", sse))
+
+
+def parked_model() -> RawServer:
+    """A model endpoint that takes requests and never answers them: with `max_concurrency = 1` the
+    gateway's core then does nothing but intake, which is what the ingress targets are about."""
+    return RawServer(lambda method, path, body: None)
 
 
 class Sink:

@@ -189,8 +189,9 @@ def gateway_sections(
     return sections
 
 
-def dingtalk_section(api_base: str, mode: str = "stream") -> dict[str, Any]:
-    return {"enabled": True, "mode": mode, "client_id": CLIENT_ID, "api_base": api_base, "oapi_base": api_base}
+def dingtalk_section(api_base: str, oapi_base: str, mode: str = "stream") -> dict[str, Any]:
+    """`oapi_base` is where sessionWebhooks live: the adapter only trusts webhook URLs under it."""
+    return {"enabled": True, "mode": mode, "client_id": CLIENT_ID, "api_base": api_base, "oapi_base": oapi_base}
 
 
 def feishu_section(domain: str) -> dict[str, Any]:
