@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from . import ingress, latency, recovery, resources
+from . import findings, ingress, latency, micro, recovery, resources
 from .context import BenchError, Context
 from .env import ROOT, machine_facts, pin_self, plan_cores, raise_fd_limit, wrk_path
 from .report import Row, markdown, table
@@ -27,6 +27,7 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "5": ("memory", resources.memory),
     "6": ("recovery", recovery.run),
     "7": ("startup + idle memory (7, 5)", resources.startup),
+    "8": ("hot-path costs", micro.run),
 }
 
 
@@ -71,6 +72,7 @@ async def run_all(ctx: Context, only: list[str]) -> tuple[list[Row], list[str]]:
         print(table(got), flush=True)
         print(f"   ({time.monotonic() - started:.1f} s)", flush=True)
     rows.sort(key=lambda r: r.scenario)
+    findings.explain(rows)
     return rows, errors
 
 

@@ -88,12 +88,12 @@ class WebChatDriver:
         return sent, future
 
     async def close_some(self, conversations: Iterable[str]) -> None:
-        for name in conversations:
-            ws = self._sockets.pop(name)
-            await ws.close()
-            reader = self._readers.pop(name)
+        async def close_one(name: str) -> None:
+            await self._sockets.pop(name).close()
             with contextlib.suppress(asyncio.CancelledError):
-                await reader
+                await self._readers.pop(name)
+
+        await asyncio.gather(*(close_one(n) for n in list(conversations)))
 
     async def close(self) -> None:
         await self.close_some(list(self._sockets))

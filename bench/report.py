@@ -52,8 +52,10 @@ def fmt(value: float | None, unit: str = "") -> str:
         text = f"{value:,.0f}"
     elif abs(value) >= 10:
         text = f"{value:.1f}"
-    else:
+    elif abs(value) >= 1:
         text = f"{value:.2f}"
+    else:
+        text = f"{value:.3f}"
     return f"{text} {unit}".strip()
 
 

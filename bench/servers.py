@@ -73,6 +73,7 @@ class ServerProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self.started_at = 0.0
         self.log_path = workdir / f"{name}.log"
+        self.state_dir: Path | None = None  # the gateway's [server] state_dir (SQLite file)
         self.profile = os.environ.get("BENCH_PROFILE") == "1" and name.startswith("gateway")
         self.profile_path = workdir / f"{name}-{os.getpid()}-{id(self)}.pyspy"
         self._spy: asyncio.subprocess.Process | None = None
@@ -212,7 +213,9 @@ def gateway(
     if sections.get("feishu", {}).get("enabled"):
         env["BOTGATE_FEISHU__APP_SECRET"] = SECRET
     argv = [PYTHON, "run.py", "--config", str(config)]
-    return ServerProcess(name, argv, sections["server"]["port"], cores, workdir, env)
+    proc = ServerProcess(name, argv, sections["server"]["port"], cores, workdir, env)
+    proc.state_dir = state
+    return proc
 
 
 def reference(cores: Cores, workdir: Path, kind: str, *args: str) -> ServerProcess:
