@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable
 from enum import StrEnum
@@ -43,8 +44,14 @@ class Admission(StrEnum):
 
 
 class Responder(Protocol):
-    async def handle(self, message: InboundMessage) -> None:
-        """Answer one message (model call, reply delivery)."""
+    async def handle(self, message: InboundMessage, ready_at: float) -> None:
+        """Answer one message (model call, reply delivery).
+
+        `ready_at` (wall clock) is when the message became its conversation's next to answer: its
+        arrival, or later if it waited behind an earlier message of the same conversation or was
+        resumed at start. Gateway overhead is measured from there, so another message's model
+        time never counts as overhead.
+        """
 
     async def notice(self, message: InboundMessage, text: str) -> None:
         """Send a short notice; must not raise."""
@@ -67,6 +74,7 @@ class Dispatcher:
         self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
+        self._started_at = time.time()
 
     # -- intake ------------------------------------------------------------------------------
     @property
@@ -91,7 +99,7 @@ class Dispatcher:
                 return Admission.DUPLICATE
             if self._depth >= self.cfg.max_queue:
                 log.warning("queue full, sender told to retry", extra=_fields(message))
-                self._spawn(self._responder.notice(message, BUSY_NOTICE))
+                self._spawn(self._notify(message, BUSY_NOTICE))
                 return Admission.BUSY
             await self._store.inbox_add(message)
         except StoreError as e:
@@ -125,9 +133,11 @@ class Dispatcher:
     # -- workers -----------------------------------------------------------------------------
     async def _work(self, key: str) -> None:
         queue = self._queues[key]
+        previous_done = self._started_at  # messages resumed from the inbox are ready from now
         try:
             while queue:
                 message = queue[0]
+                ready_at = max(message.created_at, previous_done)
                 async with self._slots:
                     queue.popleft()
                     self._depth -= 1
@@ -135,11 +145,12 @@ class Dispatcher:
                     self._metrics.queue_depth.set(self._depth)
                     self._metrics.inflight.set(self._inflight)
                     try:
-                        await self._answer(message)
+                        await self._answer(message, ready_at)
                     finally:
                         self._inflight -= 1
                         self._metrics.inflight.set(self._inflight)
                 await self._settle(message)
+                previous_done = time.time()
         finally:
             del self._workers[key]
             if not queue:
@@ -147,23 +158,34 @@ class Dispatcher:
             if not self._workers:
                 self._idle.set()
 
-    async def _answer(self, message: InboundMessage) -> None:
+    async def _answer(self, message: InboundMessage, ready_at: float) -> None:
         """Run the responder under the deadline; any failure becomes a notice, never silence."""
         try:
-            async with asyncio.timeout(self.cfg.deadline):
-                await self._responder.handle(message)
+            async with asyncio.timeout(self.cfg.deadline) as deadline:
+                await self._responder.handle(message, ready_at)
         except TimeoutError:
+            if not deadline.expired():  # a timeout inside the responder is just a failure
+                log.exception("answer failed", extra=_fields(message))
+                await self._notify(message, APOLOGY.format(request_id=message.request_id))
+                return
             log.error("deadline exceeded", extra=_fields(message))
-            await self._responder.notice(message, TIMEOUT_NOTICE.format(request_id=message.request_id))
+            await self._notify(message, TIMEOUT_NOTICE.format(request_id=message.request_id))
         except Exception:
             log.exception("answer failed", extra=_fields(message))
-            await self._responder.notice(message, APOLOGY.format(request_id=message.request_id))
+            await self._notify(message, APOLOGY.format(request_id=message.request_id))
+
+    async def _notify(self, message: InboundMessage, text: str) -> None:
+        """`Responder.notice` must not raise; if it does anyway, the worker still lives on."""
+        try:
+            await self._responder.notice(message, text)
+        except Exception:
+            log.exception("notice failed", extra=_fields(message))
 
     async def _settle(self, message: InboundMessage) -> None:
         """The message got its answer (or a notice): it leaves the inbox."""
         try:
             await self._store.inbox_done(message)
-        except StoreError as e:
+        except Exception as e:  # a store bug must not kill the conversation's worker either
             # It stays in the inbox and is answered again after a restart; say so.
             log.error("could not mark message answered: %s", e, extra=_fields(message))
 
