@@ -2,8 +2,9 @@
 
 Streaming (SSE) first; a server that answers a streaming request with plain JSON is accepted as the
 non-streaming fallback. Retries (connection errors, 429, 5xx) happen only before the first token
-reached the caller, so a user never sees a half answer repeated. `total_timeout` bounds the time
-spent waiting for the model (retries included), not the caller's work between deltas.
+reached the caller, so a user never sees a half answer repeated. `total_timeout` is one deadline
+for the whole call (retries included); it fires only while waiting for the model, never inside the
+caller's own code between deltas.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 import aiohttp
@@ -107,11 +109,19 @@ class _KeyRing:
 
 
 def _retry_after(headers: Any) -> float | None:
+    """Retry-After in seconds: delta-seconds or an HTTP-date (RFC 9110 §10.2.3)."""
     value = headers.get("Retry-After")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
+    if value is None:
         return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 class OpenAIModel:
