@@ -46,9 +46,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging(config.log.level, config.secrets())
     app = create_app(config, [handlers.setup])
+    echo = config.model.provider == "echo" or not config.model.base_url
     log.info(
         "starting",
-        extra={"version": __version__, "host": config.server.host, "port": config.server.port},
+        extra={
+            "version": __version__,
+            "host": config.server.host,
+            "port": config.server.port,
+            "config": config.source,
+            # Say plainly when no model is configured: every answer will be an echo.
+            "model": "echo" if echo else f"{config.model.model} at {config.model.base_url}",
+        },
     )
     try:
         web.run_app(

@@ -76,7 +76,12 @@ async def _resume_inbox(app: web.Application) -> AsyncIterator[None]:
 
 async def _drain(app: web.Application) -> None:
     if DISPATCHER in app:
-        await app[DISPATCHER].drain(app[CONFIG].dispatcher.drain_timeout)
+        dispatcher, timeout = app[DISPATCHER], app[CONFIG].dispatcher.drain_timeout
+        log.info(
+            "shutting down: intake stopped, finishing in-flight work",
+            extra={"queued": dispatcher.depth, "inflight": dispatcher.inflight, "timeout_s": timeout},
+        )
+        await dispatcher.drain(timeout)
 
 
 def create_app(config: Config, setup: Iterable[Setup] = ()) -> web.Application:

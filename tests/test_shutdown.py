@@ -170,9 +170,14 @@ async def test_sigterm_during_work_drains_the_answer_and_exits_0(
     async with asyncio.timeout(drain_timeout):
         assert await gateway_process.proc.wait() == 0
     assert gateway_process.stderr.read_text() == ""
-    events = [line["event"] for line in gateway_process.logs()]
+    logs = gateway_process.logs()
+    events = [line["event"] for line in logs]
     assert "answered" in events and events[-1] == "stopped"
+    draining = next(line for line in logs if line["event"].startswith("shutting down"))
+    assert (draining["inflight"], draining["timeout_s"]) == (1, drain_timeout)
+    assert events.index("answered") > events.index(draining["event"])  # answered while draining
     assert "drain timeout, unfinished messages stay in the inbox" not in events
+    assert "sk-shutdown-test-key" not in gateway_process.stdout.read_text()
 
 
 async def test_work_beyond_drain_timeout_is_cut_off_and_exit_is_still_0(
