@@ -163,16 +163,14 @@ class Dispatcher:
         try:
             async with asyncio.timeout(self.cfg.deadline) as deadline:
                 await self._responder.handle(message, ready_at)
-        except TimeoutError:
-            if not deadline.expired():  # a timeout inside the responder is just a failure
+        except Exception as e:
+            # A TimeoutError from inside the responder is a plain failure, not our deadline.
+            if isinstance(e, TimeoutError) and deadline.expired():
+                log.error("deadline exceeded", extra=_fields(message))
+                await self._notify(message, TIMEOUT_NOTICE.format(request_id=message.request_id))
+            else:
                 log.exception("answer failed", extra=_fields(message))
                 await self._notify(message, APOLOGY.format(request_id=message.request_id))
-                return
-            log.error("deadline exceeded", extra=_fields(message))
-            await self._notify(message, TIMEOUT_NOTICE.format(request_id=message.request_id))
-        except Exception:
-            log.exception("answer failed", extra=_fields(message))
-            await self._notify(message, APOLOGY.format(request_id=message.request_id))
 
     async def _notify(self, message: InboundMessage, text: str) -> None:
         """`Responder.notice` must not raise; if it does anyway, the worker still lives on."""

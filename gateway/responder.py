@@ -54,10 +54,18 @@ class Responder:
         self._model = model
         self._channels = channels
         self._metrics = metrics
+        # Streams cut off mid-answer (deadline, failure), by request id: the dispatcher's notice
+        # then finishes the stream instead of arriving as a second message next to a stuck card.
+        # Only streams cut off by shutdown stay here, and they go with the process.
+        self._interrupted: dict[str, ReplyStream] = {}
 
     async def notice(self, message: InboundMessage, text: str) -> None:
+        stream = self._interrupted.pop(message.request_id, None)
         try:
-            await self._send(Reply(message, text, ReplyKind.NOTICE))
+            if stream is not None:
+                await stream.finish(text)
+            else:
+                await self._send(Reply(message, text, ReplyKind.NOTICE))
         except Exception:
             log.exception("notice could not be delivered", extra=_fields(message))
 
@@ -184,6 +192,10 @@ class Responder:
             notice = MODEL_DOWN.format(reason=reason, request_id=message.request_id)
             await self._fail(message, stream, notice)
             raise _Answered from e
+        except BaseException:
+            if stream is not None:
+                self._interrupted[message.request_id] = stream
+            raise
         answer = "".join(parts).strip()
         if not answer:
             # Not cached and not kept as context: asking again may well work.

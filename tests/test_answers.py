@@ -99,3 +99,24 @@ async def test_overhead_excludes_model_time_and_waiting_behind_the_conversation(
     assert sample(client, "botgate_model_request_duration_seconds_sum") >= model_time
     # Gateway work here is milliseconds; either wrong definition would add >= model_time.
     assert sample(client, "botgate_gateway_overhead_seconds_sum") < model_time / 2
+
+
+async def test_deadline_mid_stream_finishes_the_stream_with_the_notice(
+    gateway: Any, openai_double: Any
+) -> None:
+    """One answer, never two: the half-streamed reply is closed with the timeout notice instead
+    of staying stuck next to a separate notice."""
+    double, url = openai_double
+    double.script = ["stall"]  # one word, then nothing
+    client = await gateway(make_config(model={"base_url": url}, dispatcher={"deadline": 0.3}))
+    async with client.ws_connect("/chat/ws?session=deadline01") as ws:
+        await ws.receive_json()
+        await ws.send_json({"type": "message", "id": "m1", "text": "tell me a long story"})
+        frames = []
+        async with asyncio.timeout(10):
+            while not frames or frames[-1]["type"] not in ("done", "notice"):
+                frames.append(await ws.receive_json())
+        await client.server.app[DISPATCHER].wait_idle()
+    assert [f["type"] for f in frames] == ["accepted", "delta", "done"]
+    assert frames[1]["text"] == "echo:"
+    assert frames[2]["text"].startswith("Sorry, that took too long to answer.")
