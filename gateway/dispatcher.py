@@ -67,6 +67,7 @@ class Dispatcher:
         self._responder = responder
         self._queues: dict[str, deque[InboundMessage]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
+        self._active: set[str] = set()  # request ids queued or being answered by this process
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(cfg.max_concurrency)
         self._depth = 0
@@ -113,7 +114,8 @@ class Dispatcher:
 
     async def resume(self) -> int:
         """Queue every inbox entry left unanswered by a previous process."""
-        pending = await self._store.inbox_pending()
+        # An adapter may already have submitted messages (they are in the inbox too): skip those.
+        pending = [m for m in await self._store.inbox_pending() if m.request_id not in self._active]
         for message in pending:
             self._enqueue(message)
         if pending:
@@ -122,6 +124,7 @@ class Dispatcher:
 
     def _enqueue(self, message: InboundMessage) -> None:
         key = message.conversation_key
+        self._active.add(message.request_id)
         self._queues.setdefault(key, deque()).append(message)
         self._depth += 1
         self._metrics.queue_depth.set(self._depth)
@@ -150,6 +153,7 @@ class Dispatcher:
                         self._inflight -= 1
                         self._metrics.inflight.set(self._inflight)
                 await self._settle(message)
+                self._active.discard(message.request_id)
                 previous_done = time.time()
         finally:
             del self._workers[key]

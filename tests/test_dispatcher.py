@@ -140,6 +140,7 @@ def assert_no_leftover_state(dispatcher: Dispatcher) -> None:
     """Idle conversations cost nothing: no queue or worker is kept per conversation."""
     assert dispatcher._queues == {}
     assert dispatcher._workers == {}
+    assert dispatcher._active == set()
     assert dispatcher.depth == 0 and dispatcher.inflight == 0
 
 
@@ -329,6 +330,20 @@ async def test_resume_answers_what_a_previous_process_left(make: Any, store: Mem
     assert sorted(ended) == ["old1", "old2", "old3"]
     assert ended.index("old1") < ended.index("old2")  # order within a conversation is kept
     assert await store.inbox_pending() == []
+
+
+async def test_resume_skips_what_this_process_already_accepted(
+    make: Any, store: MemoryStore
+) -> None:
+    dispatcher, responder, _ = make()
+    await dispatcher.submit(msg("c1", "new"))  # an adapter was quicker than the resume
+    await responder.wait_for(lambda: responder.started() == ["new"])
+    assert [m.message_id for m in await store.inbox_pending()] == ["new"]
+    assert await dispatcher.resume() == 0
+    responder.release("new")
+    await dispatcher.wait_idle()
+    assert responder.started() == ["new"]  # answered once, not twice
+    assert_no_leftover_state(dispatcher)
 
 
 async def test_ready_at_excludes_waiting_behind_the_same_conversation(make: Any) -> None:
