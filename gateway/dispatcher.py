@@ -67,7 +67,7 @@ class Dispatcher:
         self._responder = responder
         self._queues: dict[str, deque[InboundMessage]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
-        self._active: set[str] = set()  # request ids queued or being answered by this process
+        self._local: set[str] = set()  # request ids queued or being answered here
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(cfg.max_concurrency)
         self._depth = 0
@@ -115,7 +115,7 @@ class Dispatcher:
     async def resume(self) -> int:
         """Queue every inbox entry left unanswered by a previous process."""
         # An adapter may already have submitted messages (they are in the inbox too): skip those.
-        pending = [m for m in await self._store.inbox_pending() if m.request_id not in self._active]
+        pending = [m for m in await self._store.inbox_pending() if m.request_id not in self._local]
         for message in pending:
             self._enqueue(message)
         if pending:
@@ -123,8 +123,8 @@ class Dispatcher:
         return len(pending)
 
     def _enqueue(self, message: InboundMessage) -> None:
+        self._local.add(message.request_id)
         key = message.conversation_key
-        self._active.add(message.request_id)
         self._queues.setdefault(key, deque()).append(message)
         self._depth += 1
         self._metrics.queue_depth.set(self._depth)
@@ -153,7 +153,7 @@ class Dispatcher:
                         self._inflight -= 1
                         self._metrics.inflight.set(self._inflight)
                 await self._settle(message)
-                self._active.discard(message.request_id)
+                self._local.discard(message.request_id)
                 previous_done = time.time()
         finally:
             del self._workers[key]

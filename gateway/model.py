@@ -13,7 +13,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
@@ -53,8 +53,9 @@ class Completion:
 class ModelClient(Protocol):
     name: str  # the configured model, for logs and cache keys
 
-    def stream(self, messages: list[Message], completion: Completion) -> AsyncIterator[str]:
-        """Yield text deltas of the answer; raise `ModelError` on failure."""
+    def stream(self, messages: list[Message], completion: Completion) -> AsyncGenerator[str, None]:
+        """Yield text deltas of the answer; raise `ModelError` on failure. Callers close it
+        (`contextlib.aclosing`) so an abandoned call releases its connection at once."""
 
 
 class EchoModel:
@@ -62,7 +63,7 @@ class EchoModel:
 
     name = "echo"
 
-    async def stream(self, messages: list[Message], completion: Completion) -> AsyncIterator[str]:
+    async def stream(self, messages: list[Message], completion: Completion) -> AsyncGenerator[str, None]:
         completion.model = "echo"
         completion.requested_at = completion.first_byte_at = time.monotonic()
         last = messages[-1]["content"] if messages else ""
@@ -135,7 +136,7 @@ class OpenAIModel:
         self._url = cfg.base_url.rstrip("/") + "/chat/completions"
         self._keys = _KeyRing(cfg.api_keys, cfg.key_cooldown)
 
-    async def stream(self, messages: list[Message], completion: Completion) -> AsyncIterator[str]:
+    async def stream(self, messages: list[Message], completion: Completion) -> AsyncGenerator[str, None]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.total_timeout
         started = completion.requested_at = time.monotonic()
@@ -163,7 +164,7 @@ class OpenAIModel:
 
     async def _stream_with_retries(
         self, messages: list[Message], completion: Completion, deadline: float
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         loop = asyncio.get_running_loop()
         backoff = Backoff(first=0.5, cap=8.0)
         attempt = 0
@@ -193,7 +194,7 @@ class OpenAIModel:
                 )
                 await asyncio.sleep(delay)
 
-    async def _attempt(self, messages: list[Message], completion: Completion) -> AsyncIterator[str]:
+    async def _attempt(self, messages: list[Message], completion: Completion) -> AsyncGenerator[str, None]:
         body = {
             "model": self.cfg.model,
             "messages": messages,
@@ -267,7 +268,7 @@ class OpenAIModel:
         return str(text)
 
     @staticmethod
-    async def _read_sse(resp: aiohttp.ClientResponse, completion: Completion) -> AsyncIterator[str]:
+    async def _read_sse(resp: aiohttp.ClientResponse, completion: Completion) -> AsyncGenerator[str, None]:
         done = False
         async for raw_line in resp.content:
             line = raw_line.strip()

@@ -106,8 +106,7 @@ class Responder:
     async def _answer(
         self, message: InboundMessage, ready_at: float, text: str, images: list[Attachment]
     ) -> None:
-        conversation = message.conversation_key
-        history = await self._store.context(conversation)
+        history = await self._store.context(message.conversation_key)
         messages: list[Message] = [{"role": "system", "content": self.cfg.model.system_prompt}]
         messages += [{"role": t.role, "content": t.content} for t in history]
         messages.append({"role": "user", "content": await self._user_content(message, text, images)})
@@ -126,19 +125,25 @@ class Responder:
             except _Answered:
                 return
         self._record(message, ready_at, completion, cached)
-        # The user has the answer: a store failure from here on is logged, never an apology.
+        await self._remember(message, None if cached else cache_key, text, answer)
+
+    async def _remember(
+        self, message: InboundMessage, cache_key: str | None, text: str, answer: str
+    ) -> None:
+        """Cache the answer and extend the context. The user already has the answer, so a store
+        failure here costs only memory: log it, never apologise for a delivered answer."""
         try:
-            if cache_key and not cached:
+            if cache_key:
                 await self._store.cache_put(cache_key, answer, self.cfg.cache.ttl)
             await self._store.append_turns(
-                conversation,
+                message.conversation_key,
                 [Turn("user", text or "(image)"), Turn("assistant", answer)],
                 self.cfg.context.max_turns,
                 self.cfg.context.max_chars,
                 self.cfg.context.idle_ttl,
             )
         except StoreError as e:
-            log.warning("could not save the conversation turn: %s", e, extra=_fields(message))
+            log.warning("answer delivered but not remembered: %s", e, extra=_fields(message))
 
     def _record(
         self, message: InboundMessage, ready_at: float, completion: Completion, cached: bool

@@ -4,11 +4,18 @@ empty answers, model failures, the cache, and the overhead metric's meaning."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from aiohttp.test_utils import TestClient
 
+from gateway.errors import StoreError
 from gateway.keys import DISPATCHER, METRICS
+from gateway.messages import ConversationKind, InboundMessage, Reply
+from gateway.metrics import Metrics
+from gateway.model import EchoModel
+from gateway.responder import Responder
+from gateway.store import MemoryStore
 from tests.conftest import make_config
 
 
@@ -120,3 +127,43 @@ async def test_deadline_mid_stream_finishes_the_stream_with_the_notice(
     assert [f["type"] for f in frames] == ["accepted", "delta", "done"]
     assert frames[1]["text"] == "echo:"
     assert frames[2]["text"].startswith("Sorry, that took too long to answer.")
+
+
+class ForgetfulStore(MemoryStore):
+    async def append_turns(self, *args: Any, **kwargs: Any) -> None:
+        raise StoreError("disk full")
+
+
+class RecordingChannel:
+    """A Channel without streaming that keeps what it was asked to send."""
+
+    platform = "web"
+
+    def __init__(self) -> None:
+        self.sent: list[Reply] = []
+
+    async def send(self, reply: Reply) -> None:
+        self.sent.append(reply)
+
+    async def open_stream(self, message: InboundMessage) -> None:
+        return None
+
+
+async def test_store_failure_after_delivery_is_not_an_apology(caplog: Any) -> None:
+    channel = RecordingChannel()
+    config = make_config()
+    responder = Responder(config, ForgetfulStore(), EchoModel(), {"web": channel}, Metrics())  # type: ignore[dict-item]
+    message = InboundMessage(
+        platform="web",
+        transport="websocket",
+        conversation_id="c1",
+        conversation_kind=ConversationKind.DM,
+        sender_id="u1",
+        sender_name="web",
+        text="remember me",
+        mentioned=True,
+        message_id="m1",
+    )
+    await responder.handle(message, time.time())  # does not raise: the dispatcher would apologise
+    assert [r.text.splitlines()[0] for r in channel.sent] == ["> remember me"]
+    assert any(r.message.startswith("answer delivered but not remembered") for r in caplog.records)

@@ -140,7 +140,7 @@ def assert_no_leftover_state(dispatcher: Dispatcher) -> None:
     """Idle conversations cost nothing: no queue or worker is kept per conversation."""
     assert dispatcher._queues == {}
     assert dispatcher._workers == {}
-    assert dispatcher._active == set()
+    assert dispatcher._local == set()
     assert dispatcher.depth == 0 and dispatcher.inflight == 0
 
 
