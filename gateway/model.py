@@ -324,9 +324,14 @@ def _note_usage(data: dict[str, Any], completion: Completion) -> None:
         completion.model = model
 
 
+def uses_echo(cfg: ModelConfig) -> bool:
+    """Whether `cfg` selects the echo provider (asked for, or `auto` without a base URL)."""
+    return cfg.provider == "echo" or (cfg.provider == "auto" and not cfg.base_url)
+
+
 def create_model_client(
     cfg: ModelConfig, session: aiohttp.ClientSession, metrics: Metrics
 ) -> ModelClient:
-    if cfg.provider == "echo" or (cfg.provider == "auto" and not cfg.base_url):
+    if uses_echo(cfg):
         return EchoModel()
     return OpenAIModel(cfg, session, metrics)

@@ -223,3 +223,6 @@ async def test_fresh_start_with_shipped_config_answers_by_echo(gateway_process: 
         assert "no model is configured" in frame["text"]
     assert await gateway_process.stopped(signal.SIGINT, bound=10.0) == 0
     assert gateway_process.stderr.read_text() == ""
+    starting = gateway_process.logs()[0]
+    assert starting["event"] == "starting" and starting["model"] == "echo"
+    assert starting["config"] == str(ROOT / "config.toml")
