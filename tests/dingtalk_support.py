@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,13 @@ class DingTalkEnv:
     def api_calls(self, endpoint: str) -> float:
         metric = self.client.app[METRICS].platform_api_calls.labels("dingtalk", endpoint)
         return metric._value.get()
+
+    async def connected(self) -> None:
+        """Both ends agree the stream is up: the double has the socket, the loop said connected()."""
+        await self.double.wait_for(lambda: self.double.connected)
+        assert self.adapter.loop is not None
+        async with asyncio.timeout(10):
+            await self.adapter.loop.connected_event.wait()
 
     async def answers(self, count: int) -> list[dict[str, Any]]:
         """Wait until `count` sessionWebhook messages arrived; returns them all."""
@@ -71,5 +79,5 @@ async def start(
     )
     env = DingTalkEnv(double, await gateway(config))
     if connect and config.dingtalk.mode != "webhook":
-        await double.wait_for(lambda: double.connected)
+        await env.connected()
     return env
