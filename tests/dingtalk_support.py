@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.keys import CHANNELS, METRICS
@@ -18,7 +19,7 @@ from tests.doubles.dingtalk import DingTalkDouble
 @dataclass
 class DingTalkEnv:
     double: DingTalkDouble
-    client: TestClient
+    client: TestClient[web.Request, web.Application]
 
     @property
     def adapter(self) -> DingTalkAdapter:
@@ -27,11 +28,11 @@ class DingTalkEnv:
         return adapter
 
     def dropped(self, reason: str) -> float:
-        return self.client.app[METRICS].dropped.labels("dingtalk", reason)._value.get()
+        return float(self.client.app[METRICS].dropped.labels("dingtalk", reason)._value.get())
 
     def api_calls(self, endpoint: str) -> float:
         metric = self.client.app[METRICS].platform_api_calls.labels("dingtalk", endpoint)
-        return metric._value.get()
+        return float(metric._value.get())
 
     async def connected(self) -> None:
         """Both ends agree the stream is up: the double has the socket, the loop said connected()."""

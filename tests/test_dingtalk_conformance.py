@@ -85,7 +85,7 @@ class SdkClient:
         assert not self._thread.is_alive(), "the SDK client did not stop"
 
 
-class EchoHandler(dingtalk_stream.ChatbotHandler):
+class EchoHandler(dingtalk_stream.ChatbotHandler):  # type: ignore[misc]  # the SDK is untyped
     """What an SDK user writes: answer on the sessionWebhook, plus the file and AI-card APIs."""
 
     def __init__(self) -> None:
@@ -125,7 +125,9 @@ def double_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[ThreadedServer]:
 
 def test_sdk_client_gets_a_message_acks_it_and_replies(double_server: ThreadedServer) -> None:
     double = double_server.double
-    client = dingtalk_stream.DingTalkStreamClient(dingtalk_stream.Credential(double.client_id, double.client_secret))
+    client = dingtalk_stream.DingTalkStreamClient(
+        dingtalk_stream.Credential(double.client_id, double.client_secret)
+    )
     handler = EchoHandler()
     client.register_callback_handler(dingtalk_stream.ChatbotMessage.TOPIC, handler)
     sdk = SdkClient(client)
@@ -138,14 +140,18 @@ def test_sdk_client_gets_a_message_acks_it_and_replies(double_server: ThreadedSe
     finally:
         sdk.stop()
 
-    assert double.opens[0]["subscriptions"] == [{"type": "CALLBACK", "topic": dingtalk_stream.ChatbotMessage.TOPIC}]
+    assert double.opens[0]["subscriptions"] == [
+        {"type": "CALLBACK", "topic": dingtalk_stream.ChatbotMessage.TOPIC}
+    ]
     ack = double.acked(frame_id)
     assert ack is not None and (ack.code, ack.data) == (200, {"response": "OK"})
     ping = double.acked(ping_id)
     assert ping is not None and (ping.code, ping.data) == (200, {"opaque": "abc-123"})
     assert double.ack_errors == []
     [reply] = double.session_posts
-    assert reply["text"] == {"content": "pong: ping from the double"} and reply["at"] == {"atUserIds": ["staff1"]}
+    assert reply["text"] == {"content": "pong: ping from the double"} and reply["at"] == {
+        "atUserIds": ["staff1"]
+    }
     assert handler.download_urls == [f"{double.base}/files/dc-1"]
     paths = [path for _, path, _ in double.api_calls]
     assert paths == [

@@ -21,10 +21,16 @@ async def ping_round_trip(env: DingTalkEnv) -> None:
 
 
 def lost_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.error for r in caplog.records if r.getMessage() == "connection lost" and r.platform == "dingtalk"]
+    return [
+        str(getattr(r, "error", ""))
+        for r in caplog.records
+        if r.getMessage() == "connection lost" and getattr(r, "platform", "") == "dingtalk"
+    ]
 
 
-async def test_dm_text_answered_on_session_webhook(aiohttp_server: Any, gateway: Any, openai_double: Any) -> None:
+async def test_dm_text_answered_on_session_webhook(
+    aiohttp_server: Any, gateway: Any, openai_double: Any
+) -> None:
     model, url = openai_double
     env = await start(aiohttp_server, gateway, model_url=url)
     body = env.double.message("what is botgate?")
@@ -42,7 +48,9 @@ async def test_dm_text_answered_on_session_webhook(aiohttp_server: Any, gateway:
     assert env.api_calls("session_webhook") == 1
 
 
-async def test_ack_goes_out_before_the_model_answers(aiohttp_server: Any, gateway: Any, openai_double: Any) -> None:
+async def test_ack_goes_out_before_the_model_answers(
+    aiohttp_server: Any, gateway: Any, openai_double: Any
+) -> None:
     _, url = openai_double
     env = await start(aiohttp_server, gateway, model_url=url)
     frame_id = await env.double.push(env.double.message("slow:1 think hard"))
@@ -127,7 +135,9 @@ async def test_open_connection_failing_backs_off_then_connects(
     double = DingTalkDouble(open_failures=3)
     env = await start(aiohttp_server, gateway, double=double, reconnect_delay=0.05)
     assert len(double.opens) == 4
-    delays = [r.retry_in_s for r in caplog.records if r.getMessage() == "connection lost"]
+    delays = [
+        float(getattr(r, "retry_in_s", -1)) for r in caplog.records if r.getMessage() == "connection lost"
+    ]
     assert len(delays) == 3
     assert delays == sorted(delays) and 0 < delays[0] < 1  # exponential, first retry well within 1 s
     status = env.adapter.status()

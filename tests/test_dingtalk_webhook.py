@@ -15,7 +15,11 @@ from tests.dingtalk_support import DingTalkEnv, start
 
 def signed(env: DingTalkEnv, ts_ms: int | None = None, secret: str | None = None) -> dict[str, str]:
     ts = str(ts_ms if ts_ms is not None else int(time.time() * 1000))
-    return {"timestamp": ts, "sign": sign(ts, secret or env.double.client_secret), "Content-Type": "application/json"}
+    return {
+        "timestamp": ts,
+        "sign": sign(ts, secret or env.double.client_secret),
+        "Content-Type": "application/json",
+    }
 
 
 async def post(env: DingTalkEnv, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
@@ -64,7 +68,9 @@ async def test_garbage_is_400_and_too_large_is_413(aiohttp_server: Any, gateway:
     assert env.dropped("malformed") == 1
 
 
-async def test_stream_and_webhook_share_one_dedup(aiohttp_server: Any, gateway: Any, openai_double: Any) -> None:
+async def test_stream_and_webhook_share_one_dedup(
+    aiohttp_server: Any, gateway: Any, openai_double: Any
+) -> None:
     _, url = openai_double
     env = await start(aiohttp_server, gateway, model_url=url, mode="both")
     body = env.double.message("asked twice", msg_id="msg-both")

@@ -71,7 +71,9 @@ class DingTalkAdapter:
         self._dispatcher = app[DISPATCHER]
         task: asyncio.Task[None] | None = None
         if self._cfg.mode in ("stream", "both"):
-            session = StreamSession(app[HTTP], self._cfg, self.budget, self._on_stream_message, self._tracker.event_seen)
+            session = StreamSession(
+                app[HTTP], self._cfg, self.budget, self._on_stream_message, self._tracker.event_seen
+            )
             backoff = Backoff(first=self._cfg.reconnect_delay, cap=RECONNECT_CAP)
             self.loop = ConnectionLoop(PLATFORM, self._tracker, self._metrics, session, backoff)
             task = asyncio.create_task(self.loop.run(), name="dingtalk-stream")
@@ -98,7 +100,12 @@ class DingTalkAdapter:
             self._metrics.dropped.labels(PLATFORM, result.reason).inc()
             log.info(
                 "message dropped",
-                extra={"platform": PLATFORM, "transport": transport, "reason": result.reason, "detail": result.detail},
+                extra={
+                    "platform": PLATFORM,
+                    "transport": transport,
+                    "reason": result.reason,
+                    "detail": result.detail,
+                },
             )
             return result
         if self._dispatcher is None:
@@ -199,4 +206,3 @@ def setup(app: web.Application) -> None:
     if cfg.mode in ("webhook", "both"):
         app.router.add_post("/dingtalk/webhook", webhook_handler(cfg.client_secret, adapter.intake))
     app.cleanup_ctx.append(adapter.ctx)
-

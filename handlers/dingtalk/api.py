@@ -52,9 +52,7 @@ class DingTalkApi:
         self._budget.record(endpoint)
         headers = {"x-acs-dingtalk-access-token": token} if token else None
         try:
-            async with self._http.request(
-                method, url, json=body, headers=headers, timeout=TIMEOUT
-            ) as resp:
+            async with self._http.request(method, url, json=body, headers=headers, timeout=TIMEOUT) as resp:
                 status, raw = resp.status, await resp.read()
         except (aiohttp.ClientError, TimeoutError) as e:
             raise PlatformError(f"dingtalk {endpoint}: {type(e).__name__}: {e}") from e

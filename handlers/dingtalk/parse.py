@@ -8,7 +8,7 @@ model (the SDK is the reference for every message type); nothing here touches th
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dingtalk_stream.chatbot import ChatbotMessage
@@ -38,8 +38,8 @@ class Dropped:
 @dataclass(frozen=True, slots=True)
 class Filters:
     robot_code: str  # ours; part of every message id so ids of two robots never collide
-    senders: AccessList = AccessList()
-    conversations: AccessList = AccessList()
+    senders: AccessList = field(default_factory=AccessList)
+    conversations: AccessList = field(default_factory=AccessList)
 
 
 def message_id(robot_code: str, msg_id: str) -> str:

@@ -167,7 +167,12 @@ class StreamSession:
             return False
         log.debug(
             "frame",
-            extra={"platform": "dingtalk", "type": frame.type, "topic": frame.topic, "frame_id": frame.message_id},
+            extra={
+                "platform": "dingtalk",
+                "type": frame.type,
+                "topic": frame.topic,
+                "frame_id": frame.message_id,
+            },
         )
         if frame.type == "SYSTEM":
             # ping (and every other SYSTEM topic) is ACKed with its data echoed (§A.6).

@@ -116,7 +116,8 @@ class DingTalkDouble:
         """A robot message body as DingTalk sends it (§A.8), its sessionWebhook pointing here."""
         now = int(time.time() * 1000)
         body: dict[str, Any] = {
-            "conversationId": conversation_id or (f"cid-group-{uuid.uuid4().hex[:6]}" if group else f"cid-dm-{staff_id}"),
+            "conversationId": conversation_id
+            or (f"cid-group-{uuid.uuid4().hex[:6]}" if group else f"cid-dm-{staff_id}"),
             "conversationType": "2" if group else "1",
             "chatbotCorpId": "ding-corp",
             "chatbotUserId": "$:LWCP_v1:$robot",
@@ -272,7 +273,9 @@ class DingTalkDouble:
                 return web.json_response({"code": "InvalidDownloadCode", "message": "unknown"}, status=400)
             return web.json_response({"downloadUrl": f"{self.base}/files/{body['downloadCode']}"})
         if path.endswith("/batchSend"):
-            return web.json_response({"processQueryKey": "q1", "invalidStaffIdList": [], "flowControlledStaffIdList": []})
+            return web.json_response(
+                {"processQueryKey": "q1", "invalidStaffIdList": [], "flowControlledStaffIdList": []}
+            )
         if path.endswith("/createAndDeliver"):
             return web.json_response({"success": True, "result": {"outTrackId": body["outTrackId"]}})
         return web.json_response({"success": True, "processQueryKey": "q1"})
