@@ -173,3 +173,11 @@ async def test_clean_stop_closes_the_stream(aiohttp_server: Any, gateway: Any) -
     await env.client.close()
     assert adapter.status().state is ChannelState.STOPPED
     await env.double.wait_for(lambda: not env.double.connected)
+
+
+async def test_admin_reconnect_connects_afresh(aiohttp_server: Any, gateway: Any) -> None:
+    env = await start(aiohttp_server, gateway)
+    await env.adapter.reconnect()
+    await env.double.wait_for(lambda: env.double.connections == 2)
+    await env.connected()
+    assert len(env.double.opens) == 2 and env.adapter.status().reconnects == 1
