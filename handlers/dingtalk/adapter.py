@@ -95,6 +95,7 @@ class DingTalkAdapter:
     # -- inbound -------------------------------------------------------------------------------
     async def intake(self, body: Any, transport: str) -> Admission | Dropped:
         """One robot message body from either transport -> the dispatcher (or a counted drop)."""
+        self._tracker.event_seen()
         result = parse_message(body, self._filters, transport)
         if isinstance(result, Dropped):
             self._metrics.dropped.labels(PLATFORM, result.reason).inc()
