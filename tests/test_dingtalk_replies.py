@@ -197,6 +197,7 @@ async def test_ai_card_streams_updates_in_order_then_the_final_text(
     await env.double.wait_for(lambda: env.double.calls(CARD_UPDATE))
     [create] = env.double.calls(CARD_CREATE)
     assert create["cardTemplateId"] == "tpl-ai.schema" and create["openSpaceId"] == "dtv1.card//IM_ROBOT.u5"
+    assert create["imRobotOpenDeliverModel"] == {"spaceType": "IM_ROBOT", "robotCode": env.double.client_id}
     track = create["outTrackId"]
     streamed = [c for c in env.double.calls(CARD_STREAM) if c["outTrackId"] == track]
     texts = [create["cardData"]["cardParamMap"]["msgContent"]] + [c["content"] for c in streamed]

@@ -47,7 +47,7 @@ def deliver_body(handle: dict[str, Any], template_id: str, out_track_id: str, te
         body["imGroupOpenDeliverModel"] = deliver
     else:
         body["openSpaceId"] = f"dtv1.card//IM_ROBOT.{staff_id}"
-        body["imRobotOpenDeliverModel"] = {"spaceType": "IM_ROBOT"}
+        body["imRobotOpenDeliverModel"] = {"spaceType": "IM_ROBOT", "robotCode": handle.get("robot_code", "")}
     return body
 
 
