@@ -79,6 +79,7 @@ class DingTalkConfig:
     oapi_base: str = "https://oapi.dingtalk.com"
     card_template_id: str = ""
     stale_after: float = 90.0
+    reconnect_delay: float = 1.0  # first reconnect delay; doubles per failure up to 60 s
     stream_interval: float = 0.3
     monthly_api_budget: int = 0
     allow_senders: list[str] = field(default_factory=list)
@@ -299,6 +300,10 @@ def _validate(cfg: Config, from_env: frozenset[str] = frozenset()) -> None:
             fail(f"model.{key}", "must be positive")
     if cfg.model.max_retries < 0:
         fail("model.max_retries", "must be 0 or more")
+    if not 0 < cfg.dingtalk.reconnect_delay <= 60:
+        fail("dingtalk.reconnect_delay", f"must be between 0 and 60 seconds, got {cfg.dingtalk.reconnect_delay}")
+    if cfg.dingtalk.stale_after <= 0:
+        fail("dingtalk.stale_after", "must be positive")
     if cfg.model.provider == "openai" and not cfg.model.base_url:
         fail("model.base_url", "is required when model.provider = \"openai\"")
     for key in ("model.base_url", "dingtalk.api_base", "dingtalk.oapi_base", "feishu.domain"):
