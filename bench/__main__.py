@@ -37,14 +37,17 @@ def setup_lines(ctx: Context) -> list[str]:
         f"Cores: {ctx.cores.describe()} (os.sched_setaffinity); every server under test, reference "
         "or gateway, runs alone on the server core; the load generator and all doubles share the other.",
         "Gateway: `python run.py --config <tmp>/config.toml` with secrets in BOTGATE_ environment "
-        "variables, `[log] level = \"INFO\"` (JSON lines to a file), host 127.0.0.1. Differences from the "
+        'variables, `[log] level = "INFO"` (JSON lines to a file), host 127.0.0.1. Differences from the '
         "shipped defaults: `[dispatcher] max_concurrency = 4096` (default 64: a 2,000-message burst "
         "would take 2000/64 model-times), `max_queue = 1000000` (throughput runs never answer busy), "
-        "`drain_timeout = 3`, `[model] max_retries = 0`.",
+        "`drain_timeout = 1`, `[model] max_retries = 0`.",
         "Webhook load: "
-        + (f"wrk, 1 thread, {ingress.CONNECTIONS} connections, a Lua script signing every request with the "
-           "DingTalk `timestamp`/`sign` headers and giving each a distinct msgId (1,000 conversations)"
-           if wrk else "aiohttp client (wrk not installed: the client, not the server, is the bottleneck)"),
+        + (
+            f"wrk, 1 thread, {ingress.CONNECTIONS} connections, a Lua script signing every request with the "
+            "DingTalk `timestamp`/`sign` headers and giving each a distinct msgId (1,000 conversations)"
+            if wrk
+            else "aiohttp client (wrk not installed: the client, not the server, is the bottleneck)"
+        ),
         "Model doubles: throughput scenarios use an instant OpenAI-compatible double (canned SSE, "
         "~400-character answer; replies are produced asynchronously and compete for the gateway's core "
         "during the run); latency scenarios use tests/doubles/openai.py answering after 1 s.",
@@ -97,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     print()
     print(table(rows))
-    print(f"\n{len(rows)} rows in {time.monotonic() - started:.1f} s ({'quick' if args.quick else 'full'} mode)")
+    print(
+        f"\n{len(rows)} rows in {time.monotonic() - started:.1f} s ({'quick' if args.quick else 'full'} mode)"
+    )
     if not args.quick:
         command = "python -m bench" + (f" --only {' '.join(args.only)}" if args.only else "")
         Path(args.out).write_text(markdown(rows, machine_facts(), setup_lines(ctx), command))

@@ -84,7 +84,12 @@ async def channel_doubles(dingtalk: bool = True, feishu: bool = True) -> AsyncIt
 
 
 def gateway_for(
-    ctx: Context, model_url: str | None, channels: Channels, store: str = "memory", name: str = "gateway", **overrides: dict[str, Any]
+    ctx: Context,
+    model_url: str | None,
+    channels: Channels,
+    store: str = "memory",
+    name: str = "gateway",
+    **overrides: dict[str, Any],
 ) -> ServerProcess:
     sections = gateway_sections(free_port(), model_url, store_url(store), **overrides)
     if channels.dingtalk is not None:

@@ -111,7 +111,15 @@ class DingTalkDouble:
         return web.json_response({"endpoint": f"ws://{HOST}:{self.port}/connect", "ticket": "bench-ticket"})
 
     async def _token(self, request: web.Request) -> web.Response:
-        return web.json_response({"accessToken": "bench-token", "expireIn": 7200, "access_token": "bench-token", "expires_in": 7200, "errcode": 0})
+        return web.json_response(
+            {
+                "accessToken": "bench-token",
+                "expireIn": 7200,
+                "access_token": "bench-token",
+                "expires_in": 7200,
+                "errcode": 0,
+            }
+        )
 
     async def _openapi_send(self, request: web.Request) -> web.Response:
         await request.read()

@@ -21,29 +21,32 @@ from tests.doubles.openai import OpenAIDouble
 from .env import HOST
 
 # A realistic answer size matters for the memory scenario (conversation context, model cache).
-ANSWER = (
-    "Here is a short answer in Markdown. " * 11
-).strip()  # ~400 characters
+ANSWER = ("Here is a short answer in Markdown. " * 11).strip()  # ~400 characters
 
 
 @dataclass
 class TimedModel(OpenAIDouble):
-    """The tests' OpenAI double ("echo: <text>" after `delay`), recording per message when its
-    request arrived and when its last byte was written. Keyed by the last user message's text."""
+    """The tests' OpenAI double ("echo: <text>", streamed word by word) answering after `delay`,
+    recording per message when its request arrived and when its last byte was written. Keyed by
+    the last user message's text."""
 
-    arrivals: dict[str, float] = field(default_factory=dict)
-    last_bytes: dict[str, float] = field(default_factory=dict)
+    delay: float = 0.0
+    arrived_at: dict[str, float] = field(default_factory=dict)
+    last_byte_at: dict[str, float] = field(default_factory=dict)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         arrived = time.monotonic()
         body = await request.json()  # aiohttp caches the body; the parent reads it again
         content = body["messages"][-1]["content"]
         key = content if isinstance(content, str) else ""
-        self.arrivals[key] = arrived
+        self.arrived_at[key] = arrived
+        await asyncio.sleep(self.delay)  # the model "thinking"
         resp = await super().completions(request)
-        self.last_bytes[key] = time.monotonic()
-        self.requests.clear()  # the parent keeps every body; a bench sends hundreds of thousands
+        self.last_byte_at[key] = time.monotonic()
+        # The parent keeps every body; a bench sends hundreds of thousands.
+        self.requests.clear()
         self.auth_headers.clear()
+        self.arrivals.clear()
         return resp
 
 
@@ -125,8 +128,12 @@ class RawServer:
 
 def instant_model(answer: str = ANSWER) -> RawServer:
     """An OpenAI-compatible endpoint that streams `answer` at once (one SSE chunk + [DONE])."""
-    chunk = {"id": "c", "object": "chat.completion.chunk", "model": "bench",
-             "choices": [{"index": 0, "delta": {"content": answer}}]}  # fmt: skip
+    chunk = {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "model": "bench",
+        "choices": [{"index": 0, "delta": {"content": answer}}],
+    }
     usage = {"choices": [], "model": "bench", "usage": {"prompt_tokens": 50, "completion_tokens": 90}}
     sse = b"data: " + orjson.dumps(chunk) + b"\n\ndata: " + orjson.dumps(usage) + b"\n\ndata: [DONE]\n\n"
     return RawServer(lambda method, path, body: (200, b"text/event-stream", sse))

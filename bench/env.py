@@ -19,9 +19,18 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository whose gateway is
 PYTHON = sys.executable
 HOST = "127.0.0.1"
 PACKAGES = (
-    "aiohttp", "orjson", "prometheus-client", "dingtalk-stream", "redis",
-    "fastapi", "starlette", "pydantic", "uvicorn", "uvloop", "httptools",
-)  # fmt: skip
+    "aiohttp",
+    "orjson",
+    "prometheus-client",
+    "dingtalk-stream",
+    "redis",
+    "fastapi",
+    "starlette",
+    "pydantic",
+    "uvicorn",
+    "uvloop",
+    "httptools",
+)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

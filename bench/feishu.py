@@ -52,7 +52,9 @@ def _bytes_field(number: int, value: bytes) -> bytes:
 
 
 def encode_frame(f: Frame) -> bytes:
-    out = b"".join(_varint(n << 3) + _varint(v) for n, v in ((1, f.seq_id), (2, f.log_id), (3, f.service), (4, f.method)))
+    out = b"".join(
+        _varint(n << 3) + _varint(v) for n, v in ((1, f.seq_id), (2, f.log_id), (3, f.service), (4, f.method))
+    )
     for key, value in f.headers:
         out += _bytes_field(5, _bytes_field(1, key.encode()) + _bytes_field(2, value.encode()))
     return out + (_bytes_field(8, f.payload) if f.payload else b"")
@@ -94,7 +96,7 @@ def decode_frame(data: bytes) -> Frame:
             ints[number] = value
         elif number == 5 and isinstance(value, bytes):
             kv = {n: v for n, v in _fields(value)}
-            headers.append((bytes(kv.get(1, b"")).decode(), bytes(kv.get(2, b"")).decode()))  # type: ignore[arg-type]
+            headers.append((bytes(kv.get(1, b"")).decode(), bytes(kv.get(2, b"")).decode()))
         elif number == 8 and isinstance(value, bytes):
             payload = value
     return Frame(ints[1], ints[2], ints[3], ints[4], headers, payload)
@@ -105,18 +107,40 @@ def message_event(n: int, conversation: str, text: str) -> bytes:
     now = str(int(time.time() * 1000))
     event = {
         "schema": "2.0",
-        "header": {"event_id": f"ev{n:09d}", "event_type": "im.message.receive_v1", "create_time": now,
-                   "token": "bench", "app_id": FEISHU_APP_ID, "tenant_key": "bench"},
-        "event": {
-            "sender": {"sender_id": {"union_id": f"on_{conversation}", "user_id": f"u{conversation}",
-                                     "open_id": f"ou_{conversation}"},
-                       "sender_type": "user", "tenant_key": "bench"},
-            "message": {"message_id": f"om_{n:09d}", "root_id": "", "parent_id": "", "create_time": now,
-                        "update_time": now, "chat_id": f"oc_{conversation}", "thread_id": "", "chat_type": "p2p",
-                        "message_type": "text", "content": orjson.dumps({"text": text}).decode(),
-                        "mentions": [], "user_agent": "bench"},
+        "header": {
+            "event_id": f"ev{n:09d}",
+            "event_type": "im.message.receive_v1",
+            "create_time": now,
+            "token": "bench",
+            "app_id": FEISHU_APP_ID,
+            "tenant_key": "bench",
         },
-    }  # fmt: skip
+        "event": {
+            "sender": {
+                "sender_id": {
+                    "union_id": f"on_{conversation}",
+                    "user_id": f"u{conversation}",
+                    "open_id": f"ou_{conversation}",
+                },
+                "sender_type": "user",
+                "tenant_key": "bench",
+            },
+            "message": {
+                "message_id": f"om_{n:09d}",
+                "root_id": "",
+                "parent_id": "",
+                "create_time": now,
+                "update_time": now,
+                "chat_id": f"oc_{conversation}",
+                "thread_id": "",
+                "chat_type": "p2p",
+                "message_type": "text",
+                "content": orjson.dumps({"text": text}).decode(),
+                "mentions": [],
+                "user_agent": "bench",
+            },
+        },
+    }
     return orjson.dumps(event)
 
 
@@ -126,8 +150,22 @@ class FeishuDouble:
         self.sink = Sink(
             {
                 b"/callback/ws/endpoint": b"",  # filled in start(): needs the ws port
-                b"/open-apis/auth/v3/": b'{"code":0,"msg":"ok","tenant_access_token":"t-bench","app_access_token":"a-bench","expire":7200}',
-                b"/open-apis/bot/v3/info": b'{"code":0,"msg":"ok","bot":{"open_id":"ou_bench_bot","app_name":"bench","activate_status":2}}',
+                b"/open-apis/auth/v3/": orjson.dumps(
+                    {
+                        "code": 0,
+                        "msg": "ok",
+                        "tenant_access_token": "t-bench",
+                        "app_access_token": "a-bench",
+                        "expire": 7200,
+                    }
+                ),
+                b"/open-apis/bot/v3/info": orjson.dumps(
+                    {
+                        "code": 0,
+                        "msg": "ok",
+                        "bot": {"open_id": "ou_bench_bot", "app_name": "bench", "activate_status": 2},
+                    }
+                ),
                 b"/open-apis/": ok,
             },
             (b"/open-apis/im/v1/messages",),
@@ -150,8 +188,14 @@ class FeishuDouble:
         await web.TCPSite(self._runner, HOST, 0).start()
         self.port = self._runner.addresses[0][1]
         self.sink.routes[b"/callback/ws/endpoint"] = orjson.dumps(
-            {"code": 0, "msg": "ok", "data": {"URL": f"ws://{HOST}:{self.port}/ws?device_id=bench&service_id={SERVICE_ID}",
-                                              "ClientConfig": CLIENT_CONFIG}}  # fmt: skip
+            {
+                "code": 0,
+                "msg": "ok",
+                "data": {
+                    "URL": f"ws://{HOST}:{self.port}/ws?device_id=bench&service_id={SERVICE_ID}",
+                    "ClientConfig": CLIENT_CONFIG,
+                },
+            }
         )
         await self.sink.server.start()
         return self
@@ -203,8 +247,16 @@ class FeishuDouble:
     def event_frame(self, conversation: str, text: str) -> tuple[str, bytes]:
         n = next(self._ids)
         frame_id = f"fm{n:09d}"
-        headers = [("type", "event"), ("message_id", frame_id), ("sum", "1"), ("seq", "0"), ("trace_id", f"t{n}")]
-        return frame_id, encode_frame(Frame(n + 1, n + 1, SERVICE_ID, 1, headers, message_event(n, conversation, text)))
+        headers = [
+            ("type", "event"),
+            ("message_id", frame_id),
+            ("sum", "1"),
+            ("seq", "0"),
+            ("trace_id", f"t{n}"),
+        ]
+        return frame_id, encode_frame(
+            Frame(n + 1, n + 1, SERVICE_ID, 1, headers, message_event(n, conversation, text))
+        )
 
     def expect_ack(self, frame_id: str) -> asyncio.Future[float]:
         future: asyncio.Future[float] = asyncio.get_running_loop().create_future()

@@ -35,6 +35,9 @@ S1 = "1. Webhook ingress"
 S2 = "2. Stream ingress"
 PATH = "/dingtalk/webhook"
 STORES = (("memory", "memory store"), ("sqlite", "SQLite store"))
+QUICK_SKIP = "informational run, left out of --quick"
+# One worker, parked on a model that never answers; stopping does not wait for it.
+PARKED = {"max_concurrency": 1, "drain_timeout": 0.2}
 INTAKE_ONLY = "max_concurrency 1 and a model double that never answers, so the core does nothing but intake"
 __all__ = ["CONNECTIONS", "stream", "webhook"]
 
@@ -61,7 +64,10 @@ async def _hammer(ctx: Context, proc: ServerProcess, webhook: str) -> tuple[Load
 async def _expect_401(proc: ServerProcess) -> None:
     """A bad signature must be refused, or the measurement would be of the wrong path."""
     body = orjson.dumps(chatbot_payload("probe", "probe", "probe", "http://127.0.0.1:9/x"))
-    async with aiohttp.ClientSession() as http, http.post(proc.url + PATH, data=body, headers={"timestamp": "1", "sign": "x"}) as resp:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(proc.url + PATH, data=body, headers={"timestamp": "1", "sign": "x"}) as resp,
+    ):
         if resp.status != 401:
             raise BenchError(f"{proc.name}: a badly signed webhook got {resp.status}, expected 401")
 
@@ -74,11 +80,11 @@ async def replies_delivered(proc: ServerProcess, platform: str) -> int:
     return int(sum(float(v) for v in re.findall(pattern, text, re.M)))
 
 
-async def _drain(proc: ServerProcess, platform: str, expected: int, timeout: float) -> float | None:
-    """Seconds until the gateway delivered `expected` replies (None if not within `timeout`)."""
+async def _drain(proc: ServerProcess, platform: str, expected: int, within: float) -> float | None:
+    """Seconds until the gateway delivered `expected` replies (None if not `within` seconds)."""
     started = time.monotonic()
     while await replies_delivered(proc, platform) < expected:
-        if time.monotonic() - started > timeout:
+        if time.monotonic() - started > within:
             return None
         await asyncio.sleep(0.1)
     return time.monotonic() - started
@@ -88,7 +94,11 @@ async def _accepted(proc: ServerProcess) -> int:
     """Messages the gateway accepted so far (botgate_messages_received_total, all platforms)."""
     async with aiohttp.ClientSession() as http, http.get(proc.url + "/metrics") as resp:
         text = await resp.text()
-    return int(sum(float(v) for v in re.findall(r"^botgate_messages_received_total\{[^}]*\} ([\d.e+]+)$", text, re.M)))
+    return int(
+        sum(
+            float(v) for v in re.findall(r"^botgate_messages_received_total\{[^}]*\} ([\d.e+]+)$", text, re.M)
+        )
+    )
 
 
 async def webhook(ctx: Context) -> list[Row]:
@@ -102,16 +112,40 @@ async def webhook(ctx: Context) -> list[Row]:
         async with reference(ctx.cores, ctx.workdir, "bare") as bare:
             await _expect_401(bare)
             ceiling, cpu = await _hammer(ctx, bare, hook)
-        rows.append(Row(S1, "bare aiohttp handler (ceiling)", ceiling.rate, "events/s", note="read body, check HMAC, parse JSON, 200; " + _load_note(ceiling, cpu)))
+        rows.append(
+            Row(
+                S1,
+                "bare aiohttp handler (ceiling)",
+                ceiling.rate,
+                "events/s",
+                note="read body, check HMAC, parse JSON, 200; " + _load_note(ceiling, cpu),
+            )
+        )
         fastapi: float | None = None
         if importlib.util.find_spec("fastapi") and importlib.util.find_spec("uvicorn"):
             async with reference(ctx.cores, ctx.workdir, "fastapi") as proc:
                 await _expect_401(proc)
                 result, cpu = await _hammer(ctx, proc, hook)
             fastapi = result.rate
-            rows.append(Row(S1, "FastAPI + uvicorn handler", fastapi, "events/s", "bare", ceiling.rate, note="same handler; " + _load_note(result, cpu)))
+            rows.append(
+                Row(
+                    S1,
+                    "FastAPI + uvicorn handler",
+                    fastapi,
+                    "events/s",
+                    "bare",
+                    ceiling.rate,
+                    note="same handler; " + _load_note(result, cpu),
+                )
+            )
         else:
-            rows.append(Row(S1, "FastAPI + uvicorn handler", skipped="fastapi/uvicorn not installed (pip install -r bench/requirements.txt)"))
+            rows.append(
+                Row(
+                    S1,
+                    "FastAPI + uvicorn handler",
+                    skipped="fastapi/uvicorn not installed (pip install -r bench/requirements.txt)",
+                )
+            )
         for store, label in STORES:
             name = f"gateway, {label}, intake only"
             if not adapter("dingtalk") or (store == "sqlite" and not sqlite_store()):
@@ -124,26 +158,74 @@ async def webhook(ctx: Context) -> list[Row]:
                 continue
             section = dingtalk_section("http://127.0.0.1:9", sink.server.url, "webhook")
             # Intake only: answering parked (one worker waits on a model that never answers).
-            proc = gateway_for(ctx, parked.url + "/v1", Channels(), store, f"gateway-webhook-{store}-intake",
-                               dingtalk=section, dispatcher={"max_concurrency": 1})  # fmt: skip
+            proc = gateway_for(
+                ctx,
+                parked.url + "/v1",
+                Channels(),
+                store,
+                f"gateway-webhook-{store}-intake",
+                dingtalk=section,
+                dispatcher=PARKED,
+            )
             async with proc:
                 await _expect_401(proc)
                 result, cpu = await _hammer(ctx, proc, hook)
-            note = f"verify, dedup, inbox write, 200 (answers parked: {INTAKE_ONLY}); {_load_note(result, cpu)}"
-            rows.append(Row(S1, name, result.rate, "events/s", "bare", ceiling.rate, ">= 0.7x bare", at_least_ratio(0.7), note=note))
-            rows.append(Row(S1, f"{name} vs FastAPI", result.rate, "events/s", "FastAPI", fastapi, ">= 2.5x FastAPI", at_least_ratio(2.5) if fastapi else None))
+            note = (
+                f"verify, dedup, inbox write, 200 (answers parked: {INTAKE_ONLY}); {_load_note(result, cpu)}"
+            )
+            rows.append(
+                Row(
+                    S1,
+                    name,
+                    result.rate,
+                    "events/s",
+                    "bare",
+                    ceiling.rate,
+                    ">= 0.7x bare",
+                    at_least_ratio(0.7),
+                    note=note,
+                )
+            )
+            rows.append(
+                Row(
+                    S1,
+                    f"{name} vs FastAPI",
+                    result.rate,
+                    "events/s",
+                    "FastAPI",
+                    fastapi,
+                    ">= 2.5x FastAPI",
+                    at_least_ratio(2.5) if fastapi else None,
+                )
+            )
             # Intake + answers: every message also gets its model call and reply on the same core.
-            proc = gateway_for(ctx, model.url + "/v1", Channels(), store, f"gateway-webhook-{store}", dingtalk=section)
+            if ctx.quick:
+                rows.append(Row(S1, f"gateway, {label}, intake + answers", skipped=QUICK_SKIP))
+                continue
+            proc = gateway_for(
+                ctx, model.url + "/v1", Channels(), store, f"gateway-webhook-{store}", dingtalk=section
+            )
             async with proc:
                 result, cpu = await _hammer(ctx, proc, hook)
                 answered = await replies_delivered(proc, "dingtalk")
                 drained = await _drain(proc, "dingtalk", await _accepted(proc), ctx.pick(120.0, 30.0))
             note = (
-                f"the same, while every message is also answered on the same core (instant model double, markdown "
-                f"reply POSTed to the sessionWebhook sink); {_load_note(result, cpu)}; {answered:,} answered by the end "
-                "of the load, " + (f"all {drained:.1f} s later" if drained is not None else "NOT all answered")
+                "the same, while every message is also answered on the same core (instant model double, "
+                f"markdown reply POSTed to the sessionWebhook sink); {_load_note(result, cpu)}; "
+                f"{answered:,} answered by the end of the load, "
+                + (f"all {drained:.1f} s later" if drained is not None else "NOT all answered")
             )
-            rows.append(Row(S1, f"gateway, {label}, intake + answers", result.rate, "events/s", "bare", ceiling.rate, note=note))
+            rows.append(
+                Row(
+                    S1,
+                    f"gateway, {label}, intake + answers",
+                    result.rate,
+                    "events/s",
+                    "bare",
+                    ceiling.rate,
+                    note=note,
+                )
+            )
     finally:
         await model.stop()
         await parked.stop()
@@ -207,44 +289,105 @@ STREAM_VARIANTS = (("sqlite", False), ("memory", False), ("sqlite", True))
 
 
 async def stream(ctx: Context) -> list[Row]:
-    count, window, seconds = ctx.pick(50_000, 2_000), 500, ctx.pick(10.0, 1.0)
+    count, window, seconds = ctx.pick(50_000, 2_000), ctx.pick(500, 100), ctx.pick(10.0, 1.0)
     rows: list[Row] = []
     model = await instant_model().start()
     parked = await parked_model().start()
     try:
-        for platform, label, target in (("dingtalk", "DingTalk Stream", 5000.0), ("feishu", "Feishu ws", None)):
-            double: DingTalkDouble | FeishuDouble = await (DingTalkDouble() if platform == "dingtalk" else FeishuDouble()).start()
+        for platform, label, target in (
+            ("dingtalk", "DingTalk Stream", 5000.0),
+            ("feishu", "Feishu ws", None),
+        ):
+            double: DingTalkDouble | FeishuDouble = await (
+                DingTalkDouble() if platform == "dingtalk" else FeishuDouble()
+            ).start()
             sender = _dingtalk_sender if platform == "dingtalk" else _feishu_sender
             upstream = double.api_base if isinstance(double, DingTalkDouble) else double.domain
             try:
                 async with reference(ctx.cores, ctx.workdir, platform, "--upstream", upstream):
                     await _connected(double.connected, f"bare {label} client")
                     ceiling = await pump(sender(double, "r"), count, window, seconds)  # type: ignore[arg-type]
-                rows.append(Row(S2, f"bare {label} client (ceiling)", ceiling, "events/s", note=f"up to {count:,} events or {seconds:g} s, <= {window} un-ACKed; parse frame + event JSON, send ACK"))
+                rows.append(
+                    Row(
+                        S2,
+                        f"bare {label} client (ceiling)",
+                        ceiling,
+                        "events/s",
+                        note=f"up to {count:,} events or {seconds:g} s, <= {window} un-ACKed; "
+                        "parse frame + event JSON, send ACK",
+                    )
+                )
                 for store, answers in STREAM_VARIANTS:
-                    name = f"gateway, {label}, {store} store, " + ("intake + answers" if answers else "intake only")
+                    name = f"gateway, {label}, {store} store, " + (
+                        "intake + answers" if answers else "intake only"
+                    )
                     tgt = f">= {target:,.0f} events/s" if target and not answers else ""
+                    if answers and ctx.quick:
+                        rows.append(Row(S2, name, skipped=QUICK_SKIP))
+                        continue
                     if not adapter(platform) or (store == "sqlite" and not sqlite_store()):
-                        why = (MISSING_DINGTALK if platform == "dingtalk" else MISSING_FEISHU) if not adapter(platform) else MISSING_SQLITE
+                        why = (
+                            (MISSING_DINGTALK if platform == "dingtalk" else MISSING_FEISHU)
+                            if not adapter(platform)
+                            else MISSING_SQLITE
+                        )
                         rows.append(Row(S2, name, target=tgt, skipped=why))
                         continue
-                    channels = Channels(dingtalk=double) if isinstance(double, DingTalkDouble) else Channels(feishu=double)
-                    extra = {} if answers else {"dispatcher": {"max_concurrency": 1}}
-                    proc = gateway_for(ctx, (model if answers else parked).url + "/v1", channels, store, f"gateway-{platform}-{store}", **extra)
+                    channels = (
+                        Channels(dingtalk=double)
+                        if isinstance(double, DingTalkDouble)
+                        else Channels(feishu=double)
+                    )
+                    extra = {} if answers else {"dispatcher": PARKED}
+                    proc = gateway_for(
+                        ctx,
+                        (model if answers else parked).url + "/v1",
+                        channels,
+                        store,
+                        f"gateway-{platform}-{store}",
+                        **extra,
+                    )
                     async with proc:
                         await _connected(double.connected, name)
                         await pump(sender(double, "w"), ctx.pick(2000, 200), window, ctx.pick(2.0, 0.2))  # type: ignore[arg-type]
                         cpu0, t0 = proc.cpu_seconds(), time.monotonic()
                         rate = await pump(sender(double, "g"), count, window, seconds)  # type: ignore[arg-type]
                         cpu = (proc.cpu_seconds() - cpu0) / (time.monotonic() - t0)
-                        drained = await _drain(proc, platform, await _accepted(proc), ctx.pick(120.0, 30.0)) if answers else None
-                    note = f"up to {count:,} events or {seconds:g} s, <= {window} un-ACKed, ACK/response frame once the dispatcher accepted; server core busy {cpu:.0%}; "
+                        drained = (
+                            await _drain(proc, platform, await _accepted(proc), ctx.pick(120.0, 30.0))
+                            if answers
+                            else None
+                        )
+                    note = (
+                        f"up to {count:,} events or {seconds:g} s, <= {window} un-ACKed, ACK/response frame "
+                        "once "
+                        f"the dispatcher accepted; server core busy {cpu:.0%}; "
+                    )
                     if answers:
-                        note += "every message also answered on the same core (instant model, reply to the sink), " + (
-                            f"all delivered {drained:.1f} s after the last ACK" if drained is not None else "NOT all delivered")
+                        note += (
+                            "every message also answered on the same core (instant model, reply to the "
+                            "sink), "
+                            + (
+                                f"all delivered {drained:.1f} s after the last ACK"
+                                if drained is not None
+                                else "NOT all delivered"
+                            )
+                        )
                     else:
                         note += f"answers parked ({INTAKE_ONLY})"
-                    rows.append(Row(S2, name, rate, "events/s", f"bare {label} client", ceiling, tgt, at_least(target) if tgt and target else None, note=note))
+                    rows.append(
+                        Row(
+                            S2,
+                            name,
+                            rate,
+                            "events/s",
+                            f"bare {label} client",
+                            ceiling,
+                            tgt,
+                            at_least(target) if tgt and target else None,
+                            note=note,
+                        )
+                    )
                     if double.bad_acks:
                         raise BenchError(f"{name}: {double.bad_acks} ACKs without code 200")
             finally:

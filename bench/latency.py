@@ -72,9 +72,9 @@ async def steady(driver: Driver, model: TimedModel, seconds: float, tag: str) ->
     overheads = []
     for text, at, future in sent:
         key = text
-        if key not in model.arrivals or key not in model.last_bytes:
+        if key not in model.arrived_at or key not in model.last_byte_at:
             raise BenchError(f"the model double never saw {key!r}")
-        overheads.append((model.arrivals[key] - at) + (future.result() - model.last_bytes[key]))
+        overheads.append((model.arrived_at[key] - at) + (future.result() - model.last_byte_at[key]))
     ms = [o * 1000 for o in overheads]
     return Overhead(percentile(ms, 0.5), percentile(ms, 0.99), max(ms), len(ms))
 
@@ -88,13 +88,13 @@ async def burst(driver: Driver, count: int, tag: str, model_delay: float) -> Bur
     return Burst(max(done) - start, count)
 
 
-async def wait_all(futures: list[asyncio.Future[float]], timeout: float) -> list[float]:
+async def wait_all(futures: list[asyncio.Future[float]], within: float) -> list[float]:
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             return list(await asyncio.gather(*futures))
     except TimeoutError:
         missing = sum(not f.done() for f in futures)
-        raise BenchError(f"{missing} of {len(futures)} replies never arrived within {timeout:.0f} s") from None
+        raise BenchError(f"{missing} of {len(futures)} replies never arrived within {within:.0f} s") from None
 
 
 async def measure(ctx: Context, driver: Driver, model: TimedModel) -> tuple[Overhead, Burst]:
@@ -112,7 +112,9 @@ async def measure(ctx: Context, driver: Driver, model: TimedModel) -> tuple[Over
 async def default_burst(ctx: Context, model: TimedModel, model_url: str) -> Burst:
     """The same burst against the shipped `[dispatcher] max_concurrency` (64)."""
     async with channel_doubles(feishu=False) as channels:
-        proc = gateway_for(ctx, model_url, channels, name="gateway-defaults", dispatcher={"max_concurrency": 64})
+        proc = gateway_for(
+            ctx, model_url, channels, name="gateway-defaults", dispatcher={"max_concurrency": 64}
+        )
         async with proc:
             driver = driver_for(proc, channels)
             try:
@@ -125,8 +127,15 @@ async def gateway_histogram_p99(proc: ServerProcess) -> str:
     """The gateway's own botgate_gateway_overhead_seconds histogram, for comparison."""
     async with aiohttp.ClientSession() as http, http.get(proc.url + "/metrics") as resp:
         text = await resp.text()
-    buckets = [(float(le), float(v)) for le, v in re.findall(r'botgate_gateway_overhead_seconds_bucket\{le="([^"+]+)"\} ([\d.e+]+)', text)]
-    total = float(m.group(1)) if (m := re.search(r"botgate_gateway_overhead_seconds_count ([\d.e+]+)", text)) else 0.0
+    buckets = [
+        (float(le), float(v))
+        for le, v in re.findall(r'botgate_gateway_overhead_seconds_bucket\{le="([^"+]+)"\} ([\d.e+]+)', text)
+    ]
+    total = (
+        float(m.group(1))
+        if (m := re.search(r"botgate_gateway_overhead_seconds_count ([\d.e+]+)", text))
+        else 0.0
+    )
     if not total:
         return "gateway histogram: no observations"
     p99 = next((le for le, v in buckets if v >= 0.99 * total), math.inf)
@@ -151,14 +160,24 @@ async def run(ctx: Context) -> list[Row]:
     finally:
         await runner.cleanup()
     steady_note = (
-        f"{overhead.count} messages at {RATE}/s over {driver.path}, model double answers after {model.delay:g} s; "
-        f"overhead = (model request received - message sent) + (reply received - model's last byte); "
-        f"max {overhead.max_ms:.1f} ms; {histogram}. Reference: a minimal aiohttp relay "
-        f"(web chat socket -> model -> socket, no dispatcher/store/metrics/logs): p99 {ref_overhead.p99_ms:.1f} ms"
+        f"{overhead.count} messages at {RATE}/s over {driver.path}, model double answers after "
+        f"{model.delay:g} s; overhead = (model request received - message sent) + (reply received - "
+        f"model's last byte); max {overhead.max_ms:.1f} ms; {histogram}. Reference: a minimal aiohttp relay "
+        "(web chat socket -> model -> socket, no dispatcher/store/metrics/logs): "
+        f"p99 {ref_overhead.p99_ms:.1f} ms"
     )
     rows = [
         Row(S3, "overhead p50", overhead.p50_ms, "ms", "relay p50", ref_overhead.p50_ms, note=steady_note),
-        Row(S3, "overhead p99", overhead.p99_ms, "ms", "relay p99", ref_overhead.p99_ms, "p99 < 20 ms", at_most(20.0)),
+        Row(
+            S3,
+            "overhead p99",
+            overhead.p99_ms,
+            "ms",
+            "relay p99",
+            ref_overhead.p99_ms,
+            "p99 < 20 ms",
+            at_most(20.0),
+        ),
         Row(
             S4,
             f"{shot.count} conversations, 1 message each at once",
@@ -173,6 +192,16 @@ async def run(ctx: Context) -> list[Row]:
         ),
     ]
     if shipped is not None:
-        rows.append(Row(S4, "the same with the shipped max_concurrency = 64", shipped.seconds, "s", "relay", ref_burst.seconds,
-                        note=f"{shipped.count}/64 = {shipped.count / 64:.0f} model-times in a row: the default caps a burst"))  # fmt: skip
+        rows.append(
+            Row(
+                S4,
+                "the same with the shipped max_concurrency = 64",
+                shipped.seconds,
+                "s",
+                "relay",
+                ref_burst.seconds,
+                note=f"{shipped.count}/64 = {shipped.count / 64:.0f} model-times in a row: "
+                "the default caps a burst",
+            )
+        )
     return rows

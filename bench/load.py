@@ -86,7 +86,9 @@ def lua_script(path: str, webhook: str) -> str:
 _salt = itertools.count()
 
 
-async def run_wrk(url: str, path: str, webhook: str, seconds: float, cores: Cores, workdir: Path) -> LoadResult:
+async def run_wrk(
+    url: str, path: str, webhook: str, seconds: float, cores: Cores, workdir: Path
+) -> LoadResult:
     wrk = wrk_path()
     assert wrk is not None
     script = workdir / "webhook.lua"
@@ -94,10 +96,22 @@ async def run_wrk(url: str, path: str, webhook: str, seconds: float, cores: Core
     salt = f"r{os.getpid()}x{next(_salt)}"  # distinct msgIds across runs against one gateway
     load = sorted(cores.load)
     proc = await asyncio.create_subprocess_exec(
-        "taskset", "-c", ",".join(map(str, load)),
-        wrk, f"-t{len(load)}", f"-c{CONNECTIONS}", f"-d{seconds:g}s", "--latency", "-s", str(script), url, "--", salt,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
+        "taskset",
+        "-c",
+        ",".join(map(str, load)),
+        wrk,
+        f"-t{len(load)}",
+        f"-c{CONNECTIONS}",
+        f"-d{seconds:g}s",
+        "--latency",
+        "-s",
+        str(script),
+        url,
+        "--",
+        salt,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     out, _ = await proc.communicate()
     text = out.decode(errors="replace")
     if proc.returncode != 0:
@@ -116,7 +130,10 @@ def parse_wrk(text: str) -> LoadResult:
     seconds = _ms(total.group(2), total.group(3)) / 1000
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    pct = {m.group(1): _ms(m.group(2), m.group(3)) for m in re.finditer(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s|m)\s*$", text, re.M)}
+    pct = {
+        m.group(1): _ms(m.group(2), m.group(3))
+        for m in re.finditer(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s|m)\s*$", text, re.M)
+    }
     return LoadResult(
         requests=int(total.group(1)),
         seconds=seconds,
@@ -159,10 +176,14 @@ async def run_aiohttp(url: str, path: str, webhook: str, seconds: float) -> Load
     def pct(p: float) -> float | None:
         return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000 if latencies else None
 
-    return LoadResult(len(latencies), elapsed, failures[0], failures[1], pct(0.5), pct(0.99), "aiohttp client")
+    return LoadResult(
+        len(latencies), elapsed, failures[0], failures[1], pct(0.5), pct(0.99), "aiohttp client"
+    )
 
 
-async def run_load(url: str, path: str, webhook: str, seconds: float, cores: Cores, workdir: Path) -> LoadResult:
+async def run_load(
+    url: str, path: str, webhook: str, seconds: float, cores: Cores, workdir: Path
+) -> LoadResult:
     if wrk_path():
         return await run_wrk(url, path, webhook, seconds, cores, workdir)
     return await run_aiohttp(url, path, webhook, seconds)

@@ -33,7 +33,7 @@ S8 = "8. Hot-path costs"
 class Parked:
     """A responder that never finishes, so submit() is measured alone."""
 
-    async def handle(self, message: InboundMessage) -> None:
+    async def handle(self, message: InboundMessage, ready_at: float) -> None:
         await asyncio.Event().wait()
 
     async def notice(self, message: InboundMessage, text: str) -> None:
@@ -42,12 +42,22 @@ class Parked:
 
 def message(i: int) -> InboundMessage:
     return InboundMessage(
-        platform="dingtalk", transport="stream", conversation_id=f"cid{i % 1000}", conversation_kind=ConversationKind.DM,
-        sender_id=f"staff{i % 1000}", sender_name="Bench", text="How do I file my travel expenses?", mentioned=True,
+        platform="dingtalk",
+        transport="stream",
+        conversation_id=f"cid{i % 1000}",
+        conversation_kind=ConversationKind.DM,
+        sender_id=f"staff{i % 1000}",
+        sender_name="Bench",
+        text="How do I file my travel expenses?",
+        mentioned=True,
         message_id=f"dingbench:msg{i}",
-        reply_handle={"session_webhook": "https://oapi.dingtalk.com/robot/sendBySession?session=x",
-                      "session_webhook_expires": 1_800_000_000_000, "conversation_type": "1", "sender_staff_id": "s"},
-    )  # fmt: skip
+        reply_handle={
+            "session_webhook": "https://oapi.dingtalk.com/robot/sendBySession?session=x",
+            "session_webhook_expires": 1_800_000_000_000,
+            "conversation_type": "1",
+            "sender_staff_id": "s",
+        },
+    )
 
 
 def per_call_us(fn: Callable[[], Any], seconds: float) -> float:
@@ -60,7 +70,9 @@ async def submit_us(store_url: str, count: int, concurrent: bool) -> float:
     with tempfile.TemporaryDirectory() as state:
         store = open_store(store_url, Path(state))
         await store.open()
-        dispatcher = Dispatcher(DispatcherConfig(max_concurrency=1, max_queue=10**7), store, Metrics(), Parked())
+        dispatcher = Dispatcher(
+            DispatcherConfig(max_concurrency=1, max_queue=10**7), store, Metrics(), Parked()
+        )
         messages = [message(i) for i in range(count)]
         started = time.perf_counter()
         if concurrent:
@@ -80,7 +92,12 @@ async def run(ctx: Context) -> list[Row]:
     saved = os.sched_getaffinity(0)
     os.sched_setaffinity(0, ctx.cores.server)  # the core the gateway runs on in the other scenarios
     try:
-        body = chatbot_payload("msg1", "c1", "How do I file my travel expenses?", "https://oapi.dingtalk.com/robot/sendBySession?x=1")
+        body = chatbot_payload(
+            "msg1",
+            "c1",
+            "How do I file my travel expenses?",
+            "https://oapi.dingtalk.com/robot/sendBySession?x=1",
+        )
         raw = orjson.dumps(body)
         base = per_call_us(lambda: orjson.loads(raw), seconds)
         m = message(1)
@@ -88,9 +105,21 @@ async def run(ctx: Context) -> list[Row]:
         tracker = StatusTracker(ChannelStatus("dingtalk", ChannelState.CONNECTED))
         steps: list[tuple[str, Callable[[], Any], str]] = [
             ("uuid.uuid4().hex (InboundMessage.request_id)", lambda: uuid.uuid4().hex, "one per message"),
-            ("InboundMessage.to_dict() (dataclasses.asdict)", m.to_dict, "the SQLite/Redis inbox serializes every message with it"),
-            ("StatusTracker.event_seen() (dataclasses.replace)", tracker.event_seen, "adapters call it per event"),
-            ("Counter.labels(...).inc()", lambda: metrics.messages_received.labels("dingtalk", "stream", "dm").inc(), "per message, several families"),
+            (
+                "InboundMessage.to_dict() (dataclasses.asdict)",
+                m.to_dict,
+                "the SQLite/Redis inbox serializes every message with it",
+            ),
+            (
+                "StatusTracker.event_seen() (dataclasses.replace)",
+                tracker.event_seen,
+                "adapters call it per event",
+            ),
+            (
+                "Counter.labels(...).inc()",
+                lambda: metrics.messages_received.labels("dingtalk", "stream", "dm").inc(),
+                "per message, several families",
+            ),
         ]
         if importlib.util.find_spec("handlers.dingtalk"):
             from handlers.dingtalk.parse import Filters, parse_message
@@ -98,18 +127,55 @@ async def run(ctx: Context) -> list[Row]:
 
             filters, ts = Filters("dingbench"), str(int(time.time() * 1000))
             steps += [
-                ("DingTalk webhook signature check", lambda: signature_problem(ts, sign(ts), "bench-app-secret", int(time.time() * 1000)), "HMAC-SHA256; the bare reference does the same"),
-                ("DingTalk parse_message(body)", lambda: parse_message(body, filters, "stream"), "SDK ChatbotMessage + InboundMessage"),
-            ]  # fmt: skip
+                (
+                    "DingTalk webhook signature check",
+                    lambda: signature_problem(ts, sign(ts), "bench-app-secret", int(time.time() * 1000)),
+                    "HMAC-SHA256; the bare reference does the same",
+                ),
+                (
+                    "DingTalk parse_message(body)",
+                    lambda: parse_message(body, filters, "stream"),
+                    "SDK ChatbotMessage + InboundMessage",
+                ),
+            ]
         rows = [Row(S8, "orjson.loads(callback body) (reference)", base, "us")]
-        rows += [Row(S8, name, per_call_us(fn, seconds), "us", "orjson.loads", base, note=why) for name, fn, why in steps]
-        rows.append(Row(S8, "Dispatcher.submit(), memory store", await submit_us("memory://", count, False), "us", "orjson.loads", base, note="claim + inbox + enqueue, one at a time"))
+        rows += [
+            Row(S8, name, per_call_us(fn, seconds), "us", "orjson.loads", base, note=why)
+            for name, fn, why in steps
+        ]
+        rows.append(
+            Row(
+                S8,
+                "Dispatcher.submit(), memory store",
+                await submit_us("memory://", count, False),
+                "us",
+                "orjson.loads",
+                base,
+                note="claim + inbox + enqueue, one at a time",
+            )
+        )
         if sqlite_store():
             for concurrent in (True, False):
-                name = "all at once (group commit)" if concurrent else "one at a time (awaited in turn, as a stream session does)"
-                value = await submit_us("sqlite:///micro.sqlite3", count if concurrent else max(20, count // 20), concurrent)
-                rows.append(Row(S8, f"Dispatcher.submit(), SQLite, {name}", value, "us", "orjson.loads", base,
-                                note="mean per message; one at a time it is the commit latency, which caps a serial stream"))  # fmt: skip
+                name = (
+                    "all at once (group commit)"
+                    if concurrent
+                    else "one at a time (awaited in turn, as a stream session does)"
+                )
+                value = await submit_us(
+                    "sqlite:///micro.sqlite3", count if concurrent else max(20, count // 20), concurrent
+                )
+                rows.append(
+                    Row(
+                        S8,
+                        f"Dispatcher.submit(), SQLite, {name}",
+                        value,
+                        "us",
+                        "orjson.loads",
+                        base,
+                        note="mean per message; one at a time it is the commit latency, "
+                        "which caps a serial stream",
+                    )
+                )
     finally:
         os.sched_setaffinity(0, saved)
     return rows

@@ -34,7 +34,10 @@ def summarize(paths: list[Path], top: int = 25) -> str:
             for name in {_short(f) for f in frames if any(o in f for o in OWN)}:
                 inclusive[name] += n
     busy = max(1, total - idle)
-    out = [f"{total} samples, {idle / max(1, total):.0%} idle in select(); shares below are of the busy samples", ""]
+    out = [
+        f"{total} samples, {idle / max(1, total):.0%} idle in select(); shares below are of the busy samples",
+        "",
+    ]
     out.append("own time (leaf function):")
     out += [f"  {n / busy:6.1%}  {name}" for name, n in own.most_common(top)]
     out.append("")

@@ -45,7 +45,13 @@ async def run(ctx: Context) -> list[Row]:
         ref_worst = max(ref)
         if not adapter("dingtalk"):
             return [
-                Row(S6, "bare Stream client: drop -> next event ACKed", ref_worst, "s", note=f"worst of {rounds}"),
+                Row(
+                    S6,
+                    "bare Stream client: drop -> next event ACKed",
+                    ref_worst,
+                    "s",
+                    note=f"worst of {rounds}",
+                ),
                 Row(S6, "gateway: drop -> next event answered", target="< 2 s", skipped=MISSING_DINGTALK),
             ]
         async with gateway_for(ctx, model.url + "/v1", Channels(dingtalk=double), name="gateway-recovery"):
@@ -56,11 +62,22 @@ async def run(ctx: Context) -> list[Row]:
     replies = [r for _, r in results if r is not None]
     acks = [a for a, _ in results]
     note = (
-        f"worst of {rounds} drops (TCP closed without a close frame); median {statistics.median(replies):.2f} s; "
+        f"worst of {rounds} drops (TCP closed without a close frame); "
+        f"median {statistics.median(replies):.2f} s; "
         f"ACK of that event after {statistics.median(acks):.2f} s median. The gateway's first reconnect "
         "waits a jittered 0.5-1 s backoff by design (the reference reconnects at once)"
     )
     return [
         Row(S6, "bare Stream client: drop -> next event ACKed", ref_worst, "s", note=f"worst of {rounds}"),
-        Row(S6, "gateway: drop -> next event answered", max(replies), "s", "bare client", ref_worst, "< 2 s", at_most(2.0), note=note),
+        Row(
+            S6,
+            "gateway: drop -> next event answered",
+            max(replies),
+            "s",
+            "bare client",
+            ref_worst,
+            "< 2 s",
+            at_most(2.0),
+            note=note,
+        ),
     ]

@@ -12,12 +12,12 @@ app = FastAPI()
 
 
 @app.get("/healthz")
-async def health() -> dict:
+async def health() -> dict[str, str]:
     return {"status": "alive"}
 
 
 @app.post(WEBHOOK)
-async def webhook(request: Request, timestamp: str = Header(""), sign: str = Header("")) -> dict:
+async def webhook(request: Request, timestamp: str = Header(""), sign: str = Header("")) -> dict[str, bool]:
     body = await request.body()
     if not check_signature(timestamp, sign):
         raise HTTPException(401, "bad signature")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import time
 from typing import Any
@@ -70,7 +71,9 @@ def fastapi(port: int) -> None:
 def relay(port: int, model_url: str) -> None:
     tasks: set[asyncio.Task[None]] = set()
 
-    async def answer(ws: web.WebSocketResponse, http: aiohttp.ClientSession, frame: dict[str, Any], session: str) -> None:
+    async def answer(
+        ws: web.WebSocketResponse, http: aiohttp.ClientSession, frame: dict[str, Any], session: str
+    ) -> None:
         body = {"model": "bench", "stream": True, "messages": [{"role": "user", "content": frame["text"]}]}
         parts: list[str] = []
         async with http.post(model_url + "/chat/completions", data=orjson.dumps(body)) as resp:
@@ -80,7 +83,11 @@ def relay(port: int, model_url: str) -> None:
                         parts.append(choice.get("delta", {}).get("content") or "")
                 elif b"[DONE]" in line:
                     break
-        await ws.send_str(orjson.dumps({"type": "done", "text": "".join(parts), "reply_to": f"{session}:{frame['id']}"}).decode())
+        await ws.send_str(
+            orjson.dumps(
+                {"type": "done", "text": "".join(parts), "reply_to": f"{session}:{frame['id']}"}
+            ).decode()
+        )
 
     async def chat(request: web.Request) -> web.WebSocketResponse:
         session = request.query.get("session", "s")
@@ -119,10 +126,8 @@ def _client(port: int, serve: Any) -> None:
         async def run() -> None:
             async with aiohttp.ClientSession() as http:
                 while True:
-                    try:
+                    with contextlib.suppress(aiohttp.ClientError, OSError):
                         await serve(http, state)
-                    except (aiohttp.ClientError, OSError):
-                        pass
                     state["connected"] = False
 
         task = asyncio.create_task(run())
@@ -137,7 +142,11 @@ def _client(port: int, serve: Any) -> None:
 
 def dingtalk(port: int, api_base: str) -> None:
     async def serve(http: aiohttp.ClientSession, state: dict[str, bool]) -> None:
-        body = {"clientId": CLIENT_ID, "clientSecret": SECRET, "subscriptions": [{"type": "CALLBACK", "topic": "/v1.0/im/bot/messages/get"}]}
+        body = {
+            "clientId": CLIENT_ID,
+            "clientSecret": SECRET,
+            "subscriptions": [{"type": "CALLBACK", "topic": "/v1.0/im/bot/messages/get"}],
+        }
         async with http.post(api_base + "/v1.0/gateway/connections/open", json=body) as resp:
             conn = await resp.json()
         async with http.ws_connect(conn["endpoint"], params={"ticket": conn["ticket"]}) as ws:
@@ -147,7 +156,15 @@ def dingtalk(port: int, api_base: str) -> None:
                 data = orjson.loads(frame["data"])
                 if frame["type"] == "CALLBACK" and not data.get("msgId"):
                     continue
-                ack = {"code": 200, "headers": {"contentType": "application/json", "messageId": frame["headers"]["messageId"]}, "message": "OK", "data": '{"response": "OK"}'}
+                ack = {
+                    "code": 200,
+                    "headers": {
+                        "contentType": "application/json",
+                        "messageId": frame["headers"]["messageId"],
+                    },
+                    "message": "OK",
+                    "data": '{"response": "OK"}',
+                }
                 await ws.send_str(orjson.dumps(ack).decode())
 
     _client(port, serve)
@@ -155,7 +172,9 @@ def dingtalk(port: int, api_base: str) -> None:
 
 def feishu(port: int, domain: str) -> None:
     async def serve(http: aiohttp.ClientSession, state: dict[str, bool]) -> None:
-        async with http.post(domain + "/callback/ws/endpoint", json={"AppID": FEISHU_APP_ID, "AppSecret": SECRET}) as resp:
+        async with http.post(
+            domain + "/callback/ws/endpoint", json={"AppID": FEISHU_APP_ID, "AppSecret": SECRET}
+        ) as resp:
             url = (await resp.json())["data"]["URL"]
         async with http.ws_connect(url) as ws:
             state["connected"] = True
@@ -165,7 +184,11 @@ def feishu(port: int, domain: str) -> None:
                     continue
                 orjson.loads(frame.payload)  # the event JSON, parsed as an adapter must
                 headers = [*frame.headers, ("biz_rt", "0")]
-                await ws.send_bytes(encode_frame(Frame(frame.seq_id, frame.log_id, frame.service, 1, headers, b'{"code": 200}')))
+                await ws.send_bytes(
+                    encode_frame(
+                        Frame(frame.seq_id, frame.log_id, frame.service, 1, headers, b'{"code": 200}')
+                    )
+                )
 
     _client(port, serve)
 
@@ -174,7 +197,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.references")
     parser.add_argument("kind", choices=["bare", "fastapi", "relay", "dingtalk", "feishu"])
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--upstream", default="", help="model URL (relay), api base (dingtalk), domain (feishu)")
+    parser.add_argument(
+        "--upstream", default="", help="model URL (relay), api base (dingtalk), domain (feishu)"
+    )
     args = parser.parse_args()
     if args.kind in ("relay", "dingtalk", "feishu"):
         {"relay": relay, "dingtalk": dingtalk, "feishu": feishu}[args.kind](args.port, args.upstream)

@@ -121,7 +121,7 @@ def markdown(rows: Sequence[Row], facts: dict[str, str], setup: Sequence[str], c
         if row.scenario != current:
             current = row.scenario
             out += [f"### {current}", ""]
-        detail = row.skipped and f"skipped: {row.skipped}" or row.note
+        detail = (row.skipped and f"skipped: {row.skipped}") or row.note
         if detail:
             out.append(f"- **{row.name}**: {detail}")
         if row.met is False and row.gap:

@@ -28,7 +28,9 @@ def peak_mb(pid: int) -> float:
     return 0.0
 
 
-async def converse(driver: Driver, total: int, turns: int, concurrency: int, budget: float) -> tuple[int, int, float]:
+async def converse(
+    driver: Driver, total: int, turns: int, concurrency: int, budget: float
+) -> tuple[int, int, float]:
     """`total` conversations of `turns` question/answer turns, `concurrency` conversations at a time,
     each turn waiting for its answer (as a person does). Stops early at `budget` seconds."""
     tag = f"mem{next(_salt)}x"
@@ -44,7 +46,9 @@ async def converse(driver: Driver, total: int, turns: int, concurrency: int, bud
             conversation = f"{tag}{i:06d}"
             await driver.open([conversation])
             for turn in range(turns):
-                _, reply = await driver.send(conversation, f"Question {turn} in conversation {i}: how do I file my travel expenses?")
+                _, reply = await driver.send(
+                    conversation, f"Question {turn} in conversation {i}: how do I file my travel expenses?"
+                )
                 try:
                     await asyncio.wait_for(reply, 30)
                 except TimeoutError:
@@ -83,16 +87,23 @@ async def memory(ctx: Context) -> list[Row]:
                         await driver.close()
                     await asyncio.sleep(ctx.pick(1.0, 0.3))
                     rss, peak = proc.rss_mb(), peak_mb(proc.pid)
-                    db_mb = sum(f.stat().st_size for f in proc.state_dir.glob("*.sqlite3*")) / 2**20 if proc.state_dir else 0.0
+                    db_mb = (
+                        sum(f.stat().st_size for f in proc.state_dir.glob("*.sqlite3*")) / 2**20
+                        if proc.state_dir
+                        else 0.0
+                    )
             held = (
-                "everything is still held in the process: dedup keys (TTL 600 s), model cache entries (TTL 300 s), "
-                f"{turns}-turn contexts"
+                "everything is still held in the process: dedup keys (TTL 600 s), model cache entries "
+                f"(TTL 300 s), {turns}-turn contexts"
                 if store == "memory"
                 else f"dedup keys, cache and contexts live in the SQLite file ({db_mb:.0f} MB incl. WAL)"
             )
-            bounded = "" if done == total else f" STOPPED at the {budget:.0f} s bound after {done:,} conversations;"
+            bounded = (
+                "" if done == total else f" STOPPED at the {budget:.0f} s bound after {done:,} conversations;"
+            )
             note = (
-                f"{messages:,} messages answered in {elapsed:.0f} s ({messages / elapsed:,.0f}/s) over {driver.path}, "
+                f"{messages:,} messages answered in {elapsed:.0f} s ({messages / elapsed:,.0f}/s) "
+                f"over {driver.path}, "
                 f"{concurrency} conversations at a time (channels connected: {channels.names()});{bounded} "
                 f"peak RSS {peak:.0f} MB; {held}; answers {len(ANSWER)} characters"
             )
@@ -129,8 +140,25 @@ async def startup(ctx: Context) -> list[Row]:
         await model.stop()
     names = channels.names()
     return [
-        Row(S7, f"python run.py -> /readyz 200 (channels: {names})", statistics.median(times), "s",
-            "bare aiohttp app", statistics.median(ref_times), note=f"median of {rounds}; reference: `python -m bench.references bare` to its first 200"),
-        Row(S5, f"idle, channels: {names}", rss, "MB", "bare aiohttp app", ref_rss, "< 200 MB", at_most(200.0),
-            note="RSS 1 s after /readyz 200 (0.3 s in --quick)" + ("" if "+" in names else "; both channels are counted only once both adapters are merged")),
-    ]  # fmt: skip
+        Row(
+            S7,
+            f"python run.py -> /readyz 200 (channels: {names})",
+            statistics.median(times),
+            "s",
+            "bare aiohttp app",
+            statistics.median(ref_times),
+            note=f"median of {rounds}; reference: `python -m bench.references bare` to its first 200",
+        ),
+        Row(
+            S5,
+            f"idle, channels: {names}",
+            rss,
+            "MB",
+            "bare aiohttp app",
+            ref_rss,
+            "< 200 MB",
+            at_most(200.0),
+            note="RSS 1 s after /readyz 200 (0.3 s in --quick)"
+            + ("" if "+" in names else "; both channels are counted only once both adapters are merged"),
+        ),
+    ]

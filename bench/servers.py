@@ -93,10 +93,10 @@ class ServerProcess:
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.pid)
 
-    async def start(self, timeout: float = 30.0) -> float:
+    async def start(self, within: float = 30.0) -> float:
         """Start and wait for readiness; returns seconds from spawn to the first 200."""
         cores = self.cores.server
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed below
+        log = self.log_path.open("ab")  # handed to the child, closed below
         try:
             self.started_at = time.monotonic()
             self.proc = await asyncio.create_subprocess_exec(
@@ -110,19 +110,31 @@ class ServerProcess:
             )
         finally:
             log.close()
-        ready = await self.wait_ready(timeout)
+        ready = await self.wait_ready(within)
         if self.profile:
             # Sampling profiler on the load cores; it stops by itself when the server exits.
             self._spy = await asyncio.create_subprocess_exec(
-                "taskset", "-c", ",".join(map(str, sorted(self.cores.load))),
-                shutil.which("py-spy") or str(Path(PYTHON).parent / "py-spy"), "record", "--pid", str(self.pid), "--format", "raw", "--rate", "250",
-                "--nonblocking", "--output", str(self.profile_path),
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-            )  # fmt: skip
+                "taskset",
+                "-c",
+                ",".join(map(str, sorted(self.cores.load))),
+                shutil.which("py-spy") or str(Path(PYTHON).parent / "py-spy"),
+                "record",
+                "--pid",
+                str(self.pid),
+                "--format",
+                "raw",
+                "--rate",
+                "250",
+                "--nonblocking",
+                "--output",
+                str(self.profile_path),
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
         return ready
 
-    async def wait_ready(self, timeout: float = 30.0) -> float:
-        deadline = self.started_at + timeout
+    async def wait_ready(self, within: float = 30.0) -> float:
+        deadline = self.started_at + within
         async with aiohttp.ClientSession() as http:
             while True:
                 assert self.proc is not None
@@ -133,7 +145,7 @@ class ServerProcess:
                         if resp.status == 200:
                             return time.monotonic() - self.started_at
                 if time.monotonic() > deadline:
-                    raise ServerError(f"{self.name} not ready after {timeout:.0f} s: {self.tail()}")
+                    raise ServerError(f"{self.name} not ready after {within:.0f} s: {self.tail()}")
                 await asyncio.sleep(0.005)
 
     def tail(self, lines: int = 15) -> str:
@@ -143,12 +155,12 @@ class ServerProcess:
             return "(no log)"
         return "\n".join(text[-lines:])
 
-    async def stop(self, timeout: float = 10.0) -> None:
+    async def stop(self, within: float = 10.0) -> None:
         if self.proc is None or self.proc.returncode is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(within):
                 await self.proc.wait()
         except TimeoutError:
             self.proc.kill()
@@ -181,7 +193,7 @@ def gateway_sections(
             if model_url
             else {"provider": "echo"}
         ),
-        "dispatcher": {"max_concurrency": 4096, "max_queue": 1_000_000, "drain_timeout": 3.0},
+        "dispatcher": {"max_concurrency": 4096, "max_queue": 1_000_000, "drain_timeout": 1.0},
         "store": {"url": store},
         "log": {"level": "INFO"},
     }
@@ -192,7 +204,13 @@ def gateway_sections(
 
 def dingtalk_section(api_base: str, oapi_base: str, mode: str = "stream") -> dict[str, Any]:
     """`oapi_base` is where sessionWebhooks live: the adapter only trusts webhook URLs under it."""
-    return {"enabled": True, "mode": mode, "client_id": CLIENT_ID, "api_base": api_base, "oapi_base": oapi_base}
+    return {
+        "enabled": True,
+        "mode": mode,
+        "client_id": CLIENT_ID,
+        "api_base": api_base,
+        "oapi_base": oapi_base,
+    }
 
 
 def feishu_section(domain: str) -> dict[str, Any]:
