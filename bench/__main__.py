@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import findings, ingress, latency, micro, recovery, resources
 from .context import BenchError, Context
-from .env import ROOT, machine_facts, pin_self, plan_cores, raise_fd_limit, wrk_path
+from .env import ROOT, load_average, machine_facts, pin_self, plan_cores, raise_fd_limit, wrk_path
 from .report import Row, markdown, table
 from .servers import ServerError
 
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=[], choices=list(SCENARIOS), help="run these scenarios")
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="report file (full mode)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
+    parser.add_argument("--label", default="", help="a line for the top of BENCHMARKS.md (e.g. why this run)")
     args = parser.parse_args(argv)
 
     raise_fd_limit()
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="botgate-bench-"))
     ctx = Context(cores, workdir, args.quick)
     started = time.monotonic()
+    load_before = load_average()
     try:
         rows, errors = asyncio.run(run_all(ctx, args.only))
     finally:
@@ -105,7 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.quick:
         command = "python -m bench" + (f" --only {' '.join(args.only)}" if args.only else "")
-        Path(args.out).write_text(markdown(rows, machine_facts(), setup_lines(ctx), command))
+        facts = machine_facts()
+        facts["load average (1 min)"] = (
+            f"{load_before} at the start, {load_average()} at the end (2 = both cores busy)"
+        )
+        facts["duration"] = f"{time.monotonic() - started:.0f} s"
+        text = markdown(rows, facts, setup_lines(ctx), command, args.label)
+        Path(args.out).write_text(text)
         print(f"wrote {args.out}")
     if args.keep:
         print(f"work directory kept: {workdir}")

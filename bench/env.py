@@ -118,6 +118,11 @@ def wrk_version(path: str) -> str:
     return (out.stdout + out.stderr).split("Copyright")[0].strip() or "wrk"
 
 
+def load_average() -> str:
+    """The 1-minute load average: other work on the machine makes every number noisier."""
+    return f"{os.getloadavg()[0]:.2f}"
+
+
 def machine_facts() -> dict[str, str]:
     """What a reader needs to compare a BENCHMARKS.md with their own run."""
     mem_gb = os.sysconf("SC_PHYS_PAGES") * PAGE / 2**30

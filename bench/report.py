@@ -89,13 +89,21 @@ def table(rows: Sequence[Row]) -> str:
     return "\n".join(out)
 
 
-def markdown(rows: Sequence[Row], facts: dict[str, str], setup: Sequence[str], command: str) -> str:
+def markdown(
+    rows: Sequence[Row], facts: dict[str, str], setup: Sequence[str], command: str, label: str = ""
+) -> str:
     out = [
         "# Benchmarks",
         "",
+        *([f"> {label}", ""] if label else []),
         f"Measured with `{command}` on 127.0.0.1 against the local test doubles. Every value comes with",
         "a ratio to a reference measured in the same run, because absolute numbers drift on shared",
         "machines; compare ratios across machines, absolute values only on the same one.",
+        "",
+        "Reproduce: `apt-get install wrk` (Debian), `pip install -r bench/requirements.txt`, then",
+        "`python -m bench` from the repository root (about 15 minutes on 2 cores; `--only N`, `--keep` for",
+        "the logs, `BENCH_PROFILE=1` to sample every gateway with py-spy, `python -m bench.profile FILE`",
+        "to summarize). `python -m bench --quick` runs every scenario for a moment (CI).",
         "",
         "## Machine",
         "",
