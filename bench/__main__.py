@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.quick:
         command = "python -m bench" + (f" --only {' '.join(args.only)}" if args.only else "")
-        facts = machine_facts()
+        facts = machine_facts(len(cores.server | cores.load))
         facts["load average (1 min)"] = (
             f"{load_before} at the start, {load_average()} at the end (2 = both cores busy)"
         )

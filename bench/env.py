@@ -89,6 +89,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def sched_wait_seconds(pid: int) -> float:
+    """Time the process's threads were runnable but waiting for a CPU (other work on the core)."""
+    total = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += int(stat.read_text().split()[1])
+    return total / 1e9
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/statm") as fh:
         return int(fh.read().split()[1]) * PAGE / 2**20
@@ -123,13 +132,13 @@ def load_average() -> str:
     return f"{os.getloadavg()[0]:.2f}"
 
 
-def machine_facts() -> dict[str, str]:
+def machine_facts(usable: int) -> dict[str, str]:
     """What a reader needs to compare a BENCHMARKS.md with their own run."""
     mem_gb = os.sysconf("SC_PHYS_PAGES") * PAGE / 2**30
     facts = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu_model(),
-        "cores": f"{os.cpu_count()} ({len(os.sched_getaffinity(0))} usable)",
+        "cores": f"{os.cpu_count()} ({usable} usable)",
         "memory": f"{mem_gb:.1f} GiB",
         "os": f"{platform.system()} {platform.release()}",
         "python": f"{platform.python_implementation()} {platform.python_version()}",

@@ -42,23 +42,23 @@ INTAKE_ONLY = "max_concurrency 1 and a model double that never answers, so the c
 __all__ = ["CONNECTIONS", "stream", "webhook"]
 
 
-def _load_note(r: LoadResult, cpu: float) -> str:
+def _load_note(r: LoadResult, usage: str) -> str:
     return (
         f"{r.requests:,} requests in {r.seconds:.1f} s by {r.tool}, latency p50 {r.p50_ms or 0:.1f} ms / "
-        f"p99 {r.p99_ms or 0:.1f} ms, server core busy {cpu:.0%}"
+        f"p99 {r.p99_ms or 0:.1f} ms, {usage}"
     )
 
 
-async def _hammer(ctx: Context, proc: ServerProcess, webhook: str) -> tuple[LoadResult, float]:
+async def _hammer(ctx: Context, proc: ServerProcess, webhook: str) -> tuple[LoadResult, str]:
     seconds = ctx.pick(10.0, 1.0)
     if not ctx.quick:
         await run_load(proc.url, PATH, webhook, 2.0, ctx.cores, ctx.workdir)  # warm-up
-    cpu0, t0 = proc.cpu_seconds(), time.monotonic()
+    start = proc.usage_start()
     result = await run_load(proc.url, PATH, webhook, seconds, ctx.cores, ctx.workdir)
-    cpu = (proc.cpu_seconds() - cpu0) / (time.monotonic() - t0)
+    usage = proc.usage_since(start)
     if result.non_2xx:
         raise BenchError(f"{proc.name}: {result.non_2xx} of {result.requests} webhook requests were not 2xx")
-    return result, cpu
+    return result, usage
 
 
 async def _expect_401(proc: ServerProcess) -> None:
@@ -111,21 +111,21 @@ async def webhook(ctx: Context) -> list[Row]:
     try:
         async with reference(ctx.cores, ctx.workdir, "bare") as bare:
             await _expect_401(bare)
-            ceiling, cpu = await _hammer(ctx, bare, hook)
+            ceiling, usage = await _hammer(ctx, bare, hook)
         rows.append(
             Row(
                 S1,
                 "bare aiohttp handler (ceiling)",
                 ceiling.rate,
                 "events/s",
-                note="read body, check HMAC, parse JSON, 200; " + _load_note(ceiling, cpu),
+                note="read body, check HMAC, parse JSON, 200; " + _load_note(ceiling, usage),
             )
         )
         fastapi: float | None = None
         if importlib.util.find_spec("fastapi") and importlib.util.find_spec("uvicorn"):
             async with reference(ctx.cores, ctx.workdir, "fastapi") as proc:
                 await _expect_401(proc)
-                result, cpu = await _hammer(ctx, proc, hook)
+                result, usage = await _hammer(ctx, proc, hook)
             fastapi = result.rate
             rows.append(
                 Row(
@@ -135,7 +135,7 @@ async def webhook(ctx: Context) -> list[Row]:
                     "events/s",
                     "bare",
                     ceiling.rate,
-                    note="same handler; " + _load_note(result, cpu),
+                    note="same handler; " + _load_note(result, usage),
                 )
             )
         else:
@@ -169,9 +169,9 @@ async def webhook(ctx: Context) -> list[Row]:
             )
             async with proc:
                 await _expect_401(proc)
-                result, cpu = await _hammer(ctx, proc, hook)
-            note = (
-                f"verify, dedup, inbox write, 200 (answers parked: {INTAKE_ONLY}); {_load_note(result, cpu)}"
+                result, usage = await _hammer(ctx, proc, hook)
+            note = f"verify, dedup, inbox write, 200 (answers parked: {INTAKE_ONLY}); " + _load_note(
+                result, usage
             )
             rows.append(
                 Row(
@@ -206,12 +206,12 @@ async def webhook(ctx: Context) -> list[Row]:
                 ctx, model.url + "/v1", Channels(), store, f"gateway-webhook-{store}", dingtalk=section
             )
             async with proc:
-                result, cpu = await _hammer(ctx, proc, hook)
+                result, usage = await _hammer(ctx, proc, hook)
                 answered = await replies_delivered(proc, "dingtalk")
                 drained = await _drain(proc, "dingtalk", await _accepted(proc), ctx.pick(120.0, 30.0))
             note = (
                 "the same, while every message is also answered on the same core (instant model double, "
-                f"markdown reply POSTed to the sessionWebhook sink); {_load_note(result, cpu)}; "
+                f"markdown reply POSTed to the sessionWebhook sink); {_load_note(result, usage)}; "
                 f"{answered:,} answered by the end of the load, "
                 + (f"all {drained:.1f} s later" if drained is not None else "NOT all answered")
             )
@@ -304,9 +304,11 @@ async def stream(ctx: Context) -> list[Row]:
             sender = _dingtalk_sender if platform == "dingtalk" else _feishu_sender
             upstream = double.api_base if isinstance(double, DingTalkDouble) else double.domain
             try:
-                async with reference(ctx.cores, ctx.workdir, platform, "--upstream", upstream):
+                async with reference(ctx.cores, ctx.workdir, platform, "--upstream", upstream) as ref:
                     await _connected(double.connected, f"bare {label} client")
+                    start = ref.usage_start()
                     ceiling = await pump(sender(double, "r"), count, window, seconds)  # type: ignore[arg-type]
+                    ref_usage = ref.usage_since(start)
                 rows.append(
                     Row(
                         S2,
@@ -314,7 +316,7 @@ async def stream(ctx: Context) -> list[Row]:
                         ceiling,
                         "events/s",
                         note=f"up to {count:,} events or {seconds:g} s, <= {window} un-ACKed; "
-                        "parse frame + event JSON, send ACK",
+                        f"parse frame + event JSON, send ACK; {ref_usage}",
                     )
                 )
                 for store, answers in STREAM_VARIANTS:
@@ -350,9 +352,9 @@ async def stream(ctx: Context) -> list[Row]:
                     async with proc:
                         await _connected(double.connected, name)
                         await pump(sender(double, "w"), ctx.pick(2000, 200), window, ctx.pick(2.0, 0.2))  # type: ignore[arg-type]
-                        cpu0, t0 = proc.cpu_seconds(), time.monotonic()
+                        start = proc.usage_start()
                         rate = await pump(sender(double, "g"), count, window, seconds)  # type: ignore[arg-type]
-                        cpu = (proc.cpu_seconds() - cpu0) / (time.monotonic() - t0)
+                        usage = proc.usage_since(start)
                         drained = (
                             await _drain(proc, platform, await _accepted(proc), ctx.pick(120.0, 30.0))
                             if answers
@@ -361,7 +363,7 @@ async def stream(ctx: Context) -> list[Row]:
                     note = (
                         f"up to {count:,} events or {seconds:g} s, <= {window} un-ACKed, ACK/response frame "
                         "once "
-                        f"the dispatcher accepted; server core busy {cpu:.0%}; "
+                        f"the dispatcher accepted; {usage}; "
                     )
                     if answers:
                         note += (

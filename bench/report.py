@@ -123,16 +123,17 @@ def markdown(
     for row in rows:
         cells = _cells(row)
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    out += ["", "## Notes per scenario", ""]
+    out += ["", "## Notes per scenario"]
     current = ""
     for row in rows:
         if row.scenario != current:
             current = row.scenario
-            out += [f"### {current}", ""]
+            out += ["", f"### {current}", ""]
         detail = (row.skipped and f"skipped: {row.skipped}") or row.note
-        if detail:
-            out.append(f"- **{row.name}**: {detail}")
-        if row.met is False and row.gap:
+        missed = row.met is False and row.gap
+        if detail or missed:
+            out.append(f"- **{row.name}**: {detail or fmt(row.value, row.unit)}")
+        if missed:
             out.append(f"  - *Missed.* {row.gap}")
     out.append("")
     return "\n".join(out)

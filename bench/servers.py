@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from .env import HOST, PYTHON, ROOT, Cores, cpu_seconds, free_port, rss_mb
+from .env import HOST, PYTHON, ROOT, Cores, cpu_seconds, free_port, rss_mb, sched_wait_seconds
 
 SECRET = "bench-app-secret"  # the DingTalk/Feishu app secret the doubles and the gateway share
 CLIENT_ID = "dingbench"
@@ -92,6 +92,17 @@ class ServerProcess:
 
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.pid)
+
+    def usage_start(self) -> tuple[float, float, float]:
+        return time.monotonic(), cpu_seconds(self.pid), sched_wait_seconds(self.pid)
+
+    def usage_since(self, start: tuple[float, float, float]) -> str:
+        """How busy the server was since `start`, and how long it waited for a CPU: a server that
+        waited is sharing its core with other work, and its numbers are low for that reason."""
+        elapsed = time.monotonic() - start[0]
+        busy = (cpu_seconds(self.pid) - start[1]) / elapsed
+        waited = (sched_wait_seconds(self.pid) - start[2]) / elapsed
+        return f"server core busy {busy:.0%}, waiting for a CPU {waited:.0%} of the time"
 
     async def start(self, within: float = 30.0) -> float:
         """Start and wait for readiness; returns seconds from spawn to the first 200."""
