@@ -173,8 +173,8 @@ class DingTalkDouble:
         except (orjson.JSONDecodeError, KeyError, TypeError):
             self.bad_acks += 1
             return
-        if ack.get("code") != 200:
-            self.bad_acks += 1
+        if ack.get("code") != 200 or ack["headers"].get("contentType") != "application/json":
+            self.bad_acks += 1  # the real server would not take it (protocols.md §A.6)
         self.acks += 1
         future = self._ack_waiters.pop(frame_id, None)
         if future is not None and not future.done():

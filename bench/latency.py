@@ -97,16 +97,21 @@ async def wait_all(futures: list[asyncio.Future[float]], within: float) -> list[
         raise BenchError(f"{missing} of {len(futures)} replies never arrived within {within:.0f} s") from None
 
 
-async def measure(ctx: Context, driver: Driver, model: TimedModel) -> tuple[Overhead, Burst]:
+async def measure(
+    ctx: Context, proc: ServerProcess, driver: Driver, model: TimedModel
+) -> tuple[Overhead, Burst, str]:
+    """Steady overhead, then the burst; plus how busy the server was during the steady part."""
     tag = f"b{next(_salt)}x"
     try:
         if not ctx.quick:
             await steady(driver, model, 1.0, tag + "w")  # warm-up: pooled connections
+        start = proc.usage_start()
         result = await steady(driver, model, ctx.pick(20.0, 0.5), tag + "s")
+        usage = proc.usage_since(start)
         shot = await burst(driver, ctx.pick(2000, 200), tag + "b", model.delay)
     finally:
         await driver.close()
-    return result, shot
+    return result, shot, usage
 
 
 async def default_burst(ctx: Context, model: TimedModel, model_url: str) -> Burst:
@@ -148,12 +153,12 @@ async def run(ctx: Context) -> list[Row]:
     shipped: Burst | None = None
     try:
         async with reference(ctx.cores, ctx.workdir, "relay", "--upstream", model_url) as relay:
-            ref_overhead, ref_burst = await measure(ctx, WebChatDriver(relay.url), model)
+            ref_overhead, ref_burst, ref_usage = await measure(ctx, relay, WebChatDriver(relay.url), model)
         async with channel_doubles(feishu=False) as channels:
             proc = gateway_for(ctx, model_url, channels)
             async with proc:
                 driver = driver_for(proc, channels)
-                overhead, shot = await measure(ctx, driver, model)
+                overhead, shot, usage = await measure(ctx, proc, driver, model)
                 histogram = await gateway_histogram_p99(proc)
         if not ctx.quick:
             shipped = await default_burst(ctx, model, model_url)
@@ -162,9 +167,10 @@ async def run(ctx: Context) -> list[Row]:
     steady_note = (
         f"{overhead.count} messages at {RATE}/s over {driver.path}, model double answers after "
         f"{model.delay:g} s; overhead = (model request received - message sent) + (reply received - "
-        f"model's last byte); max {overhead.max_ms:.1f} ms; {histogram}. Reference: a minimal aiohttp relay "
+        f"model's last byte); max {overhead.max_ms:.1f} ms; {usage}; {histogram}. "
+        "Reference: a minimal aiohttp relay "
         "(web chat socket -> model -> socket, no dispatcher/store/metrics/logs): "
-        f"p99 {ref_overhead.p99_ms:.1f} ms"
+        f"p99 {ref_overhead.p99_ms:.1f} ms, {ref_usage}"
     )
     rows = [
         Row(S3, "overhead p50", overhead.p50_ms, "ms", "relay p50", ref_overhead.p50_ms, note=steady_note),
