@@ -184,13 +184,16 @@ class FeishuWsClient:
             await self._serve(ws, service)
 
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse, service: int) -> None:
-        now = time.monotonic()
-        next_ping, last_seen = now, now
+        last_ping = last_seen = -float("inf")
         while True:
             now = time.monotonic()
-            if now >= next_ping:
+            # Both deadlines follow the current interval, which a pong may change at any time.
+            if now >= last_ping + self.config.ping_interval:
                 await ws.send_bytes(_ping(service))
-                next_ping = now + self.config.ping_interval
+                last_ping = now
+                if last_seen < 0:
+                    last_seen = now  # the stale clock starts with the first ping
+            next_ping = last_ping + self.config.ping_interval
             stale_at = last_seen + 2 * self.config.ping_interval
             if now >= stale_at:
                 raise StaleConnection(f"no pong or event for {now - last_seen:.1f} s")

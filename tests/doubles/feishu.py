@@ -151,7 +151,14 @@ class FeishuDouble:
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     def app(self) -> web.Application:
-        app = web.Application()
+        @web.middleware
+        async def notify(request: web.Request, handler: Any) -> web.StreamResponse:
+            try:
+                return await handler(request)  # type: ignore[no-any-return]
+            finally:
+                await self._notify()  # every request may be what a test waits for
+
+        app = web.Application(middlewares=[notify])
         r = app.router
         r.add_post("/callback/ws/endpoint", self.endpoint)
         r.add_get("/ws", self.websocket)
