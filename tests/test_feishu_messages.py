@@ -4,15 +4,20 @@ OpenAI double, delivered through the reply API and CardKit cards."""
 from __future__ import annotations
 
 import base64
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.keys import DISPATCHER, METRICS
-from gateway.responder import GREETING, NO_VISION
+from gateway.keys import CHANNELS, DISPATCHER, METRICS
+from gateway.messages import InboundMessage, Reply, ReplyKind
+from gateway.responder import GREETING, HELP, NO_VISION
+from handlers.feishu.parse import Rules, parse_event
 from handlers.feishu.render import MANY_TABLES_NOTE, PART_LIMIT
 from tests.doubles import feishu as fd
 from tests.doubles.feishu import BOT_OPEN_ID, FeishuDouble, mention, message_event
@@ -21,6 +26,8 @@ from tests.doubles.openai import OpenAIDouble
 BOT = mention("@_user_1", BOT_OPEN_ID, "Bot")
 TABLE = "| k | v |\n|---|---|\n| a | 1 |"
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
+
+Client = TestClient[web.Request, web.Application]
 
 
 @pytest.fixture
@@ -36,9 +43,9 @@ def start(feishu: tuple[FeishuDouble, str], openai_double: tuple[OpenAIDouble, s
     """Start a gateway on the doubles and wait until its long connection is up. (The doubles come
     first so that they stop after the gateway.)"""
 
-    async def run(**sections: dict[str, Any]) -> TestClient:
+    async def run(**sections: dict[str, Any]) -> Client:
         double, domain = feishu
-        client: TestClient = await gateway(fd.config(domain, openai_double[1], **sections))
+        client: Client = await gateway(fd.config(domain, openai_double[1], **sections))
         if sections.get("feishu", {}).get("mode", "ws") != "webhook":
             await double.wait_for(lambda: double.pings >= 1)
         return client
@@ -46,7 +53,7 @@ def start(feishu: tuple[FeishuDouble, str], openai_double: tuple[OpenAIDouble, s
     return run
 
 
-async def answer(client: TestClient, double: FeishuDouble, message_id: str) -> str:
+async def answer(client: Client, double: FeishuDouble, message_id: str) -> str:
     """Wait until the message is answered and the gateway idle; everything shown in reply."""
     await double.wait_for(lambda: double.answer(message_id) is not None)
     await client.app[DISPATCHER].wait_idle()
@@ -55,14 +62,14 @@ async def answer(client: TestClient, double: FeishuDouble, message_id: str) -> s
     return text
 
 
-def dropped(client: TestClient, reason: str) -> float:
+def dropped(client: Client, reason: str) -> float:
     value = client.app[METRICS].registry.get_sample_value(
         "botgate_messages_dropped_total", {"platform": "feishu", "reason": reason}
     )
     return value or 0.0
 
 
-def api_calls(client: TestClient, endpoint: str) -> float:
+def api_calls(client: Client, endpoint: str) -> float:
     value = client.app[METRICS].registry.get_sample_value(
         "botgate_platform_api_calls_total", {"platform": "feishu", "endpoint": endpoint}
     )
@@ -190,7 +197,7 @@ async def test_streaming_updates_in_order_ending_with_the_full_text(
     card = double.cards[reply.content["data"]["card_id"]]
     texts = [card.card["body"]["elements"][0]["content"]] + [text for _, text in card.contents]
     assert len(texts) >= 3, texts  # really streamed, not one final update
-    assert all(b.startswith(a) for a, b in zip(texts, texts[1:], strict=False))  # arrived in order
+    assert all(b.startswith(a) for a, b in itertools.pairwise(texts))  # arrived in order
     sequences = [seq for seq, _ in card.contents] + [seq for seq, _ in card.settings]
     assert sequences == sorted(set(sequences))  # strictly increasing, closing last
     assert card.settings[-1][1]["config"]["summary"]["content"].startswith("word0 word1")
@@ -271,3 +278,19 @@ async def test_threaded_question_answered_in_its_thread(start: Start, feishu: An
     await double.push_event(event)
     await answer(client, double, "om_th")
     assert [r.in_thread for r in double.replies_to("om_th")] == [True]
+
+
+
+async def test_resent_reply_shows_once(start: Start, feishu: Any) -> None:
+    """A reply sent again (a retry, or a restarted process answering from its inbox with only the
+    persisted message) carries the same uuid, so Feishu shows it once."""
+    double, _ = feishu
+    client = await start()
+    event = message_event("/help", message_id="om_h")
+    await double.push_event(event)
+    assert await answer(client, double, "om_h") == HELP
+    parsed = parse_event(event, Rules(BOT_OPEN_ID), "ws", time.time())
+    assert isinstance(parsed, InboundMessage)
+    persisted = InboundMessage.from_dict(orjson.loads(orjson.dumps(parsed.to_dict())))
+    await client.app[CHANNELS]["feishu"].send(Reply(persisted, HELP, ReplyKind.NOTICE))
+    assert len(double.replies_to("om_h")) == 1

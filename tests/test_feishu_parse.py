@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import orjson
 
@@ -16,11 +17,11 @@ BOT = mention("@_user_1", BOT_OPEN_ID, "Bot")
 ALICE = mention("@_user_2", "ou_alice", "Alice")
 
 
-def parse(body: dict, rules: Rules = RULES) -> InboundMessage | Dropped:
+def parse(body: dict[str, Any], rules: Rules = RULES) -> InboundMessage | Dropped:
     return parse_event(body, rules, "ws", time.time())
 
 
-def message(body: dict, rules: Rules = RULES) -> InboundMessage:
+def message(body: dict[str, Any], rules: Rules = RULES) -> InboundMessage:
     result = parse(body, rules)
     assert isinstance(result, InboundMessage), result
     return result

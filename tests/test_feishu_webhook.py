@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from Crypto.Cipher import AES
 
@@ -22,6 +23,8 @@ from tests.doubles.feishu import FeishuDouble, message_event
 from tests.doubles.openai import OpenAIDouble
 
 KEY = "test key"
+
+Client = TestClient[web.Request, web.Application]
 
 
 def encrypt(plain: bytes, key: str = KEY) -> str:
@@ -53,10 +56,10 @@ async def feishu(aiohttp_server: Callable[..., Any]) -> tuple[FeishuDouble, str]
 
 @pytest.fixture
 def start(feishu: tuple[FeishuDouble, str], openai_double: tuple[OpenAIDouble, str], gateway: Any) -> Any:
-    async def run(mode: str = "webhook", encrypt_key: str = KEY, **sections: dict[str, Any]) -> TestClient:
+    async def run(mode: str = "webhook", encrypt_key: str = KEY, **sections: dict[str, Any]) -> Client:
         double, domain = feishu
         feishu_cfg = {"mode": mode, "encrypt_key": encrypt_key}
-        client: TestClient = await gateway(fd.config(domain, openai_double[1], feishu=feishu_cfg, **sections))
+        client: Client = await gateway(fd.config(domain, openai_double[1], feishu=feishu_cfg, **sections))
         if mode != "webhook":
             await double.wait_for(lambda: double.pings >= 1)
         return client

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.channel import ChannelState
@@ -16,6 +17,8 @@ from tests.doubles import feishu as fd
 from tests.doubles.feishu import FeishuDouble, message_event
 from tests.doubles.openai import OpenAIDouble
 
+Client = TestClient[web.Request, web.Application]
+
 
 @pytest.fixture
 async def feishu(aiohttp_server: Callable[..., Any]) -> tuple[FeishuDouble, str]:
@@ -24,16 +27,16 @@ async def feishu(aiohttp_server: Callable[..., Any]) -> tuple[FeishuDouble, str]
 
 @pytest.fixture
 def start(feishu: tuple[FeishuDouble, str], openai_double: tuple[OpenAIDouble, str], gateway: Any) -> Any:
-    async def run(**sections: dict[str, Any]) -> TestClient:
+    async def run(**sections: dict[str, Any]) -> Client:
         double, domain = feishu
-        client: TestClient = await gateway(fd.config(domain, openai_double[1], **sections))
+        client: Client = await gateway(fd.config(domain, openai_double[1], **sections))
         await double.wait_for(lambda: double.pings >= 1)
         return client
 
     return run
 
 
-async def answered(client: TestClient, double: FeishuDouble, message_id: str) -> str:
+async def answered(client: Client, double: FeishuDouble, message_id: str) -> str:
     await double.wait_for(lambda: double.answer(message_id) is not None)
     await client.app[DISPATCHER].wait_idle()
     return double.answer(message_id) or ""
@@ -117,7 +120,7 @@ async def test_closed_socket_reconnects_and_next_message_answered(start: Any, fe
 
 async def test_refused_credentials_reported_and_retried(feishu: Any, gateway: Any) -> None:
     double, domain = feishu
-    client: TestClient = await gateway(fd.config(domain, feishu={"app_secret": "wrong"}))
+    client: Client = await gateway(fd.config(domain, feishu={"app_secret": "wrong"}))
     await double.wait_for(lambda: "app secret invalid" in client.app[CHANNELS]["feishu"].status().last_error)
     status = client.app[CHANNELS]["feishu"].status()
     assert status.state is ChannelState.RECONNECTING

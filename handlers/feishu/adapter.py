@@ -97,7 +97,8 @@ class FeishuCardStream(CardStream):
         view = stream_view(text)
         self._card_id = await self._api.create_card(streaming_card(view))
         card = Part("interactive", {"type": "card", "data": {"card_id": self._card_id}})
-        await self._adapter.reply_parts(self._message, [card], "card")
+        # Idempotent per card, not per message: a card made after a restart must still be shown.
+        await self._adapter.reply_parts(self._message, [card], f"card:{self._card_id}")
         self._shown = view
 
     async def _set(self, text: str) -> None:
@@ -136,13 +137,13 @@ class FeishuCardStream(CardStream):
 class FeishuAdapter:
     platform = PLATFORM
 
-    def __init__(self, cfg: FeishuConfig) -> None:
+    def __init__(self, cfg: FeishuConfig, dedup_ttl: float) -> None:
         self.cfg = cfg
         transports = {"ws": ("ws",), "webhook": ("webhook",), "both": ("ws", "webhook")}[cfg.mode]
         self.tracker = StatusTracker(ChannelStatus(PLATFORM, ChannelState.CONNECTING, transports=transports))
         self._users = AccessList.of(cfg.allow_users, cfg.deny_users)
         self._chats = AccessList.of(cfg.allow_chats, cfg.deny_chats)
-        self._seen = SeenEvents(ttl=600.0)
+        self._seen = SeenEvents(dedup_ttl)
         self._runtime: _Runtime | None = None
         self._loop: ConnectionLoop | None = None
 
@@ -207,7 +208,9 @@ class FeishuAdapter:
         result = parse_event(body, rules, transport, now)
         if isinstance(result, Dropped):
             runtime.metrics.dropped.labels(PLATFORM, result.reason).inc()
-            log.info(
+            # Unaddressed group chatter is the normal case in groups: not worth an INFO line each.
+            log.log(
+                logging.DEBUG if result.reason == "not_mentioned" else logging.INFO,
                 "event dropped",
                 extra={"platform": PLATFORM, "event_id": event_id, "reason": result.reason, "detail": result.detail},
             )
@@ -238,7 +241,6 @@ class FeishuAdapter:
         budget = ApiBudget(PLATFORM, self.cfg.monthly_api_budget, metrics)
         api = FeishuApi(app[HTTP], self.cfg.domain, self.cfg.app_id, self.cfg.app_secret, budget)
         self._runtime = _Runtime(api, budget, app[DISPATCHER], metrics)
-        self._seen = SeenEvents(ttl=app[CONFIG].dispatcher.dedup_ttl)
         task: asyncio.Task[None] | None = None
         if "ws" in self.tracker.snapshot().transports:
             client = FeishuWsClient(api, app[HTTP], self._on_ws_event)
@@ -258,7 +260,7 @@ class FeishuAdapter:
 
 def setup(app: web.Application) -> None:
     cfg = app[CONFIG].feishu
-    adapter = FeishuAdapter(cfg)
+    adapter = FeishuAdapter(cfg, app[CONFIG].dispatcher.dedup_ttl)
     app[CHANNELS][PLATFORM] = adapter
     if cfg.mode in ("webhook", "both"):
         webhook.setup(app, cfg, adapter.intake)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -43,8 +43,8 @@ class Rules:
     """Who may talk to the bot, and how old a delivery may be."""
 
     bot_open_id: str
-    users: AccessList = AccessList()
-    chats: AccessList = AccessList()
+    users: AccessList = field(default_factory=AccessList)
+    chats: AccessList = field(default_factory=AccessList)
     max_age: float = 600.0
 
 
@@ -173,7 +173,8 @@ def parse_event(
     except orjson.JSONDecodeError:
         return Dropped("malformed", "content is not JSON")
     message_type = _str(message.get("message_type"))
-    text, attachments, unsupported = "", [], ""
+    text, unsupported = "", ""
+    attachments: list[Attachment] = []
     if message_type == "text":
         text = _resolve(_str(content.get("text")), mentions)
     elif message_type == "post":

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 CONTROL, DATA = 0, 1
 CONNECT_TIMEOUT = 10.0
+# Closing a dead link must not delay the reconnect (aiohttp waits 10 s for the close frame).
+WS_TIMEOUT = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=2.0)
 PART_TTL = 10.0  # seconds the parts of one event may take to arrive (the SDK keeps them 5 s)
 PART_MAX_EVENTS = 64
 PART_MAX_BYTES = 8 * 1024 * 1024
@@ -94,7 +96,9 @@ class Reassembler:
     """Joins the parts of multi-part payloads, bounded in events, bytes and time: an event whose
     parts do not all arrive within `ttl` is forgotten (Feishu redelivers unacknowledged events)."""
 
-    def __init__(self, ttl: float = PART_TTL, max_events: int = PART_MAX_EVENTS, max_bytes: int = PART_MAX_BYTES) -> None:
+    def __init__(
+        self, ttl: float = PART_TTL, max_events: int = PART_MAX_EVENTS, max_bytes: int = PART_MAX_BYTES
+    ) -> None:
         self._ttl, self._max_events, self._max_bytes = ttl, max_events, max_bytes
         self._pending: OrderedDict[str, tuple[float, list[bytes]]] = OrderedDict()
         self._bytes = 0
@@ -170,29 +174,27 @@ class FeishuWsClient:
         url, service, device_id = await self._endpoint()
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                ws = await self._http.ws_connect(url, autoping=True, heartbeat=None, max_msg_size=MAX_FRAME_BYTES)
+                ws = await self._http.ws_connect(
+                    url, autoping=True, heartbeat=None, max_msg_size=MAX_FRAME_BYTES, timeout=WS_TIMEOUT
+                )
         except aiohttp.WSServerHandshakeError as e:
             # Feishu explains a refused upgrade in handshake-* headers (protocols.md §B.8).
-            headers = e.headers or {}
-            raise PlatformError(
-                f"feishu ws handshake refused: HTTP {e.status} "
-                f"{headers.get('handshake-status', '')} {headers.get('handshake-msg', '')}".rstrip()
-            ) from e
+            status, why = (e.headers.get(h, "") if e.headers else "" for h in ("handshake-status", "handshake-msg"))
+            raise PlatformError(f"feishu ws handshake refused: HTTP {e.status} {status} {why}".rstrip()) from e
         async with ws:
             log.info("ws connected", extra={"platform": "feishu", "device_id": device_id})
             connected()
             await self._serve(ws, service)
 
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse, service: int) -> None:
-        last_ping = last_seen = -float("inf")
+        await ws.send_bytes(_ping(service))  # at once, as the SDK does: the pong proves the link
+        last_ping = last_seen = time.monotonic()
         while True:
             now = time.monotonic()
             # Both deadlines follow the current interval, which a pong may change at any time.
             if now >= last_ping + self.config.ping_interval:
                 await ws.send_bytes(_ping(service))
                 last_ping = now
-                if last_seen < 0:
-                    last_seen = now  # the stale clock starts with the first ping
             next_ping = last_ping + self.config.ping_interval
             stale_at = last_seen + 2 * self.config.ping_interval
             if now >= stale_at:
@@ -229,8 +231,8 @@ class FeishuWsClient:
             return True
         if frame.method != DATA:
             return False
-        message_id, total, seq = frame.header("message_id"), frame.header("sum"), frame.header("seq")
-        if not message_id or not (total or "").isdigit() or not (seq or "").isdigit():
+        message_id, total, seq = (frame.header(h) or "" for h in ("message_id", "sum", "seq"))
+        if not message_id or not total.isdigit() or not seq.isdigit():
             log.warning("data frame without message_id/sum/seq dropped", extra={"platform": "feishu"})
             return True
         payload = frame.payload or b""

@@ -124,7 +124,9 @@ class Card:
 @dataclass
 class FeishuDouble:
     client_config: dict[str, Any] = field(
-        default_factory=lambda: {"PingInterval": 120, "ReconnectCount": -1, "ReconnectInterval": 120, "ReconnectNonce": 0}
+        default_factory=lambda: {
+            "PingInterval": 120, "ReconnectCount": -1, "ReconnectInterval": 120, "ReconnectNonce": 0
+        }
     )
     pong: bool = True
     pong_config: dict[str, Any] | None = None

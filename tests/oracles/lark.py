@@ -42,7 +42,7 @@ def _spec(frame: Any) -> dict[str, Any]:
 
 
 def frames() -> None:
-    from lark_oapi.ws.pb.pbbp2_pb2 import Frame
+    from lark_oapi.ws.pb.pbbp2_pb2 import Frame  # type: ignore[import-untyped]
 
     request = json.load(sys.stdin)
     encoded = []
@@ -69,9 +69,9 @@ def frames() -> None:
 
 
 def ws(domain: str, expected: int) -> None:
-    import lark_oapi as lark
-    import lark_oapi.core.log
-    import lark_oapi.ws.client as wsc
+    import lark_oapi as lark  # type: ignore[import-untyped]
+    import lark_oapi.core.log  # type: ignore[import-untyped]
+    import lark_oapi.ws.client as wsc  # type: ignore[import-untyped]
 
     lark_oapi.core.log.handler.setStream(sys.stderr)  # stdout carries our JSON lines
 
