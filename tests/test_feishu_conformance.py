@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from tests.doubles import feishu as fd
-from tests.doubles.feishu import message_event
+from tests.doubles.feishu_events import message_event
 
 ORACLE = Path(__file__).parent / "oracles" / "lark.py"
 

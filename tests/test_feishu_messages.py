@@ -20,7 +20,8 @@ from gateway.responder import GREETING, HELP, NO_VISION
 from handlers.feishu.parse import Rules, parse_event
 from handlers.feishu.render import MANY_TABLES_NOTE, PART_LIMIT
 from tests.doubles import feishu as fd
-from tests.doubles.feishu import BOT_OPEN_ID, FeishuDouble, mention, message_event
+from tests.doubles.feishu import FeishuDouble
+from tests.doubles.feishu_events import BOT_OPEN_ID, mention, message_event
 from tests.doubles.openai import OpenAIDouble
 
 BOT = mention("@_user_1", BOT_OPEN_ID, "Bot")

@@ -10,7 +10,7 @@ import orjson
 from gateway.access import AccessList
 from gateway.messages import Attachment, ConversationKind, InboundMessage
 from handlers.feishu.parse import Dropped, Rules, parse_event
-from tests.doubles.feishu import BOT_OPEN_ID, mention, message_event
+from tests.doubles.feishu_events import BOT_OPEN_ID, mention, message_event
 
 RULES = Rules(BOT_OPEN_ID)
 BOT = mention("@_user_1", BOT_OPEN_ID, "Bot")

@@ -19,7 +19,8 @@ from gateway.config import ConfigError
 from gateway.keys import DISPATCHER
 from handlers.feishu.webhook import DecryptError, decrypt, signature
 from tests.doubles import feishu as fd
-from tests.doubles.feishu import FeishuDouble, message_event
+from tests.doubles.feishu import FeishuDouble
+from tests.doubles.feishu_events import message_event
 from tests.doubles.openai import OpenAIDouble
 
 KEY = "test key"

@@ -14,7 +14,8 @@ from gateway.channel import ChannelState
 from gateway.keys import CHANNELS, DISPATCHER, METRICS
 from handlers.feishu.ws import ClientConfig, Reassembler, ServerPacedBackoff
 from tests.doubles import feishu as fd
-from tests.doubles.feishu import FeishuDouble, message_event
+from tests.doubles.feishu import FeishuDouble
+from tests.doubles.feishu_events import message_event
 from tests.doubles.openai import OpenAIDouble
 
 Client = TestClient[web.Request, web.Application]
@@ -168,3 +169,4 @@ def test_reassembler_bounded_in_time_events_and_bytes() -> None:
     parts.add("big", 2, 0, b"x" * 150, now=10.0)
     assert len(parts) == 0  # over the byte budget: everything older goes, then the offender
     assert parts.add("d", 2, 5, b"bad seq", now=10.0) is None and len(parts) == 0
+    assert parts.add("e", 10**9, 0, b"absurd sum", now=10.0) is None and len(parts) == 0

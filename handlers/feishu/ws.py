@@ -41,6 +41,7 @@ CONNECT_TIMEOUT = 10.0
 WS_TIMEOUT = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=2.0)
 PART_TTL = 10.0  # seconds the parts of one event may take to arrive (the SDK keeps them 5 s)
 PART_MAX_EVENTS = 64
+PART_MAX_COUNT = 256  # parts of one event; a larger `sum` header is not believed
 PART_MAX_BYTES = 8 * 1024 * 1024
 MAX_FRAME_BYTES = 4 * 1024 * 1024
 
@@ -111,7 +112,7 @@ class Reassembler:
         """The whole payload once `chunk` completes it, else None."""
         while self._pending and next(iter(self._pending.values()))[0] + self._ttl < now:
             self._forget(next(iter(self._pending)))
-        if not 0 <= seq < total:
+        if not 0 <= seq < total <= PART_MAX_COUNT:
             return None
         if key in self._pending and len(self._pending[key][1]) != total:
             self._forget(key)  # the same id with another part count: start over
