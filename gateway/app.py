@@ -89,6 +89,7 @@ def create_app(config: Config, setup: Iterable[Setup] = ()) -> web.Application:
     for fn in setup:
         fn(app)
     app.cleanup_ctx.append(_resume_inbox)
-    app.on_shutdown.append(_drain)
+    # First, so adapters' own on_shutdown hooks (closing client sockets) run after the drain.
+    app.on_shutdown.insert(0, _drain)
     return app
 

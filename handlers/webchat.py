@@ -8,6 +8,7 @@ keeps in localStorage, so a reload keeps the context.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
@@ -15,7 +16,7 @@ from collections import defaultdict
 
 import aiohttp_jinja2
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from gateway.channel import ChannelState, ChannelStatus
 from gateway.dispatcher import Admission
@@ -76,6 +77,13 @@ class WebChatAdapter:
 
     async def reconnect(self) -> None:
         return None
+
+    async def close_sockets(self, app: web.Application) -> None:
+        """on_shutdown, after the drain: open sockets would otherwise hold the server's shutdown."""
+        sockets = [ws for group in self._sockets.values() for ws in group]
+        await asyncio.gather(
+            *(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down") for ws in sockets)
+        )
 
     # -- HTTP ---------------------------------------------------------------------------------
     @aiohttp_jinja2.template("chat.html")
@@ -148,3 +156,4 @@ def setup(app: web.Application) -> None:
     app[CHANNELS][PLATFORM] = adapter
     app.router.add_get("/chat", adapter.page)
     app.router.add_get("/chat/ws", adapter.websocket)
+    app.on_shutdown.append(adapter.close_sockets)
