@@ -128,8 +128,9 @@ class Service:
         logging.getLogger().setLevel(new.log.level)
         live = LIVE_KEYS | TLS_KEYS if self._tls is not None and new.server.tls_cert else LIVE_KEYS
         pending = [key for key in changed_keys(self._config, new) if key not in live]
+        fields = {"log_level": new.log.level, "restart_keys": pending}
         if pending:
-            log.warning("config reloaded; restart to apply the other changes", extra={"restart_keys": pending})
+            log.warning("config reloaded; restart to apply the other changes", extra=fields)
         else:
-            log.info("config reloaded")
+            log.info("config reloaded", extra=fields)
         self._notifier.reloaded(f"serving on {self._where}")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ import handlers
 from gateway.app import create_app
 from gateway.config import Config, build
 from tests.doubles.openai import OpenAIDouble
+from tests.process import GatewayProcess
 
 # websockets honours proxy variables even for 127.0.0.1 (protocols.md §0.8).
 os.environ["NO_PROXY"] = "127.0.0.1,localhost"
@@ -41,3 +43,20 @@ def gateway(aiohttp_client: Callable[..., Any]) -> Callable[..., Any]:
         return client
 
     return start
+
+
+@pytest.fixture
+def spawn_gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    """Start `python run.py` subprocesses (config text, extra env); killed at teardown if still up."""
+    started: list[GatewayProcess] = []
+
+    def spawn(config: str = "", env: dict[str, str] | None = None, start: bool = True) -> GatewayProcess:
+        workdir = tmp_path / f"gw{len(started)}"
+        workdir.mkdir()
+        process = GatewayProcess(workdir, config, env)
+        started.append(process)
+        return process.start() if start else process
+
+    yield spawn
+    for process in started:
+        process.kill()
