@@ -18,7 +18,11 @@ _RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime
 class JsonFormatter(logging.Formatter):
     def __init__(self, secrets: list[str] | None = None) -> None:
         super().__init__()
-        self._secrets = sorted({s for s in secrets or [] if len(s) >= 4}, key=len, reverse=True)
+        # Masking runs on the finished JSON line, where a secret with quotes, backslashes or control
+        # characters appears escaped: mask both spellings.
+        values = {s for s in secrets or [] if len(s) >= 4}
+        values |= {orjson.dumps(s).decode()[1:-1] for s in values}
+        self._secrets = sorted(values, key=len, reverse=True)
 
     def _mask(self, text: str) -> str:
         for secret in self._secrets:
