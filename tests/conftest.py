@@ -50,10 +50,12 @@ def spawn_gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
     """Start `python run.py` subprocesses (config text, extra env); killed at teardown if still up."""
     started: list[GatewayProcess] = []
 
-    def spawn(config: str = "", env: dict[str, str] | None = None, start: bool = True) -> GatewayProcess:
+    def spawn(
+        config: str = "", env: dict[str, str] | None = None, start: bool = True, wrapper: list[str] | None = None
+    ) -> GatewayProcess:
         workdir = tmp_path / f"gw{len(started)}"
         workdir.mkdir()
-        process = GatewayProcess(workdir, config, env)
+        process = GatewayProcess(workdir, config, env, wrapper)
         started.append(process)
         return process.start() if start else process
 

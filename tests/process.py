@@ -81,8 +81,11 @@ class NotifySocket:
 class GatewayProcess:
     """One gateway process: `start()` returns once READY=1 arrived, `stop()` sends SIGTERM."""
 
-    def __init__(self, workdir: Path, config: str = "", env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, config: str = "", env: dict[str, str] | None = None, wrapper: list[str] | None = None
+    ) -> None:
         self.workdir = workdir
+        self.wrapper = wrapper or []  # e.g. tests/sandbox.py
         self.port = free_port()
         self.config_path = workdir / "config.toml"
         self.config_path.write_text(config)
@@ -109,7 +112,7 @@ class GatewayProcess:
     def spawn(self) -> subprocess.Popen[bytes]:
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, str(ROOT / "run.py"), "--config", str(self.config_path)],
+                [*self.wrapper, sys.executable, str(ROOT / "run.py"), "--config", str(self.config_path)],
                 cwd=self.workdir,
                 env=self.env,
                 stdout=out,

@@ -1,17 +1,25 @@
-"""systemd/botgate.service: `systemd-analyze verify` passes and the sandbox scores "OK" (< 2.0)."""
+"""systemd/botgate.service: `systemd-analyze verify` passes, the sandbox scores "OK" (< 2.0), and the
+gateway works inside that sandbox (emulated by tests/sandbox.py, since CI has no systemd as PID 1)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import aiohttp
+import orjson
 import pytest
 
 from gateway.config import DispatcherConfig
-from tests.process import ROOT
+from tests import sandbox
+from tests.process import ROOT, GatewayProcess
 
 UNIT = ROOT / "systemd" / "botgate.service"
 ANALYZE = shutil.which("systemd-analyze")
@@ -65,3 +73,44 @@ def test_unit_matches_what_the_app_expects() -> None:
     assert int(s["TimeoutStopSec"][0]) > drain + (drain + 5)
     # The watchdog pings at half the interval; it must leave room for a busy loop.
     assert int(s["WatchdogSec"][0]) >= 10
+
+
+SANDBOX_UNSUPPORTED = sandbox.unsupported()
+
+
+@pytest.mark.skipif(SANDBOX_UNSUPPORTED is not None, reason=f"sandbox emulation: {SANDBOX_UNSUPPORTED}")
+async def test_gateway_works_inside_the_units_sandbox(
+    spawn_gateway: Callable[..., GatewayProcess], openai_double: Any, tmp_path: Path
+) -> None:
+    """Seccomp allow list, address families, no W+X memory, no new privileges, as the unit sets them:
+    a conversation through the model (outbound HTTP, name resolution, threads), TLS, reload, stop."""
+    double, url = openai_double
+    config = ""
+    if shutil.which("openssl"):
+        cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-days", "1", "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+            check=True, capture_output=True, timeout=30,
+        )
+        config = f'[server]\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+    gw = spawn_gateway(
+        config,
+        env={"BOTGATE_MODEL__BASE_URL": url.replace("127.0.0.1", "localhost"), "WATCHDOG_USEC": "1000000"},
+        start=False,
+        wrapper=[sys.executable, str(ROOT / "tests" / "sandbox.py"), "--"],
+    )
+    await asyncio.to_thread(gw.start)
+    scheme = "https" if config else "http"
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"{scheme}://127.0.0.1:{gw.port}/chat/ws?session=sandbox01", ssl=False) as ws:
+            await ws.receive()
+            await ws.send_str(orjson.dumps({"type": "message", "id": "1", "text": "inside the sandbox"}).decode())
+            async with asyncio.timeout(20):
+                while (frame := orjson.loads((await ws.receive()).data))["type"] not in ("done", "notice", "error"):
+                    pass
+    assert frame["type"] == "done" and frame["text"] == "echo: inside the sandbox", frame
+    gw.signal(signal.SIGHUP)
+    await gw.notify.await_for("RELOADING=1")
+    assert await asyncio.to_thread(gw.stop) == 0, gw.output()  # killed by seccomp = -SIGSYS
+    assert "Traceback" not in gw.output()
