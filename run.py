@@ -14,6 +14,7 @@ from gateway.app import create_app
 from gateway.config import Config, ConfigError, load
 from gateway.errors import StoreError
 from gateway.logs import setup_logging
+from gateway.model import uses_echo
 from gateway.sdnotify import Notifier
 from gateway.server import Service, ssl_context
 
@@ -49,9 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log.level, config.secrets())
     app = create_app(config, [handlers.setup])
     service = Service(app, config, reload=lambda: load_config(args.config), notifier=Notifier(), tls=tls)
+    m = config.model
     log.info(
         "starting",
-        extra={"version": __version__, "host": config.server.host, "port": config.server.port},
+        extra={
+            "version": __version__,
+            "host": config.server.host,
+            "port": config.server.port,
+            "config": config.source,
+            # Say plainly when no model is configured: every answer will be an echo.
+            "model": "echo" if uses_echo(config.model) else f"{m.model} at {m.base_url}",
+        },
     )
     try:
         asyncio.run(service.run())

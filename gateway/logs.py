@@ -18,11 +18,10 @@ _RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime
 class JsonFormatter(logging.Formatter):
     def __init__(self, secrets: list[str] | None = None) -> None:
         super().__init__()
-        # Masking runs on the finished JSON line, where a secret with quotes, backslashes or control
-        # characters appears escaped: mask both spellings.
-        values = {s for s in secrets or [] if len(s) >= 4}
-        values |= {orjson.dumps(s).decode()[1:-1] for s in values}
-        self._secrets = sorted(values, key=len, reverse=True)
+        # Masking runs on the encoded line, so also look for each secret as JSON spells it
+        # (a secret with a quote or backslash in it is escaped there).
+        forms = {f for s in secrets or [] if len(s) >= 4 for f in (s, orjson.dumps(s).decode()[1:-1])}
+        self._secrets = sorted(forms, key=len, reverse=True)
 
     def _mask(self, text: str) -> str:
         for secret in self._secrets:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import routes, webchat
+from gateway.keys import CONFIG
+
+from . import dingtalk, routes, webchat
 
 
 def setup(app: web.Application) -> None:
     routes.setup(app)
     webchat.setup(app)
+    if app[CONFIG].dingtalk.enabled:
+        dingtalk.setup(app)

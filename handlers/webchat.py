@@ -8,7 +8,6 @@ keeps in localStorage, so a reload keeps the context.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import uuid
@@ -78,12 +77,12 @@ class WebChatAdapter:
     async def reconnect(self) -> None:
         return None
 
-    async def close_sockets(self, app: web.Application) -> None:
-        """on_shutdown, after the drain: open sockets would otherwise hold the server's shutdown."""
+    async def close_all(self, app: web.Application) -> None:
+        """on_shutdown (after the dispatcher drained): close browser sockets, so aiohttp does not
+        wait its whole shutdown timeout for these never-ending handlers."""
         sockets = [ws for group in self._sockets.values() for ws in group]
-        await asyncio.gather(
-            *(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down") for ws in sockets)
-        )
+        for ws in sockets:
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
 
     # -- HTTP ---------------------------------------------------------------------------------
     @aiohttp_jinja2.template("chat.html")
@@ -156,4 +155,4 @@ def setup(app: web.Application) -> None:
     app[CHANNELS][PLATFORM] = adapter
     app.router.add_get("/chat", adapter.page)
     app.router.add_get("/chat/ws", adapter.websocket)
-    app.on_shutdown.append(adapter.close_sockets)
+    app.on_shutdown.append(adapter.close_all)

@@ -4,8 +4,9 @@
 - NoNewPrivileges=yes                           -> PR_SET_NO_NEW_PRIVS
 - MemoryDenyWriteExecute=yes                    -> PR_SET_MDWE (Linux >= 6.3; what systemd >= 257 uses)
 - SystemCallFilter= / SystemCallArchitectures=  -> a seccomp allow list built from the unit's lines,
-  expanded with `systemd-analyze syscall-filter`; anything else kills the process (stricter than the
-  unit's EPERM, so a test notices every forbidden call instead of a silent failure)
+  expanded with `systemd-analyze syscall-filter`; other calls fail with EPERM (SystemCallErrorNumber=),
+  a foreign architecture's calls kill the process. (EPERM, not a kill: as root, which tests may run
+  as, SQLite fchown()s its journal and copes with EPERM; the service user never makes that call.)
 - RestrictAddressFamilies=                      -> other socket() families fail with EAFNOSUPPORT, as
   under systemd (glibc's getaddrinfo probes AF_NETLINK and copes with that)
 CI has no systemd as PID 1, so this is how tests show that Python and aiohttp work inside the sandbox.
@@ -30,7 +31,8 @@ UNISTD = Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h")
 
 PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS, PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 22, 38, 65, 1
 SECCOMP_MODE_FILTER = 2
-RET_ALLOW, RET_KILL_PROCESS, RET_EAFNOSUPPORT = 0x7FFF0000, 0x80000000, 0x00050000 | 97
+RET_ALLOW, RET_KILL_PROCESS = 0x7FFF0000, 0x80000000
+RET_EPERM, RET_EAFNOSUPPORT = 0x00050000 | 1, 0x00050000 | 97  # SECCOMP_RET_ERRNO | errno
 AUDIT_ARCH_X86_64 = 0xC000003E
 LD_ABS, JEQ, RET = 0x20, 0x15, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K
 NR_SOCKET = 41
@@ -111,7 +113,7 @@ def build_filter() -> bytes:
     for nr in allowed:
         prog.append((JEQ, 0, 1, nr))
         prog.append((RET, 0, 0, RET_ALLOW))
-    prog.append((RET, 0, 0, RET_KILL_PROCESS))
+    prog.append((RET, 0, 0, RET_EPERM))
     return b"".join(struct.pack("HBBI", *insn) for insn in prog)
 
 

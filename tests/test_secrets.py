@@ -122,8 +122,10 @@ def test_masked_dump_hides_every_secret_key() -> None:
         section, name = key.split(".")
         secret = f"s3cret-{section}-{name}"
         values.setdefault(section, {})[name] = [secret] if hints[section][name] == list[str] else secret
+    values["store"] = {"url": "redis://:s3cret-store-password@127.0.0.1:6379/0"}
     cfg = make_config(**values)
     dump = orjson.dumps(masked(cfg)).decode()
+    assert "s3cret-store-password" not in dump and "s3cret-store-password" in cfg.secrets()
     for key in SECRET_KEYS:
         section, name = key.split(".")
         assert f"s3cret-{section}-{name}" not in dump
