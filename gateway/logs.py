@@ -57,7 +57,8 @@ class ClientProtocolErrors(logging.Filter):
         if not isinstance(exc, HttpProcessingError) or not 400 <= exc.code < 500:
             return True
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        record.msg, record.args = "malformed request: %s", (exc.message.strip().splitlines() or [""])[0][:200]
+        first_line = (exc.message.strip().splitlines() or [""])[0]
+        record.msg, record.args = "malformed request: %s", (first_line[:200],)
         record.exc_info = record.exc_text = None
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 

@@ -44,18 +44,22 @@ def _load_chain(context: ssl.SSLContext, config: Config) -> None:
     except OSError as e:
         # ssl.SSLError is an OSError too; strerror is the short human part when there is one.
         why = e.strerror or str(e)
-        raise ConfigError(f"{config.source}: server.tls_cert/tls_key: cannot load {cert} / {key}: {why}") from None
+        raise ConfigError(
+            f"{config.source}: server.tls_cert/tls_key: cannot load {cert} / {key}: {why}"
+        ) from None
 
 
 def changed_keys(old: Config, new: Config) -> list[str]:
     """`section.key` names whose values differ (names only: values may be secrets)."""
-    out = []
+    out: list[str] = []
     for section in dataclasses.fields(old):
         if section.name == "source":
             continue
         a, b = getattr(old, section.name), getattr(new, section.name)
         out.extend(
-            f"{section.name}.{f.name}" for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)
+            f"{section.name}.{f.name}"
+            for f in dataclasses.fields(a)
+            if getattr(a, f.name) != getattr(b, f.name)
         )
     return out
 
@@ -88,9 +92,7 @@ class Service:
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, stop gracefully. Start-up errors propagate."""
         cfg = self._config
-        runner = web.AppRunner(
-            self._app, access_log=None, shutdown_timeout=cfg.dispatcher.drain_timeout + 5
-        )
+        runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=cfg.dispatcher.drain_timeout + 5)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop, sig)

@@ -76,7 +76,10 @@ def spawn_gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
     started: list[GatewayProcess] = []
 
     def spawn(
-        config: str = "", env: dict[str, str] | None = None, start: bool = True, wrapper: list[str] | None = None
+        config: str = "",
+        env: dict[str, str] | None = None,
+        start: bool = True,
+        wrapper: list[str] | None = None,
     ) -> GatewayProcess:
         workdir = tmp_path / f"gw{len(started)}"
         workdir.mkdir()

@@ -55,7 +55,11 @@ def route_for(path: str) -> Route | None:
 
 
 # -- strategies ----------------------------------------------------------------------------------
-TOKEN = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+-.^_`|~", min_size=1, max_size=12)
+TOKEN = st.text(
+    alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+-.^_`|~",
+    min_size=1,
+    max_size=12,
+)
 STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
 # Other tokens: aiohttp's HTTP parser refuses methods it does not know with a plain-text 400.
 METHODS = st.one_of(st.sampled_from(STANDARD_METHODS), TOKEN.map(str.upper))
@@ -68,12 +72,26 @@ PATHS = st.one_of(
     st.tuples(st.sampled_from(SAMPLE_PATHS), QUERY).map("".join),
     st.lists(PATH_SEGMENT, min_size=1, max_size=4).map(lambda parts: "/" + "/".join(parts)),
 )
-HEADER_VALUE = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=60)
+HEADER_VALUE = st.text(
+    alphabet=st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=60
+)
 # Framing and upgrade headers are left out: a wrong Content-Length makes the server wait, correctly.
 HEADER_NAMES = st.one_of(
     st.sampled_from(
-        ["Accept", "Accept-Encoding", "Accept-Language", "Authorization", "Content-Type", "Cookie",
-         "Origin", "Referer", "User-Agent", "X-Forwarded-For", "X-Request-Id", "Content-Encoding"]
+        [
+            "Accept",
+            "Accept-Encoding",
+            "Accept-Language",
+            "Authorization",
+            "Content-Type",
+            "Cookie",
+            "Origin",
+            "Referer",
+            "User-Agent",
+            "X-Forwarded-For",
+            "X-Request-Id",
+            "Content-Encoding",
+        ]
     ),
     TOKEN.map(lambda t: "X-" + t),
 )
@@ -82,7 +100,9 @@ HEADERS = st.lists(st.tuples(HEADER_NAMES, HEADER_VALUE), max_size=8, unique_by=
 INTEGERS = st.integers(-(2**63), 2**63 - 1)  # what JSON encoders (orjson) accept
 JSON = st.recursive(
     st.none() | st.booleans() | INTEGERS | st.floats(allow_nan=False) | st.text(),
-    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
+    ),
     max_leaves=20,
 )
 

@@ -19,6 +19,18 @@ ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 20.0
 
 
+def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
+    """A throw-away certificate and key for 127.0.0.1 (needs the openssl CLI)."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-days", "2", "-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    return cert, key
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -52,8 +64,8 @@ class NotifySocket:
             raise TimeoutError(f"no notification within {timeout}s; got {self.received}")
         return self._take()
 
-    async def areceive(self, timeout: float = START_TIMEOUT) -> list[str]:
-        async with asyncio.timeout(timeout):
+    async def areceive(self, within: float = START_TIMEOUT) -> list[str]:
+        async with asyncio.timeout(within):
             data = await asyncio.get_running_loop().sock_recv(self.sock, 4096)
         fields = data.decode().split("\n")
         self.received.append(fields)
@@ -64,8 +76,8 @@ class NotifySocket:
             pass
         return fields
 
-    async def await_for(self, field: str, timeout: float = START_TIMEOUT) -> list[str]:
-        while field not in (fields := await self.areceive(timeout)):
+    async def await_for(self, field: str, within: float = START_TIMEOUT) -> list[str]:
+        while field not in (fields := await self.areceive(within)):
             pass
         return fields
 
@@ -82,7 +94,11 @@ class GatewayProcess:
     """One gateway process: `start()` returns once READY=1 arrived, `stop()` sends SIGTERM."""
 
     def __init__(
-        self, workdir: Path, config: str = "", env: dict[str, str] | None = None, wrapper: list[str] | None = None
+        self,
+        workdir: Path,
+        config: str = "",
+        env: dict[str, str] | None = None,
+        wrapper: list[str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.wrapper = wrapper or []  # e.g. tests/sandbox.py

@@ -53,9 +53,7 @@ def unsupported() -> str | None:
 
 
 def unit_values(key: str) -> list[str]:
-    return [
-        line.partition("=")[2] for line in UNIT.read_text().splitlines() if line.startswith(f"{key}=")
-    ]
+    return [line.partition("=")[2] for line in UNIT.read_text().splitlines() if line.startswith(f"{key}=")]
 
 
 def expand(names: list[str], seen: set[str] | None = None) -> set[str]:
@@ -70,7 +68,11 @@ def expand(names: list[str], seen: set[str] | None = None) -> set[str]:
             continue
         seen.add(name)
         listing = subprocess.run(
-            ["systemd-analyze", "syscall-filter", name], capture_output=True, text=True, check=True, timeout=30
+            ["systemd-analyze", "syscall-filter", name],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
         ).stdout.splitlines()
         members = [line.strip() for line in listing[1:] if line.strip() and not line.strip().startswith("#")]
         out |= expand(members, seen)

@@ -81,7 +81,9 @@ def assert_still_healthy(gw: GatewayProcess) -> None:
     assert gw.proc is not None and gw.proc.poll() is None, gw.output()
     ws = chat_session(gw.port, "afterfuzz01")
     try:
-        ws.send_text(orjson.dumps({"type": "message", "id": uuid.uuid4().hex, "text": "still there?"}).decode())
+        ws.send_text(
+            orjson.dumps({"type": "message", "id": uuid.uuid4().hex, "text": "still there?"}).decode()
+        )
         reply = read_json_until(ws, ("done", "notice", "error"))
     finally:
         ws.close()
@@ -112,7 +114,10 @@ def test_random_requests_get_the_right_status_and_a_json_error(live: GatewayProc
     def one(method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> None:
         answer = request(live.port, build_request(method, path, headers, body), method)
         if method not in STANDARD_METHODS:
-            assert answer.status in {400, *expected_statuses(method, path, body)}, (answer.status, answer.body)
+            assert answer.status in {400, *expected_statuses(method, path, body)}, (
+                answer.status,
+                answer.body,
+            )
             return
         assert answer.status in expected_statuses(method, path, body), (answer.status, answer.body)
         if answer.status >= 400 and method != "HEAD":
@@ -133,7 +138,8 @@ def test_oversize_body_is_413_on_every_route(live: GatewayProcess) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["/static/../config.toml", "/static/%2e%2e/run.py", "/static/..%2fconfig.toml", "/static//etc/passwd"]
+    "path",
+    ["/static/../config.toml", "/static/%2e%2e/run.py", "/static/..%2fconfig.toml", "/static//etc/passwd"],
 )
 def test_static_files_never_escape_their_directory(live: GatewayProcess, path: str) -> None:
     answer = request(live.port, build_request("GET", path, [], b""))
@@ -145,7 +151,12 @@ HANDSHAKE = (
     b"GET /chat/ws?session=garbage01 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
 )
-PREFIXES = [b"", b"GET /healthz HTTP/1.1\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n", HANDSHAKE]
+PREFIXES = [
+    b"",
+    b"GET /healthz HTTP/1.1\r\n",
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n",
+    HANDSHAKE,
+]
 
 
 def test_garbage_bytes_never_get_a_5xx(live: GatewayProcess) -> None:
@@ -192,12 +203,17 @@ def long_texts() -> st.SearchStrategy[str]:
 
 TEXTS = st.one_of(
     st.text(),
-    st.lists(st.sampled_from(["\u202e", "\u200b", "\x00", "\ufeff", "e\u0301", " ", "\n", "👩‍👩‍👧", "<script>"])).map("".join),
+    st.lists(
+        st.sampled_from(["\u202e", "\u200b", "\x00", "\ufeff", "e\u0301", " ", "\n", "👩‍👩‍👧", "<script>"])
+    ).map("".join),
     long_texts(),
 )
 # Mostly well-typed messages (they exercise the whole path to an answer), some of any shape.
 MESSAGES = st.fixed_dictionaries(
-    {"type": st.one_of(st.just("message"), st.just("message"), st.text(max_size=8)), "text": st.one_of(TEXTS, TEXTS, JSON)},
+    {
+        "type": st.one_of(st.just("message"), st.just("message"), st.text(max_size=8)),
+        "text": st.one_of(TEXTS, TEXTS, JSON),
+    },
     optional={"id": st.one_of(st.uuids().map(str), st.text(max_size=70), INTEGERS, st.none()), "x": JSON},
 )
 
@@ -210,7 +226,12 @@ def test_random_chat_messages_are_answered_or_refused_clearly(live: GatewayProce
     def one(message: dict[str, object]) -> None:
         data = orjson.dumps(message)
         text = message["text"]
-        valid = message["type"] == "message" and isinstance(text, str) and bool(text.strip()) and len(text) <= MAX_TEXT
+        valid = (
+            message["type"] == "message"
+            and isinstance(text, str)
+            and bool(text.strip())
+            and len(text) <= MAX_TEXT
+        )
         ws = chat_session(live.port, "msgfuzz01")
         try:
             ws.send(frame(OP_TEXT, data))

@@ -122,7 +122,10 @@ def test_check_config_still_validates_and_exits(tmp_path: Path) -> None:
     config.write_text('[server]\ntls_cert = "/nonexistent/cert.pem"\ntls_key = "/nonexistent/key.pem"\n')
     result: Any = subprocess.run(
         [sys.executable, str(ROOT / "run.py"), "--check-config", "--config", str(config)],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 2
     assert "server.tls_cert/tls_key: cannot load /nonexistent/cert.pem" in result.stderr

@@ -66,12 +66,19 @@ def leaky_model(double: OpenAIDouble) -> web.Application:
 
 async def converse(url: str, texts: list[str]) -> list[dict[str, Any]]:
     frames: list[dict[str, Any]] = []
-    async with aiohttp.ClientSession() as session, session.ws_connect(f"{url}/chat/ws?session=secretsession1") as ws:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"{url}/chat/ws?session=secretsession1") as ws,
+    ):
         await ws.receive()
         for i, text in enumerate(texts):
             await ws.send_str(orjson.dumps({"type": "message", "id": f"m{i}", "text": text}).decode())
             async with asyncio.timeout(30):
-                while (frame := orjson.loads((await ws.receive()).data))["type"] not in ("done", "notice", "error"):
+                while (frame := orjson.loads((await ws.receive()).data))["type"] not in (
+                    "done",
+                    "notice",
+                    "error",
+                ):
                     frames.append(frame)
             frames.append(frame)
     return frames
@@ -115,7 +122,9 @@ async def test_no_secret_in_any_output(
 
 def test_masked_dump_hides_every_secret_key() -> None:
     hints = {
-        name: typing.get_type_hints(cls) for name, cls in typing.get_type_hints(Config).items() if name != "source"
+        name: typing.get_type_hints(cls)
+        for name, cls in typing.get_type_hints(Config).items()
+        if name != "source"
     }
     values: dict[str, dict[str, Any]] = {}
     for key in SECRET_KEYS:

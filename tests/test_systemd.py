@@ -19,11 +19,13 @@ import pytest
 
 from gateway.config import DispatcherConfig
 from tests import sandbox
-from tests.process import ROOT, GatewayProcess
+from tests.process import ROOT, GatewayProcess, self_signed
 
 UNIT = ROOT / "systemd" / "botgate.service"
 ANALYZE = shutil.which("systemd-analyze")
-needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed (Debian package: systemd)")
+needs_analyze = pytest.mark.skipif(
+    ANALYZE is None, reason="systemd-analyze not installed (Debian package: systemd)"
+)
 
 
 def unit_settings() -> dict[str, list[str]]:
@@ -42,7 +44,9 @@ def test_unit_verifies(tmp_path: Path) -> None:
     unit = tmp_path / "botgate.service"
     unit.write_text(UNIT.read_text().replace("/opt/botgate/.venv/bin/python", sys.executable))
     assert ANALYZE is not None
-    result = subprocess.run([ANALYZE, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [ANALYZE, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
+    )
     complaints = [line for line in result.stderr.splitlines() if "botgate" in line]
     assert result.returncode == 0 and not complaints, result.stderr
 
@@ -52,7 +56,10 @@ def test_security_exposure_is_ok() -> None:
     assert ANALYZE is not None
     result = subprocess.run(
         [ANALYZE, "security", "--offline=true", "--no-pager", str(UNIT)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     match = re.search(r"Overall exposure level for botgate\.service: (\d+\.\d+) (\w+)", result.stdout)
     assert match, result.stdout + result.stderr
@@ -65,7 +72,9 @@ def test_security_exposure_is_ok() -> None:
 def test_unit_matches_what_the_app_expects() -> None:
     s = unit_settings()
     assert s["Type"] == ["notify"] and s["NotifyAccess"] == ["main"]
-    assert s["ExecStart"] == ["/opt/botgate/.venv/bin/python /opt/botgate/run.py --config /etc/botgate/config.toml"]
+    assert s["ExecStart"] == [
+        "/opt/botgate/.venv/bin/python /opt/botgate/run.py --config /etc/botgate/config.toml"
+    ]
     assert s["StateDirectory"] == ["botgate"]  # -> $STATE_DIRECTORY, read by Config.state_dir
     assert s["EnvironmentFile"] == ["/etc/botgate/env"]
     # Stopping must outlast the drain plus aiohttp's shutdown_timeout (drain_timeout + 5).
@@ -84,15 +93,10 @@ async def test_gateway_works_inside_the_units_sandbox(
 ) -> None:
     """Seccomp allow list, address families, no W+X memory, no new privileges, as the unit sets them:
     a conversation through the model (outbound HTTP, name resolution, threads), TLS, reload, stop."""
-    double, url = openai_double
+    _, url = openai_double
     config = ""
     if shutil.which("openssl"):
-        cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-days", "1", "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-            check=True, capture_output=True, timeout=30,
-        )
+        cert, key = await asyncio.to_thread(self_signed, tmp_path, "sandbox")
         config = f'[server]\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
     gw = spawn_gateway(
         config,
@@ -102,13 +106,19 @@ async def test_gateway_works_inside_the_units_sandbox(
     )
     await asyncio.to_thread(gw.start)
     scheme = "https" if config else "http"
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(f"{scheme}://127.0.0.1:{gw.port}/chat/ws?session=sandbox01", ssl=False) as ws:
-            await ws.receive()
-            await ws.send_str(orjson.dumps({"type": "message", "id": "1", "text": "inside the sandbox"}).decode())
-            async with asyncio.timeout(20):
-                while (frame := orjson.loads((await ws.receive()).data))["type"] not in ("done", "notice", "error"):
-                    pass
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"{scheme}://127.0.0.1:{gw.port}/chat/ws?session=sandbox01", ssl=False) as ws,
+    ):
+        await ws.receive()
+        await ws.send_str(orjson.dumps({"type": "message", "id": "1", "text": "inside the sandbox"}).decode())
+        async with asyncio.timeout(20):
+            while (frame := orjson.loads((await ws.receive()).data))["type"] not in (
+                "done",
+                "notice",
+                "error",
+            ):
+                pass
     assert frame["type"] == "done" and frame["text"] == "echo: inside the sandbox", frame
     gw.signal(signal.SIGHUP)
     await gw.notify.await_for("RELOADING=1")

@@ -6,39 +6,26 @@ import shutil
 import signal
 import socket
 import ssl
-import subprocess
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.process import GatewayProcess
+from tests.process import GatewayProcess, self_signed
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 
 
-def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-days", "2", "-subj", f"/CN={name}",
-            "-addext", "subjectAltName=IP:127.0.0.1",
-            "-keyout", str(key), "-out", str(cert),
-        ],
-        check=True, capture_output=True, timeout=30,
-    )
-    return cert, key
-
-
 def served_certificate(port: int, cafile: Path) -> bytes:
     context = ssl.create_default_context(cafile=str(cafile))
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            der = tls.getpeercert(binary_form=True)
-            assert der is not None
-            return der
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return der
 
 
 def pem_to_der(path: Path) -> bytes:
@@ -85,9 +72,13 @@ def test_plain_http_to_the_tls_port_is_refused_cleanly(
     assert "Traceback" not in gw.output()
 
 
-def test_unreadable_key_is_a_config_error(spawn_gateway: Callable[..., GatewayProcess], tmp_path: Path) -> None:
+def test_unreadable_key_is_a_config_error(
+    spawn_gateway: Callable[..., GatewayProcess], tmp_path: Path
+) -> None:
     cert, _ = self_signed(tmp_path, "srv")
-    gw = spawn_gateway(f'[server]\ntls_cert = "{cert}"\ntls_key = "{tmp_path / "missing.key"}"\n', start=False)
+    gw = spawn_gateway(
+        f'[server]\ntls_cert = "{cert}"\ntls_key = "{tmp_path / "missing.key"}"\n', start=False
+    )
     assert gw.spawn().wait(30) == 2
     assert "server.tls_cert/tls_key: cannot load" in gw.stderr()
     assert "Traceback" not in gw.stderr()
