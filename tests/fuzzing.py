@@ -31,6 +31,7 @@ class Route:
     methods: frozenset[str]
     statuses: frozenset[int]
     prefix: bool = False  # also matches everything under path + "/"
+    json_errors: bool = True  # False: aiohttp's file responses set 403/404 themselves, bodiless
 
 
 ROUTES = (
@@ -39,7 +40,7 @@ ROUTES = (
     Route("/metrics", frozenset({"GET", "HEAD"}), frozenset({200})),
     Route("/chat", frozenset({"GET", "HEAD"}), frozenset({200})),
     Route("/chat/ws", frozenset({"GET", "HEAD"}), frozenset({400})),  # not an upgrade request
-    Route("/static", frozenset({"GET", "HEAD"}), frozenset({200, 403, 404}), prefix=True),
+    Route("/static", frozenset({"GET", "HEAD"}), frozenset({200, 403, 404}), prefix=True, json_errors=False),
     # Phase 2 adds the webhooks here, e.g.
     # Route("/dingtalk/webhook", frozenset({"POST"}), frozenset({200, 400, 401})),
 )
