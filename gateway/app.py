@@ -2,11 +2,13 @@
 
 Up: HTTP client session -> store -> model client -> dispatcher (resumes the inbox) -> whatever
 `setup` functions add (the platform adapters and routes, from `handlers`). Down in reverse. Intake
-stops and the dispatcher drains in `on_shutdown`, i.e. while adapters can still deliver replies.
+stops and the dispatcher drains in the first `on_shutdown` hook, i.e. while adapters can still
+deliver replies; adapters' own `on_shutdown` hooks (closing client sockets) run after it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -15,6 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
+from .channel import Channel
 from .config import Config
 from .dispatcher import Dispatcher
 from .errors import StoreError
@@ -27,6 +30,7 @@ from .store import open_store
 log = logging.getLogger(__name__)
 
 Setup = Callable[[web.Application], None]
+ADOPT_INTERVAL = 30.0  # seconds between looks for a dead instance's unanswered messages
 
 
 async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -56,7 +60,8 @@ async def _model_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
-    responder = Responder(cfg, app[STORE], app[MODEL], app[CHANNELS], app[METRICS])
+    channels: dict[str, Channel] = app[CHANNELS]
+    responder = Responder(cfg, app[STORE], app[MODEL], channels, app[METRICS])
     dispatcher = Dispatcher(cfg.dispatcher, app[STORE], app[METRICS], responder)
     app[DISPATCHER] = dispatcher
     yield
@@ -65,17 +70,44 @@ async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _resume_inbox(app: web.Application) -> AsyncIterator[None]:
-    """Answer what a previous process accepted but never answered (after adapters are up)."""
+    """Answer what a previous process accepted but never answered (after adapters are up).
+
+    On a shared store, keep looking now and then for entries of an instance that died and is not
+    coming back; the age limit leaves live instances time to answer their own."""
+    dispatcher, cfg = app[DISPATCHER], app[CONFIG].dispatcher
     try:
-        await app[DISPATCHER].resume()
+        await dispatcher.resume()
     except StoreError as e:
         log.error("could not read the inbox: %s", e)
+    task = None
+    if app[STORE].backend == "redis":
+        older_than = cfg.deadline + 2 * cfg.lease_ttl
+        task = asyncio.create_task(_adopt_orphans(dispatcher, older_than), name="adopt-orphans")
     yield
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _adopt_orphans(dispatcher: Dispatcher, older_than: float) -> None:
+    while True:
+        await asyncio.sleep(ADOPT_INTERVAL)
+        if not dispatcher.accepting:
+            return
+        try:
+            await dispatcher.resume(older_than)
+        except StoreError as e:
+            log.warning("could not look for orphaned inbox entries: %s", e)
 
 
 async def _drain(app: web.Application) -> None:
     if DISPATCHER in app:
-        await app[DISPATCHER].drain(app[CONFIG].dispatcher.drain_timeout)
+        dispatcher, timeout = app[DISPATCHER], app[CONFIG].dispatcher.drain_timeout
+        log.info(
+            "shutting down: intake stopped, finishing in-flight work",
+            extra={"queued": dispatcher.depth, "inflight": dispatcher.inflight, "timeout_s": timeout},
+        )
+        await dispatcher.drain(timeout)
 
 
 def create_app(config: Config, setup: Iterable[Setup] = ()) -> web.Application:
@@ -86,9 +118,9 @@ def create_app(config: Config, setup: Iterable[Setup] = ()) -> web.Application:
     app[CHANNELS] = {}
     app[STARTED_AT] = time.time()
     app.cleanup_ctx.extend([_http_ctx, _store_ctx, _model_ctx, _dispatcher_ctx])
+    app.on_shutdown.append(_drain)
     for fn in setup:
         fn(app)
     app.cleanup_ctx.append(_resume_inbox)
-    app.on_shutdown.append(_drain)
     return app
 

@@ -6,17 +6,29 @@ deduplicated, back-pressured.
 answer is produced later by a worker. One worker task exists per conversation that has queued
 messages (so order is strict and idle conversations cost nothing); a semaphore bounds how many
 messages are being answered at once.
+
+Several instances may share one store (Redis). A worker answers only while holding the store's
+lease on its conversation, and under it answers every still-pending message of that conversation up
+to its own, oldest first, whichever instance accepted them. So consecutive messages landing on
+different instances keep their order and context, and one answered elsewhere is not answered again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
+import secrets
+import socket
+import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
 from enum import StrEnum
 from typing import Protocol
 
+from .backoff import Backoff
 from .config import DispatcherConfig
 from .errors import StoreError
 from .messages import InboundMessage
@@ -43,8 +55,14 @@ class Admission(StrEnum):
 
 
 class Responder(Protocol):
-    async def handle(self, message: InboundMessage) -> None:
-        """Answer one message (model call, reply delivery)."""
+    async def handle(self, message: InboundMessage, ready_at: float) -> None:
+        """Answer one message (model call, reply delivery).
+
+        `ready_at` (wall clock) is when the message became its conversation's next to answer: its
+        arrival, or later if it waited behind an earlier message of the same conversation or was
+        resumed at start. Gateway overhead is measured from there, so another message's model
+        time never counts as overhead.
+        """
 
     async def notice(self, message: InboundMessage, text: str) -> None:
         """Send a short notice; must not raise."""
@@ -52,21 +70,30 @@ class Responder(Protocol):
 
 class Dispatcher:
     def __init__(
-        self, cfg: DispatcherConfig, store: Store, metrics: Metrics, responder: Responder
+        self,
+        cfg: DispatcherConfig,
+        store: Store,
+        metrics: Metrics,
+        responder: Responder,
+        instance_id: str = "",
     ) -> None:
         self.cfg = cfg
+        # Names the lease holder; unique even for two processes with one pid in two containers.
+        self.instance_id = instance_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._store = store
         self._metrics = metrics
         self._responder = responder
         self._queues: dict[str, deque[InboundMessage]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._side_tasks: set[asyncio.Task[None]] = set()
+        self._local: set[str] = set()  # request ids queued or being answered here
         self._slots = asyncio.Semaphore(cfg.max_concurrency)
         self._depth = 0
         self._inflight = 0
         self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
+        self._started_at = time.time()
 
     # -- intake ------------------------------------------------------------------------------
     @property
@@ -91,7 +118,7 @@ class Dispatcher:
                 return Admission.DUPLICATE
             if self._depth >= self.cfg.max_queue:
                 log.warning("queue full, sender told to retry", extra=_fields(message))
-                self._spawn(self._responder.notice(message, BUSY_NOTICE))
+                self._spawn(self._notify(message, BUSY_NOTICE))
                 return Admission.BUSY
             await self._store.inbox_add(message)
         except StoreError as e:
@@ -103,16 +130,24 @@ class Dispatcher:
         self._enqueue(message)
         return Admission.ACCEPTED
 
-    async def resume(self) -> int:
-        """Queue every inbox entry left unanswered by a previous process."""
-        pending = await self._store.inbox_pending()
-        for message in pending:
+    async def resume(self, older_than: float = 0.0) -> int:
+        """Queue inbox entries nobody here is answering: at start, everything a previous process
+        left; later (shared store), entries older than `older_than` seconds, left by an instance
+        that died. The lease and the pending check under it make a second copy harmless."""
+        cutoff = time.time() - older_than if older_than else math.inf  # at start: everything
+        orphans = [
+            m
+            for m in await self._store.inbox_pending()
+            if m.request_id not in self._local and m.created_at <= cutoff
+        ]
+        for message in orphans:
             self._enqueue(message)
-        if pending:
-            log.info("resumed unanswered messages", extra={"count": len(pending)})
-        return len(pending)
+        if orphans:
+            log.info("resumed unanswered messages", extra={"count": len(orphans)})
+        return len(orphans)
 
     def _enqueue(self, message: InboundMessage) -> None:
+        self._local.add(message.request_id)
         key = message.conversation_key
         self._queues.setdefault(key, deque()).append(message)
         self._depth += 1
@@ -125,21 +160,28 @@ class Dispatcher:
     # -- workers -----------------------------------------------------------------------------
     async def _work(self, key: str) -> None:
         queue = self._queues[key]
+        previous_done = self._started_at  # messages resumed from the inbox are ready from now
         try:
             while queue:
-                message = queue[0]
-                async with self._slots:
-                    queue.popleft()
-                    self._depth -= 1
-                    self._inflight += 1
-                    self._metrics.queue_depth.set(self._depth)
-                    self._metrics.inflight.set(self._inflight)
-                    try:
-                        await self._answer(message)
-                    finally:
-                        self._inflight -= 1
-                        self._metrics.inflight.set(self._inflight)
-                await self._settle(message)
+                head = queue[0]
+                async with self._lease(key):
+                    due = await self._due(head)
+                    for message in due:
+                        async with self._slots:
+                            if message is head:  # it stops waiting only once it has a slot
+                                self._dequeue(queue)
+                            self._inflight += 1
+                            self._metrics.inflight.set(self._inflight)
+                            try:
+                                await self._answer(message, max(message.created_at, previous_done))
+                            finally:
+                                self._inflight -= 1
+                                self._metrics.inflight.set(self._inflight)
+                        await self._settle(message)
+                        previous_done = time.time()
+                    if queue and queue[0] is head:  # answered elsewhere, skipped
+                        self._dequeue(queue)
+                self._local.discard(head.request_id)
         finally:
             del self._workers[key]
             if not queue:
@@ -147,23 +189,83 @@ class Dispatcher:
             if not self._workers:
                 self._idle.set()
 
-    async def _answer(self, message: InboundMessage) -> None:
+    def _dequeue(self, queue: deque[InboundMessage]) -> None:
+        queue.popleft()
+        self._depth -= 1
+        self._metrics.queue_depth.set(self._depth)
+
+    @asynccontextmanager
+    async def _lease(self, key: str) -> AsyncIterator[None]:
+        """Hold the conversation's lease (waiting while another instance has it), renewed."""
+        backoff = Backoff(first=0.02, cap=1.0)
+        while True:
+            try:
+                if await self._store.acquire_lease(key, self.instance_id, self.cfg.lease_ttl):
+                    break
+            except StoreError as e:
+                if backoff.attempt == 0:
+                    log.error("store unavailable, conversation waits: %s", e, extra={"conversation": key})
+            await asyncio.sleep(backoff.next())
+        renewer = asyncio.create_task(self._renew(key), name=f"lease:{key}")
+        try:
+            yield
+        finally:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+            try:
+                await self._store.release_lease(key, self.instance_id)
+            except StoreError as e:
+                log.warning("lease not released, it expires by itself: %s", e, extra={"conversation": key})
+
+    async def _renew(self, key: str) -> None:
+        ttl = self.cfg.lease_ttl
+        while True:
+            await asyncio.sleep(ttl / 3)
+            try:
+                if not await self._store.acquire_lease(key, self.instance_id, ttl):
+                    log.error("lease lost to another instance", extra={"conversation": key})
+            except StoreError as e:
+                log.warning("lease renewal failed: %s", e, extra={"conversation": key})
+
+    async def _due(self, message: InboundMessage) -> list[InboundMessage]:
+        """What to answer under the lease: the conversation's pending messages up to `message`."""
+        try:
+            pending = await self._store.inbox_pending(message.conversation_key)
+        except StoreError as e:
+            log.error("inbox unreadable, answering this message only: %s", e, extra=_fields(message))
+            return [message]
+        ids = [m.request_id for m in pending]
+        if message.request_id not in ids:
+            log.info("already answered, skipped", extra=_fields(message))
+            return []
+        return pending[: ids.index(message.request_id) + 1]
+
+    async def _answer(self, message: InboundMessage, ready_at: float) -> None:
         """Run the responder under the deadline; any failure becomes a notice, never silence."""
         try:
-            async with asyncio.timeout(self.cfg.deadline):
-                await self._responder.handle(message)
-        except TimeoutError:
-            log.error("deadline exceeded", extra=_fields(message))
-            await self._responder.notice(message, TIMEOUT_NOTICE.format(request_id=message.request_id))
+            async with asyncio.timeout(self.cfg.deadline) as deadline:
+                await self._responder.handle(message, ready_at)
+        except Exception as e:
+            # A TimeoutError from inside the responder is a plain failure, not our deadline.
+            if isinstance(e, TimeoutError) and deadline.expired():
+                log.error("deadline exceeded", extra=_fields(message))
+                await self._notify(message, TIMEOUT_NOTICE.format(request_id=message.request_id))
+            else:
+                log.exception("answer failed", extra=_fields(message))
+                await self._notify(message, APOLOGY.format(request_id=message.request_id))
+
+    async def _notify(self, message: InboundMessage, text: str) -> None:
+        """`Responder.notice` must not raise; if it does anyway, the worker still lives on."""
+        try:
+            await self._responder.notice(message, text)
         except Exception:
-            log.exception("answer failed", extra=_fields(message))
-            await self._responder.notice(message, APOLOGY.format(request_id=message.request_id))
+            log.exception("notice failed", extra=_fields(message))
 
     async def _settle(self, message: InboundMessage) -> None:
         """The message got its answer (or a notice): it leaves the inbox."""
         try:
             await self._store.inbox_done(message)
-        except StoreError as e:
+        except Exception as e:  # a store bug must not kill the conversation's worker either
             # It stays in the inbox and is answered again after a restart; say so.
             log.error("could not mark message answered: %s", e, extra=_fields(message))
 

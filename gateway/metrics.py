@@ -33,6 +33,12 @@ class Metrics:
         self.model_errors = Counter(
             "botgate_model_errors", "Failed model calls by reason.", ["reason"], registry=r
         )
+        self.model_retries = Counter(
+            "botgate_model_retries",
+            "Failed model attempts that were retried (the call may still succeed), by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.model_tokens = Counter(
             "botgate_model_tokens", "Tokens reported by the model.", ["type"], registry=r
         )

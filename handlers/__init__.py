@@ -6,11 +6,13 @@ from aiohttp import web
 
 from gateway.keys import CONFIG
 
-from . import feishu, routes, webchat
+from . import dingtalk, feishu, routes, webchat
 
 
 def setup(app: web.Application) -> None:
     routes.setup(app)
     webchat.setup(app)
+    if app[CONFIG].dingtalk.enabled:
+        dingtalk.setup(app)
     if app[CONFIG].feishu.enabled:
         feishu.setup(app)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +14,8 @@ import handlers
 from gateway.app import create_app
 from gateway.config import Config, build
 from tests.doubles.openai import OpenAIDouble
+from tests.process import GatewayProcess
+from tests.redisd import RedisServer
 
 # websockets honours proxy variables even for 127.0.0.1 (protocols.md §0.8).
 os.environ["NO_PROXY"] = "127.0.0.1,localhost"
@@ -20,15 +23,23 @@ os.environ["no_proxy"] = "127.0.0.1,localhost"
 
 
 def make_config(**sections: dict[str, Any]) -> Config:
-    """A config from defaults plus `sections` (e.g. model={"base_url": ...}), without env."""
+    """A config from defaults plus `sections` (e.g. model={"base_url": ...}), without env.
+
+    The store defaults to `memory://` here (fast, nothing on disk); tests of durability pass
+    `store={"url": ...}` themselves."""
+    sections.setdefault("store", {"url": "memory://"})
     return build(sections, env={}, source="<test>")
 
 
 @pytest.fixture
-async def openai_double(aiohttp_server: Callable[..., Any]) -> tuple[OpenAIDouble, str]:
+async def openai_double(
+    aiohttp_server: Callable[..., Any],
+) -> AsyncIterator[tuple[OpenAIDouble, str]]:
+    """The double and its base URL (`.../v1`); held requests are released at teardown."""
     double = OpenAIDouble()
     server = await aiohttp_server(double.app())
-    return double, str(server.make_url("/v1"))
+    yield double, str(server.make_url("/v1"))
+    double.release()
 
 
 @pytest.fixture
@@ -41,3 +52,41 @@ def gateway(aiohttp_client: Callable[..., Any]) -> Callable[..., Any]:
         return client
 
     return start
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the whole run (tests that kill Redis start their own)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The shared redis-server, emptied for this test."""
+    redis_server.flush()
+    return redis_server.url
+
+
+@pytest.fixture
+def spawn_gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    """Start `python run.py` subprocesses (config text, extra env); killed at teardown if still up."""
+    started: list[GatewayProcess] = []
+
+    def spawn(
+        config: str = "",
+        env: dict[str, str] | None = None,
+        start: bool = True,
+        wrapper: list[str] | None = None,
+    ) -> GatewayProcess:
+        workdir = tmp_path / f"gw{len(started)}"
+        workdir.mkdir()
+        process = GatewayProcess(workdir, config, env, wrapper)
+        started.append(process)
+        return process.start() if start else process
+
+    yield spawn
+    for process in started:
+        process.kill()

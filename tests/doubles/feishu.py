@@ -25,8 +25,9 @@ import orjson
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
 
-from gateway.config import Config, build
+from gateway.config import Config
 from handlers.feishu.frame import Frame, decode, encode
+from tests.conftest import make_config
 from tests.doubles.feishu_events import APP_ID, BOT_OPEN_ID
 
 APP_SECRET = "secret-test"
@@ -386,4 +387,4 @@ def config(domain: str, model_url: str = "", **sections: dict[str, Any]) -> Conf
     }
     if model_url:
         data["model"] = {"base_url": model_url, **data.get("model", {})}
-    return build(data, env={}, source="<test>")
+    return make_config(**data)
