@@ -129,6 +129,18 @@ async def test_refused_credentials_reported_and_retried(feishu: Any, gateway: An
     assert resp.status == 503 and "feishu reconnecting" in (await resp.json())["reason"]
 
 
+async def test_refused_upgrade_reported(feishu: Any, gateway: Any) -> None:
+    double, domain = feishu
+    double.refuse_ws = "exceed conn limit"
+    double.client_config["ReconnectInterval"] = 0  # retries as fast as the backoff allows
+    client: Client = await gateway(fd.config(domain))
+    channel = client.app[CHANNELS]["feishu"]
+    await double.wait_for(lambda: "exceed conn limit" in channel.status().last_error)
+    assert "handshake refused: HTTP 403" in channel.status().last_error
+    double.refuse_ws = ""
+    await double.wait_for(lambda: channel.status().state is ChannelState.CONNECTED and double.sockets)
+
+
 async def test_admin_reconnect(start: Any, feishu: Any) -> None:
     double, _ = feishu
     client = await start()

@@ -9,7 +9,8 @@ It enforces the limits that make Feishu reject a card (more than 5 tables, more 
 test that passes proves botgate never sent a card Feishu would refuse.
 
 Scripted faults: `pong = False` (stop answering pings), `close_sockets()`, `reject_token_once`,
-`fail_card` ("create" | "content" | "settings"), `fail_replies` (reply calls that answer 500).
+`fail_card` ("create" | "content" | "settings"), `fail_replies` (reply calls that answer 500),
+`refuse_ws` (the websocket upgrade refused with Feishu's handshake-* headers).
 lark-oapi's own ws client runs against it in tests/test_feishu_conformance.py.
 """
 
@@ -80,6 +81,7 @@ class FeishuDouble:
     reject_token_once: bool = False
     fail_card: str = ""
     fail_replies: int = 0
+    refuse_ws: str = ""  # a handshake-msg: refuse the websocket upgrade as Feishu does (403)
     resources: dict[tuple[str, str], tuple[bytes, str]] = field(default_factory=dict)
 
     endpoint_calls: int = 0
@@ -161,7 +163,10 @@ class FeishuDouble:
         url = f"ws://{request.host}/ws?device_id=dev-{self.endpoint_calls}&service_id={SERVICE_ID}&ticket=t"
         return ok(data={"URL": url, "ClientConfig": self.client_config})
 
-    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
+        if self.refuse_ws:
+            headers = {"handshake-status": "403", "handshake-msg": self.refuse_ws}
+            return web.Response(status=403, headers=headers)
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         self.sockets.append(ws)
