@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from . import findings, ingress, latency, micro, recovery, resources
+from . import findings, ingress, latency, micro, recovery, resources, stream
 from .context import BenchError, Context
 from .env import ROOT, load_average, machine_facts, pin_self, plan_cores, raise_fd_limit, wrk_path
 from .report import Row, markdown, table
@@ -22,7 +22,7 @@ from .servers import ServerError
 Scenario = Callable[[Context], Awaitable[list[Row]]]
 SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "1": ("webhook ingress", ingress.webhook),
-    "2": ("stream ingress", ingress.stream),
+    "2": ("stream ingress", stream.stream),
     "3": ("overhead + burst (3, 4)", latency.run),
     "5": ("memory", resources.memory),
     "6": ("recovery", recovery.run),

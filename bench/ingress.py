@@ -1,6 +1,5 @@
-"""Scenarios 1 (signed DingTalk webhook events/s) and 2 (DingTalk Stream / Feishu ws events/s),
-each next to its reference: the bare aiohttp handler and FastAPI for webhooks, bare protocol
-clients (parse + ACK, nothing else) for the long connections."""
+"""Scenario 1: signed DingTalk webhook events/s next to the bare aiohttp handler and FastAPI, with
+the answering side parked (intake only, what the targets are about) and live (intake + answers)."""
 
 from __future__ import annotations
 
@@ -8,14 +7,12 @@ import asyncio
 import importlib.util
 import re
 import time
-from collections.abc import Awaitable, Callable
 
 import aiohttp
 import orjson
 
 from .context import (
     MISSING_DINGTALK,
-    MISSING_FEISHU,
     MISSING_SQLITE,
     BenchError,
     Channels,
@@ -24,22 +21,20 @@ from .context import (
     gateway_for,
     sqlite_store,
 )
-from .dingtalk import WEBHOOK_PATH, DingTalkDouble, chatbot_payload
+from .dingtalk import WEBHOOK_PATH, chatbot_payload
 from .doubles import Sink, instant_model, parked_model
-from .feishu import FeishuDouble
 from .load import CONNECTIONS, LoadResult, run_load
-from .report import Row, at_least, at_least_ratio
+from .report import Row, at_least_ratio
 from .servers import ServerProcess, dingtalk_section, reference
 
 S1 = "1. Webhook ingress"
-S2 = "2. Stream ingress"
 PATH = "/dingtalk/webhook"
 STORES = (("memory", "memory store"), ("sqlite", "SQLite store"))
 QUICK_SKIP = "informational run, left out of --quick"
 # One worker, parked on a model that never answers; stopping does not wait for it.
 PARKED = {"max_concurrency": 1, "drain_timeout": 0.2}
 INTAKE_ONLY = "max_concurrency 1 and a model double that never answers, so the core does nothing but intake"
-__all__ = ["CONNECTIONS", "stream", "webhook"]
+__all__ = ["CONNECTIONS", "webhook"]
 
 
 def _load_note(r: LoadResult, usage: str) -> str:
@@ -80,7 +75,7 @@ async def replies_delivered(proc: ServerProcess, platform: str) -> int:
     return int(sum(float(v) for v in re.findall(pattern, text, re.M)))
 
 
-async def _drain(proc: ServerProcess, platform: str, expected: int, within: float) -> float | None:
+async def drain(proc: ServerProcess, platform: str, expected: int, within: float) -> float | None:
     """Seconds until the gateway delivered `expected` replies (None if not `within` seconds)."""
     started = time.monotonic()
     while await replies_delivered(proc, platform) < expected:
@@ -90,7 +85,7 @@ async def _drain(proc: ServerProcess, platform: str, expected: int, within: floa
     return time.monotonic() - started
 
 
-async def _accepted(proc: ServerProcess) -> int:
+async def accepted(proc: ServerProcess) -> int:
     """Messages the gateway accepted so far (botgate_messages_received_total, all platforms)."""
     async with aiohttp.ClientSession() as http, http.get(proc.url + "/metrics") as resp:
         text = await resp.text()
@@ -208,7 +203,7 @@ async def webhook(ctx: Context) -> list[Row]:
             async with proc:
                 result, usage = await _hammer(ctx, proc, hook)
                 answered = await replies_delivered(proc, "dingtalk")
-                drained = await _drain(proc, "dingtalk", await _accepted(proc), ctx.pick(120.0, 30.0))
+                drained = await drain(proc, "dingtalk", await accepted(proc), ctx.pick(120.0, 30.0))
             note = (
                 "the same, while every message is also answered on the same core (instant model double, "
                 f"markdown reply POSTed to the sessionWebhook sink); {_load_note(result, usage)}; "
@@ -230,172 +225,4 @@ async def webhook(ctx: Context) -> list[Row]:
         await model.stop()
         await parked.stop()
         await sink.server.stop()
-    return rows
-
-
-Pump = Callable[[int], Awaitable[asyncio.Future[float]]]
-
-
-async def pump(send_one: Pump, count: int, window: int, seconds: float) -> float:
-    """Push up to `count` events (stopping after `seconds`), keeping at most `window` un-ACKed;
-    events/s from the first push to the last ACK."""
-    slots = asyncio.Semaphore(window)
-    acks: list[asyncio.Future[float]] = []
-    started = time.monotonic()
-    for i in range(count):
-        if time.monotonic() - started > seconds:
-            break
-        await slots.acquire()
-        future = await send_one(i)
-        future.add_done_callback(lambda _: slots.release())
-        acks.append(future)
-    try:
-        async with asyncio.timeout(30):
-            done = await asyncio.gather(*acks)
-    except TimeoutError:
-        raise BenchError(f"{sum(not f.done() for f in acks)} of {len(acks)} events never ACKed") from None
-    return len(acks) / (max(done) - started)
-
-
-def _dingtalk_sender(double: DingTalkDouble, tag: str) -> Pump:
-    async def send(i: int) -> asyncio.Future[float]:
-        frame_id, _, frame = double.callback_frame(f"{tag}{i % 1000}", f"stream message {tag} {i}")
-        future = double.expect_ack(frame_id)
-        await double.push(frame)
-        return future
-
-    return send
-
-
-def _feishu_sender(double: FeishuDouble, tag: str) -> Pump:
-    async def send(i: int) -> asyncio.Future[float]:
-        frame_id, frame = double.event_frame(f"{tag}{i % 1000}", f"stream message {tag} {i}")
-        future = double.expect_ack(frame_id)
-        await double.push(frame)
-        return future
-
-    return send
-
-
-async def _connected(event: asyncio.Event, what: str) -> None:
-    try:
-        await asyncio.wait_for(event.wait(), 15)
-    except TimeoutError:
-        raise BenchError(f"{what} never connected to the double") from None
-
-
-# (store, answers?) per gateway run; the first (the shipped default store) is the one the target is
-# about and the only one in --quick.
-STREAM_VARIANTS = (("sqlite", False), ("memory", False), ("sqlite", True))
-
-
-async def stream(ctx: Context) -> list[Row]:
-    count, window, seconds = ctx.pick(50_000, 2_000), ctx.pick(500, 100), ctx.pick(10.0, 1.0)
-    rows: list[Row] = []
-    model = await instant_model().start()
-    parked = await parked_model().start()
-    try:
-        for platform, label, target in (
-            ("dingtalk", "DingTalk Stream", 5000.0),
-            ("feishu", "Feishu ws", None),
-        ):
-            double: DingTalkDouble | FeishuDouble = await (
-                DingTalkDouble() if platform == "dingtalk" else FeishuDouble()
-            ).start()
-            sender = _dingtalk_sender if platform == "dingtalk" else _feishu_sender
-            upstream = double.api_base if isinstance(double, DingTalkDouble) else double.domain
-            try:
-                async with reference(ctx.cores, ctx.workdir, platform, "--upstream", upstream) as ref:
-                    await _connected(double.connected, f"bare {label} client")
-                    start = ref.usage_start()
-                    ceiling = await pump(sender(double, "r"), count, window, seconds)  # type: ignore[arg-type]
-                    ref_usage = ref.usage_since(start)
-                rows.append(
-                    Row(
-                        S2,
-                        f"bare {label} client (ceiling)",
-                        ceiling,
-                        "events/s",
-                        note=f"up to {count:,} events or {seconds:g} s, <= {window} un-ACKed; "
-                        f"parse frame + event JSON, send ACK; {ref_usage}",
-                    )
-                )
-                for store, answers in STREAM_VARIANTS:
-                    name = f"gateway, {label}, {store} store, " + (
-                        "intake + answers" if answers else "intake only"
-                    )
-                    tgt = f">= {target:,.0f} events/s" if target and not answers else ""
-                    if ctx.quick and (answers or store != "sqlite"):
-                        rows.append(Row(S2, name, skipped=QUICK_SKIP))
-                        continue
-                    if not adapter(platform) or (store == "sqlite" and not sqlite_store()):
-                        why = (
-                            (MISSING_DINGTALK if platform == "dingtalk" else MISSING_FEISHU)
-                            if not adapter(platform)
-                            else MISSING_SQLITE
-                        )
-                        rows.append(Row(S2, name, target=tgt, skipped=why))
-                        continue
-                    channels = (
-                        Channels(dingtalk=double)
-                        if isinstance(double, DingTalkDouble)
-                        else Channels(feishu=double)
-                    )
-                    extra = {} if answers else {"dispatcher": PARKED}
-                    proc = gateway_for(
-                        ctx,
-                        (model if answers else parked).url + "/v1",
-                        channels,
-                        store,
-                        f"gateway-{platform}-{store}",
-                        **extra,
-                    )
-                    async with proc:
-                        await _connected(double.connected, name)
-                        await pump(sender(double, "w"), ctx.pick(2000, 200), window, ctx.pick(2.0, 0.2))  # type: ignore[arg-type]
-                        start = proc.usage_start()
-                        rate = await pump(sender(double, "g"), count, window, seconds)  # type: ignore[arg-type]
-                        usage = proc.usage_since(start)
-                        drained = (
-                            await _drain(proc, platform, await _accepted(proc), ctx.pick(120.0, 30.0))
-                            if answers
-                            else None
-                        )
-                    note = (
-                        f"up to {count:,} events or {seconds:g} s, <= {window} un-ACKed, ACK/response frame "
-                        "once "
-                        f"the dispatcher accepted; {usage}; "
-                    )
-                    if answers:
-                        note += (
-                            "every message also answered on the same core (instant model, reply to the "
-                            "sink), "
-                            + (
-                                f"all delivered {drained:.1f} s after the last ACK"
-                                if drained is not None
-                                else "NOT all delivered"
-                            )
-                        )
-                    else:
-                        note += f"answers parked ({INTAKE_ONLY})"
-                    rows.append(
-                        Row(
-                            S2,
-                            name,
-                            rate,
-                            "events/s",
-                            f"bare {label} client",
-                            ceiling,
-                            tgt,
-                            at_least(target) if tgt and target else None,
-                            note=note,
-                        )
-                    )
-                    if double.bad_acks:
-                        raise BenchError(f"{name}: {double.bad_acks} ACKs without code 200")
-            finally:
-                await double.stop()
-    finally:
-        await model.stop()
-        await parked.stop()
     return rows
