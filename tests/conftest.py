@@ -13,6 +13,7 @@ import handlers
 from gateway.app import create_app
 from gateway.config import Config, build
 from tests.doubles.openai import OpenAIDouble
+from tests.gatewayproc import GatewayProcess
 from tests.redisd import RedisServer
 
 # websockets honours proxy variables even for 127.0.0.1 (protocols.md §0.8).
@@ -66,3 +67,12 @@ def redis_url(redis_server: RedisServer) -> str:
     """The shared redis-server, emptied for this test."""
     redis_server.flush()
     return redis_server.url
+
+
+@pytest.fixture
+def processes() -> Iterator[list[GatewayProcess]]:
+    """Gateway processes a test starts (append them); whatever still runs at the end is killed."""
+    made: list[GatewayProcess] = []
+    yield made
+    for process in made:
+        process.kill()
