@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from tests.redisd import free_port
+from tests.redisd import listen_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,7 +34,7 @@ class GatewayProcess:
 
     def __init__(self, workdir: Path, name: str, sections: dict[str, dict[str, Any]]) -> None:
         self.name = name
-        self.port = free_port()
+        self.port = listen_port()
         self.url = f"http://127.0.0.1:{self.port}"
         workdir.mkdir(parents=True, exist_ok=True)
         self.config = workdir / f"{name}.toml"
@@ -47,13 +47,24 @@ class GatewayProcess:
         self.log = workdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    async def start(self, timeout: float = 20.0) -> None:
+        """Start it and wait until it serves HTTP (its channels connect around the same time)."""
         assert self.proc is None, "already running"
         with self.log.open("ab") as out:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen(
+            self.proc = proc = subprocess.Popen(
                 [sys.executable, "run.py", "--config", str(self.config)],
                 cwd=REPO, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             )
+        async with asyncio.timeout(timeout), aiohttp.ClientSession() as http:
+            while True:  # the child is importing and opening its store: nothing to await on
+                assert proc.poll() is None, f"{self.name} exited: {self.log.read_text()[-2000:]}"
+                try:
+                    async with http.get(f"{self.url}/healthz") as resp:
+                        if resp.status == 200:
+                            return
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.02)
 
     def pause(self) -> None:
         """SIGSTOP: frames sent now stay unread in its socket, never ACKed."""

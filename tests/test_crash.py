@@ -108,7 +108,7 @@ async def test_kill_9_mid_burst_then_restart_answers_every_acked_message_once(
         },
     )
     processes.append(gateway)
-    gateway.start()
+    await gateway.start()
     await double.wait_for(lambda: double.open_connections == [1], timeout=15)
 
     burst = Burst(double)
@@ -132,7 +132,7 @@ async def test_kill_9_mid_burst_then_restart_answers_every_acked_message_once(
     assert len(acked) < len(burst.bodies)  # the last burst, at least, was never ACKed
 
     model.release()
-    gateway.start()
+    await gateway.start()
     await double.wait_for(lambda: double.open_connections == [2], timeout=15)
     redelivered = await double.redeliver()
     assert set(redelivered) == set(burst.bodies) - acked

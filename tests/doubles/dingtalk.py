@@ -213,6 +213,12 @@ class DingTalkDouble:
     def acked(self, frame_id: str) -> Ack | None:
         return next((a for a in self.acks if a.message_id == frame_id), None)
 
+    async def wait_acked(self, frame_id: str) -> Ack:
+        await self.wait_for(lambda: self.acked(frame_id) is not None)
+        ack = self.acked(frame_id)
+        assert ack is not None
+        return ack
+
     def acked_messages(self) -> set[str]:
         """msgIds of which at least one delivery was ACKed: DingTalk considers them handed over."""
         acked = {a.message_id for a in self.acks}
