@@ -273,7 +273,7 @@ class Dispatcher:
 
         While the store is unavailable this keeps trying (the conversation waits, still under its
         lease): given up, the entry would stay and be answered a second time by the next start or
-        by another instance adopting it. Cancelled by the drain at shutdown, it does stay."""
+        by another instance adopting it. Once shutdown has begun it gives up, and that happens."""
         backoff = Backoff(first=0.05, cap=1.0)
         while True:
             try:
@@ -282,6 +282,9 @@ class Dispatcher:
                     log.info("message marked answered after the store came back", extra=_fields(message))
                 return
             except StoreError as e:
+                if self._closing:
+                    log.error("could not mark message answered, left in the inbox: %s", e, extra=_fields(message))
+                    return
                 if backoff.attempt == 0:
                     log.error("could not mark message answered, retrying: %s", e, extra=_fields(message))
             except Exception as e:  # a store bug must not kill the conversation's worker either
