@@ -47,14 +47,18 @@ class GatewayProcess:
         self.log = workdir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    async def start(self, timeout: float = 20.0) -> None:
-        """Start it and wait until it serves HTTP (its channels connect around the same time)."""
+    def _spawn(self) -> subprocess.Popen[bytes]:
         assert self.proc is None, "already running"
         with self.log.open("ab") as out:  # the child keeps its own copy of the descriptor
-            self.proc = proc = subprocess.Popen(
+            self.proc = subprocess.Popen(
                 [sys.executable, "run.py", "--config", str(self.config)],
                 cwd=REPO, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             )
+        return self.proc
+
+    async def start(self, timeout: float = 20.0) -> None:
+        """Start it and wait until it serves HTTP (its channels connect around the same time)."""
+        proc = self._spawn()  # fork+exec: quick, and nothing to wait for
         async with asyncio.timeout(timeout), aiohttp.ClientSession() as http:
             while True:  # the child is importing and opening its store: nothing to await on
                 assert proc.poll() is None, f"{self.name} exited: {self.log.read_text()[-2000:]}"
