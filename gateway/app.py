@@ -17,6 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
+from .channel import Channel
 from .config import Config
 from .dispatcher import Dispatcher
 from .errors import StoreError
@@ -59,7 +60,8 @@ async def _model_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
-    responder = Responder(cfg, app[STORE], app[MODEL], app[CHANNELS], app[METRICS])
+    channels: dict[str, Channel] = app[CHANNELS]
+    responder = Responder(cfg, app[STORE], app[MODEL], channels, app[METRICS])
     dispatcher = Dispatcher(cfg.dispatcher, app[STORE], app[METRICS], responder)
     app[DISPATCHER] = dispatcher
     yield

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from gateway.keys import CONFIG
 
-from . import dingtalk, routes, webchat
+from . import dingtalk, feishu, routes, webchat
 
 
 def setup(app: web.Application) -> None:
@@ -14,3 +14,5 @@ def setup(app: web.Application) -> None:
     webchat.setup(app)
     if app[CONFIG].dingtalk.enabled:
         dingtalk.setup(app)
+    if app[CONFIG].feishu.enabled:
+        feishu.setup(app)

@@ -10,7 +10,10 @@ and waits on the model, the inbox holds the rest, and frames are still arriving.
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -21,7 +24,7 @@ from gateway.store import RedisStore, SqliteStore, Store
 from tests.dingtalk_support import dingtalk_section, serve
 from tests.doubles.dingtalk import DingTalkDouble
 from tests.doubles.openai import OpenAIDouble
-from tests.gatewayproc import GatewayProcess
+from tests.process import GatewayProcess, env_for
 
 CONVERSATIONS = 5
 FIRST = 8  # messages per conversation ACKed before the crash
@@ -31,7 +34,7 @@ UNREAD = 5  # and a fourth that it never reads (it is stopped, then killed)
 
 
 def session_of(body: dict[str, Any]) -> str:
-    return parse_qs(urlsplit(body["sessionWebhook"]).query)["session"][0]
+    return str(parse_qs(urlsplit(body["sessionWebhook"]).query)["session"][0])
 
 
 class Burst:
@@ -87,7 +90,7 @@ async def pending(store_url: str, tmp_path: Path) -> list[str]:
 async def test_kill_9_mid_burst_then_restart_answers_every_acked_message_once(
     aiohttp_server: Any,
     openai_double: tuple[OpenAIDouble, str],
-    processes: list[GatewayProcess],
+    spawn_gateway: Callable[..., GatewayProcess],
     store_url: str,
     tmp_path: Path,
 ) -> None:
@@ -95,9 +98,7 @@ async def test_kill_9_mid_burst_then_restart_answers_every_acked_message_once(
     await serve(aiohttp_server, double)
     model, model_url = openai_double
     model.metered = True
-    gateway = GatewayProcess(
-        tmp_path,
-        "crash",
+    env = env_for(
         {
             "dingtalk": dingtalk_section(double),
             "model": {"base_url": model_url, "max_retries": 0},
@@ -105,10 +106,10 @@ async def test_kill_9_mid_burst_then_restart_answers_every_acked_message_once(
             "cache": {"enabled": False},
             # A dead instance's conversation leases (Redis) block the restart this long.
             "dispatcher": {"lease_ttl": 1.0, "drain_timeout": 5.0},
-        },
+        }
     )
-    processes.append(gateway)
-    await gateway.start()
+    gateway = spawn_gateway(env=env, start=False)
+    await asyncio.to_thread(gateway.start)  # the doubles it talks to run in this loop
     await double.wait_for(lambda: double.open_connections == [1], timeout=15)
 
     burst = Burst(double)
@@ -122,7 +123,7 @@ async def test_kill_9_mid_burst_then_restart_answers_every_acked_message_once(
 
     await burst.push(range(FIRST, FIRST + 1))
     await double.wait_for(lambda: len(double.acked_messages()) > FIRST * CONVERSATIONS)
-    gateway.pause()  # mid-burst: whatever it has not ACKed by now, it never will
+    gateway.signal(signal.SIGSTOP)  # mid-burst: whatever it has not ACKed by now, it never will
     await burst.push(range(FIRST + 1, FIRST + 2))
     gateway.kill()
     await double.wait_for(lambda: not double.connected)
@@ -132,7 +133,8 @@ async def test_kill_9_mid_burst_then_restart_answers_every_acked_message_once(
     assert len(acked) < len(burst.bodies)  # the last burst, at least, was never ACKed
 
     model.release()
-    await gateway.start()
+    gateway = spawn_gateway(env=env, start=False)  # same store
+    await asyncio.to_thread(gateway.start)
     await double.wait_for(lambda: double.open_connections == [2], timeout=15)
     redelivered = await double.redeliver()
     assert set(redelivered) == set(burst.bodies) - acked
@@ -141,16 +143,17 @@ async def test_kill_9_mid_burst_then_restart_answers_every_acked_message_once(
     # Anything queued twice would be answered before a later message of its conversation.
     await burst.push(range(FIRST + 2, FIRST + 3))
     await double.wait_for(lambda: set(burst.answers()) == set(burst.bodies))
-    assert await gateway.stop() == 0
+    assert await asyncio.to_thread(gateway.stop) == 0
 
     answers = burst.answers()
     before = len(burst.bodies) - CONVERSATIONS  # without the last round, pushed after the restart
     duplicates = sum(n - 1 for n in answers.values())
-    resumed = sum(e["count"] for e in gateway.events("resumed unanswered messages"))
+    resumes = [e for e in gateway.log_lines() if e["event"] == "resumed unanswered messages"]
+    resumed = sum(int(str(e["count"])) for e in resumes)
     # The numbers docs/state.md quotes (`pytest -s` or `-rP` shows them).
     print(
-        f"crash: {before} messages, {len(acked)} ACKed before kill -9, {ANSWERED} answered"
-        f" before it, {resumed} resumed from the inbox, {len(redelivered)} redelivered, {duplicates} duplicates"
+        f"crash: {before} messages, {len(acked)} ACKed before kill -9, {ANSWERED} answered before it,"
+        f" {resumed} resumed from the inbox, {len(redelivered)} redelivered, {duplicates} duplicates"
     )
     assert duplicates == 0, f"{duplicates} answered twice: {[m for m, n in answers.items() if n > 1]}"
     assert resumed >= len(acked) - ANSWERED  # the ACKed, unanswered ones came back from the inbox

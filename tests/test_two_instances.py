@@ -7,9 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,7 +19,7 @@ from handlers.dingtalk.webhook import sign
 from tests.dingtalk_support import dingtalk_section, serve
 from tests.doubles.dingtalk import DingTalkDouble
 from tests.doubles.openai import OpenAIDouble
-from tests.gatewayproc import GatewayProcess
+from tests.process import GatewayProcess, env_for
 from tests.test_state_e2e import metric
 
 pytestmark = pytest.mark.redis
@@ -62,32 +61,33 @@ class Pair:
 async def pair(
     aiohttp_server: Any,
     openai_double: tuple[OpenAIDouble, str],
-    processes: list[GatewayProcess],
+    spawn_gateway: Callable[..., GatewayProcess],
     redis_url: str,
-    tmp_path: Path,
 ) -> AsyncIterator[Pair]:
     double = DingTalkDouble()
     await serve(aiohttp_server, double)
     model, model_url = openai_double
-    def sections(name: str) -> dict[str, dict[str, Any]]:
-        return {
-            "dingtalk": {**dingtalk_section(double), "mode": "both"},
-            "model": {"base_url": model_url, "api_keys": [f"key-{name}"]},
-            "store": {"url": redis_url},
-            "cache": {"enabled": False},
-            "dispatcher": {"lease_ttl": 1.0, "drain_timeout": 5.0},
-        }
 
-    a = GatewayProcess(tmp_path / "a", "a", sections("a"))
-    b = GatewayProcess(tmp_path / "b", "b", sections("b"))
-    processes.extend([a, b])
-    await a.start()  # one after the other, so connection 1 is A's and 2 is B's
-    await double.wait_for(lambda: double.open_connections == [A], timeout=15)
-    await b.start()
-    await double.wait_for(lambda: double.open_connections == [A, B], timeout=15)
+    async def instance(name: str, connection: int) -> GatewayProcess:
+        env = env_for(
+            {
+                "dingtalk": {**dingtalk_section(double), "mode": "both"},
+                "model": {"base_url": model_url, "api_keys": [f"key-{name}"]},
+                "store": {"url": redis_url},
+                "cache": {"enabled": False},
+                "dispatcher": {"lease_ttl": 1.0, "drain_timeout": 5.0},
+            }
+        )
+        process = spawn_gateway(env=env, start=False)
+        await asyncio.to_thread(process.start)  # the doubles it talks to run in this loop
+        await double.wait_for(lambda: connection in double.open_connections, timeout=15)
+        return process
+
+    a = await instance("a", A)  # one after the other, so connection 1 is A's and 2 is B's
+    b = await instance("b", B)
     yield Pair(double, model, a, b)
-    assert await a.stop() == 0
-    assert await b.stop() == 0
+    assert await asyncio.to_thread(a.stop) == 0
+    assert await asyncio.to_thread(b.stop) == 0
 
 
 async def dedup_dropped(gateway: GatewayProcess) -> float:
