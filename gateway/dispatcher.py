@@ -283,7 +283,7 @@ class Dispatcher:
                 return
             except StoreError as e:
                 if self._closing:
-                    log.error("could not mark message answered, left in the inbox: %s", e, extra=_fields(message))
+                    log.error("message answered but left in the inbox: %s", e, extra=_fields(message))
                     return
                 if backoff.attempt == 0:
                     log.error("could not mark message answered, retrying: %s", e, extra=_fields(message))
