@@ -3,10 +3,9 @@ deduplicated, back-pressured.
 
 `submit()` is what every adapter calls. It returns only after the message is safely accepted
 (dedup key claimed and message in the inbox, one atomic store step), so the adapter may ACK the
-platform right then; the
-answer is produced later by a worker. One worker task exists per conversation that has queued
-messages (so order is strict and idle conversations cost nothing); a semaphore bounds how many
-messages are being answered at once.
+platform right then; the answer is produced later by a worker. One worker task exists per
+conversation that has queued messages (so order is strict and idle conversations cost nothing); a
+semaphore bounds how many messages are being answered at once.
 
 Several instances may share one store (Redis). A worker answers only while holding the store's
 lease on its conversation, and under it answers every still-pending message of that conversation up
@@ -273,7 +272,8 @@ class Dispatcher:
 
         While the store is unavailable this keeps trying (the conversation waits, still under its
         lease): given up, the entry would stay and be answered a second time by the next start or
-        by another instance adopting it. Once shutdown has begun it gives up, and that happens."""
+        by another instance adopting it. Once shutdown has begun it does give up: the process is
+        going away and cannot wait for the store."""
         backoff = Backoff(first=0.05, cap=1.0)
         while True:
             try:
