@@ -1,13 +1,17 @@
 """The app factory: composes the core's resources as `cleanup_ctx` contexts, in dependency order.
 
-Up: HTTP client session -> store -> model client -> dispatcher (resumes the inbox) -> whatever
-`setup` functions add (the platform adapters and routes, from `handlers`). Down in reverse. Intake
-stops and the dispatcher drains in `on_shutdown`, i.e. while adapters can still deliver replies.
+Up: HTTP client session -> store -> model client -> dispatcher -> SIGHUP reload -> whatever
+`setup` functions add (the platform adapters and routes, from `handlers`) -> inbox resume. Down in
+reverse. Intake stops and the dispatcher drains in `on_shutdown`, i.e. while adapters can still
+deliver replies.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 
@@ -15,12 +19,25 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
-from .config import Config
+from .auth import AdminAuth
+from .config import Config, ConfigError
 from .dispatcher import Dispatcher
 from .errors import StoreError
-from .keys import CHANNELS, CONFIG, DISPATCHER, HTTP, METRICS, MODEL, STARTED_AT, STORE
+from .keys import (
+    CHANNELS,
+    CONFIG,
+    DISPATCHER,
+    HTTP,
+    LIVE,
+    METRICS,
+    MODEL,
+    RESPONDER,
+    STARTED_AT,
+    STORE,
+)
 from .metrics import Metrics
 from .model import create_model_client
+from .reload import LiveConfig, ReloadReport, apply_logging, commit, plan, read_config
 from .responder import Responder
 from .store import open_store
 
@@ -58,10 +75,66 @@ async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     responder = Responder(cfg, app[STORE], app[MODEL], app[CHANNELS], app[METRICS])
     dispatcher = Dispatcher(cfg.dispatcher, app[STORE], app[METRICS], responder)
+    app[RESPONDER] = responder
     app[DISPATCHER] = dispatcher
     yield
     # Normally drained already in on_shutdown; this is the backstop (e.g. a failed startup).
     await dispatcher.drain(0.0 if not dispatcher.accepting else cfg.dispatcher.drain_timeout)
+
+
+async def reload_config(app: web.Application) -> ReloadReport:
+    """Re-read the config file and apply what can change live (see `gateway.reload`).
+
+    Raises `ConfigError` (the running config stays in force) when the new file is invalid."""
+    live = app[LIVE]
+    async with live.lock:
+        new = await asyncio.to_thread(read_config, live.config.source)
+        report = plan(live, new)
+        responder = app[RESPONDER]
+        model = responder.model
+        if any(key.startswith("model.") for key in report.applied):
+            model = create_model_client(new.model, app[HTTP], app[METRICS])
+        responder.reconfigure(new, model)
+        if new.log != live.config.log or new.secrets() != live.config.secrets():
+            apply_logging(new)
+        if new.admin != live.config.admin:
+            AdminAuth.warn_if_ephemeral(new.admin)
+        commit(live, new, report)
+    return report
+
+
+async def _reload_quietly(app: web.Application) -> None:
+    try:
+        await reload_config(app)
+    except ConfigError as e:
+        log.error("config reload failed, the running config stays in force: %s", e)
+
+
+async def _sighup_ctx(app: web.Application) -> AsyncIterator[None]:
+    """`kill -HUP` reloads the config, like the admin API's POST /api/reload."""
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[None]] = set()
+
+    def on_sighup() -> None:
+        task = loop.create_task(_reload_quietly(app), name="config-reload")
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        installed = True
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError):
+        # No SIGHUP (Windows) or not the main thread (embedded): the admin API still reloads.
+        installed = False
+    try:
+        yield
+    finally:
+        if installed:
+            loop.remove_signal_handler(signal.SIGHUP)
+        for task in list(pending):
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def _resume_inbox(app: web.Application) -> AsyncIterator[None]:
@@ -85,7 +158,8 @@ def create_app(config: Config, setup: Iterable[Setup] = ()) -> web.Application:
     app[METRICS] = Metrics()
     app[CHANNELS] = {}
     app[STARTED_AT] = time.time()
-    app.cleanup_ctx.extend([_http_ctx, _store_ctx, _model_ctx, _dispatcher_ctx])
+    app[LIVE] = LiveConfig(config)
+    app.cleanup_ctx.extend([_http_ctx, _store_ctx, _model_ctx, _dispatcher_ctx, _sighup_ctx])
     for fn in setup:
         fn(app)
     app.cleanup_ctx.append(_resume_inbox)

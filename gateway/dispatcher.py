@@ -20,7 +20,7 @@ from typing import Protocol
 from .config import DispatcherConfig
 from .errors import StoreError
 from .messages import InboundMessage
-from .metrics import Metrics
+from .metrics import Metrics, Outcome
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,8 @@ class Responder(Protocol):
     async def handle(self, message: InboundMessage) -> None:
         """Answer one message (model call, reply delivery)."""
 
-    async def notice(self, message: InboundMessage, text: str) -> None:
-        """Send a short notice; must not raise."""
+    async def notice(self, message: InboundMessage, text: str, outcome: Outcome) -> None:
+        """Send a short notice (counted as `outcome`); must not raise."""
 
 
 class Dispatcher:
@@ -91,15 +91,15 @@ class Dispatcher:
                 return Admission.DUPLICATE
             if self._depth >= self.cfg.max_queue:
                 log.warning("queue full, sender told to retry", extra=_fields(message))
-                self._spawn(self._responder.notice(message, BUSY_NOTICE))
+                self._spawn(self._responder.notice(message, BUSY_NOTICE, Outcome.BUSY))
                 return Admission.BUSY
             await self._store.inbox_add(message)
         except StoreError as e:
             log.error("store unavailable, message not accepted: %s", e, extra=_fields(message))
             return Admission.UNAVAILABLE
-        self._metrics.messages_received.labels(
+        self._metrics.message_received(
             message.platform, message.transport, message.conversation_kind.value
-        ).inc()
+        )
         self._enqueue(message)
         return Admission.ACCEPTED
 
@@ -154,10 +154,12 @@ class Dispatcher:
                 await self._responder.handle(message)
         except TimeoutError:
             log.error("deadline exceeded", extra=_fields(message))
-            await self._responder.notice(message, TIMEOUT_NOTICE.format(request_id=message.request_id))
+            notice = TIMEOUT_NOTICE.format(request_id=message.request_id)
+            await self._responder.notice(message, notice, Outcome.TIMEOUT)
         except Exception:
             log.exception("answer failed", extra=_fields(message))
-            await self._responder.notice(message, APOLOGY.format(request_id=message.request_id))
+            notice = APOLOGY.format(request_id=message.request_id)
+            await self._responder.notice(message, notice, Outcome.ERROR)
 
     async def _settle(self, message: InboundMessage) -> None:
         """The message got its answer (or a notice): it leaves the inbox."""

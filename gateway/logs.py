@@ -17,7 +17,11 @@ _RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime
 class JsonFormatter(logging.Formatter):
     def __init__(self, secrets: list[str] | None = None) -> None:
         super().__init__()
-        self._secrets = sorted({s for s in secrets or [] if len(s) >= 4}, key=len, reverse=True)
+        self.set_secrets(secrets or [])
+
+    def set_secrets(self, secrets: list[str]) -> None:
+        """Mask these from now on (a config reload may bring new ones)."""
+        self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
 
     def _mask(self, text: str) -> str:
         for secret in self._secrets:

@@ -117,18 +117,24 @@ class OpenAIModel:
 
     async def stream(self, messages: list[Message], completion: Completion) -> AsyncIterator[str]:
         started = time.monotonic()
+        error: str | None = None
+        finished = False
         try:
             async with asyncio.timeout(self.cfg.total_timeout):
                 async for delta in self._stream_with_retries(messages, completion):
                     yield delta
+            finished = True
         except TimeoutError:
-            self._metrics.model_errors.labels("timeout").inc()
+            error = "timeout"
             raise ModelError("model call exceeded the total timeout", "timeout") from None
         except ModelError as e:
-            self._metrics.model_errors.labels(e.reason).inc()
+            error = e.reason
             raise
         finally:
-            self._metrics.model_duration.observe(time.monotonic() - started)
+            # A call the caller abandoned (deadline, stream closed early) proves nothing about
+            # the model: it is not recorded, so it neither fails nor ends a failure streak.
+            if finished or error is not None:
+                self._metrics.model_call(time.monotonic() - started, error)
 
     async def _stream_with_retries(
         self, messages: list[Message], completion: Completion

@@ -10,11 +10,11 @@ from collections.abc import Mapping
 
 import orjson
 
-from .channel import Channel
+from .channel import Channel, ReplyStream
 from .config import Config
 from .errors import ModelError, PlatformError, StoreError
 from .messages import InboundMessage, Reply, ReplyKind
-from .metrics import Metrics
+from .metrics import Metrics, Outcome
 from .model import Completion, Message, ModelClient
 from .store import Store, Turn
 
@@ -51,9 +51,21 @@ class Responder:
         self._channels = channels
         self._metrics = metrics
 
-    async def notice(self, message: InboundMessage, text: str) -> None:
+    @property
+    def model(self) -> ModelClient:
+        return self._model
+
+    def reconfigure(self, cfg: Config, model: ModelClient) -> None:
+        """Use a reloaded config and model client from the next message on (calls in flight
+        finish with the old ones)."""
+        self.cfg = cfg
+        self._model = model
+
+    async def notice(
+        self, message: InboundMessage, text: str, outcome: Outcome = Outcome.NOTICE
+    ) -> None:
         try:
-            await self._send(Reply(message, text, ReplyKind.NOTICE))
+            await self._send(Reply(message, text, ReplyKind.NOTICE), outcome)
         except Exception:
             log.exception("notice could not be delivered", extra=_fields(message))
 
@@ -61,23 +73,23 @@ class Responder:
         text = message.text.strip()
         command = text.split(maxsplit=1)[0].lower() if text.startswith("/") else ""
         if message.unsupported:
-            await self._send(Reply(message, message.unsupported, ReplyKind.NOTICE))
+            await self._send(Reply(message, message.unsupported, ReplyKind.NOTICE), Outcome.NOTICE)
             return
         if command == "/help":
-            await self._send(Reply(message, HELP, ReplyKind.NOTICE))
+            await self._send(Reply(message, HELP, ReplyKind.NOTICE), Outcome.NOTICE)
             return
         if command == "/reset":
             await self._store.reset(message.conversation_key)
-            await self._send(Reply(message, RESET_DONE, ReplyKind.NOTICE))
+            await self._send(Reply(message, RESET_DONE, ReplyKind.NOTICE), Outcome.NOTICE)
             return
         if not await self._within_rate_limit(message):
             return
         images = [a for a in message.attachments if a.kind == "image"]
         if not text and not images:
-            await self._send(Reply(message, GREETING, ReplyKind.NOTICE))
+            await self._send(Reply(message, GREETING, ReplyKind.NOTICE), Outcome.NOTICE)
             return
         if images and not self.cfg.model.vision and not text:
-            await self._send(Reply(message, NO_VISION, ReplyKind.NOTICE))
+            await self._send(Reply(message, NO_VISION, ReplyKind.NOTICE), Outcome.NOTICE)
             return
         await self._answer(message, text, images if self.cfg.model.vision else [])
 
@@ -88,7 +100,7 @@ class Responder:
         log.info("rate limited", extra=_fields(message))
         # One notice per minute per user, not one per message.
         if await self._store.claim(f"rate-notice:{message.user_key}", 60.0):
-            await self._send(Reply(message, RATE_LIMITED, ReplyKind.NOTICE))
+            await self._send(Reply(message, RATE_LIMITED, ReplyKind.NOTICE), Outcome.NOTICE)
         return False
 
     async def _answer(self, message: InboundMessage, text: str, images: list) -> None:
@@ -105,7 +117,7 @@ class Responder:
         overhead = time.time() - message.created_at  # arrival -> model request (or cache hit)
         completion = Completion(model=self._model.name)
         if answer is not None:
-            await self._send(Reply(message, prefix + answer))
+            await self._send(Reply(message, prefix + answer), Outcome.OK)
         else:
             try:
                 answer = await self._stream_answer(message, messages, completion, prefix)
@@ -116,9 +128,8 @@ class Responder:
         delivered = time.monotonic()
         last_byte = completion.last_byte_at or delivered
         overhead += delivered - last_byte
-        self._metrics.overhead.observe(max(0.0, overhead))
-        self._metrics.model_tokens.labels("prompt").inc(completion.usage.prompt_tokens)
-        self._metrics.model_tokens.labels("completion").inc(completion.usage.completion_tokens)
+        self._metrics.gateway_overhead(max(0.0, overhead))
+        self._metrics.model_usage(completion.usage.prompt_tokens, completion.usage.completion_tokens)
         await self._store.append_turns(
             conversation,
             [Turn("user", text or "(image)"), Turn("assistant", answer)],
@@ -154,16 +165,15 @@ class Responder:
             # The open stream (a card already shown) gets the notice as its final text, so the
             # user sees one message, not a stuck card plus a second one.
             if stream is not None:
-                await stream.finish(notice)
+                await self._finish(stream, message, notice, Outcome.MODEL_ERROR)
             else:
-                await self._send(Reply(message, notice, ReplyKind.NOTICE))
+                await self._send(Reply(message, notice, ReplyKind.NOTICE), Outcome.MODEL_ERROR)
             raise _Answered from e
         answer = "".join(parts).strip() or "(the model returned an empty answer)"
         if stream is not None:
-            await stream.finish(prefix + answer)
-            self._metrics.replies.labels(message.platform, "ok").inc()
+            await self._finish(stream, message, prefix + answer, Outcome.OK)
         else:
-            await self._send(Reply(message, prefix + answer))
+            await self._send(Reply(message, prefix + answer), Outcome.OK)
         return answer
 
     async def _user_content(self, message: InboundMessage, text: str, images: list) -> object:
@@ -188,17 +198,27 @@ class Responder:
             value = await self._store.cache_get(key)
         except StoreError:
             value = None
-        self._metrics.cache_requests.labels("hit" if value is not None else "miss").inc()
+        self._metrics.cache_lookup(value is not None)
         return value
 
-    async def _send(self, reply: Reply) -> None:
+    async def _send(self, reply: Reply, outcome: Outcome) -> None:
         channel = self._channels[reply.to.platform]
         try:
             await channel.send(reply)
         except PlatformError:
-            self._metrics.replies.labels(reply.to.platform, "failed").inc()
+            self._metrics.reply(reply.to.platform, Outcome.FAILED)
             raise
-        self._metrics.replies.labels(reply.to.platform, "ok").inc()
+        self._metrics.reply(reply.to.platform, outcome)
+
+    async def _finish(
+        self, stream: ReplyStream, message: InboundMessage, text: str, outcome: Outcome
+    ) -> None:
+        try:
+            await stream.finish(text)
+        except PlatformError:
+            self._metrics.reply(message.platform, Outcome.FAILED)
+            raise
+        self._metrics.reply(message.platform, outcome)
 
 
 class _Answered(Exception):

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import routes, webchat
+from . import admin, auth, robots, routes, status, webchat
 
 
 def setup(app: web.Application) -> None:
-    routes.setup(app)
+    routes.setup(app)  # templates, JSON errors + request metrics (outermost middleware), ops routes
+    auth.setup(app)  # admin login in front of everything below
+    status.setup(app)
+    admin.setup(app)
+    robots.setup(app)  # the alert notifier
     webchat.setup(app)

@@ -1,0 +1,102 @@
+"""Config reload (admin API and SIGHUP): re-read the file, apply what can change live, and say
+plainly what needs a restart.
+
+Applied live: `[model]` (a new model client; calls in flight finish on the old one), `[context]`,
+`[cache]`, `[limits]` (the responder reads them per message), `[admin]`, `[alerts]` (read per
+request / per check), `[log] level` and the secrets the log formatter masks. Everything else —
+`[server]`, `[store]`, `[dispatcher]` and the platform sections — is only reported as needing a
+restart: those objects were built at start and are not rebuilt piecemeal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Config, ConfigError, load
+from .logs import JsonFormatter
+
+log = logging.getLogger(__name__)
+
+LIVE_SECTIONS = frozenset({"model", "context", "cache", "limits", "admin", "alerts", "log"})
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadReport:
+    source: str
+    applied: tuple[str, ...]  # "section.key" now in force
+    needs_restart: tuple[str, ...]  # "section.key" that differ from what the process runs with
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "applied": list(self.applied),
+            "needs_restart": list(self.needs_restart),
+        }
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """Every `section.key` whose value differs (secrets included, by value, never printed)."""
+    out = []
+    for f in dataclasses.fields(Config):
+        if f.name == "source":
+            continue
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        for key in dataclasses.fields(a):
+            if getattr(a, key.name) != getattr(b, key.name):
+                out.append(f"{f.name}.{key.name}")
+    return out
+
+
+class LiveConfig:
+    """The config in force now. `started` is what the process was built with; `config` is the
+    latest loaded one (its live sections are applied, the rest waits for a restart)."""
+
+    def __init__(self, config: Config) -> None:
+        self.started = config
+        self.config = config
+        self.needs_restart: tuple[str, ...] = ()
+        self.reloaded_at: float | None = None
+        self.lock = asyncio.Lock()
+
+
+def read_config(source: str) -> Config:
+    """Load the file the running config came from (with the current environment)."""
+    if source == "<defaults>":
+        return load(None)
+    if source.startswith("<"):
+        raise ConfigError(f"the running config came from {source}, not a file; nothing to reload")
+    return load(source)
+
+
+def apply_logging(config: Config) -> None:
+    """Log level and the secrets every JSON log line masks (new keys must be masked at once)."""
+    root = logging.getLogger()
+    root.setLevel(config.log.level)
+    for handler in root.handlers:
+        if isinstance(handler.formatter, JsonFormatter):
+            handler.formatter.set_secrets(config.secrets())
+
+
+def plan(live: LiveConfig, new: Config) -> ReloadReport:
+    applied = [k for k in changed_keys(live.config, new) if k.split(".")[0] in LIVE_SECTIONS]
+    restart = [k for k in changed_keys(live.started, new) if k.split(".")[0] not in LIVE_SECTIONS]
+    return ReloadReport(new.source, tuple(applied), tuple(restart))
+
+
+def commit(live: LiveConfig, new: Config, report: ReloadReport) -> None:
+    live.config = new
+    live.needs_restart = report.needs_restart
+    live.reloaded_at = time.time()
+    log.info(
+        "config reloaded",
+        extra={
+            "source": report.source,
+            "applied": list(report.applied),
+            "needs_restart": list(report.needs_restart),
+        },
+    )
