@@ -87,6 +87,7 @@ class Monitor:
         self._incidents: dict[str, Incident] = {}
         self._down_since: dict[str, float] = {}
         self._last_fired: dict[str, float] = {}
+        self._lock = asyncio.Lock()  # one check at a time, or two could post the same alert
 
     @property
     def incidents(self) -> list[Incident]:
@@ -129,6 +130,10 @@ class Monitor:
 
     async def check(self, cfg: AlertsConfig, sinks: Sequence[AlertSink]) -> list[Alert]:
         """Evaluate once; post what is due. Returns the notifications that went out."""
+        async with self._lock:
+            return await self._check(cfg, sinks)
+
+    async def _check(self, cfg: AlertsConfig, sinks: Sequence[AlertSink]) -> list[Alert]:
         now = self._clock()
         current = self.conditions(cfg, now)
         for key, (title, detail) in current.items():

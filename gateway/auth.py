@@ -64,8 +64,9 @@ def decode(secret: bytes, token: str, now: float | None = None) -> dict[str, Any
         raise TokenError("malformed token") from e
     if not isinstance(header, dict) or header.get("alg") != "HS256":
         raise TokenError("unsupported token algorithm")
-    expected = _sign(secret, f"{parts[0]}.{parts[1]}".encode("ascii"))
-    if not hmac.compare_digest(expected, _b64decode(parts[2])):
+    expected = _b64encode(_sign(secret, f"{parts[0]}.{parts[1]}".encode("ascii")))
+    # Compared as text: base64's spare bits would let several spellings decode to the same bytes.
+    if not hmac.compare_digest(expected.encode(), parts[2].encode("utf-8", "replace")):
         raise TokenError("bad token signature")
     try:
         claims = orjson.loads(_b64decode(parts[1]))
