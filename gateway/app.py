@@ -37,7 +37,7 @@ from .keys import (
 )
 from .metrics import Metrics
 from .model import create_model_client
-from .reload import LiveConfig, ReloadReport, apply_logging, commit, plan, read_config
+from .reload import LiveConfig, ReloadReport, apply_logging, plan, read_config
 from .responder import Responder
 from .store import open_store
 
@@ -99,7 +99,7 @@ async def reload_config(app: web.Application) -> ReloadReport:
             apply_logging(new)
         if new.admin != live.config.admin:
             AdminAuth.warn_if_ephemeral(new.admin)
-        commit(live, new, report)
+        live.commit(new, report)
     return report
 
 

@@ -62,6 +62,30 @@ class LiveConfig:
         self.needs_restart: tuple[str, ...] = ()
         self.reloaded_at: float | None = None
         self.lock = asyncio.Lock()
+        self._listeners: set[asyncio.Event] = set()
+
+    def add_listener(self, event: asyncio.Event) -> None:
+        """`event` is set after every reload (open status pages refresh at once)."""
+        self._listeners.add(event)
+
+    def remove_listener(self, event: asyncio.Event) -> None:
+        self._listeners.discard(event)
+
+    def commit(self, new: Config, report: ReloadReport) -> None:
+        """`new` is in force (its live sections were applied by the caller)."""
+        self.config = new
+        self.needs_restart = report.needs_restart
+        self.reloaded_at = time.time()
+        for event in self._listeners:
+            event.set()
+        log.info(
+            "config reloaded",
+            extra={
+                "source": report.source,
+                "applied": list(report.applied),
+                "needs_restart": list(report.needs_restart),
+            },
+        )
 
 
 def read_config(source: str) -> Config:
@@ -86,17 +110,3 @@ def plan(live: LiveConfig, new: Config) -> ReloadReport:
     applied = [k for k in changed_keys(live.config, new) if k.split(".")[0] in LIVE_SECTIONS]
     restart = [k for k in changed_keys(live.started, new) if k.split(".")[0] not in LIVE_SECTIONS]
     return ReloadReport(new.source, tuple(applied), tuple(restart))
-
-
-def commit(live: LiveConfig, new: Config, report: ReloadReport) -> None:
-    live.config = new
-    live.needs_restart = report.needs_restart
-    live.reloaded_at = time.time()
-    log.info(
-        "config reloaded",
-        extra={
-            "source": report.source,
-            "applied": list(report.applied),
-            "needs_restart": list(report.needs_restart),
-        },
-    )

@@ -245,9 +245,11 @@ class StatusFeed:
         )
         await response.prepare(request)
         stats = request.app[METRICS].stats
+        live = request.app[LIVE]
         wakeup = asyncio.Event()
         self._wakeups.add(wakeup)
         stats.add_listener(wakeup)
+        live.add_listener(wakeup)
         try:
             await response.write(b"retry: 2000\n\n")
             while not self._closing:
@@ -266,6 +268,7 @@ class StatusFeed:
             log.exception("status feed failed")
         finally:
             stats.remove_listener(wakeup)
+            live.remove_listener(wakeup)
             self._wakeups.discard(wakeup)
         return response
 
