@@ -44,6 +44,7 @@ from .store import open_store
 log = logging.getLogger(__name__)
 
 Setup = Callable[[web.Application], None]
+ADOPT_INTERVAL = 30.0  # seconds between looks for a dead instance's unanswered messages
 
 
 async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -138,12 +139,34 @@ async def _sighup_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _resume_inbox(app: web.Application) -> AsyncIterator[None]:
-    """Answer what a previous process accepted but never answered (after adapters are up)."""
+    """Answer what a previous process accepted but never answered (after adapters are up).
+
+    On a shared store, keep looking now and then for entries of an instance that died and is not
+    coming back; the age limit leaves live instances time to answer their own."""
+    dispatcher, cfg = app[DISPATCHER], app[CONFIG].dispatcher
     try:
-        await app[DISPATCHER].resume()
+        await dispatcher.resume()
     except StoreError as e:
         log.error("could not read the inbox: %s", e)
+    task = None
+    if app[STORE].backend == "redis":
+        older_than = cfg.deadline + 2 * cfg.lease_ttl
+        task = asyncio.create_task(_adopt_orphans(dispatcher, older_than), name="adopt-orphans")
     yield
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _adopt_orphans(dispatcher: Dispatcher, older_than: float) -> None:
+    while True:
+        await asyncio.sleep(ADOPT_INTERVAL)
+        if not dispatcher.accepting:
+            return
+        try:
+            await dispatcher.resume(older_than)
+        except StoreError as e:
+            log.warning("could not look for orphaned inbox entries: %s", e)
 
 
 async def _drain(app: web.Application) -> None:

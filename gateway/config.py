@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 ENV_PREFIX = "BOTGATE_"
 
@@ -57,6 +58,7 @@ class DispatcherConfig:
     dedup_ttl: float = 600.0
     deadline: float = 180.0
     drain_timeout: float = 20.0
+    lease_ttl: float = 15.0  # seconds a dead instance's conversation lease outlives it
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +107,7 @@ class FeishuConfig:
 
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
-    url: str = "memory://"
+    url: str = "sqlite:///botgate.sqlite3"  # relative to the state directory
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +177,7 @@ class Config:
             self.alerts.dingtalk_secret,
             self.alerts.feishu_webhook,
             self.alerts.feishu_secret,
+            urlsplit(self.store.url).password or "",
         ]
         return [v for v in values if v]
 
@@ -283,7 +286,7 @@ def _validate(cfg: Config) -> None:
     for key in ("max_queue", "max_concurrency"):
         if getattr(cfg.dispatcher, key) < 1:
             fail(f"dispatcher.{key}", "must be at least 1")
-    for key in ("deadline", "drain_timeout", "dedup_ttl"):
+    for key in ("deadline", "drain_timeout", "dedup_ttl", "lease_ttl"):
         if getattr(cfg.dispatcher, key) <= 0:
             fail(f"dispatcher.{key}", "must be positive")
     if cfg.model.provider == "openai" and not cfg.model.base_url:
@@ -365,4 +368,7 @@ def masked(cfg: Config) -> dict[str, dict[str, Any]]:
             if f"{section}.{key}" in SECRET_KEYS and value:
                 values[key] = "***"
         out[section] = values
+    password = urlsplit(cfg.store.url).password
+    if password:
+        out["store"]["url"] = cfg.store.url.replace(password, "***")
     return out

@@ -6,17 +6,29 @@ deduplicated, back-pressured.
 answer is produced later by a worker. One worker task exists per conversation that has queued
 messages (so order is strict and idle conversations cost nothing); a semaphore bounds how many
 messages are being answered at once.
+
+Several instances may share one store (Redis). A worker answers only while holding the store's
+lease on its conversation, and under it answers every still-pending message of that conversation up
+to its own, oldest first, whichever instance accepted them. So consecutive messages landing on
+different instances keep their order and context, and one answered elsewhere is not answered again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
+import secrets
+import socket
+import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
 from enum import StrEnum
 from typing import Protocol
 
+from .backoff import Backoff
 from .config import DispatcherConfig
 from .errors import StoreError
 from .messages import InboundMessage
@@ -52,15 +64,23 @@ class Responder(Protocol):
 
 class Dispatcher:
     def __init__(
-        self, cfg: DispatcherConfig, store: Store, metrics: Metrics, responder: Responder
+        self,
+        cfg: DispatcherConfig,
+        store: Store,
+        metrics: Metrics,
+        responder: Responder,
+        instance_id: str = "",
     ) -> None:
         self.cfg = cfg
+        # Names the lease holder; unique even for two processes with one pid in two containers.
+        self.instance_id = instance_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._store = store
         self._metrics = metrics
         self._responder = responder
         self._queues: dict[str, deque[InboundMessage]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._side_tasks: set[asyncio.Task[None]] = set()
+        self._local: set[str] = set()  # request ids queued or being answered here
         self._slots = asyncio.Semaphore(cfg.max_concurrency)
         self._depth = 0
         self._inflight = 0
@@ -103,16 +123,24 @@ class Dispatcher:
         self._enqueue(message)
         return Admission.ACCEPTED
 
-    async def resume(self) -> int:
-        """Queue every inbox entry left unanswered by a previous process."""
-        pending = await self._store.inbox_pending()
-        for message in pending:
+    async def resume(self, older_than: float = 0.0) -> int:
+        """Queue inbox entries nobody here is answering: at start, everything a previous process
+        left; later (shared store), entries older than `older_than` seconds, left by an instance
+        that died. The lease and the pending check under it make a second copy harmless."""
+        cutoff = time.time() - older_than if older_than else math.inf  # at start: everything
+        orphans = [
+            m
+            for m in await self._store.inbox_pending()
+            if m.request_id not in self._local and m.created_at <= cutoff
+        ]
+        for message in orphans:
             self._enqueue(message)
-        if pending:
-            log.info("resumed unanswered messages", extra={"count": len(pending)})
-        return len(pending)
+        if orphans:
+            log.info("resumed unanswered messages", extra={"count": len(orphans)})
+        return len(orphans)
 
     def _enqueue(self, message: InboundMessage) -> None:
+        self._local.add(message.request_id)
         key = message.conversation_key
         self._queues.setdefault(key, deque()).append(message)
         self._depth += 1
@@ -127,25 +155,81 @@ class Dispatcher:
         queue = self._queues[key]
         try:
             while queue:
-                message = queue[0]
-                async with self._slots:
-                    queue.popleft()
-                    self._depth -= 1
-                    self._inflight += 1
-                    self._metrics.queue_depth.set(self._depth)
-                    self._metrics.inflight.set(self._inflight)
-                    try:
-                        await self._answer(message)
-                    finally:
-                        self._inflight -= 1
-                        self._metrics.inflight.set(self._inflight)
-                await self._settle(message)
+                async with self._lease(key):
+                    due = await self._due(queue[0])
+                    head = queue.popleft()
+                    if not due:
+                        self._dequeued()
+                    for message in due:
+                        async with self._slots:
+                            # Queued until it is answered: waiting for a slot is waiting too.
+                            if message.request_id == head.request_id:
+                                self._dequeued()
+                            self._inflight += 1
+                            self._metrics.inflight.set(self._inflight)
+                            try:
+                                await self._answer(message)
+                            finally:
+                                self._inflight -= 1
+                                self._metrics.inflight.set(self._inflight)
+                        await self._settle(message)
+                self._local.discard(head.request_id)
         finally:
             del self._workers[key]
             if not queue:
                 del self._queues[key]
             if not self._workers:
                 self._idle.set()
+
+    def _dequeued(self) -> None:
+        self._depth -= 1
+        self._metrics.queue_depth.set(self._depth)
+
+    @asynccontextmanager
+    async def _lease(self, key: str) -> AsyncIterator[None]:
+        """Hold the conversation's lease (waiting while another instance has it), renewed."""
+        backoff = Backoff(first=0.02, cap=1.0)
+        while True:
+            try:
+                if await self._store.acquire_lease(key, self.instance_id, self.cfg.lease_ttl):
+                    break
+            except StoreError as e:
+                if backoff.attempt == 0:
+                    log.error("store unavailable, conversation waits: %s", e, extra={"conversation": key})
+            await asyncio.sleep(backoff.next())
+        renewer = asyncio.create_task(self._renew(key), name=f"lease:{key}")
+        try:
+            yield
+        finally:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+            try:
+                await self._store.release_lease(key, self.instance_id)
+            except StoreError as e:
+                log.warning("lease not released, it expires by itself: %s", e, extra={"conversation": key})
+
+    async def _renew(self, key: str) -> None:
+        ttl = self.cfg.lease_ttl
+        while True:
+            await asyncio.sleep(ttl / 3)
+            try:
+                if not await self._store.acquire_lease(key, self.instance_id, ttl):
+                    log.error("lease lost to another instance", extra={"conversation": key})
+            except StoreError as e:
+                log.warning("lease renewal failed: %s", e, extra={"conversation": key})
+
+    async def _due(self, message: InboundMessage) -> list[InboundMessage]:
+        """What to answer under the lease: the conversation's pending messages up to `message`."""
+        try:
+            pending = await self._store.inbox_pending(message.conversation_key)
+        except StoreError as e:
+            log.error("inbox unreadable, answering this message only: %s", e, extra=_fields(message))
+            return [message]
+        ids = [m.request_id for m in pending]
+        if message.request_id not in ids:
+            log.info("already answered, skipped", extra=_fields(message))
+            return []
+        return pending[: ids.index(message.request_id) + 1]
 
     async def _answer(self, message: InboundMessage) -> None:
         """Run the responder under the deadline; any failure becomes a notice, never silence."""

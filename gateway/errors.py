@@ -31,5 +31,9 @@ class PlatformError(GatewayError):
         self.retryable = retryable
 
 
+class TokenRejected(PlatformError):
+    """The platform said the access token is invalid or expired: evict it and retry once."""
+
+
 class StoreError(GatewayError):
     """The state store is unavailable or refused an operation."""

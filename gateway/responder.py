@@ -113,6 +113,7 @@ class Responder:
         prefix = IMAGE_NOTE if message.attachments and not images and not self.cfg.model.vision else ""
         cache_key = self._cache_key(messages) if self.cfg.cache.enabled and not images else None
         answer = await self._cached(cache_key)
+        from_cache = answer is not None
         model_started = time.monotonic()
         overhead = time.time() - message.created_at  # arrival -> model request (or cache hit)
         completion = Completion(model=self._model.name)
@@ -123,20 +124,12 @@ class Responder:
                 answer = await self._stream_answer(message, messages, completion, prefix)
             except _Answered:
                 return
-            if cache_key:
-                await self._store.cache_put(cache_key, answer, self.cfg.cache.ttl)
         delivered = time.monotonic()
         last_byte = completion.last_byte_at or delivered
         overhead += delivered - last_byte
         self._metrics.gateway_overhead(max(0.0, overhead))
         self._metrics.model_usage(completion.usage.prompt_tokens, completion.usage.completion_tokens)
-        await self._store.append_turns(
-            conversation,
-            [Turn("user", text or "(image)"), Turn("assistant", answer)],
-            self.cfg.context.max_turns,
-            self.cfg.context.max_chars,
-            self.cfg.context.idle_ttl,
-        )
+        await self._remember(message, None if from_cache else cache_key, text, answer)
         log.info(
             "answered",
             extra={
@@ -144,9 +137,27 @@ class Responder:
                 "latency_ms": round((delivered - model_started) * 1000 + overhead * 1000, 1),
                 "overhead_ms": round(overhead * 1000, 2),
                 "model_version": completion.model,
-                "cached": cache_key is not None and completion.last_byte_at is None,
+                "cached": from_cache,
             },
         )
+
+    async def _remember(
+        self, message: InboundMessage, cache_key: str | None, text: str, answer: str
+    ) -> None:
+        """Cache the answer and extend the context. The user already has the answer, so a store
+        failure here costs only memory: log it, never apologise for a delivered answer."""
+        try:
+            if cache_key:
+                await self._store.cache_put(cache_key, answer, self.cfg.cache.ttl)
+            await self._store.append_turns(
+                message.conversation_key,
+                [Turn("user", text or "(image)"), Turn("assistant", answer)],
+                self.cfg.context.max_turns,
+                self.cfg.context.max_chars,
+                self.cfg.context.idle_ttl,
+            )
+        except StoreError as e:
+            log.warning("answer delivered but not remembered: %s", e, extra=_fields(message))
 
     async def _stream_answer(
         self, message: InboundMessage, messages: list[Message], completion: Completion, prefix: str

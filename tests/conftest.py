@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -13,6 +13,7 @@ import handlers
 from gateway.app import create_app
 from gateway.config import Config, build
 from tests.doubles.openai import OpenAIDouble
+from tests.redisd import RedisServer
 
 # websockets honours proxy variables even for 127.0.0.1 (protocols.md §0.8).
 os.environ["NO_PROXY"] = "127.0.0.1,localhost"
@@ -20,7 +21,11 @@ os.environ["no_proxy"] = "127.0.0.1,localhost"
 
 
 def make_config(**sections: dict[str, Any]) -> Config:
-    """A config from defaults plus `sections` (e.g. model={"base_url": ...}), without env."""
+    """A config from defaults plus `sections` (e.g. model={"base_url": ...}), without env.
+
+    The store defaults to `memory://` here (fast, nothing on disk); tests of durability pass
+    `store={"url": ...}` themselves."""
+    sections.setdefault("store", {"url": "memory://"})
     return build(sections, env={}, source="<test>")
 
 
@@ -41,3 +46,19 @@ def gateway(aiohttp_client: Callable[..., Any]) -> Callable[..., Any]:
         return client
 
     return start
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the whole run (tests that kill Redis start their own)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The shared redis-server, emptied for this test."""
+    redis_server.flush()
+    return redis_server.url

@@ -89,6 +89,8 @@ def write_config(path: Path, model_url: str, answer_port: int = 18789, level: st
         f"""
 [server]
 port = {answer_port}
+[store]
+url = "memory://"
 [model]
 base_url = "{model_url}"
 max_retries = 0

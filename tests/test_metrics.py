@@ -8,11 +8,20 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.keys import DISPATCHER, METRICS
+import handlers
+from gateway.app import create_app
+from gateway.budget import ApiBudget
+from gateway.channel import ChannelState, ChannelStatus, StatusTracker
+from gateway.connection import ConnectionLoop, stop_task
+from gateway.dispatcher import Admission
+from gateway.keys import CHANNELS, DISPATCHER, METRICS
+from gateway.messages import Attachment, ConversationKind, InboundMessage, Reply
 from tests.conftest import make_config
 from tests.test_webchat import chat
 
@@ -190,3 +199,114 @@ async def test_label_cardinality_does_not_grow_with_users(gateway: Any) -> None:
     assert "cardinality-user" not in text and "/random/path" not in text
     assert value(after, "botgate_messages_received_total", platform="web", transport="websocket", kind="dm") == 1000
     assert value(after, "botgate_http_requests_total", route="unmatched", status="404") == 1000
+
+
+class FrameServer:
+    """A long-connection server double: accepts websockets; the test can drop the current one."""
+
+    def __init__(self) -> None:
+        self.connections: asyncio.Queue[web.WebSocketResponse] = asyncio.Queue()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/ws", self.accept)
+        return app
+
+    async def accept(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str("hello")
+        self.connections.put_nowait(ws)
+        async for _ in ws:
+            pass
+        return ws
+
+
+class LoopChannel:
+    """The smallest adapter built from the shared core pieces (ConnectionLoop, ApiBudget), the way
+    the DingTalk and Feishu adapters are: its metrics are the ones those adapters produce."""
+
+    platform = "loopy"
+
+    def __init__(self, url: str, metrics: Any) -> None:
+        self.url = url
+        self.tracker = StatusTracker(ChannelStatus(self.platform, ChannelState.CONNECTING, transports=("ws",)))
+        self.budget = ApiBudget(self.platform, 0, metrics)
+        self.loop = ConnectionLoop(self.platform, self.tracker, metrics, self._session)
+        self.sent: asyncio.Queue[Reply] = asyncio.Queue()
+
+    async def _session(self, connected: Callable[[], None]) -> None:
+        async with aiohttp.ClientSession() as http, http.ws_connect(self.url) as ws:
+            connected()
+            async for _ in ws:
+                self.tracker.event_seen()
+
+    def status(self) -> ChannelStatus:
+        return self.tracker.snapshot()
+
+    async def send(self, reply: Reply) -> None:
+        self.budget.record("messages/send")
+        self.sent.put_nowait(reply)
+
+    async def open_stream(self, message: InboundMessage) -> None:
+        return None
+
+    async def fetch(self, message: InboundMessage, attachment: Attachment) -> tuple[bytes, str]:
+        raise NotImplementedError
+
+    async def reconnect(self) -> None:
+        self.loop.reconnect()
+
+
+async def test_channel_families_move_with_a_long_connection(
+    aiohttp_server: Callable[..., Any], aiohttp_client: Callable[..., Any]
+) -> None:
+    frames = FrameServer()
+    server = await aiohttp_server(frames.app())
+
+    def setup_loopy(app: web.Application) -> None:
+        channel = LoopChannel(str(server.make_url("/ws")), app[METRICS])
+        app[CHANNELS][channel.platform] = channel
+
+        async def run(app: web.Application) -> Any:
+            task = asyncio.create_task(channel.loop.run())
+            yield
+            await stop_task(task)
+
+        app.cleanup_ctx.append(run)
+
+    app = create_app(make_config(), [handlers.setup, setup_loopy])
+    client = await aiohttp_client(TestServer(app, host="127.0.0.1"))
+    channel = app[CHANNELS]["loopy"]
+    assert isinstance(channel, LoopChannel)
+
+    first = await frames.connections.get()
+    await channel.loop.connected_event.wait()
+    _, samples = await scrape(client)
+    assert value(samples, "botgate_channel_connected", platform="loopy") == 1
+    assert value(samples, "botgate_reconnects_total", platform="loopy") == 0
+
+    await first.close()  # the server drops us: the loop reconnects at once
+    await frames.connections.get()
+    assert (await client.post("/api/channels/loopy/reconnect")).status == 200  # admin: reconnect
+    await frames.connections.get()
+    await channel.loop.connected_event.wait()
+
+    message = InboundMessage(
+        platform="loopy", transport="ws", conversation_id="group-1", conversation_kind=ConversationKind.GROUP,
+        sender_id="u1", sender_name="U", text="/help", mentioned=True, message_id="frame-1",
+    )
+    assert await app[DISPATCHER].submit(message) is Admission.ACCEPTED
+    await channel.sent.get()
+    await app[DISPATCHER].wait_idle()
+
+    _, samples = await scrape(client)
+    assert value(samples, "botgate_reconnects_total", platform="loopy") == 2
+    assert value(samples, "botgate_channel_connected", platform="loopy") == 1
+    assert value(samples, "botgate_platform_api_calls_total", platform="loopy", endpoint="messages/send") == 1
+    assert value(samples, "botgate_messages_received_total", platform="loopy", transport="ws", kind="group") == 1
+    assert value(samples, "botgate_replies_total", platform="loopy", outcome="notice") == 1
+    status = orjson.loads(await (await client.get("/api/status")).read())
+    loopy = next(c for c in status["channels"] if c["platform"] == "loopy")
+    assert loopy["reconnects"] == 2 and loopy["state"] == "connected"
+    assert loopy["last_error"] == "" and loopy["last_event_age"] is not None

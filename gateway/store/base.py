@@ -6,10 +6,15 @@ instances). Every method may raise `StoreError`; callers decide whether that ref
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Protocol
 
+import orjson
+
 from ..messages import InboundMessage
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +43,9 @@ class Store(Protocol):
 
     async def inbox_done(self, message: InboundMessage) -> None: ...
 
-    async def inbox_pending(self) -> list[InboundMessage]:
-        """Messages accepted but never answered (resumed at start), oldest first."""
+    async def inbox_pending(self, conversation: str | None = None) -> list[InboundMessage]:
+        """Messages accepted but not yet answered, oldest first: all of them (resumed at start)
+        or those of one conversation (what a lease holder answers, in order)."""
 
     # -- conversation context ---------------------------------------------------------------
     async def context(self, conversation: str) -> list[Turn]: ...
@@ -61,9 +67,11 @@ class Store(Protocol):
         """Token bucket of `per_minute` capacity refilling continuously; False when empty."""
 
     # -- per-conversation lease (several instances) -------------------------------------------
-    async def acquire_lease(self, conversation: str, owner: str, ttl: float) -> bool: ...
+    async def acquire_lease(self, conversation: str, owner: str, ttl: float) -> bool:
+        """Take or renew the lease for `ttl` seconds; False while another owner holds it."""
 
-    async def release_lease(self, conversation: str, owner: str) -> None: ...
+    async def release_lease(self, conversation: str, owner: str) -> None:
+        """Give the lease up if `owner` still holds it (never someone else's)."""
 
 
 def trim_turns(turns: list[Turn], max_turns: int, max_chars: int) -> list[Turn]:
@@ -77,3 +85,19 @@ def trim_turns(turns: list[Turn], max_turns: int, max_chars: int) -> list[Turn]:
         kept.append(turn)
     kept.reverse()
     return kept
+
+
+def encode_message(message: InboundMessage) -> bytes:
+    return orjson.dumps(message.to_dict())
+
+
+def decode_messages(rows: list[bytes]) -> list[InboundMessage]:
+    """Inbox rows back to messages. An entry this version cannot read (written by a different
+    one) is logged and left out, rather than stopping every other entry from being resumed."""
+    messages = []
+    for raw in rows:
+        try:
+            messages.append(InboundMessage.from_dict(orjson.loads(raw)))
+        except (orjson.JSONDecodeError, TypeError, KeyError, ValueError) as e:
+            log.error("unreadable inbox entry skipped: %s", e, extra={"entry": raw[:200].decode(errors="replace")})
+    return messages

@@ -9,6 +9,30 @@ from ..messages import InboundMessage
 from .base import Turn, trim_turns
 
 
+class LocalLeases:
+    """Per-conversation leases within one process.
+
+    The memory and SQLite backends serve a single gateway process (SQLite locks its file to one),
+    so their leases need no persistence; a restart after a crash starts with none held.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[str, float]] = {}
+
+    def acquire(self, conversation: str, owner: str, ttl: float) -> bool:
+        now = time.monotonic()
+        holder = self._held.get(conversation)
+        if holder is not None and holder[0] != owner and holder[1] > now:
+            return False
+        self._held[conversation] = (owner, now + ttl)
+        return True
+
+    def release(self, conversation: str, owner: str) -> None:
+        holder = self._held.get(conversation)
+        if holder is not None and holder[0] == owner:
+            del self._held[conversation]
+
+
 class MemoryStore:
     backend = "memory"
 
@@ -18,7 +42,7 @@ class MemoryStore:
         self._context: dict[str, tuple[float, list[Turn]]] = {}
         self._cache: dict[str, tuple[float, str]] = {}
         self._buckets: dict[str, tuple[float, float]] = {}
-        self._leases: dict[str, tuple[str, float]] = {}
+        self._leases = LocalLeases()
         self._next_sweep = 0.0
 
     async def open(self) -> None:
@@ -38,6 +62,8 @@ class MemoryStore:
         self._seen = {k: t for k, t in self._seen.items() if t > now}
         self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
         self._context = {k: v for k, v in self._context.items() if v[0] > now}
+        # A bucket untouched for a minute has refilled completely: same as no entry.
+        self._buckets = {k: v for k, v in self._buckets.items() if v[1] > now - 60.0}
 
     async def claim(self, key: str, ttl: float) -> bool:
         now = time.monotonic()
@@ -54,8 +80,12 @@ class MemoryStore:
     async def inbox_done(self, message: InboundMessage) -> None:
         self._inbox.pop(message.request_id, None)
 
-    async def inbox_pending(self) -> list[InboundMessage]:
-        return list(self._inbox.values())
+    async def inbox_pending(self, conversation: str | None = None) -> list[InboundMessage]:
+        return [
+            m
+            for m in self._inbox.values()
+            if conversation is None or m.conversation_key == conversation
+        ]
 
     async def context(self, conversation: str) -> list[Turn]:
         entry = self._context.get(conversation)
@@ -93,13 +123,7 @@ class MemoryStore:
         return True
 
     async def acquire_lease(self, conversation: str, owner: str, ttl: float) -> bool:
-        now = time.monotonic()
-        holder = self._leases.get(conversation)
-        if holder is not None and holder[0] != owner and holder[1] > now:
-            return False
-        self._leases[conversation] = (owner, now + ttl)
-        return True
+        return self._leases.acquire(conversation, owner, ttl)
 
     async def release_lease(self, conversation: str, owner: str) -> None:
-        if self._leases.get(conversation, ("", 0.0))[0] == owner:
-            del self._leases[conversation]
+        self._leases.release(conversation, owner)

@@ -1,0 +1,269 @@
+"""Redis store (`redis://`, `rediss://`, `unix://`): state shared by several gateway instances.
+
+Every key starts with `botgate:`. Multi-key steps run as Lua scripts (atomic, one round trip); the
+inbox keys share the `{inbox}` hash tag so the scripts also work on a Redis Cluster. Dedup claims
+and lease changes are idempotent under redis-py's retry of a command whose reply was lost: a claim
+stores a per-call token, so a retried claim recognises its own earlier success instead of calling
+the message a duplicate (which would ACK and drop it).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from urllib.parse import urlsplit
+
+import orjson
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, WatchError
+
+from ..errors import StoreError
+from ..messages import InboundMessage
+from .base import Turn, decode_messages, encode_message, trim_turns
+
+log = logging.getLogger(__name__)
+
+PREFIX = "botgate:"
+INBOX = PREFIX + "{inbox}"  # hash: request_id -> message JSON
+INBOX_SEQ = INBOX + ":seq"  # counter giving the global arrival order
+INBOX_ORDER = INBOX + ":order"  # sorted set: request_id by seq
+CHUNK = 500  # ids per HMGET when reading the inbox
+
+_CLAIM = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
+return 0
+"""
+_INBOX_ADD = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+local seq = redis.call('INCR', KEYS[2])
+redis.call('ZADD', KEYS[3], seq, ARGV[1])
+redis.call('ZADD', KEYS[4], seq, ARGV[1])
+return 1
+"""
+_INBOX_DONE = """
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+return 1
+"""
+# Continuous refill at capacity/minute, timed by the server's clock so instances need no sync.
+_TAKE_TOKEN = """
+local capacity = tonumber(ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1]) or capacity
+local ts = tonumber(state[2]) or now
+tokens = math.min(capacity, tokens + math.max(0, now - ts) * capacity / 60000)
+local allowed = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  allowed = 1
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('PEXPIRE', KEYS[1], 60000)
+return allowed
+"""
+_ACQUIRE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+_SCRIPTS = {
+    "claim": _CLAIM,
+    "inbox_add": _INBOX_ADD,
+    "inbox_done": _INBOX_DONE,
+    "take_token": _TAKE_TOKEN,
+    "acquire": _ACQUIRE,
+    "release": _RELEASE,
+}
+
+
+def safe_url(url: str) -> str:
+    """The URL without credentials, for messages and logs."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return f"{parts.scheme}://{netloc}{parts.path}"
+
+
+class RedisStore:
+    backend = "redis"
+
+    def __init__(
+        self, url: str, connect_timeout: float = 2.0, timeout: float = 5.0, max_connections: int = 128
+    ) -> None:
+        self.url = url
+        self._max_connections = max_connections
+        self._where = safe_url(url)
+        self._connect_timeout = connect_timeout
+        self._timeout = timeout
+        self._redis: Redis | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except RedisError as e:
+            raise StoreError(f"redis {self._where}: {what}: {e}") from e
+
+    @property
+    def _r(self) -> Redis:
+        if self._redis is None:
+            raise StoreError("store is closed")
+        return self._redis
+
+    async def _script(self, name: str, keys: list[str], args: list[str | int | bytes]) -> int:
+        return int(await self._scripts[name](keys, args, client=self._r))
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def open(self) -> None:
+        # Few, fast retries: they cover a pooled connection that died with a Redis restart;
+        # a real outage must surface within a fraction of a second (readiness, no ACK).
+        retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.2), 2, (RedisConnectionError,))
+        try:
+            # Blocking pool: a burst waits briefly for a free connection instead of failing with
+            # "Too many connections" (the default pool's behaviour past its limit).
+            pool = BlockingConnectionPool.from_url(
+                self.url,
+                max_connections=self._max_connections,
+                timeout=self._timeout,
+                socket_connect_timeout=self._connect_timeout,
+                socket_timeout=self._timeout,
+                retry=retry,
+            )
+        except ValueError as e:
+            raise StoreError(f"redis {self._where}: bad store url: {e}") from e
+        redis = Redis.from_pool(pool)
+        try:
+            with self._errors("unreachable"):
+                await redis.ping()
+        except StoreError:
+            await redis.aclose()
+            raise
+        self._redis = redis
+        # EVALSHA, re-loading the script by itself after a Redis restart flushed it.
+        self._scripts = {name: redis.register_script(source) for name, source in _SCRIPTS.items()}
+        log.info("store opened", extra={"backend": "redis", "url": self._where})
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            redis, self._redis = self._redis, None
+            await redis.aclose()
+
+    async def ping(self) -> None:
+        with self._errors("unreachable"):
+            await self._r.ping()
+
+    # -- dedup --------------------------------------------------------------------------------
+    async def claim(self, key: str, ttl: float) -> bool:
+        with self._errors("claim"):
+            token = uuid.uuid4().hex
+            return bool(await self._script("claim", [f"{PREFIX}dedup:{key}"], [token, _ms(ttl)]))
+
+    # -- inbox --------------------------------------------------------------------------------
+    async def inbox_add(self, message: InboundMessage) -> None:
+        data = encode_message(message)
+        keys = [INBOX, INBOX_SEQ, INBOX_ORDER, _conversation_order(message.conversation_key)]
+        with self._errors("inbox add"):
+            await self._script("inbox_add", keys, [message.request_id, data])
+
+    async def inbox_done(self, message: InboundMessage) -> None:
+        keys = [INBOX, INBOX_ORDER, _conversation_order(message.conversation_key)]
+        with self._errors("inbox done"):
+            await self._script("inbox_done", keys, [message.request_id])
+
+    async def inbox_pending(self, conversation: str | None = None) -> list[InboundMessage]:
+        order = INBOX_ORDER if conversation is None else _conversation_order(conversation)
+        with self._errors("inbox read"):
+            ids: list[bytes] = list(await self._r.zrange(order, 0, -1))  # type: ignore[arg-type]
+            if not ids:
+                return []
+            async with self._r.pipeline(transaction=False) as pipe:
+                for start in range(0, len(ids), CHUNK):
+                    pipe.hmget(INBOX, ids[start : start + CHUNK])
+                chunks = await pipe.execute()
+        # An id without a body was answered between the two reads.
+        return decode_messages([raw for chunk in chunks for raw in chunk if raw is not None])
+
+    # -- context ------------------------------------------------------------------------------
+    async def context(self, conversation: str) -> list[Turn]:
+        with self._errors("context read"):
+            raw = await self._r.get(f"{PREFIX}ctx:{conversation}")
+        return _turns(raw) if raw else []
+
+    async def append_turns(
+        self, conversation: str, turns: list[Turn], max_turns: int, max_chars: int, idle_ttl: float
+    ) -> None:
+        key = f"{PREFIX}ctx:{conversation}"
+        with self._errors("context write"):
+            # The lease already serialises writers of one conversation; WATCH guards the rest.
+            async with self._r.pipeline(transaction=True) as pipe:
+                for _ in range(5):
+                    try:
+                        await pipe.watch(key)
+                        raw = await pipe.get(key)
+                        kept = trim_turns((_turns(raw) if raw else []) + turns, max_turns, max_chars)
+                        pipe.multi()  # type: ignore[no-untyped-call]
+                        pipe.set(key, orjson.dumps([[t.role, t.content] for t in kept]), px=_ms(idle_ttl))
+                        await pipe.execute()
+                        return
+                    except WatchError:
+                        continue
+        raise StoreError(f"redis {self._where}: context write: too much contention on {conversation}")
+
+    async def reset(self, conversation: str) -> None:
+        with self._errors("context reset"):
+            await self._r.delete(f"{PREFIX}ctx:{conversation}")
+
+    # -- model cache ----------------------------------------------------------------------------
+    async def cache_get(self, key: str) -> str | None:
+        with self._errors("cache read"):
+            raw = await self._r.get(f"{PREFIX}cache:{key}")
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    async def cache_put(self, key: str, value: str, ttl: float) -> None:
+        with self._errors("cache write"):
+            await self._r.set(f"{PREFIX}cache:{key}", value, px=_ms(ttl))
+
+    # -- rate limit -----------------------------------------------------------------------------
+    async def take_token(self, bucket: str, per_minute: int) -> bool:
+        with self._errors("rate limit"):
+            return bool(await self._script("take_token", [f"{PREFIX}bucket:{bucket}"], [per_minute]))
+
+    # -- leases -----------------------------------------------------------------------------------
+    async def acquire_lease(self, conversation: str, owner: str, ttl: float) -> bool:
+        with self._errors("lease"):
+            return bool(await self._script("acquire", [f"{PREFIX}lease:{conversation}"], [owner, _ms(ttl)]))
+
+    async def release_lease(self, conversation: str, owner: str) -> None:
+        with self._errors("lease release"):
+            await self._script("release", [f"{PREFIX}lease:{conversation}"], [owner])
+
+
+def _conversation_order(conversation: str) -> str:
+    return f"{INBOX}:conv:{conversation}"
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _turns(raw: bytes | str) -> list[Turn]:
+    return [Turn(role, content) for role, content in orjson.loads(raw)]

@@ -1,0 +1,241 @@
+"""One SQLite file in WAL mode, off the event loop: a writer thread committing in groups, a reader.
+
+Writes go through a queue to a dedicated writer thread with its own connection; a flusher collects
+whatever arrives within `window` seconds (plus whatever arrives while the previous commit is still
+running) and commits it as ONE transaction, then resolves every waiter. So many webhooks accepted
+at once cost one fsync, not one each. Reads run on a second thread with its own connection, which
+WAL lets proceed while the writer commits. An exclusive `flock` on `<file>.lock` keeps a second
+process off the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from ..errors import StoreError
+
+log = logging.getLogger(__name__)
+
+# A write operation runs inside the batch transaction on the writer thread: (connection, now).
+WriteOp = Callable[[sqlite3.Connection, float], Any]
+
+META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;"
+
+
+class SqliteFile:
+    def __init__(self, path: Path, schema: str, version: int, window: float = 0.001) -> None:
+        self.path = path
+        self.commits = 0  # write transactions committed; far fewer than `writes` under load
+        self.writes = 0  # write operations committed
+        self._schema = schema
+        self._version = version
+        self._window = window
+        self._writer: ThreadPoolExecutor | None = None
+        self._reader: ThreadPoolExecutor | None = None
+        self._wconn: sqlite3.Connection | None = None  # used on the writer thread only
+        self._rconn: sqlite3.Connection | None = None  # used on the reader thread only
+        self._lock_fd: int | None = None
+        self._pending: list[tuple[WriteOp, asyncio.Future[Any]]] = []
+        self._wakeup: asyncio.Event | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._open = False
+        # Why the last write batch failed; cleared by the next successful one. `ping()` reports it.
+        self._failure: str | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="sqlite-reader")
+        try:
+            await loop.run_in_executor(self._writer, self._open_writer)
+            await loop.run_in_executor(self._reader, self._open_reader)
+        except (OSError, sqlite3.Error) as e:
+            await self._stop_threads()
+            raise StoreError(f"sqlite {self.path}: cannot open: {e}") from e
+        except StoreError:
+            await self._stop_threads()
+            raise
+        self._open = True
+        self._wakeup = asyncio.Event()
+        self._flusher = asyncio.create_task(self._flush_loop(), name="sqlite-flush")
+
+    async def close(self) -> None:
+        if not self._open:
+            return
+        self._open = False  # refuse new writes; the flusher commits what is queued, then exits
+        assert self._wakeup is not None and self._flusher is not None
+        self._wakeup.set()
+        await self._flusher
+        self._flusher = None
+        await self._stop_threads()
+
+    async def _stop_threads(self) -> None:
+        loop = asyncio.get_running_loop()
+        for pool, closer in ((self._reader, self._close_reader), (self._writer, self._close_writer)):
+            if pool is not None:
+                await loop.run_in_executor(pool, closer)
+                pool.shutdown(wait=False)
+        self._reader = self._writer = None
+
+    def _open_writer(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(
+                f"sqlite {self.path}: in use by another botgate process "
+                "(one process per SQLite file; run several instances on redis://)"
+            ) from None
+        self._lock_fd = fd
+        conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+        self._wconn = conn
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode != "wal":
+            raise StoreError(f"sqlite {self.path}: WAL mode unavailable (journal_mode={mode})")
+        # FULL: a commit is on disk before the platform gets its ACK, even across a power cut;
+        # group commit keeps that affordable.
+        conn.execute("PRAGMA synchronous=FULL")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > self._version:
+            raise StoreError(
+                f"sqlite {self.path}: schema version {version} is newer than this botgate "
+                f"({self._version}); upgrade botgate or use another file"
+            )
+        conn.executescript(self._schema + META)
+        conn.execute(f"PRAGMA user_version={self._version}")
+        # Proves the file is writable now rather than at the first message.
+        _heartbeat(conn, time.time())
+
+    def _open_reader(self) -> None:
+        self._rconn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+        self._rconn.execute("PRAGMA query_only=1")
+
+    def _close_reader(self) -> None:
+        if self._rconn is not None:
+            self._rconn.close()
+            self._rconn = None
+
+    def _close_writer(self) -> None:
+        if self._wconn is not None:
+            try:
+                self._wconn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as e:
+                log.warning("sqlite checkpoint at close failed: %s", e)
+            self._wconn.close()
+            self._wconn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    async def ping(self) -> None:
+        if not self._open:
+            raise StoreError("store is closed")
+        if self._failure is not None:
+            # Only a write shows whether e.g. a full disk has room again.
+            await self.write(_probe)
+        else:
+            await self.read(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    # -- writes: group commit -----------------------------------------------------------
+    async def write(self, op: WriteOp) -> Any:
+        """Run `op` in the next group commit; returns its result once that commit is durable."""
+        if not self._open:
+            raise StoreError("store is closed")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((op, future))
+        assert self._wakeup is not None
+        self._wakeup.set()
+        return await future
+
+    async def _flush_loop(self) -> None:
+        wakeup = self._wakeup
+        assert wakeup is not None
+        while self._open or self._pending:
+            await wakeup.wait()
+            if self._open:
+                await asyncio.sleep(self._window)  # let concurrent writers join this commit
+            wakeup.clear()
+            batch, self._pending = self._pending, []
+            if batch:
+                await self._commit(batch)
+
+    async def _commit(self, batch: list[tuple[WriteOp, asyncio.Future[Any]]]) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._writer is not None
+        try:
+            results = await loop.run_in_executor(self._writer, self._run_batch, [op for op, _ in batch])
+        except BaseException as e:
+            reason = str(e) if isinstance(e, StoreError) else f"sqlite {self.path}: write: {e!r}"
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(StoreError(reason))
+            if not isinstance(e, Exception):
+                raise  # cancellation: the waiters have their error
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    def _run_batch(self, ops: list[WriteOp]) -> list[Any]:
+        conn = self._wconn
+        assert conn is not None
+        now = time.time()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                results = [op(conn, now) for op in ops]
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            self._failure = f"sqlite {self.path}: write failed: {e}"
+            log.error("%s", self._failure)
+            raise StoreError(self._failure) from e
+        if self._failure is not None:
+            log.info("sqlite writes work again", extra={"path": str(self.path)})
+        self._failure = None
+        self.commits += 1
+        self.writes += len(ops)
+        return results
+
+    async def read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run `fn` on the reader thread (sees every write whose `write()` has returned)."""
+        if not self._open or self._reader is None:
+            raise StoreError("store is closed")
+
+        def run() -> Any:
+            assert self._rconn is not None
+            return fn(self._rconn)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._reader, run)
+        except sqlite3.Error as e:
+            raise StoreError(f"sqlite {self.path}: read failed: {e}") from e
+
+
+def _heartbeat(conn: sqlite3.Connection, now: float) -> None:
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('heartbeat', ?) ON CONFLICT (key)"
+        " DO UPDATE SET value = excluded.value",
+        (now,),
+    )
+
+
+def _probe(conn: sqlite3.Connection, now: float) -> None:
+    """Write (and drop) a row the size of a large message: room for it means room for messages."""
+    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', zeroblob(16384))")
+    conn.execute("DELETE FROM meta WHERE key = 'probe'")

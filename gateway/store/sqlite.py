@@ -1,0 +1,229 @@
+"""SQLite store (`sqlite:///PATH`): the default, durable state of a single gateway process.
+
+Every write (dedup claim, inbox entry, context, cache, bucket) joins a group commit on the file's
+writer thread (see `sqlfile`), so the event loop never blocks and a burst costs one fsync. Times
+are wall-clock (`time.time()`) because they outlive the process. One gateway process owns the file:
+several instances need the Redis backend. That is also why leases live in memory here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from pathlib import Path
+
+import orjson
+
+from ..errors import StoreError
+from ..messages import InboundMessage
+from .base import Turn, decode_messages, encode_message, trim_turns
+from .memory import LocalLeases
+from .sqlfile import SqliteFile
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS inbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id TEXT NOT NULL UNIQUE,
+    conversation TEXT NOT NULL,
+    message BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS inbox_by_conversation ON inbox (conversation, seq);
+CREATE TABLE IF NOT EXISTS dedup (key TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS context (
+    conversation TEXT PRIMARY KEY, turns BLOB NOT NULL, expires REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cache (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires REAL NOT NULL)
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS buckets (bucket TEXT PRIMARY KEY, tokens REAL NOT NULL, updated REAL NOT NULL)
+    WITHOUT ROWID;
+"""
+
+
+class SqliteStore:
+    backend = "sqlite"
+
+    def __init__(self, path: Path, window: float = 0.001, sweep_interval: float = 60.0) -> None:
+        self.path = path
+        self.db = SqliteFile(path, SCHEMA, SCHEMA_VERSION, window)
+        self._sweep_interval = sweep_interval
+        self._sweeper: asyncio.Task[None] | None = None
+        self._leases = LocalLeases()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def open(self) -> None:
+        await self.db.open()
+        self._sweeper = asyncio.create_task(self._sweep_loop(), name="sqlite-sweep")
+        log.info("store opened", extra={"backend": "sqlite", "path": str(self.path)})
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
+        await self.db.close()
+
+    async def ping(self) -> None:
+        await self.db.ping()
+
+    @property
+    def commits(self) -> int:
+        return self.db.commits
+
+    async def _sweep_loop(self) -> None:
+        """Delete expired rows now and then, so the file does not grow without bound."""
+        while True:
+            await asyncio.sleep(self._sweep_interval)
+            try:
+                removed = await self.db.write(_sweep)
+            except StoreError as e:
+                log.warning("sqlite sweep failed: %s", e)
+                continue
+            if removed:
+                log.debug("sqlite sweep", extra={"removed": removed})
+
+    # -- dedup --------------------------------------------------------------------------------
+    async def claim(self, key: str, ttl: float) -> bool:
+        def op(conn: sqlite3.Connection, now: float) -> bool:
+            cur = conn.execute(
+                "INSERT INTO dedup (key, expires) VALUES (?, ?) ON CONFLICT (key) DO UPDATE"
+                " SET expires = excluded.expires WHERE dedup.expires <= ?",
+                (key, now + ttl, now),
+            )
+            return cur.rowcount == 1
+
+        return bool(await self.db.write(op))
+
+    # -- inbox --------------------------------------------------------------------------------
+    async def inbox_add(self, message: InboundMessage) -> None:
+        row = (message.request_id, message.conversation_key, encode_message(message))
+
+        def op(conn: sqlite3.Connection, now: float) -> None:
+            conn.execute(
+                "INSERT INTO inbox (request_id, conversation, message) VALUES (?, ?, ?)"
+                " ON CONFLICT (request_id) DO NOTHING",
+                row,
+            )
+
+        await self.db.write(op)
+
+    async def inbox_done(self, message: InboundMessage) -> None:
+        request_id = message.request_id
+        await self.db.write(
+            lambda conn, now: conn.execute("DELETE FROM inbox WHERE request_id = ?", (request_id,))
+        )
+
+    async def inbox_pending(self, conversation: str | None = None) -> list[InboundMessage]:
+        def fn(conn: sqlite3.Connection) -> list[bytes]:
+            if conversation is None:
+                rows = conn.execute("SELECT message FROM inbox ORDER BY seq")
+            else:
+                rows = conn.execute(
+                    "SELECT message FROM inbox WHERE conversation = ? ORDER BY seq", (conversation,)
+                )
+            return [row[0] for row in rows]
+
+        return decode_messages(await self.db.read(fn))
+
+    # -- context ------------------------------------------------------------------------------
+    async def context(self, conversation: str) -> list[Turn]:
+        now = time.time()
+        row = await self.db.read(
+            lambda conn: conn.execute(
+                "SELECT turns FROM context WHERE conversation = ? AND expires > ?",
+                (conversation, now),
+            ).fetchone()
+        )
+        return _turns(row[0]) if row else []
+
+    async def append_turns(
+        self, conversation: str, turns: list[Turn], max_turns: int, max_chars: int, idle_ttl: float
+    ) -> None:
+        def op(conn: sqlite3.Connection, now: float) -> None:
+            row = conn.execute(
+                "SELECT turns FROM context WHERE conversation = ? AND expires > ?",
+                (conversation, now),
+            ).fetchone()
+            kept = trim_turns((_turns(row[0]) if row else []) + turns, max_turns, max_chars)
+            conn.execute(
+                "INSERT INTO context (conversation, turns, expires) VALUES (?, ?, ?)"
+                " ON CONFLICT (conversation) DO UPDATE SET turns = excluded.turns,"
+                " expires = excluded.expires",
+                (conversation, orjson.dumps([[t.role, t.content] for t in kept]), now + idle_ttl),
+            )
+
+        await self.db.write(op)
+
+    async def reset(self, conversation: str) -> None:
+        await self.db.write(
+            lambda conn, now: conn.execute(
+                "DELETE FROM context WHERE conversation = ?", (conversation,)
+            )
+        )
+
+    # -- model cache ----------------------------------------------------------------------------
+    async def cache_get(self, key: str) -> str | None:
+        now = time.time()
+        row = await self.db.read(
+            lambda conn: conn.execute(
+                "SELECT value FROM cache WHERE key = ? AND expires > ?", (key, now)
+            ).fetchone()
+        )
+        return str(row[0]) if row else None
+
+    async def cache_put(self, key: str, value: str, ttl: float) -> None:
+        await self.db.write(
+            lambda conn, now: conn.execute(
+                "INSERT INTO cache (key, value, expires) VALUES (?, ?, ?) ON CONFLICT (key)"
+                " DO UPDATE SET value = excluded.value, expires = excluded.expires",
+                (key, value, now + ttl),
+            )
+        )
+
+    # -- rate limit -----------------------------------------------------------------------------
+    async def take_token(self, bucket: str, per_minute: int) -> bool:
+        capacity = float(per_minute)
+
+        def op(conn: sqlite3.Connection, now: float) -> bool:
+            row = conn.execute(
+                "SELECT tokens, updated FROM buckets WHERE bucket = ?", (bucket,)
+            ).fetchone()
+            tokens = capacity if row is None else row[0] + max(0.0, now - row[1]) * capacity / 60.0
+            tokens = min(capacity, tokens)
+            allowed = tokens >= 1.0
+            conn.execute(
+                "INSERT INTO buckets (bucket, tokens, updated) VALUES (?, ?, ?) ON CONFLICT (bucket)"
+                " DO UPDATE SET tokens = excluded.tokens, updated = excluded.updated",
+                (bucket, tokens - 1.0 if allowed else tokens, now),
+            )
+            return allowed
+
+        return bool(await self.db.write(op))
+
+    # -- leases (one process per file, see the module docstring) -------------------------------
+    async def acquire_lease(self, conversation: str, owner: str, ttl: float) -> bool:
+        return self._leases.acquire(conversation, owner, ttl)
+
+    async def release_lease(self, conversation: str, owner: str) -> None:
+        self._leases.release(conversation, owner)
+
+
+def _turns(raw: bytes) -> list[Turn]:
+    return [Turn(role, content) for role, content in orjson.loads(raw)]
+
+
+def _sweep(conn: sqlite3.Connection, now: float) -> int:
+    removed = 0
+    for sql, args in (
+        ("DELETE FROM dedup WHERE expires <= ?", (now,)),
+        ("DELETE FROM cache WHERE expires <= ?", (now,)),
+        ("DELETE FROM context WHERE expires <= ?", (now,)),
+        # A bucket untouched for a minute has refilled completely: same as no row.
+        ("DELETE FROM buckets WHERE updated <= ?", (now - 60.0,)),
+    ):
+        removed += conn.execute(sql, args).rowcount
+    return removed

@@ -1,0 +1,54 @@
+"""Access-token cache shared by the platform clients: fetched once, refreshed before expiry,
+evicted and the call retried once when the platform rejects it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from .errors import TokenRejected
+
+T = TypeVar("T")
+
+# (token, lifetime in seconds) as the platform's token endpoint returns them.
+Fetch = Callable[[], Awaitable[tuple[str, float]]]
+
+
+class TokenCache:
+    def __init__(self, fetch: Fetch, refresh_margin: float = 300.0) -> None:
+        self._fetch = fetch
+        self._margin = refresh_margin
+        self._token = ""
+        self._expires_at = 0.0
+        self._lock = asyncio.Lock()
+        self.fetches = 0
+
+    async def get(self) -> str:
+        """A valid token; one fetch at a time however many callers wait (single flight)."""
+        if self._token and time.monotonic() < self._expires_at:
+            return self._token
+        async with self._lock:
+            if self._token and time.monotonic() < self._expires_at:
+                return self._token
+            token, lifetime = await self._fetch()
+            self.fetches += 1
+            # Refresh `margin` early, but never treat a short-lived token as already expired.
+            margin = min(self._margin, lifetime / 2)
+            self._token, self._expires_at = token, time.monotonic() + lifetime - margin
+            return token
+
+    def evict(self, token: str) -> None:
+        """Forget `token` unless a newer one already replaced it."""
+        if self._token == token:
+            self._token, self._expires_at = "", 0.0
+
+    async def call(self, fn: Callable[[str], Awaitable[T]]) -> T:
+        """Run `fn(token)`; on `TokenRejected` evict the token and retry exactly once."""
+        token = await self.get()
+        try:
+            return await fn(token)
+        except TokenRejected:
+            self.evict(token)
+            return await fn(await self.get())

@@ -1,0 +1,211 @@
+"""The store contract, run against every backend: memory, SQLite (a real file), Redis (a real server)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import StoreError
+from gateway.messages import Attachment, ConversationKind, InboundMessage
+from gateway.store import MemoryStore, RedisStore, SqliteStore, Store, Turn
+
+BACKENDS = ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)]
+
+
+class Backend:
+    """Opens stores of one backend over the same data, so a test can close and reopen."""
+
+    def __init__(self, name: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+        self.name = name
+        self._path = tmp_path / "state" / "botgate.sqlite3"
+        self._redis_url = request.getfixturevalue("redis_url") if name == "redis" else ""
+        self._memory = MemoryStore()  # "reopening" memory returns the same (non-durable) object
+        self.opened: list[Store] = []
+
+    async def open(self) -> Store:
+        store: Store
+        if self.name == "memory":
+            store = self._memory
+        elif self.name == "sqlite":
+            store = SqliteStore(self._path)
+        else:
+            store = RedisStore(self._redis_url)
+        await store.open()
+        self.opened.append(store)
+        return store
+
+
+@pytest.fixture(params=BACKENDS)
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    b = Backend(request.param, tmp_path, request)
+    yield b
+    for store in b.opened:
+        await store.close()
+
+
+@pytest.fixture
+async def store(backend: Backend) -> Store:
+    return await backend.open()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:
+    """Poll `check` until it holds (for TTL expiry, which has no event to await)."""
+    deadline = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+def msg(n: int, conversation: str = "c1", **extra: object) -> InboundMessage:
+    return InboundMessage(
+        platform="dingtalk",
+        transport="stream",
+        conversation_id=conversation,
+        conversation_kind=ConversationKind.GROUP,
+        sender_id="u1",
+        sender_name="Ann",
+        text=f"message {n}",
+        mentioned=True,
+        message_id=f"m{n}",
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+# -- dedup -------------------------------------------------------------------------------------
+async def test_claim_once_then_duplicate_until_expiry(store: Store) -> None:
+    assert await store.claim("dingtalk:a", 0.3) is True
+    assert await store.claim("dingtalk:a", 0.3) is False
+    assert await store.claim("dingtalk:b", 0.3) is True
+    await eventually(lambda: store.claim("dingtalk:a", 60))
+    assert await store.claim("dingtalk:a", 60) is False
+
+
+async def test_concurrent_claims_of_one_key_admit_exactly_one(store: Store) -> None:
+    results = await asyncio.gather(*(store.claim("feishu:same", 60) for _ in range(20)))
+    assert results.count(True) == 1
+
+
+# -- inbox -------------------------------------------------------------------------------------
+async def test_inbox_keeps_order_and_forgets_done(store: Store) -> None:
+    messages = [msg(1), msg(2, "c2"), msg(3), msg(4)]
+    for m in messages:
+        await store.inbox_add(m)
+    assert await store.inbox_pending() == messages
+    assert await store.inbox_pending("dingtalk:c1") == [messages[0], messages[2], messages[3]]
+    await store.inbox_done(messages[2])
+    await store.inbox_done(messages[2])  # idempotent
+    assert await store.inbox_pending() == [messages[0], messages[1], messages[3]]
+    assert await store.inbox_pending("dingtalk:c2") == [messages[1]]
+    assert await store.inbox_pending("dingtalk:nobody") == []
+
+
+async def test_inbox_survives_reopen_with_every_field(backend: Backend) -> None:
+    if backend.name == "memory":
+        pytest.skip("memory:// is not durable by design")
+    store = await backend.open()
+    rich = msg(
+        1,
+        reply_handle={"session_webhook": "https://x/y", "expires": 1234567890123, "nested": [1, "a"]},
+        attachments=(Attachment("image", "code-1", "cat.png"),),
+    )
+    others = [msg(2), msg(3, "c9")]
+    for m in [rich, *others]:
+        await store.inbox_add(m)
+    await store.inbox_done(others[0])
+    await store.close()
+    backend.opened.remove(store)
+
+    reopened = await backend.open()
+    pending = await reopened.inbox_pending()
+    assert pending == [rich, others[1]]
+    assert pending[0].reply_handle["nested"] == [1, "a"]
+    assert pending[0].attachments[0].name == "cat.png"
+
+
+# -- context -----------------------------------------------------------------------------------
+async def test_context_appends_trims_and_resets(store: Store) -> None:
+    assert await store.context("web:s") == []
+    for i in range(4):
+        turns = [Turn("user", f"q{i}"), Turn("assistant", f"a{i}")]
+        await store.append_turns("web:s", turns, max_turns=4, max_chars=1000, idle_ttl=60)
+    assert [t.content for t in await store.context("web:s")] == ["q2", "a2", "q3", "a3"]
+    await store.append_turns("web:s", [Turn("user", "x" * 30)], max_turns=4, max_chars=33, idle_ttl=60)
+    assert [t.content for t in await store.context("web:s")] == ["a3", "x" * 30]
+    await store.reset("web:s")
+    assert await store.context("web:s") == []
+
+
+async def test_context_expires_when_idle(store: Store) -> None:
+    await store.append_turns("web:idle", [Turn("user", "hi")], 10, 1000, idle_ttl=0.3)
+    assert await store.context("web:idle") == [Turn("user", "hi")]
+
+    async def forgotten() -> bool:
+        return await store.context("web:idle") == []
+
+    await eventually(forgotten)
+
+
+# -- cache ---------------------------------------------------------------------------------------
+async def test_cache_hit_until_ttl(store: Store) -> None:
+    assert await store.cache_get("cache:k") is None
+    await store.cache_put("cache:k", "answer ✓", ttl=0.3)
+    assert await store.cache_get("cache:k") == "answer ✓"
+
+    async def expired() -> bool:
+        return await store.cache_get("cache:k") is None
+
+    await eventually(expired)
+
+
+# -- rate limit ----------------------------------------------------------------------------------
+async def test_token_bucket_caps_a_burst(store: Store) -> None:
+    results = await asyncio.gather(*(store.take_token("rate:u1", 3) for _ in range(6)))
+    assert results.count(True) == 3
+    assert await store.take_token("rate:u2", 3) is True  # buckets are per user
+
+
+async def test_token_bucket_refills(store: Store) -> None:
+    # 600 a minute = one token every 0.1 s.
+    results = await asyncio.gather(*(store.take_token("rate:fast", 600) for _ in range(650)))
+    assert 600 <= results.count(True) < 650  # a few may have refilled during the burst
+    for _ in range(100):
+        if not await store.take_token("rate:fast", 600):
+            break
+    else:
+        pytest.fail("the bucket never ran empty")
+    await eventually(lambda: store.take_token("rate:fast", 600))
+
+
+# -- leases --------------------------------------------------------------------------------------
+async def test_lease_is_exclusive_renewable_and_released_by_owner_only(store: Store) -> None:
+    assert await store.acquire_lease("dingtalk:c", "a", 30) is True
+    assert await store.acquire_lease("dingtalk:c", "b", 30) is False
+    assert await store.acquire_lease("dingtalk:c", "a", 30) is True  # renewal
+    await store.release_lease("dingtalk:c", "b")  # not b's to release
+    assert await store.acquire_lease("dingtalk:c", "b", 30) is False
+    assert await store.acquire_lease("dingtalk:other", "b", 30) is True
+    await store.release_lease("dingtalk:c", "a")
+    assert await store.acquire_lease("dingtalk:c", "b", 30) is True
+
+
+async def test_lease_of_a_dead_holder_expires(store: Store) -> None:
+    assert await store.acquire_lease("feishu:c", "dead", 0.3) is True
+    assert await store.acquire_lease("feishu:c", "alive", 30) is False
+    await eventually(lambda: store.acquire_lease("feishu:c", "alive", 30))
+
+
+# -- availability ----------------------------------------------------------------------------------
+async def test_ping_ok_while_open_and_fails_after_close(backend: Backend) -> None:
+    store = await backend.open()
+    await store.ping()
+    if backend.name == "memory":
+        return
+    await store.close()
+    with pytest.raises(StoreError):
+        await store.ping()
+    with pytest.raises(StoreError):
+        await store.claim("x", 1)

@@ -1,0 +1,70 @@
+"""Redis specifics: a clear error when unreachable at start, errors during an outage, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.errors import StoreError
+from gateway.store import RedisStore
+from tests.redisd import RedisServer, free_port
+from tests.test_store_contract import msg
+
+pytestmark = pytest.mark.redis
+
+
+async def test_unreachable_at_open_names_the_server_not_the_password() -> None:
+    port = free_port()
+    store = RedisStore(f"redis://:hunter2@127.0.0.1:{port}/0")
+    with pytest.raises(StoreError) as caught:
+        await store.open()
+    assert f"redis redis://127.0.0.1:{port}/0: unreachable" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+
+
+async def test_outage_raises_store_errors_then_recovers_by_itself(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis")
+    await asyncio.to_thread(server.start)
+    store = RedisStore(server.url)
+    try:
+        await store.open()
+        assert await store.claim("dingtalk:1", 60)
+        await asyncio.to_thread(server.stop)
+        with pytest.raises(StoreError, match="unreachable"):
+            await store.ping()
+        with pytest.raises(StoreError, match="claim"):
+            await store.claim("dingtalk:2", 60)
+        with pytest.raises(StoreError, match="inbox add"):
+            await store.inbox_add(msg(2))
+
+        await asyncio.to_thread(server.start)  # same port, empty (no persistence in tests)
+        await store.ping()  # the pool reconnects; no reopen needed
+        assert await store.claim("dingtalk:2", 60)
+        message = msg(2)
+        await store.inbox_add(message)  # the Lua scripts are loaded again after the restart
+        assert await store.inbox_pending() == [message]
+    finally:
+        await store.close()
+        server.stop()
+
+
+async def test_keys_carry_the_botgate_prefix(redis_url: str, redis_server: RedisServer) -> None:
+    store = RedisStore(redis_url)
+    await store.open()
+    try:
+        await store.claim("k", 60)
+        await store.inbox_add(msg(1))
+        await store.cache_put("cache:x", "v", 60)
+        await store.take_token("rate:u", 5)
+        await store.acquire_lease("dingtalk:c1", "me", 60)
+    finally:
+        await store.close()
+    client = aioredis.Redis(port=redis_server.port)
+    try:
+        keys = [str(k, "utf-8") if isinstance(k, bytes) else k for k in await client.keys("*")]
+    finally:
+        await client.aclose()
+    assert keys and all(k.startswith("botgate:") for k in keys), keys

@@ -1,0 +1,122 @@
+"""SQLite specifics: group commit, file location, single-process lock, write failures and recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import StoreError
+from gateway.store import SqliteStore, open_store
+from tests.test_store_contract import msg
+
+
+async def test_group_commit_batches_concurrent_writes(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    await store.open()
+    try:
+        before = store.commits
+        messages = [msg(i, f"c{i % 7}") for i in range(200)]
+        await asyncio.gather(*(store.inbox_add(m) for m in messages))
+        claims = await asyncio.gather(*(store.claim(f"k{i % 50}", 60) for i in range(200)))
+        commits = store.commits - before
+        assert commits <= 20, f"{commits} commits for 400 writes: no group commit"
+        assert claims.count(True) == 50
+        assert await store.inbox_pending() == messages  # every waiter's write landed, in order
+    finally:
+        await store.close()
+
+
+async def test_relative_url_lives_under_state_dir_in_wal_mode(tmp_path: Path) -> None:
+    state = tmp_path / "deep" / "state"
+    store = open_store("sqlite:///sub/bot.sqlite3", state)
+    await store.open()
+    await store.inbox_add(msg(1))
+    await store.close()
+    path = state / "sub" / "bot.sqlite3"
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT count(*) FROM inbox").fetchone()[0] == 1
+    conn.close()
+
+
+async def test_absolute_url(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path}/abs.sqlite3", Path("/nonexistent"))
+    assert isinstance(store, SqliteStore) and store.path == tmp_path / "abs.sqlite3"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgres://db/x", "scheme 'postgres' is not supported"),
+        ("sqlite://", "expected sqlite:///FILE"),
+        ("sqlite://host/x", "expected sqlite:///FILE"),
+    ],
+)
+def test_unsupported_urls_are_refused_clearly(url: str, expected: str) -> None:
+    with pytest.raises(StoreError, match=expected):
+        open_store(url, Path("state"))
+
+
+async def test_unwritable_location_fails_at_open(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    store = open_store("sqlite:///sub/bot.sqlite3", blocker)
+    with pytest.raises(StoreError, match=r"sqlite .*file/sub/bot.sqlite3: cannot open"):
+        await store.open()
+
+
+async def test_second_process_on_one_file_is_refused(tmp_path: Path) -> None:
+    first = SqliteStore(tmp_path / "one.sqlite3")
+    await first.open()
+    try:
+        with pytest.raises(StoreError, match="in use by another botgate process.*redis"):
+            await SqliteStore(tmp_path / "one.sqlite3").open()
+    finally:
+        await first.close()
+    second = SqliteStore(tmp_path / "one.sqlite3")  # free again after close
+    await second.open()
+    await second.close()
+
+
+async def test_full_disk_is_reported_and_recovers(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "full.sqlite3")
+    await store.open()
+    try:
+        # A real SQLITE_FULL: cap the file at its current size, as a full disk would.
+        pages = await store.db.write(lambda conn, now: conn.execute("PRAGMA page_count").fetchone()[0])
+        await store.db.write(lambda conn, now: conn.execute(f"PRAGMA max_page_count = {pages}"))
+        big = msg(1, reply_handle={"blob": "x" * 20_000})
+        with pytest.raises(StoreError, match="database or disk is full"):
+            await store.inbox_add(big)
+        with pytest.raises(StoreError, match="database or disk is full"):
+            await store.ping()  # readiness shows it, and keeps showing it
+        with pytest.raises(StoreError, match="database or disk is full"):
+            await store.ping()
+        assert await store.inbox_pending() == []  # reads still work
+        await store.db.write(lambda conn, now: conn.execute("PRAGMA max_page_count = 1073741823"))
+        await store.inbox_add(big)
+        await store.ping()
+        assert [m.request_id for m in await store.inbox_pending()] == [big.request_id]
+    finally:
+        await store.close()
+
+
+async def test_an_unreadable_inbox_entry_does_not_block_the_others(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "odd.sqlite3")
+    await store.open()
+    try:
+        await store.inbox_add(msg(1))
+        # As if written by another botgate version with a field this one does not know.
+        await store.db.write(
+            lambda conn, now: conn.execute(
+                "INSERT INTO inbox (request_id, conversation, message) VALUES ('x', 'dingtalk:c1', ?)",
+                (b'{"platform": "dingtalk", "unknown_field": 1}',),
+            )
+        )
+        await store.inbox_add(msg(2))
+        assert [m.text for m in await store.inbox_pending()] == ["message 1", "message 2"]
+    finally:
+        await store.close()
