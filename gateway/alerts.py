@@ -174,9 +174,14 @@ class Monitor:
             took = _duration(incident.cleared_at - incident.since)
             detail = f"cleared after {took}; was: {incident.detail}"
             return Alert(incident.key, incident.title, detail, False, incident.since, self._host)
-        if incident.notified or now - self._last_fired.get(incident.key, -math.inf) < cfg.min_interval:
+        if (
+            incident.notified
+            or now - self._last_fired.get(incident.key, -math.inf) < cfg.min_interval
+        ):
             return None
-        return Alert(incident.key, incident.title, incident.detail, True, incident.since, self._host)
+        return Alert(
+            incident.key, incident.title, incident.detail, True, incident.since, self._host
+        )
 
     def _forget_cleared(self, which: Callable[[Incident], bool]) -> None:
         for key in [k for k, i in self._incidents.items() if i.cleared_at is not None and which(i)]:

@@ -72,7 +72,9 @@ def decode(secret: bytes, token: str, now: float | None = None) -> dict[str, Any
         claims = orjson.loads(_b64decode(parts[1]))
     except orjson.JSONDecodeError as e:
         raise TokenError("malformed token") from e
-    exp = claims.get("exp") if isinstance(claims, dict) else None
+    if not isinstance(claims, dict):
+        raise TokenError("malformed token")
+    exp = claims.get("exp")
     if not isinstance(exp, int | float) or isinstance(exp, bool):
         raise TokenError("token has no expiry")
     if (time.time() if now is None else now) >= exp:
@@ -153,7 +155,9 @@ class AdminAuth:
         return cfg.jwt_secret.encode("utf-8") if cfg.jwt_secret else self._process_secret
 
     def _fingerprint(self, cfg: AdminConfig) -> str:
-        digest = hmac.new(self.secret(cfg), b"password:" + cfg.password.encode("utf-8"), hashlib.sha256)
+        digest = hmac.new(
+            self.secret(cfg), b"password:" + cfg.password.encode("utf-8"), hashlib.sha256
+        )
         return _b64encode(digest.digest()[:12])
 
     def issue(self, cfg: AdminConfig, now: float | None = None) -> tuple[str, float]:

@@ -80,11 +80,12 @@ class Metrics:
         self.queue_depth = Gauge(
             "botgate_queue_depth", "Messages accepted and waiting for a worker.", registry=r
         )
-        self.inflight = Gauge(
-            "botgate_inflight", "Messages being answered right now.", registry=r
-        )
+        self.inflight = Gauge("botgate_inflight", "Messages being answered right now.", registry=r)
         self.channel_connected = Gauge(
-            "botgate_channel_connected", "1 when the channel is connected.", ["platform"], registry=r
+            "botgate_channel_connected",
+            "1 when the channel is connected.",
+            ["platform"],
+            registry=r,
         )
         self.reconnects = Counter(
             "botgate_reconnects", "Reconnects of a long connection.", ["platform"], registry=r

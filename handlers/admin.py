@@ -44,9 +44,10 @@ async def reset_conversation(request: web.Request) -> web.Response:
 
 async def reconnect_channel(request: web.Request) -> web.Response:
     platform = request.match_info["platform"]
-    channel = request.app[CHANNELS].get(platform)
+    channels = request.app[CHANNELS]
+    channel = channels.get(platform)
     if channel is None:
-        return json_error(404, f"no channel {platform!r}", channels=sorted(request.app[CHANNELS]))
+        return json_error(404, f"no channel {platform!r}", channels=sorted(channels))
     try:
         await channel.reconnect()
     except GatewayError as e:

@@ -111,7 +111,9 @@ def _unauthorized(request: web.Request, reason: str) -> web.StreamResponse:
     if _wants_page(request):
         location = f"/login?next={quote(request.path_qs, safe='/')}"
         return web.Response(status=302, headers={hdrs.LOCATION: location})
-    challenge = 'Bearer realm="botgate"' + (', error="invalid_token"' if reason != "login required" else "")
+    challenge = 'Bearer realm="botgate"' + (
+        ', error="invalid_token"' if reason != "login required" else ""
+    )
     return web.json_response(
         {"error": reason, "login": "/login"},
         status=401,
@@ -174,7 +176,9 @@ async def login_page(request: web.Request) -> web.Response:
     return _render_login(request, next_=_safe_next(request.query.get("next", "/")))
 
 
-def _render_login(request: web.Request, next_: str, error: str = "", status: int = 200) -> web.Response:
+def _render_login(
+    request: web.Request, next_: str, error: str = "", status: int = 200
+) -> web.Response:
     context = {
         "password_set": bool(request.app[LIVE].config.admin.password),
         "local": is_local(request),
@@ -199,7 +203,9 @@ async def login(request: web.Request) -> web.StreamResponse:
     password = body.get("password")
     next_ = _safe_next(str(body.get("next") or "/"))
 
-    def refuse(status: int, message: str, headers: dict[str, str] | None = None) -> web.StreamResponse:
+    def refuse(
+        status: int, message: str, headers: dict[str, str] | None = None
+    ) -> web.StreamResponse:
         if wants_json:
             return web.json_response({"error": message}, status=status, headers=headers)
         response = _render_login(request, next_, message, status)
@@ -213,7 +219,9 @@ async def login(request: web.Request) -> web.StreamResponse:
     if wait > 0:
         seconds = int(wait) + 1
         return refuse(
-            429, f"too many failed logins; try again in {seconds} s", {hdrs.RETRY_AFTER: str(seconds)}
+            429,
+            f"too many failed logins; try again in {seconds} s",
+            {hdrs.RETRY_AFTER: str(seconds)},
         )
     if not isinstance(password, str) or not password_matches(password, cfg.password):
         auth.limiter.failed(client)
@@ -224,7 +232,9 @@ async def login(request: web.Request) -> web.StreamResponse:
     log.info("admin logged in", extra={"client": client})
     response: web.StreamResponse
     if wants_json:
-        response = web.json_response({"token": token, "token_type": "Bearer", "expires_at": expires})
+        response = web.json_response(
+            {"token": token, "token_type": "Bearer", "expires_at": expires}
+        )
     else:
         response = web.Response(status=303, headers={hdrs.LOCATION: next_})
     response.set_cookie(

@@ -35,7 +35,9 @@ TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
 def dingtalk_sign(timestamp_ms: str, secret: str) -> str:
-    digest = hmac.new(secret.encode(), f"{timestamp_ms}\n{secret}".encode(), hashlib.sha256).digest()
+    digest = hmac.new(
+        secret.encode(), f"{timestamp_ms}\n{secret}".encode(), hashlib.sha256
+    ).digest()
     return base64.b64encode(digest).decode()
 
 
@@ -44,7 +46,9 @@ def feishu_sign(timestamp_s: str, secret: str) -> str:
     return base64.b64encode(digest).decode()
 
 
-async def _post_json(session: aiohttp.ClientSession, url: URL, body: dict[str, Any]) -> dict[str, Any]:
+async def _post_json(
+    session: aiohttp.ClientSession, url: URL, body: dict[str, Any]
+) -> dict[str, Any]:
     try:
         async with session.post(url, json=body, timeout=TIMEOUT) as resp:
             data = await resp.json(content_type=None)
@@ -75,7 +79,9 @@ class DingTalkRobot:
         body = {"msgtype": "text", "text": {"content": alert.text()}}
         data = await _post_json(self._session, self.url(time.time()), body)
         if data.get("errcode") != 0:
-            raise PlatformError(f"dingtalk robot refused: {data.get('errcode')} {data.get('errmsg')}")
+            raise PlatformError(
+                f"dingtalk robot refused: {data.get('errcode')} {data.get('errmsg')}"
+            )
 
 
 class FeishuRobot:
@@ -97,11 +103,17 @@ class FeishuRobot:
         data = await _post_json(self._session, URL(self._webhook), self.body(alert, time.time()))
         code = data.get("code", data.get("StatusCode"))
         if code != 0:
-            raise PlatformError(f"feishu robot refused: {code} {data.get('msg') or data.get('StatusMessage')}")
+            raise PlatformError(
+                f"feishu robot refused: {code} {data.get('msg') or data.get('StatusMessage')}"
+            )
 
 
 def configured_sinks(cfg: AlertsConfig) -> list[str]:
-    return [name for name, url in (("dingtalk", cfg.dingtalk_webhook), ("feishu", cfg.feishu_webhook)) if url]
+    return [
+        name
+        for name, url in (("dingtalk", cfg.dingtalk_webhook), ("feishu", cfg.feishu_webhook))
+        if url
+    ]
 
 
 def robot_sinks(cfg: AlertsConfig, session: aiohttp.ClientSession) -> list[AlertSink]:

@@ -62,7 +62,9 @@ def _channels(request: web.Request, now: float) -> list[dict[str, Any]]:
                 "transports": list(s.transports),
                 "connected_since": s.connected_since,
                 "reconnects": s.reconnects,
-                "last_event_age": None if s.last_event_at is None else max(0.0, now - s.last_event_at),
+                "last_event_age": None
+                if s.last_event_at is None
+                else max(0.0, now - s.last_event_at),
                 "last_error": s.last_error,
                 "detail": s.detail,
             }
@@ -96,7 +98,7 @@ async def snapshot(request: web.Request) -> dict[str, Any]:
     model = app[RESPONDER].model
     ratio_5m, replies_5m = stats.error_ratio(5)
     ratio_60m, replies_60m = stats.error_ratio(60)
-    monitor = app[ALERTS] if ALERTS in app else None
+    monitor = app.get(ALERTS)
     return {
         "version": __version__,
         "now": now,
@@ -152,7 +154,13 @@ async def snapshot(request: web.Request) -> dict[str, Any]:
         "alerts": {
             "sinks": configured_sinks(cfg.alerts),
             "active": [
-                {"key": i.key, "title": i.title, "detail": i.detail, "since": i.since, "notified": i.notified}
+                {
+                    "key": i.key,
+                    "title": i.title,
+                    "detail": i.detail,
+                    "since": i.since,
+                    "notified": i.notified,
+                }
                 for i in (monitor.incidents if monitor else [])
             ],
         },
@@ -233,7 +241,9 @@ class StatusFeed:
         self._closing = False
 
     async def page(self, request: web.Request) -> web.Response:
-        return aiohttp_jinja2.render_template("status.html", request, context(await snapshot(request)))
+        return aiohttp_jinja2.render_template(
+            "status.html", request, context(await snapshot(request))
+        )
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(

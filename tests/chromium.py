@@ -175,7 +175,9 @@ class Chromium:
             if not future.done():
                 future.set_exception(CDPError("DevTools connection closed"))
 
-    async def send(self, method: str, params: dict[str, Any], session_id: str | None = None) -> dict[str, Any]:
+    async def send(
+        self, method: str, params: dict[str, Any], session_id: str | None = None
+    ) -> dict[str, Any]:
         assert self._ws is not None
         message_id = next(self._ids)
         message: dict[str, Any] = {"id": message_id, "method": method, "params": params}
@@ -188,11 +190,14 @@ class Chromium:
             reply = await future
         if "error" in reply:
             raise CDPError(f"{method}: {reply['error']}")
-        return reply.get("result", {})
+        result: dict[str, Any] = reply.get("result", {})
+        return result
 
     async def new_page(self) -> Page:
         target = await self.send("Target.createTarget", {"url": "about:blank"})
-        attached = await self.send("Target.attachToTarget", {"targetId": target["targetId"], "flatten": True})
+        attached = await self.send(
+            "Target.attachToTarget", {"targetId": target["targetId"], "flatten": True}
+        )
         page = Page(self, attached["sessionId"])
         self._pages[page.session_id] = page
         for domain in ("Page", "Runtime", "Log"):

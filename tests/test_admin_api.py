@@ -48,8 +48,11 @@ class ManualChannel:
 
 
 async def post(client: Any, path: str, body: object = None, **headers: str) -> tuple[int, Any]:
-    resp = await client.post(path, data=orjson.dumps(body if body is not None else {}),
-                             headers={"Content-Type": "application/json", **headers})
+    resp = await client.post(
+        path,
+        data=orjson.dumps(body if body is not None else {}),
+        headers={"Content-Type": "application/json", **headers},
+    )
     return resp.status, await resp.json()
 
 
@@ -59,14 +62,24 @@ async def test_reset_a_conversation(gateway: Any, openai_double: Any) -> None:
     async with client.ws_connect("/chat/ws?session=resetsession1") as ws:
         await ws.receive()
         await chat(client, ws, "remember 42", "a")
-        status, body = await post(client, "/api/conversations/reset", {"conversation": "web:resetsession1"})
+        status, body = await post(
+            client, "/api/conversations/reset", {"conversation": "web:resetsession1"}
+        )
         assert (status, body) == (200, {"reset": "web:resetsession1"})
         await chat(client, ws, "what number?", "b")
     assert [m["content"] for m in double.requests[-1]["messages"][1:]] == ["what number?"]
-    for bad in ({}, {"conversation": 5}, {"conversation": "no-platform"}, [1], {"conversation": "x" * 600}):
+    for bad in (
+        {},
+        {"conversation": 5},
+        {"conversation": "no-platform"},
+        [1],
+        {"conversation": "x" * 600},
+    ):
         status, body = await post(client, "/api/conversations/reset", bad)
         assert status == 400 and "conversation" in body["error"], bad
-    resp = await client.post("/api/conversations/reset", data=b"{nope", headers={"Content-Type": "application/json"})
+    resp = await client.post(
+        "/api/conversations/reset", data=b"{nope", headers={"Content-Type": "application/json"}
+    )
     assert resp.status == 400
 
 
@@ -83,8 +96,14 @@ async def test_reconnect_a_channel(gateway: Any) -> None:
     assert {c["platform"]: c["reconnects"] for c in snapshot["channels"]}["manual"] == 1
 
 
-def write_config(path: Path, model_url: str, answer_port: int = 18789, level: str = "INFO",
-                 password: str = "first-password", extra: str = "") -> None:
+def write_config(
+    path: Path,
+    model_url: str,
+    answer_port: int = 18789,
+    level: str = "INFO",
+    password: str = "first-password",
+    extra: str = "",
+) -> None:
     path.write_text(
         f"""
 [server]
@@ -129,14 +148,21 @@ async def test_reload_applies_live_settings_and_reports_restarts(
     path = tmp_path / "config.toml"
     write_config(path, two_models[0])
     client = await gateway(load(path, env={}))
-    token = (await (await client.post("/login", json={"password": "first-password"})).json())["token"]
+    token = (await (await client.post("/login", json={"password": "first-password"})).json())[
+        "token"
+    ]
     bearer = {"Authorization": f"Bearer {token}"}
     async with client.ws_connect("/chat/ws?session=reloadsession1", headers=bearer) as ws:
         await ws.receive()
         assert (await chat(client, ws, "hi", "a"))[-1]["text"] == "from model A"
 
-        write_config(path, two_models[1], answer_port=18790, level="DEBUG",
-                     extra="[dispatcher]\nmax_queue = 5")
+        write_config(
+            path,
+            two_models[1],
+            answer_port=18790,
+            level="DEBUG",
+            extra="[dispatcher]\nmax_queue = 5",
+        )
         status, report = await post(client, "/api/reload", **bearer)
         assert status == 200
         assert report == {
@@ -151,7 +177,7 @@ async def test_reload_applies_live_settings_and_reports_restarts(
     assert snapshot["config"]["settings"]["model"]["base_url"] == two_models[1]
 
     # A broken file is refused with the key named; the running config stays.
-    path.write_text("[model]\ntemperature = \"hot\"\n")
+    path.write_text('[model]\ntemperature = "hot"\n')
     status, body = await post(client, "/api/reload", **bearer)
     assert status == 400 and "model.temperature" in body["error"]
     assert client.server.app[LIVE].config.model.base_url == two_models[1]
@@ -160,7 +186,10 @@ async def test_reload_applies_live_settings_and_reports_restarts(
     write_config(path, two_models[1], password="second-password")
     assert (await post(client, "/api/reload", **bearer))[0] == 200
     resp = await client.get("/api/status", headers=bearer)
-    assert resp.status == 401 and (await resp.json())["error"] == "token was issued for another password"
+    assert (
+        resp.status == 401
+        and (await resp.json())["error"] == "token was issued for another password"
+    )
     assert (await client.post("/login", json={"password": "second-password"})).status == 200
 
 
@@ -171,7 +200,10 @@ async def test_sighup_reloads_the_config(
     write_config(path, two_models[0])
     client = await gateway(load(path, env={}))
     live = client.server.app[LIVE]
-    assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, None)  # else the kill below ends pytest
+    assert signal.getsignal(signal.SIGHUP) not in (
+        signal.SIG_DFL,
+        None,
+    )  # else the kill below ends pytest
     write_config(path, two_models[1])
     reloaded = asyncio.Event()
     live.add_listener(reloaded)
@@ -179,8 +211,12 @@ async def test_sighup_reloads_the_config(
     async with asyncio.timeout(10):
         await reloaded.wait()
     assert live.config.model.base_url == two_models[1]
-    token = (await (await client.post("/login", json={"password": "first-password"})).json())["token"]
-    async with client.ws_connect("/chat/ws?session=sighupsession1", headers={"Authorization": f"Bearer {token}"}) as ws:
+    token = (await (await client.post("/login", json={"password": "first-password"})).json())[
+        "token"
+    ]
+    async with client.ws_connect(
+        "/chat/ws?session=sighupsession1", headers={"Authorization": f"Bearer {token}"}
+    ) as ws:
         await ws.receive()
         assert (await chat(client, ws, "hi", "a"))[-1]["text"] == "from model B"
 

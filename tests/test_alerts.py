@@ -18,21 +18,25 @@ from gateway.alerts import RETRY_AFTER, Monitor
 from gateway.channel import ChannelState, ChannelStatus
 from gateway.config import AlertsConfig
 from gateway.stats import Stats
-from handlers.robots import DingTalkRobot, FeishuRobot, dingtalk_sign, robot_sinks
+from handlers.robots import DingTalkRobot, dingtalk_sign, robot_sinks
 from tests.conftest import make_config
 from tests.doubles.robots import RobotDouble
 from tests.test_webchat import chat
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian package prometheus)")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool not installed (Debian package prometheus)"
+)
 
 
 @needs_promtool
 def test_alert_rules_pass_promtool_check() -> None:
     result = subprocess.run(
         [str(PROMTOOL), "check", "rules", str(ROOT / "deploy" / "alerts.yml")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS: 8 rules found" in result.stdout
@@ -42,14 +46,19 @@ def test_alert_rules_pass_promtool_check() -> None:
 def test_alert_rules_fire_on_the_documented_conditions() -> None:
     result = subprocess.run(
         [str(PROMTOOL), "test", "rules", str(ROOT / "tests" / "promtool" / "alerts_test.yml")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_dingtalk_signature_matches_the_documented_example() -> None:
     # Example from the DingTalk robot docs (see protocols.md C.2).
-    assert dingtalk_sign("1700000000000", "this is secret") == "sSFWELbV2YwjdDQhWZwTcWlX5BWUx5J6TPpsZmuPii0="
+    assert (
+        dingtalk_sign("1700000000000", "this is secret")
+        == "sSFWELbV2YwjdDQhWZwTcWlX5BWUx5J6TPpsZmuPii0="
+    )
 
 
 def test_dingtalk_sign_is_url_encoded_in_the_query() -> None:
@@ -59,7 +68,11 @@ def test_dingtalk_sign_is_url_encoded_in_the_query() -> None:
             break
     url = robot.url(ms / 1000)
     query = dict(parse_qsl(url.raw_query_string))  # decodes like the platform's servlet would
-    assert query == {"access_token": "t", "timestamp": str(ms), "sign": dingtalk_sign(str(ms), "SECx")}
+    assert query == {
+        "access_token": "t",
+        "timestamp": str(ms),
+        "sign": dingtalk_sign(str(ms), "SECx"),
+    }
 
 
 class Clock:
@@ -75,7 +88,9 @@ async def robots(aiohttp_server: Callable[..., Any]) -> tuple[RobotDouble, dict[
     double = RobotDouble()
     server = await aiohttp_server(double.app())
     urls = {
-        "dingtalk_webhook": str(server.make_url(f"/robot/send?access_token={double.dingtalk_token}")),
+        "dingtalk_webhook": str(
+            server.make_url(f"/robot/send?access_token={double.dingtalk_token}")
+        ),
         "dingtalk_secret": double.dingtalk_secret,
         "feishu_webhook": str(server.make_url(f"/open-apis/bot/v2/hook/{double.feishu_token}")),
         "feishu_secret": double.feishu_secret,
@@ -119,7 +134,9 @@ async def test_model_failures_alert_once_then_resolve(robots: Any) -> None:
 
 async def test_wrongly_signed_post_is_refused_and_retried_later(robots: Any) -> None:
     double, urls = robots
-    wrong = alerts_config({**urls, "feishu_webhook": ""}, dingtalk_secret="SECwrong", model_failures=1)
+    wrong = alerts_config(
+        {**urls, "feishu_webhook": ""}, dingtalk_secret="SECwrong", model_failures=1
+    )
     clock = Clock()
     stats = Stats(clock)
     monitor = Monitor(stats, lambda: [], clock)
@@ -165,7 +182,9 @@ async def test_channel_down_alert_after_channel_down_after(robots: Any) -> None:
     double, urls = robots
     cfg = alerts_config({**urls, "dingtalk_webhook": ""}, channel_down_after=120.0)
     clock = Clock()
-    statuses = [ChannelStatus("dingtalk", ChannelState.RECONNECTING, last_error="ConnectionResetError")]
+    statuses = [
+        ChannelStatus("dingtalk", ChannelState.RECONNECTING, last_error="ConnectionResetError")
+    ]
     monitor = Monitor(Stats(clock), lambda: statuses, clock)
     async with aiohttp.ClientSession() as session:
         sinks = robot_sinks(cfg, session)
@@ -181,7 +200,10 @@ async def test_channel_down_alert_after_channel_down_after(robots: Any) -> None:
         ("channel_down:dingtalk", True),
         ("channel_down:dingtalk", False),
     ]
-    assert "dingtalk has been reconnecting for 2 min 1 s (last error: ConnectionResetError)" in double.posts[0][1]
+    assert (
+        "dingtalk has been reconnecting for 2 min 1 s (last error: ConnectionResetError)"
+        in double.posts[0][1]
+    )
     assert [p for p, _ in double.posts] == ["feishu", "feishu"]
 
 
@@ -195,7 +217,7 @@ async def test_error_ratio_alert_needs_enough_replies() -> None:
     assert monitor.conditions(cfg, clock()) == {}  # 5 of 5 failed, but 5 replies prove little
     for _ in range(15):
         stats.reply(failed=False)
-    title, detail = monitor.conditions(cfg, clock())["error_ratio"]
+    _, detail = monitor.conditions(cfg, clock())["error_ratio"]
     assert detail.startswith("25.0% of 20 replies in the last 5 minutes were errors")
 
 
@@ -224,7 +246,9 @@ async def test_gateway_posts_signed_alert_when_the_model_keeps_failing(
         frames = await chat(client, ws, "all good now", "m4")
         assert frames[-1]["type"] == "done"
         posts = await double.wait_posts(4)
-    assert [t.split("\n")[0] for _, t in posts[2:]] == ["[botgate alert] RESOLVED: model failing"] * 2
+    assert [t.split("\n")[0] for _, t in posts[2:]] == [
+        "[botgate alert] RESOLVED: model failing"
+    ] * 2
     assert len(double.posts) == 4 and double.refusals == []
 
     status = orjson.loads(await (await client.get("/api/status")).read())

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 
 import handlers
 from gateway import auth
@@ -79,13 +79,15 @@ def test_login_limiter_locks_then_forgets_and_stays_bounded() -> None:
 
 @pytest.fixture
 def protected(gateway: Callable[..., Any]) -> Callable[..., Any]:
-    async def start(**admin: Any) -> TestClient:
-        return await gateway(make_config(admin={"password": PASSWORD, "jwt_secret": SECRET, **admin}))
+    async def start(**admin: Any) -> Any:
+        return await gateway(
+            make_config(admin={"password": PASSWORD, "jwt_secret": SECRET, **admin})
+        )
 
     return start
 
 
-async def login_token(client: TestClient) -> str:
+async def login_token(client: Any) -> str:
     resp = await client.post("/login", json={"password": PASSWORD})
     assert resp.status == 200
     return str((await resp.json())["token"])
@@ -114,20 +116,29 @@ async def test_browser_login_sets_a_strict_httponly_cookie(protected: Any) -> No
     client = await protected()
     page = await client.get("/login?next=/chat")
     assert 'name="next" value="/chat"' in await page.text()
-    resp = await client.post("/login", data={"password": PASSWORD, "next": "/chat"}, allow_redirects=False)
+    resp = await client.post(
+        "/login", data={"password": PASSWORD, "next": "/chat"}, allow_redirects=False
+    )
     assert resp.status == 303 and resp.headers["Location"] == "/chat"
     cookie = resp.headers["Set-Cookie"]
     assert cookie.startswith("botgate_admin=")
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
     assert "Max-Age=43200" in cookie and "Secure" not in cookie  # plain http here
     token = resp.cookies["botgate_admin"].value
-    page = await client.get("/", headers=HTML, cookies={"botgate_admin": token}, allow_redirects=False)
+    page = await client.get(
+        "/", headers=HTML, cookies={"botgate_admin": token}, allow_redirects=False
+    )
     assert page.status == 200 and 'id="messages-in"' in await page.text()
-    async with client.ws_connect("/chat/ws?session=cookiesession1", headers={"Cookie": f"botgate_admin={token}"}) as ws:
+    async with client.ws_connect(
+        "/chat/ws?session=cookiesession1", headers={"Cookie": f"botgate_admin={token}"}
+    ) as ws:
         assert (await ws.receive_json())["type"] == "hello"
     # Behind a TLS proxy the cookie is Secure.
     resp = await client.post(
-        "/login", data={"password": PASSWORD}, headers={"X-Forwarded-Proto": "https"}, allow_redirects=False
+        "/login",
+        data={"password": PASSWORD},
+        headers={"X-Forwarded-Proto": "https"},
+        allow_redirects=False,
     )
     assert "Secure" in resp.headers["Set-Cookie"]
     # Logging out clears it.
@@ -137,8 +148,15 @@ async def test_browser_login_sets_a_strict_httponly_cookie(protected: Any) -> No
 
 async def test_login_never_redirects_off_site(protected: Any) -> None:
     client = await protected()
-    for target in ("//evil.example/x", "https://evil.example/", "/\\evil.example", "javascript:alert(1)"):
-        resp = await client.post("/login", data={"password": PASSWORD, "next": target}, allow_redirects=False)
+    for target in (
+        "//evil.example/x",
+        "https://evil.example/",
+        "/\\evil.example",
+        "javascript:alert(1)",
+    ):
+        resp = await client.post(
+            "/login", data={"password": PASSWORD, "next": target}, allow_redirects=False
+        )
         assert resp.headers["Location"] == "/", target
 
 
@@ -161,22 +179,30 @@ async def test_expired_token_refused(protected: Any) -> None:
     old, _ = app[AUTH].issue(cfg, now=time.time() - 61)
     resp = await client.get("/api/status", headers={"Authorization": f"Bearer {old}"})
     assert resp.status == 401 and (await resp.json())["error"] == "token expired"
-    resp = await client.get("/", headers=HTML, cookies={"botgate_admin": old}, allow_redirects=False)
+    resp = await client.get(
+        "/", headers=HTML, cookies={"botgate_admin": old}, allow_redirects=False
+    )
     assert resp.status == 302 and resp.headers["Location"].startswith("/login")
     fresh, expires = app[AUTH].issue(cfg)
     assert 59 <= expires - time.time() <= 61
-    assert (await client.get("/api/status", headers={"Authorization": f"Bearer {fresh}"})).status == 200
+    assert (
+        await client.get("/api/status", headers={"Authorization": f"Bearer {fresh}"})
+    ).status == 200
 
 
 async def test_token_from_another_secret_or_password_refused(protected: Any) -> None:
     client = await protected()
     cfg = client.server.app[LIVE].config.admin
     other = auth.AdminAuth()
-    forged, _ = other.issue(make_config(admin={"password": PASSWORD, "jwt_secret": "guessed"}).admin)
+    forged, _ = other.issue(
+        make_config(admin={"password": PASSWORD, "jwt_secret": "guessed"}).admin
+    )
     resp = await client.get("/api/status", headers={"Authorization": f"Bearer {forged}"})
     assert (await resp.json())["error"] == "bad token signature"
     # Same secret, but issued for an older password: changing the password logs everyone out.
-    stale, _ = other.issue(make_config(admin={"password": "old password", "jwt_secret": cfg.jwt_secret}).admin)
+    stale, _ = other.issue(
+        make_config(admin={"password": "old password", "jwt_secret": cfg.jwt_secret}).admin
+    )
     resp = await client.get("/api/status", headers={"Authorization": f"Bearer {stale}"})
     assert (await resp.json())["error"] == "token was issued for another password"
 
@@ -190,7 +216,9 @@ async def test_wrong_passwords_are_rate_limited(protected: Any) -> None:
     assert resp.status == 429
     assert 1 <= int(resp.headers["Retry-After"]) <= 300
     # A forwarded-for header does not buy a fresh allowance: the limit is per TCP peer.
-    resp = await client.post("/login", json={"password": "guess"}, headers={"X-Forwarded-For": "198.51.100.7"})
+    resp = await client.post(
+        "/login", json={"password": "guess"}, headers={"X-Forwarded-For": "198.51.100.7"}
+    )
     assert resp.status == 429
     form = await client.post("/login", data={"password": "guess"})
     assert form.status == 429 and "too many failed logins" in await form.text()
@@ -253,16 +281,22 @@ async def test_without_password_the_peer_address_decides(aiohttp_client: Any) ->
 
     @web.middleware
     async def from_proxy(request: web.Request, handler: Any) -> web.StreamResponse:
-        return await handler(request.clone(remote=request.headers.get("X-Test-Client", request.remote)))
+        client = request.headers.get("X-Test-Client", request.remote or "")
+        response: web.StreamResponse = await handler(request.clone(remote=client))
+        return response
 
     app = create_app(make_config(), [handlers.setup])
     app.middlewares.insert(0, from_proxy)
     client = await aiohttp_client(TestServer(app, host="127.0.0.1"))
     assert (await client.get("/api/status", headers={"X-Test-Client": "127.0.0.1"})).status == 200
     assert (await client.get("/api/status", headers={"X-Test-Client": "::1"})).status == 200
-    assert (await client.get("/api/status", headers={"X-Test-Client": "::ffff:127.0.0.1"})).status == 200
+    assert (
+        await client.get("/api/status", headers={"X-Test-Client": "::ffff:127.0.0.1"})
+    ).status == 200
     for peer in ("192.0.2.10", "10.0.0.5", "2001:db8::1", "::ffff:192.0.2.1", ""):
-        assert (await client.get("/api/status", headers={"X-Test-Client": peer})).status == 403, peer
+        assert (await client.get("/api/status", headers={"X-Test-Client": peer})).status == 403, (
+            peer
+        )
 
 
 async def test_metrics_token(gateway: Any) -> None:

@@ -52,18 +52,39 @@ async def test_template_renders_an_idle_gateway(gateway: Any) -> None:
 async def test_template_renders_a_busy_gateway(gateway: Any) -> None:
     client = await gateway(make_config(admin={"password": "pw-for-busy-page"}))
     app = client.server.app
-    token = (await (await client.post("/login", json={"password": "pw-for-busy-page"})).json())["token"]
+    token = (await (await client.post("/login", json={"password": "pw-for-busy-page"})).json())[
+        "token"
+    ]
     resp = await client.get("/api/status", headers={"Authorization": f"Bearer {token}"})
     snap = copy.deepcopy(orjson.loads(await resp.read()))  # the real shape, then made busy
     snap["channels"] = [
-        {**snap["channels"][0], "platform": "dingtalk", "state": ChannelState.CONNECTED.value, "ready": True,
-         "transports": ["stream", "webhook"], "connected_since": snap["now"] - 7200, "reconnects": 3,
-         "last_event_age": 2.5, "last_error": ""},
-        {**snap["channels"][0], "platform": "feishu", "state": ChannelState.RECONNECTING.value, "ready": False,
-         "reconnects": 12, "last_event_age": 400.0, "last_error": "<script>alert('x')</script> 1011 keepalive"},
+        {
+            **snap["channels"][0],
+            "platform": "dingtalk",
+            "state": ChannelState.CONNECTED.value,
+            "ready": True,
+            "transports": ["stream", "webhook"],
+            "connected_since": snap["now"] - 7200,
+            "reconnects": 3,
+            "last_event_age": 2.5,
+            "last_error": "",
+        },
+        {
+            **snap["channels"][0],
+            "platform": "feishu",
+            "state": ChannelState.RECONNECTING.value,
+            "ready": False,
+            "reconnects": 12,
+            "last_event_age": 400.0,
+            "last_error": "<script>alert('x')</script> 1011 keepalive",
+        },
     ]
     snap["traffic"].update(
-        received_total=1_234_567, replies_total=1_230_000, failed_total=420, queue_depth=37, inflight=64,
+        received_total=1_234_567,
+        replies_total=1_230_000,
+        failed_total=420,
+        queue_depth=37,
+        inflight=64,
         per_minute={
             "received": [(i * 37) % 900 for i in range(60)],
             "replied": [(i * 37) % 880 for i in range(60)],
@@ -74,14 +95,38 @@ async def test_template_renders_a_busy_gateway(gateway: Any) -> None:
         "overhead": {"count": 1024, "p50": 0.0031, "p95": 0.012, "p99": 0.61},
         "model": {"count": 1024, "p50": 1.8, "p95": 6.2, "p99": 14.9},
     }
-    snap["errors"] = {"ratio_5m": 0.031, "replies_5m": 4400, "ratio_60m": 0.004, "replies_60m": 52000}
-    snap["model"].update(name="deepseek-chat", configured=True, calls=50_000, failures=12, failure_streak=6,
-                         last_error="rate_limited", prompt_tokens=9_876_543, completion_tokens=1_234_567,
-                         cache_hits=300, cache_misses=700, cache_hit_rate=0.3)
+    snap["errors"] = {
+        "ratio_5m": 0.031,
+        "replies_5m": 4400,
+        "ratio_60m": 0.004,
+        "replies_60m": 52000,
+    }
+    snap["model"].update(
+        name="deepseek-chat",
+        configured=True,
+        calls=50_000,
+        failures=12,
+        failure_streak=6,
+        last_error="rate_limited",
+        prompt_tokens=9_876_543,
+        completion_tokens=1_234_567,
+        cache_hits=300,
+        cache_misses=700,
+        cache_hit_rate=0.3,
+    )
     snap["store"] = {"backend": "redis", "healthy": False, "error": "connection refused"}
-    snap["alerts"] = {"sinks": ["dingtalk"], "active": [
-        {"key": "model_failing", "title": "model failing", "detail": "6 model calls failed in a row",
-         "since": snap["now"] - 60, "notified": True}]}
+    snap["alerts"] = {
+        "sinks": ["dingtalk"],
+        "active": [
+            {
+                "key": "model_failing",
+                "title": "model failing",
+                "detail": "6 model calls failed in a row",
+                "since": snap["now"] - 60,
+                "notified": True,
+            }
+        ],
+    }
     snap["config"]["needs_restart"] = ["feishu.app_id", "server.port"]
     snap["admin"]["ephemeral_secret"] = True
 
@@ -107,19 +152,33 @@ async def test_template_renders_a_busy_gateway(gateway: Any) -> None:
 
 
 async def test_secrets_never_reach_the_page_or_the_api(gateway: Any) -> None:
-    secrets = {
+    secrets: dict[str, dict[str, Any]] = {
         "model": {"api_keys": ["sk-live-abcdef123456"], "base_url": "http://127.0.0.1:9/v1"},
-        "admin": {"password": "hunter2-but-longer", "jwt_secret": "jwt-secret-value-xyz", "metrics_token": "mt-0987654321"},
-        "alerts": {"dingtalk_webhook": "https://oapi.dingtalk.com/robot/send?access_token=tok-secret-42",
-                   "dingtalk_secret": "SEC-signing-secret"},
+        "admin": {
+            "password": "hunter2-but-longer",
+            "jwt_secret": "jwt-secret-value-xyz",
+            "metrics_token": "mt-0987654321",
+        },
+        "alerts": {
+            "dingtalk_webhook": "https://oapi.dingtalk.com/robot/send?access_token=tok-secret-42",
+            "dingtalk_secret": "SEC-signing-secret",
+        },
     }
     client = await gateway(make_config(**secrets))
-    token = (await (await client.post("/login", json={"password": "hunter2-but-longer"})).json())["token"]
+    token = (await (await client.post("/login", json={"password": "hunter2-but-longer"})).json())[
+        "token"
+    ]
     auth = {"Authorization": f"Bearer {token}"}
     page = await (await client.get("/", headers=auth)).text()
     api = await (await client.get("/api/status", headers=auth)).text()
-    for value in ("sk-live-abcdef123456", "hunter2-but-longer", "jwt-secret-value-xyz", "mt-0987654321",
-                  "tok-secret-42", "SEC-signing-secret"):
+    for value in (
+        "sk-live-abcdef123456",
+        "hunter2-but-longer",
+        "jwt-secret-value-xyz",
+        "mt-0987654321",
+        "tok-secret-42",
+        "SEC-signing-secret",
+    ):
         assert value not in page and value not in api
     assert orjson.loads(api)["config"]["settings"]["model"]["api_keys"] == "***"
     assert orjson.loads(api)["config"]["settings"]["model"]["base_url"] == "http://127.0.0.1:9/v1"
@@ -187,7 +246,7 @@ def test_latency_percentiles_are_bounded_and_recent() -> None:
     p = window.percentiles(1000.0)
     assert (p.count, p.p50, p.p95, p.p99) == (100, 0.05, 0.095, 0.099)
     assert window.percentiles(1000.0 + 3601).count == 0  # an hour later, nothing recent
-    for i in range(SAMPLES * 3):
+    for _ in range(SAMPLES * 3):
         window.observe(2000.0, 1.0)
     assert window.percentiles(2000.0).count == SAMPLES
 
@@ -211,5 +270,9 @@ def test_stats_error_ratio_and_streaks() -> None:
 
 def test_age_formatting() -> None:
     assert [fmt_age(s) for s in (None, 4.9, 61, 3600 * 2 + 60 * 5, 86400 * 3 + 3600)] == [
-        "—", "4 s", "1 min 1 s", "2 h 5 min", "3 d 1 h"
+        "—",
+        "4 s",
+        "1 min 1 s",
+        "2 h 5 min",
+        "3 d 1 h",
     ]

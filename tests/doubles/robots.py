@@ -55,17 +55,23 @@ class RobotDouble:
     async def dingtalk(self, request: web.Request) -> web.Response:
         query = dict(parse_qsl(request.rel_url.raw_query_string))  # unquote_plus, like a servlet
         if query.get("access_token") != self.dingtalk_token:
-            return self._refuse("dingtalk", 300001, {"errcode": 300001, "errmsg": "token is not exist"})
+            return self._refuse(
+                "dingtalk", 300001, {"errcode": 300001, "errmsg": "token is not exist"}
+            )
         if self.dingtalk_secret:
             ts = query.get("timestamp", "")
             expected = base64.b64encode(
                 hmac.new(
-                    self.dingtalk_secret.encode(), f"{ts}\n{self.dingtalk_secret}".encode(), hashlib.sha256
+                    self.dingtalk_secret.encode(),
+                    f"{ts}\n{self.dingtalk_secret}".encode(),
+                    hashlib.sha256,
                 ).digest()
             ).decode()
             fresh = ts.isdigit() and abs(time.time() * 1000 - int(ts)) < 3_600_000
             if not fresh or query.get("sign") != expected:
-                return self._refuse("dingtalk", 310000, {"errcode": 310000, "errmsg": "sign not match"})
+                return self._refuse(
+                    "dingtalk", 310000, {"errcode": 310000, "errmsg": "sign not match"}
+                )
         body = await request.json()
         self.posts.append(("dingtalk", body["text"]["content"]))
         self.changed.set()
@@ -73,7 +79,11 @@ class RobotDouble:
 
     async def feishu(self, request: web.Request) -> web.Response:
         if request.match_info["token"] != self.feishu_token:
-            return self._refuse("feishu", 19001, {"code": 19001, "msg": "param invalid: incoming webhook access token invalid"})
+            return self._refuse(
+                "feishu",
+                19001,
+                {"code": 19001, "msg": "param invalid: incoming webhook access token invalid"},
+            )
         body = await request.json()
         if self.feishu_secret:
             ts = str(body.get("timestamp", ""))
@@ -81,10 +91,14 @@ class RobotDouble:
             expected = base64.b64encode(hmac.new(key, b"", hashlib.sha256).digest()).decode()
             fresh = ts.isdigit() and abs(time.time() - int(ts)) < 3600
             if not fresh or body.get("sign") != expected:
-                return self._refuse("feishu", 19021, {
-                    "code": 19021,
-                    "msg": "sign match fail or timestamp is not within one hour from current time",
-                })
+                return self._refuse(
+                    "feishu",
+                    19021,
+                    {
+                        "code": 19021,
+                        "msg": "sign match fail or timestamp is not within one hour from current time",
+                    },
+                )
         self.posts.append(("feishu", body["content"]["text"]))
         self.changed.set()
         return web.json_response({"code": 0, "msg": "success", "data": {}})
