@@ -15,6 +15,7 @@ from gateway.app import create_app
 from gateway.config import Config, ConfigError, load
 from gateway.errors import StoreError
 from gateway.logs import setup_logging
+from gateway.model import uses_echo
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.toml"
 log = logging.getLogger("botgate")
@@ -46,9 +47,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging(config.log.level, config.secrets())
     app = create_app(config, [handlers.setup])
+    m = config.model
     log.info(
         "starting",
-        extra={"version": __version__, "host": config.server.host, "port": config.server.port},
+        extra={
+            "version": __version__,
+            "host": config.server.host,
+            "port": config.server.port,
+            "config": config.source,
+            # Say plainly when no model is configured: every answer will be an echo.
+            "model": "echo" if uses_echo(config.model) else f"{m.model} at {m.base_url}",
+        },
     )
     try:
         web.run_app(

@@ -1,9 +1,10 @@
 """The app factory: composes the core's resources as `cleanup_ctx` contexts, in dependency order.
 
-Up: HTTP client session -> store -> model client -> dispatcher -> SIGHUP reload -> whatever
-`setup` functions add (the platform adapters and routes, from `handlers`) -> inbox resume. Down in
-reverse. Intake stops and the dispatcher drains in `on_shutdown`, i.e. while adapters can still
-deliver replies.
+Up: HTTP client session -> store -> model client -> dispatcher (resumes the inbox) -> SIGHUP
+reload -> whatever `setup` functions add (the platform adapters and routes, from `handlers`).
+Down in reverse. Intake stops and the dispatcher drains in the first `on_shutdown` hook, i.e.
+while adapters can still deliver replies; adapters' own `on_shutdown` hooks (closing client
+sockets) run after it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from aiohttp import web
 
 from . import __version__
 from .auth import AdminAuth
+from .channel import Channel
 from .config import Config, ConfigError
 from .dispatcher import Dispatcher
 from .errors import StoreError
@@ -74,7 +76,8 @@ async def _model_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
-    responder = Responder(cfg, app[STORE], app[MODEL], app[CHANNELS], app[METRICS])
+    channels: dict[str, Channel] = app[CHANNELS]
+    responder = Responder(cfg, app[STORE], app[MODEL], channels, app[METRICS])
     dispatcher = Dispatcher(cfg.dispatcher, app[STORE], app[METRICS], responder)
     app[RESPONDER] = responder
     app[DISPATCHER] = dispatcher
@@ -171,7 +174,12 @@ async def _adopt_orphans(dispatcher: Dispatcher, older_than: float) -> None:
 
 async def _drain(app: web.Application) -> None:
     if DISPATCHER in app:
-        await app[DISPATCHER].drain(app[CONFIG].dispatcher.drain_timeout)
+        dispatcher, timeout = app[DISPATCHER], app[CONFIG].dispatcher.drain_timeout
+        log.info(
+            "shutting down: intake stopped, finishing in-flight work",
+            extra={"queued": dispatcher.depth, "inflight": dispatcher.inflight, "timeout_s": timeout},
+        )
+        await dispatcher.drain(timeout)
 
 
 def create_app(config: Config, setup: Iterable[Setup] = ()) -> web.Application:
@@ -183,9 +191,9 @@ def create_app(config: Config, setup: Iterable[Setup] = ()) -> web.Application:
     app[STARTED_AT] = time.time()
     app[LIVE] = LiveConfig(config)
     app.cleanup_ctx.extend([_http_ctx, _store_ctx, _model_ctx, _dispatcher_ctx, _sighup_ctx])
+    app.on_shutdown.append(_drain)
     for fn in setup:
         fn(app)
     app.cleanup_ctx.append(_resume_inbox)
-    app.on_shutdown.append(_drain)
     return app
 

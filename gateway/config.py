@@ -79,6 +79,7 @@ class DingTalkConfig:
     oapi_base: str = "https://oapi.dingtalk.com"
     card_template_id: str = ""
     stale_after: float = 90.0
+    reconnect_delay: float = 1.0  # first reconnect delay; doubles per failure up to 60 s
     stream_interval: float = 0.3
     monthly_api_budget: int = 0
     allow_senders: list[str] = field(default_factory=list)
@@ -164,21 +165,12 @@ class Config:
 
     def secrets(self) -> list[str]:
         """Every configured secret value, so logs and dumps can mask them."""
-        values = [
-            *self.model.api_keys,
-            self.dingtalk.client_secret,
-            self.feishu.app_secret,
-            self.feishu.encrypt_key,
-            self.feishu.verification_token,
-            self.admin.password,
-            self.admin.jwt_secret,
-            self.admin.metrics_token,
-            self.alerts.dingtalk_webhook,
-            self.alerts.dingtalk_secret,
-            self.alerts.feishu_webhook,
-            self.alerts.feishu_secret,
-            urlsplit(self.store.url).password or "",
-        ]
+        values: list[str] = []
+        for key in sorted(SECRET_KEYS):
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            values += value if isinstance(value, list) else [value]
+        values.append(urlsplit(self.store.url).password or "")
         return [v for v in values if v]
 
     @property
@@ -261,8 +253,13 @@ def _env_overrides(env: Mapping[str, str], sections: dict[str, type]) -> dict[st
         if not name.startswith(ENV_PREFIX):
             continue
         section, sep, key = name[len(ENV_PREFIX) :].lower().partition("__")
-        if not sep or section not in sections:
-            raise ConfigError(f"environment variable {name}: unknown section {section!r}")
+        if not sep:
+            raise ConfigError(
+                f"environment variable {name}: expected {ENV_PREFIX}<SECTION>__<KEY>, "
+                f"e.g. {ENV_PREFIX}SERVER__PORT"
+            )
+        if section not in sections:
+            raise ConfigError(f"environment variable {name}: unknown section [{section}]")
         hints = typing.get_type_hints(sections[section])
         if key not in hints:
             raise ConfigError(f"environment variable {name}: unknown key {section}.{key}")
@@ -270,8 +267,17 @@ def _env_overrides(env: Mapping[str, str], sections: dict[str, type]) -> dict[st
     return out
 
 
-def _validate(cfg: Config) -> None:
+def _env_name(key: str) -> str:
+    section, name = key.split(".")
+    return f"{ENV_PREFIX}{section.upper()}__{name.upper()}"
+
+
+def _validate(cfg: Config, from_env: frozenset[str] = frozenset()) -> None:
+    """Cross-field and range checks; the message names where the bad value came from."""
+
     def fail(key: str, why: str) -> None:
+        if key in from_env:
+            raise ConfigError(f"environment variable {_env_name(key)}: {key}: {why}")
         raise ConfigError(f"{cfg.source}: {key}: {why}")
 
     for key, allowed in _CHOICES.items():
@@ -289,6 +295,15 @@ def _validate(cfg: Config) -> None:
     for key in ("deadline", "drain_timeout", "dedup_ttl", "lease_ttl"):
         if getattr(cfg.dispatcher, key) <= 0:
             fail(f"dispatcher.{key}", "must be positive")
+    for key in ("connect_timeout", "first_token_timeout", "total_timeout"):
+        if getattr(cfg.model, key) <= 0:
+            fail(f"model.{key}", "must be positive")
+    if cfg.model.max_retries < 0:
+        fail("model.max_retries", "must be 0 or more")
+    if not 0 < cfg.dingtalk.reconnect_delay <= 60:
+        fail("dingtalk.reconnect_delay", f"must be between 0 and 60 seconds, got {cfg.dingtalk.reconnect_delay}")
+    if cfg.dingtalk.stale_after <= 0:
+        fail("dingtalk.stale_after", "must be positive")
     if cfg.model.provider == "openai" and not cfg.model.base_url:
         fail("model.base_url", "is required when model.provider = \"openai\"")
     for key in ("model.base_url", "dingtalk.api_base", "dingtalk.oapi_base", "feishu.domain"):
@@ -301,14 +316,14 @@ def _validate(cfg: Config) -> None:
             if not getattr(cfg.dingtalk, key):
                 fail(
                     f"dingtalk.{key}",
-                    f"is required when dingtalk.enabled = true (set BOTGATE_DINGTALK__{key.upper()})",
+                    f"is required when dingtalk.enabled = true (set {_env_name('dingtalk.' + key)})",
                 )
     if cfg.feishu.enabled:
         for key in ("app_id", "app_secret"):
             if not getattr(cfg.feishu, key):
                 fail(
                     f"feishu.{key}",
-                    f"is required when feishu.enabled = true (set BOTGATE_FEISHU__{key.upper()})",
+                    f"is required when feishu.enabled = true (set {_env_name('feishu.' + key)})",
                 )
     if not cfg.store.url.startswith(("memory://", "sqlite://", "redis://", "rediss://", "unix://")):
         fail("store.url", f"must start with memory://, sqlite:/// or redis://, got {cfg.store.url!r}")
@@ -320,12 +335,16 @@ def build(data: Mapping[str, Any], env: Mapping[str, str], source: str = "<defau
     merged: dict[str, dict[str, Any]] = {}
     for section, values in data.items():
         if section not in sections:
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: unknown key {section!r} (keys belong in a [section])")
             raise ConfigError(f"{source}: unknown section [{section}]")
         if not isinstance(values, dict):
-            raise ConfigError(f"{source}: [{section}] must be a table")
+            raise ConfigError(f"{source}: [{section}] must be a table, got {section} = {values!r}")
         merged[section] = dict(values)
+    from_env: set[str] = set()
     for section, values in _env_overrides(env, sections).items():
         merged.setdefault(section, {}).update(values)
+        from_env.update(f"{section}.{key}" for key in values)
 
     kwargs: dict[str, Any] = {}
     for section, cls in sections.items():
@@ -337,7 +356,7 @@ def build(data: Mapping[str, Any], env: Mapping[str, str], source: str = "<defau
             values[key] = _coerce(value, hints[key], f"{source}: {section}.{key}")
         kwargs[section] = cls(**values)
     cfg = Config(**kwargs, source=source)
-    _validate(cfg)
+    _validate(cfg, frozenset(from_env))
     return cfg
 
 
@@ -354,6 +373,10 @@ def load(path: str | Path | None, env: Mapping[str, str] | None = None) -> Confi
         raise ConfigError(f"{source}: file not found") from None
     except PermissionError:
         raise ConfigError(f"{source}: permission denied") from None
+    except OSError as e:  # a directory, an unreadable device, ...
+        raise ConfigError(f"{source}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: invalid TOML: the file is not UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: invalid TOML: {e}") from None
     return build(data, env, source)

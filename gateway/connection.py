@@ -14,7 +14,8 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from .backoff import Backoff
 from .channel import ChannelState, StatusTracker
@@ -22,7 +23,7 @@ from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-Session = Callable[[Callable[[], None]], Awaitable[None]]
+Session = Callable[[Callable[[], None]], Coroutine[Any, Any, None]]
 STOP_TIMEOUT = 5.0
 
 

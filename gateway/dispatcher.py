@@ -55,8 +55,14 @@ class Admission(StrEnum):
 
 
 class Responder(Protocol):
-    async def handle(self, message: InboundMessage) -> None:
-        """Answer one message (model call, reply delivery)."""
+    async def handle(self, message: InboundMessage, ready_at: float) -> None:
+        """Answer one message (model call, reply delivery).
+
+        `ready_at` (wall clock) is when the message became its conversation's next to answer: its
+        arrival, or later if it waited behind an earlier message of the same conversation or was
+        resumed at start. Gateway overhead is measured from there, so another message's model
+        time never counts as overhead.
+        """
 
     async def notice(self, message: InboundMessage, text: str, outcome: Outcome) -> None:
         """Send a short notice (counted as `outcome`); must not raise."""
@@ -87,6 +93,7 @@ class Dispatcher:
         self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
+        self._started_at = time.time()
 
     # -- intake ------------------------------------------------------------------------------
     @property
@@ -111,7 +118,7 @@ class Dispatcher:
                 return Admission.DUPLICATE
             if self._depth >= self.cfg.max_queue:
                 log.warning("queue full, sender told to retry", extra=_fields(message))
-                self._spawn(self._responder.notice(message, BUSY_NOTICE, Outcome.BUSY))
+                self._spawn(self._notify(message, BUSY_NOTICE, Outcome.BUSY))
                 return Admission.BUSY
             await self._store.inbox_add(message)
         except StoreError as e:
@@ -153,26 +160,27 @@ class Dispatcher:
     # -- workers -----------------------------------------------------------------------------
     async def _work(self, key: str) -> None:
         queue = self._queues[key]
+        previous_done = self._started_at  # messages resumed from the inbox are ready from now
         try:
             while queue:
+                head = queue[0]
                 async with self._lease(key):
-                    due = await self._due(queue[0])
-                    head = queue.popleft()
-                    if not due:
-                        self._dequeued()
+                    due = await self._due(head)
                     for message in due:
                         async with self._slots:
-                            # Queued until it is answered: waiting for a slot is waiting too.
-                            if message.request_id == head.request_id:
-                                self._dequeued()
+                            if message is head:  # it stops waiting only once it has a slot
+                                self._dequeue(queue)
                             self._inflight += 1
                             self._metrics.inflight.set(self._inflight)
                             try:
-                                await self._answer(message)
+                                await self._answer(message, max(message.created_at, previous_done))
                             finally:
                                 self._inflight -= 1
                                 self._metrics.inflight.set(self._inflight)
                         await self._settle(message)
+                        previous_done = time.time()
+                    if queue and queue[0] is head:  # answered elsewhere, skipped
+                        self._dequeue(queue)
                 self._local.discard(head.request_id)
         finally:
             del self._workers[key]
@@ -181,7 +189,8 @@ class Dispatcher:
             if not self._workers:
                 self._idle.set()
 
-    def _dequeued(self) -> None:
+    def _dequeue(self, queue: deque[InboundMessage]) -> None:
+        queue.popleft()
         self._depth -= 1
         self._metrics.queue_depth.set(self._depth)
 
@@ -231,25 +240,33 @@ class Dispatcher:
             return []
         return pending[: ids.index(message.request_id) + 1]
 
-    async def _answer(self, message: InboundMessage) -> None:
+    async def _answer(self, message: InboundMessage, ready_at: float) -> None:
         """Run the responder under the deadline; any failure becomes a notice, never silence."""
         try:
-            async with asyncio.timeout(self.cfg.deadline):
-                await self._responder.handle(message)
-        except TimeoutError:
-            log.error("deadline exceeded", extra=_fields(message))
-            notice = TIMEOUT_NOTICE.format(request_id=message.request_id)
-            await self._responder.notice(message, notice, Outcome.TIMEOUT)
+            async with asyncio.timeout(self.cfg.deadline) as deadline:
+                await self._responder.handle(message, ready_at)
+        except Exception as e:
+            # A TimeoutError from inside the responder is a plain failure, not our deadline.
+            if isinstance(e, TimeoutError) and deadline.expired():
+                log.error("deadline exceeded", extra=_fields(message))
+                notice = TIMEOUT_NOTICE.format(request_id=message.request_id)
+                await self._notify(message, notice, Outcome.TIMEOUT)
+            else:
+                log.exception("answer failed", extra=_fields(message))
+                await self._notify(message, APOLOGY.format(request_id=message.request_id), Outcome.ERROR)
+
+    async def _notify(self, message: InboundMessage, text: str, outcome: Outcome) -> None:
+        """`Responder.notice` must not raise; if it does anyway, the worker still lives on."""
+        try:
+            await self._responder.notice(message, text, outcome)
         except Exception:
-            log.exception("answer failed", extra=_fields(message))
-            notice = APOLOGY.format(request_id=message.request_id)
-            await self._responder.notice(message, notice, Outcome.ERROR)
+            log.exception("notice failed", extra=_fields(message))
 
     async def _settle(self, message: InboundMessage) -> None:
         """The message got its answer (or a notice): it leaves the inbox."""
         try:
             await self._store.inbox_done(message)
-        except StoreError as e:
+        except Exception as e:  # a store bug must not kill the conversation's worker either
             # It stays in the inbox and is answered again after a restart; say so.
             log.error("could not mark message answered: %s", e, extra=_fields(message))
 

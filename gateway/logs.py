@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 # Fields every line carries (null when unknown), so log queries never miss a key.
 STANDARD_FIELDS = ("request_id", "user_id", "latency_ms", "model_version")
@@ -21,7 +22,10 @@ class JsonFormatter(logging.Formatter):
 
     def set_secrets(self, secrets: list[str]) -> None:
         """Mask these from now on (a config reload may bring new ones)."""
-        self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        # Masking runs on the encoded line, so also look for each secret as JSON spells it
+        # (a secret with a quote or backslash in it is escaped there).
+        forms = {f for s in secrets if len(s) >= 4 for f in (s, orjson.dumps(s).decode()[1:-1])}
+        self._secrets = sorted(forms, key=len, reverse=True)
 
     def _mask(self, text: str) -> str:
         for secret in self._secrets:
@@ -47,6 +51,22 @@ class JsonFormatter(logging.Formatter):
         return self._mask(text) if self._secrets else text
 
 
+class ClientProtocolErrors(logging.Filter):
+    """aiohttp logs a malformed request at ERROR with a traceback. On a public port that is scanner
+    noise, not a server fault, so it becomes one DEBUG line (aiohttp already does this for a bad
+    method, the commonest case)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError) or not 400 <= exc.code < 500:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        first_line = (exc.message.strip().splitlines() or [""])[0]
+        record.msg, record.args = "malformed request: %s", (first_line[:200],)
+        record.exc_info = record.exc_text = None
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
 def setup_logging(level: str = "INFO", secrets: list[str] | None = None) -> None:
     """Configure the root logger (called by run.py only)."""
     handler = logging.StreamHandler(sys.stdout)
@@ -55,3 +75,4 @@ def setup_logging(level: str = "INFO", secrets: list[str] | None = None) -> None
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(ClientProtocolErrors())

@@ -41,6 +41,8 @@ class InboundMessage:
     attachments: tuple[Attachment, ...] = ()
     # Set by the adapter when it already knows the answer must be a notice (unsupported type).
     unsupported: str = ""
+    # When the gateway received it (wall clock), not the platform's send time: latency and
+    # gateway overhead are measured from here.
     created_at: float = field(default_factory=time.time)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 

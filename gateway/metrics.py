@@ -68,6 +68,12 @@ class Metrics:
         self.model_errors = Counter(
             "botgate_model_errors", "Failed model calls by reason.", ["reason"], registry=r
         )
+        self.model_retries = Counter(
+            "botgate_model_retries",
+            "Failed model attempts that were retried (the call may still succeed), by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.model_tokens = Counter(
             "botgate_model_tokens", "Tokens reported by the model.", ["type"], registry=r
         )
@@ -121,12 +127,13 @@ class Metrics:
         self.replies.labels(platform, outcome.value).inc()
         self.stats.reply(failed=not outcome.success)
 
-    def model_call(self, seconds: float, error: str | None) -> None:
-        """One finished model call; `error` is the failure reason, None for success."""
+    def model_call(self, seconds: float, error: str | None, settled: bool = True) -> None:
+        """One model call: `error` is the failure reason, None for success; `settled` is False
+        when the caller abandoned it (then it is neither a success nor a failure)."""
         self.model_duration.observe(seconds)
         if error is not None:
             self.model_errors.labels(error).inc()
-        self.stats.model_call(seconds, error)
+        self.stats.model_call(seconds, error, settled)
 
     def model_usage(self, prompt_tokens: int, completion_tokens: int) -> None:
         self.model_tokens.labels("prompt").inc(prompt_tokens)

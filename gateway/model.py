@@ -2,7 +2,9 @@
 
 Streaming (SSE) first; a server that answers a streaming request with plain JSON is accepted as the
 non-streaming fallback. Retries (connection errors, 429, 5xx) happen only before the first token
-reached the caller, so a user never sees a half answer repeated.
+reached the caller, so a user never sees a half answer repeated. `total_timeout` is one deadline
+for the whole call (retries included); it fires only while waiting for the model, never inside the
+caller's own code between deltas.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 import aiohttp
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .backoff import Backoff
 from .config import ModelConfig
@@ -40,6 +45,7 @@ class Completion:
 
     model: str = ""
     usage: Usage = field(default_factory=Usage)
+    requested_at: float | None = None  # time.monotonic() values
     first_byte_at: float | None = None
     last_byte_at: float | None = None
 
@@ -47,8 +53,9 @@ class Completion:
 class ModelClient(Protocol):
     name: str  # the configured model, for logs and cache keys
 
-    def stream(self, messages: list[Message], completion: Completion) -> AsyncIterator[str]:
-        """Yield text deltas of the answer; raise `ModelError` on failure."""
+    def stream(self, messages: list[Message], completion: Completion) -> AsyncGenerator[str, None]:
+        """Yield text deltas of the answer; raise `ModelError` on failure. Callers close it
+        (`contextlib.aclosing`) so an abandoned call releases its connection at once."""
 
 
 class EchoModel:
@@ -56,9 +63,9 @@ class EchoModel:
 
     name = "echo"
 
-    async def stream(self, messages: list[Message], completion: Completion) -> AsyncIterator[str]:
+    async def stream(self, messages: list[Message], completion: Completion) -> AsyncGenerator[str, None]:
         completion.model = "echo"
-        completion.first_byte_at = time.monotonic()
+        completion.requested_at = completion.first_byte_at = time.monotonic()
         last = messages[-1]["content"] if messages else ""
         if isinstance(last, list):  # vision content parts
             last = " ".join(p.get("text", "") for p in last if p.get("type") == "text")
@@ -92,16 +99,30 @@ class _KeyRing:
         return min(self._keys, key=lambda k: self._benched.get(k, 0.0))
 
     def bench(self, key: str | None, seconds: float | None = None) -> None:
+        """Skip `key` for `seconds` (the server's Retry-After) or, by default, the cooldown."""
         if key is not None:
-            self._benched[key] = time.monotonic() + (seconds or self._cooldown)
+            self._benched[key] = time.monotonic() + (self._cooldown if seconds is None else seconds)
+
+    def fresh(self) -> bool:
+        """Whether some key is not benched, i.e. a retry can switch keys instead of waiting."""
+        now = time.monotonic()
+        return any(self._benched.get(k, 0.0) <= now for k in self._keys)
 
 
 def _retry_after(headers: Any) -> float | None:
+    """Retry-After in seconds: delta-seconds or an HTTP-date (RFC 9110 §10.2.3)."""
     value = headers.get("Retry-After")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
+    if value is None:
         return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 class OpenAIModel:
@@ -115,13 +136,23 @@ class OpenAIModel:
         self._url = cfg.base_url.rstrip("/") + "/chat/completions"
         self._keys = _KeyRing(cfg.api_keys, cfg.key_cooldown)
 
-    async def stream(self, messages: list[Message], completion: Completion) -> AsyncIterator[str]:
-        started = time.monotonic()
+    async def stream(self, messages: list[Message], completion: Completion) -> AsyncGenerator[str, None]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.total_timeout
+        started = completion.requested_at = time.monotonic()
         error: str | None = None
         finished = False
         try:
-            async with asyncio.timeout(self.cfg.total_timeout):
-                async for delta in self._stream_with_retries(messages, completion):
+            async with aclosing(self._stream_with_retries(messages, completion, deadline)) as deltas:
+                while True:
+                    # The deadline wraps each wait for the model, never a `yield`: a timeout scope
+                    # spanning a yield would fire inside the caller's code (a card update, say) as
+                    # a stray CancelledError instead of a TimeoutError here.
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            delta = await anext(deltas)
+                    except StopAsyncIteration:
+                        break
                     yield delta
             finished = True
         except TimeoutError:
@@ -131,14 +162,15 @@ class OpenAIModel:
             error = e.reason
             raise
         finally:
-            # A call the caller abandoned (deadline, stream closed early) proves nothing about
-            # the model: it is not recorded, so it neither fails nor ends a failure streak.
-            if finished or error is not None:
-                self._metrics.model_call(time.monotonic() - started, error)
+            end = completion.last_byte_at or time.monotonic()
+            # A call the caller abandoned (deadline, delivery failed) says nothing about the
+            # model: its time is recorded, but it neither fails nor ends a failure streak.
+            self._metrics.model_call(max(0.0, end - started), error, settled=finished or error is not None)
 
     async def _stream_with_retries(
-        self, messages: list[Message], completion: Completion
-    ) -> AsyncIterator[str]:
+        self, messages: list[Message], completion: Completion, deadline: float
+    ) -> AsyncGenerator[str, None]:
+        loop = asyncio.get_running_loop()
         backoff = Backoff(first=0.5, cap=8.0)
         attempt = 0
         while True:
@@ -152,14 +184,22 @@ class OpenAIModel:
                 attempt += 1
                 if yielded or not e.retryable or attempt > self.cfg.max_retries:
                     raise
-                delay = backoff.next() if e.retry_after is None else e.retry_after + random.uniform(0, 0.1)
+                if e.reason in ("auth", "rate_limited") and self._keys.fresh():
+                    delay = 0.0  # another key is available right now
+                elif e.retry_after is not None:
+                    delay = e.retry_after + random.uniform(0, 0.1)
+                else:
+                    delay = backoff.next()
+                if loop.time() + delay >= deadline:
+                    raise  # waiting would only end in a timeout; report the real cause
+                self._metrics.model_retries.labels(e.reason).inc()
                 log.warning(
                     "model call failed, retrying",
                     extra={"reason": e.reason, "attempt": attempt, "retry_in_s": round(delay, 2)},
                 )
                 await asyncio.sleep(delay)
 
-    async def _attempt(self, messages: list[Message], completion: Completion) -> AsyncIterator[str]:
+    async def _attempt(self, messages: list[Message], completion: Completion) -> AsyncGenerator[str, None]:
         body = {
             "model": self.cfg.model,
             "messages": messages,
@@ -185,11 +225,23 @@ class OpenAIModel:
                         yield delta
                 else:
                     yield self._read_json(await resp.read(), completion)
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
-            raise ModelError(f"model endpoint unreachable: {type(e).__name__}", "connection", True) from e
+        # aiohttp's timeouts are ClientConnectionErrors too, so they are told apart first.
+        except aiohttp.ConnectionTimeoutError as e:
+            raise ModelError("model endpoint did not accept the connection", "connection", True) from e
         except TimeoutError as e:
             # sock_read: no byte within first_token_timeout (between chunks too).
-            raise ModelError("model endpoint did not answer in time", "first_token_timeout", True) from e
+            if completion.first_byte_at is None:
+                why = "model sent nothing within first_token_timeout"
+                raise ModelError(why, "first_token_timeout", True) from e
+            raise ModelError("model stream stalled mid-answer", "read_timeout", True) from e
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as e:
+            name = type(e).__name__
+            if completion.first_byte_at is None:
+                raise ModelError(f"model endpoint unreachable: {name}", "connection", True) from e
+            raise ModelError(f"model connection dropped mid-answer: {name}", "connection", True) from e
+        except HttpProcessingError as e:  # e.g. an SSE line longer than aiohttp's line limit
+            why = f"model endpoint sent an unreadable answer: {type(e).__name__}"
+            raise ModelError(why, "bad_response") from e
 
     async def _raise_for_status(self, resp: aiohttp.ClientResponse, key: str | None) -> None:
         status = resp.status
@@ -221,7 +273,7 @@ class OpenAIModel:
         return str(text)
 
     @staticmethod
-    async def _read_sse(resp: aiohttp.ClientResponse, completion: Completion) -> AsyncIterator[str]:
+    async def _read_sse(resp: aiohttp.ClientResponse, completion: Completion) -> AsyncGenerator[str, None]:
         done = False
         async for raw_line in resp.content:
             line = raw_line.strip()
@@ -241,31 +293,50 @@ class OpenAIModel:
                 raise ModelError(f"model endpoint error: {str(chunk['error'])[:200]}", "server_error")
             now = time.monotonic()
             completion.last_byte_at = now
-            completion.model = chunk.get("model") or completion.model
             _note_usage(chunk, completion)
-            for choice in chunk.get("choices") or ():
-                delta = (choice.get("delta") or {}).get("content")
-                if delta:
-                    if completion.first_byte_at is None:
-                        completion.first_byte_at = now
-                    yield delta
+            delta = _delta_text(chunk)
+            if delta:
+                if completion.first_byte_at is None:
+                    completion.first_byte_at = now
+                yield delta
         if not done and completion.first_byte_at is None:
             raise ModelError("model stream ended before any answer", "bad_response", True)
+
+
+def _delta_text(chunk: dict[str, Any]) -> str:
+    """The answer text in one streamed chunk (all choices; usually one)."""
+    parts = []
+    choices = chunk.get("choices") or []
+    if not isinstance(choices, list):
+        raise ModelError("model endpoint sent malformed SSE data", "bad_response")
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        content = delta.get("content") if isinstance(delta, dict) else None
+        if isinstance(content, str):
+            parts.append(content)
+    return "".join(parts)
 
 
 def _note_usage(data: dict[str, Any], completion: Completion) -> None:
     usage = data.get("usage")
     if isinstance(usage, dict):
-        completion.usage.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        completion.usage.completion_tokens = int(usage.get("completion_tokens") or 0)
+        for name in ("prompt_tokens", "completion_tokens"):
+            value = usage.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(completion.usage, name, value)
     model = data.get("model")
     if isinstance(model, str) and model:
         completion.model = model
 
 
+def uses_echo(cfg: ModelConfig) -> bool:
+    """Whether `cfg` selects the echo provider (asked for, or `auto` without a base URL)."""
+    return cfg.provider == "echo" or (cfg.provider == "auto" and not cfg.base_url)
+
+
 def create_model_client(
     cfg: ModelConfig, session: aiohttp.ClientSession, metrics: Metrics
 ) -> ModelClient:
-    if cfg.provider == "echo" or (cfg.provider == "auto" and not cfg.base_url):
+    if uses_echo(cfg):
         return EchoModel()
     return OpenAIModel(cfg, session, metrics)

@@ -7,13 +7,14 @@ import hashlib
 import logging
 import time
 from collections.abc import Mapping
+from contextlib import aclosing
 
 import orjson
 
 from .channel import Channel, ReplyStream
 from .config import Config
 from .errors import ModelError, PlatformError, StoreError
-from .messages import InboundMessage, Reply, ReplyKind
+from .messages import Attachment, InboundMessage, Reply, ReplyKind
 from .metrics import Metrics, Outcome
 from .model import Completion, Message, ModelClient
 from .store import Store, Turn
@@ -34,6 +35,9 @@ MODEL_DOWN = (
     "(ref {request_id})"
 )
 IMAGE_NOTE = "(I can't look at images with the current model, so I only read your text.)\n\n"
+EMPTY_ANSWER = (
+    "Sorry, the AI model returned an empty answer. Please rephrase or try again. (ref {request_id})"
+)
 
 
 class Responder:
@@ -50,6 +54,10 @@ class Responder:
         self._model = model
         self._channels = channels
         self._metrics = metrics
+        # Streams cut off mid-answer (deadline, failure), by request id: the dispatcher's notice
+        # then finishes the stream instead of arriving as a second message next to a stuck card.
+        # Only streams cut off by shutdown stay here, and they go with the process.
+        self._interrupted: dict[str, ReplyStream] = {}
 
     @property
     def model(self) -> ModelClient:
@@ -64,12 +72,16 @@ class Responder:
     async def notice(
         self, message: InboundMessage, text: str, outcome: Outcome = Outcome.NOTICE
     ) -> None:
+        stream = self._interrupted.pop(message.request_id, None)
         try:
-            await self._send(Reply(message, text, ReplyKind.NOTICE), outcome)
+            if stream is not None:
+                await self._finish(stream, message, text, outcome)
+            else:
+                await self._send(Reply(message, text, ReplyKind.NOTICE), outcome)
         except Exception:
             log.exception("notice could not be delivered", extra=_fields(message))
 
-    async def handle(self, message: InboundMessage) -> None:
+    async def handle(self, message: InboundMessage, ready_at: float) -> None:
         text = message.text.strip()
         command = text.split(maxsplit=1)[0].lower() if text.startswith("/") else ""
         if message.unsupported:
@@ -91,7 +103,7 @@ class Responder:
         if images and not self.cfg.model.vision and not text:
             await self._send(Reply(message, NO_VISION, ReplyKind.NOTICE), Outcome.NOTICE)
             return
-        await self._answer(message, text, images if self.cfg.model.vision else [])
+        await self._answer(message, ready_at, text, images if self.cfg.model.vision else [])
 
     async def _within_rate_limit(self, message: InboundMessage) -> bool:
         limit = self.cfg.limits.per_user_per_minute
@@ -103,19 +115,19 @@ class Responder:
             await self._send(Reply(message, RATE_LIMITED, ReplyKind.NOTICE), Outcome.NOTICE)
         return False
 
-    async def _answer(self, message: InboundMessage, text: str, images: list) -> None:
-        conversation = message.conversation_key
-        history = await self._store.context(conversation)
+    async def _answer(
+        self, message: InboundMessage, ready_at: float, text: str, images: list[Attachment]
+    ) -> None:
+        history = await self._store.context(message.conversation_key)
         messages: list[Message] = [{"role": "system", "content": self.cfg.model.system_prompt}]
         messages += [{"role": t.role, "content": t.content} for t in history]
         messages.append({"role": "user", "content": await self._user_content(message, text, images)})
 
-        prefix = IMAGE_NOTE if message.attachments and not images and not self.cfg.model.vision else ""
+        unseen_images = not images and any(a.kind == "image" for a in message.attachments)
+        prefix = IMAGE_NOTE if unseen_images else ""
         cache_key = self._cache_key(messages) if self.cfg.cache.enabled and not images else None
         answer = await self._cached(cache_key)
-        from_cache = answer is not None
-        model_started = time.monotonic()
-        overhead = time.time() - message.created_at  # arrival -> model request (or cache hit)
+        cached = answer is not None
         completion = Completion(model=self._model.name)
         if answer is not None:
             await self._send(Reply(message, prefix + answer), Outcome.OK)
@@ -124,22 +136,8 @@ class Responder:
                 answer = await self._stream_answer(message, messages, completion, prefix)
             except _Answered:
                 return
-        delivered = time.monotonic()
-        last_byte = completion.last_byte_at or delivered
-        overhead += delivered - last_byte
-        self._metrics.gateway_overhead(max(0.0, overhead))
-        self._metrics.model_usage(completion.usage.prompt_tokens, completion.usage.completion_tokens)
-        await self._remember(message, None if from_cache else cache_key, text, answer)
-        log.info(
-            "answered",
-            extra={
-                **_fields(message),
-                "latency_ms": round((delivered - model_started) * 1000 + overhead * 1000, 1),
-                "overhead_ms": round(overhead * 1000, 2),
-                "model_version": completion.model,
-                "cached": from_cache,
-            },
-        )
+        self._record(message, ready_at, completion, cached)
+        await self._remember(message, None if cached else cache_key, text, answer)
 
     async def _remember(
         self, message: InboundMessage, cache_key: str | None, text: str, answer: str
@@ -159,6 +157,37 @@ class Responder:
         except StoreError as e:
             log.warning("answer delivered but not remembered: %s", e, extra=_fields(message))
 
+    def _record(
+        self, message: InboundMessage, ready_at: float, completion: Completion, cached: bool
+    ) -> None:
+        """Metrics and the one summary log line of an answered message."""
+        elapsed = max(0.0, time.time() - ready_at)
+        requested, last_byte = completion.requested_at, completion.last_byte_at
+        if requested is None or last_byte is None:  # cache hit: no model time at all
+            model_s = None
+            overhead = elapsed
+        else:
+            # Overhead: ready -> model request sent, plus model's last byte -> reply delivered.
+            model_s = last_byte - requested
+            overhead = max(0.0, elapsed - model_s)
+        self._metrics.gateway_overhead(overhead)
+        self._metrics.model_usage(completion.usage.prompt_tokens, completion.usage.completion_tokens)
+        log.info(
+            "answered",
+            extra={
+                **_fields(message),
+                "platform": message.platform,
+                "message_id": message.message_id,
+                "latency_ms": round((time.time() - message.created_at) * 1000, 1),
+                "overhead_ms": round(overhead * 1000, 2),
+                "model_ms": None if model_s is None else round(model_s * 1000, 1),
+                "model_version": completion.model,
+                "cached": cached,
+                "prompt_tokens": completion.usage.prompt_tokens,
+                "completion_tokens": completion.usage.completion_tokens,
+            },
+        )
+
     async def _stream_answer(
         self, message: InboundMessage, messages: list[Message], completion: Completion, prefix: str
     ) -> str:
@@ -166,28 +195,47 @@ class Responder:
         stream = await channel.open_stream(message)
         parts: list[str] = []
         try:
-            async for delta in self._model.stream(messages, completion):
-                parts.append(delta)
-                if stream is not None:
-                    await stream.update(prefix + "".join(parts))
+            # aclosing: if delivery fails mid-answer, the model's HTTP response is released now,
+            # not whenever the abandoned generator is garbage-collected.
+            async with aclosing(self._model.stream(messages, completion)) as deltas:
+                async for delta in deltas:
+                    parts.append(delta)
+                    if stream is not None:
+                        await stream.update(prefix + "".join(parts))
         except ModelError as e:
             log.error("model failed: %s", e, extra={**_fields(message), "reason": e.reason})
-            notice = MODEL_DOWN.format(reason=e.reason.replace("_", " "), request_id=message.request_id)
-            # The open stream (a card already shown) gets the notice as its final text, so the
-            # user sees one message, not a stuck card plus a second one.
-            if stream is not None:
-                await self._finish(stream, message, notice, Outcome.MODEL_ERROR)
-            else:
-                await self._send(Reply(message, notice, ReplyKind.NOTICE), Outcome.MODEL_ERROR)
+            reason = e.reason.replace("_", " ")
+            notice = MODEL_DOWN.format(reason=reason, request_id=message.request_id)
+            await self._fail(message, stream, notice)
             raise _Answered from e
-        answer = "".join(parts).strip() or "(the model returned an empty answer)"
+        except BaseException:
+            if stream is not None:
+                self._interrupted[message.request_id] = stream
+            raise
+        answer = "".join(parts).strip()
+        if not answer:
+            # Not cached and not kept as context: asking again may well work.
+            log.warning("model returned an empty answer", extra=_fields(message))
+            self._metrics.model_errors.labels("empty").inc()
+            await self._fail(message, stream, EMPTY_ANSWER.format(request_id=message.request_id))
+            raise _Answered
         if stream is not None:
             await self._finish(stream, message, prefix + answer, Outcome.OK)
         else:
             await self._send(Reply(message, prefix + answer), Outcome.OK)
         return answer
 
-    async def _user_content(self, message: InboundMessage, text: str, images: list) -> object:
+    async def _fail(self, message: InboundMessage, stream: ReplyStream | None, notice: str) -> None:
+        """Tell the user the answer failed. An open stream (a card already shown) gets the notice
+        as its final text, so the user sees one message, not a stuck card plus a second one."""
+        if stream is not None:
+            await self._finish(stream, message, notice, Outcome.MODEL_ERROR)
+        else:
+            await self._send(Reply(message, notice, ReplyKind.NOTICE), Outcome.MODEL_ERROR)
+
+    async def _user_content(
+        self, message: InboundMessage, text: str, images: list[Attachment]
+    ) -> object:
         if not images:
             return text
         parts: list[dict[str, object]] = [{"type": "text", "text": text or "What is in this image?"}]

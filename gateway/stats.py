@@ -120,15 +120,15 @@ class Stats:
             self.failed_total += 1
         self._changed()
 
-    def model_call(self, seconds: float, error: str | None) -> None:
+    def model_call(self, seconds: float, error: str | None, settled: bool = True) -> None:
         self.model_calls += 1
         self.model_time.observe(self.clock(), seconds)
-        if error is None:
-            self.model_failure_streak = 0
-        else:
+        if error is not None:
             self.model_failures += 1
             self.model_failure_streak += 1
             self.last_model_error = error
+        elif settled:
+            self.model_failure_streak = 0
         self._changed()
 
     def tokens(self, prompt: int, completion: int) -> None:

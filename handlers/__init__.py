@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import admin, auth, robots, routes, status, webchat
+from gateway.keys import CONFIG
+
+from . import admin, auth, dingtalk, robots, routes, status, webchat
 
 
 def setup(app: web.Application) -> None:
@@ -14,3 +16,5 @@ def setup(app: web.Application) -> None:
     admin.setup(app)
     robots.setup(app)  # the alert notifier
     webchat.setup(app)
+    if app[CONFIG].dingtalk.enabled:
+        dingtalk.setup(app)

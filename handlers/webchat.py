@@ -15,7 +15,7 @@ from collections import defaultdict
 
 import aiohttp_jinja2
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from gateway.channel import ChannelState, ChannelStatus
 from gateway.dispatcher import Admission
@@ -76,6 +76,13 @@ class WebChatAdapter:
 
     async def reconnect(self) -> None:
         return None
+
+    async def close_all(self, app: web.Application) -> None:
+        """on_shutdown (after the dispatcher drained): close browser sockets, so aiohttp does not
+        wait its whole shutdown timeout for these never-ending handlers."""
+        sockets = [ws for group in self._sockets.values() for ws in group]
+        for ws in sockets:
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
 
     # -- HTTP ---------------------------------------------------------------------------------
     @aiohttp_jinja2.template("chat.html")
@@ -148,3 +155,4 @@ def setup(app: web.Application) -> None:
     app[CHANNELS][PLATFORM] = adapter
     app.router.add_get("/chat", adapter.page)
     app.router.add_get("/chat/ws", adapter.websocket)
+    app.on_shutdown.append(adapter.close_all)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -30,10 +30,14 @@ def make_config(**sections: dict[str, Any]) -> Config:
 
 
 @pytest.fixture
-async def openai_double(aiohttp_server: Callable[..., Any]) -> tuple[OpenAIDouble, str]:
+async def openai_double(
+    aiohttp_server: Callable[..., Any],
+) -> AsyncIterator[tuple[OpenAIDouble, str]]:
+    """The double and its base URL (`.../v1`); held requests are released at teardown."""
     double = OpenAIDouble()
     server = await aiohttp_server(double.app())
-    return double, str(server.make_url("/v1"))
+    yield double, str(server.make_url("/v1"))
+    double.release()
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ class Recorder:
         self.started = asyncio.Event()
         self.gate: asyncio.Event | None = None  # when set, answers wait for it
 
-    async def handle(self, message: InboundMessage) -> None:
+    async def handle(self, message: InboundMessage, ready_at: float) -> None:
         history = await self.store.context(message.conversation_key)
         self.log.append((self.name, message.text, [t.content for t in history]))
         self.started.set()

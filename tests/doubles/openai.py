@@ -1,17 +1,21 @@
 """An OpenAI-compatible chat-completions server: streaming and not, slow, 429, 500, dropped.
 
-Behaviour is scripted per request by the last user message, so one server serves many cases:
-  "slow:<seconds> ..."   wait before answering
-  "status:<code> ..."    answer that HTTP status (429 carries Retry-After: 0)
-  "drop ..."             close the connection mid-stream
-  "garbage ..."          send malformed SSE
-or by pushing to `script` (a list of status codes consumed one per request, then normal answers).
-The answer is "echo: <text>" streamed word by word (or a fixed `answer` when set).
+Behaviour per request comes from `script` (consumed one entry per request, then normal answers):
+  an int        answer that HTTP status with an OpenAI-style error body (and `retry_after`)
+  "json"        answer plain JSON even to a streaming request (the non-streaming fallback)
+  "drop"        stream the first word, then close the connection mid-stream
+  "stall"       stream the first word, then send nothing more until `release()`
+  "garbage"     send malformed SSE
+  "error-event" stream an SSE `{"error": ...}` chunk (what vLLM / OpenRouter do mid-stream)
+or from the last user message: "status:<code> ..." answers that status. With `hold` set, every
+request waits for `release()` before answering (a slow model the test controls, no sleeps).
+A key listed in `bad_keys` gets 401. The answer is "echo: <text>" streamed word by word (or `answer`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,16 +26,31 @@ from aiohttp import web
 @dataclass
 class OpenAIDouble:
     answer: str | None = None
-    delay: float = 0.0
-    script: list[int] = field(default_factory=list)
+    script: list[int | str] = field(default_factory=list)
+    retry_after: str | None = "0"
+    bad_keys: set[str] = field(default_factory=set)
+    hold: bool = False
+    error_body: str = "scripted"
     requests: list[dict[str, Any]] = field(default_factory=list)
     auth_headers: list[str] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)  # time.monotonic() of each request
     received: asyncio.Event = field(default_factory=asyncio.Event)
+    _released: asyncio.Event = field(default_factory=asyncio.Event)
+    _arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.completions)
         return app
+
+    def release(self) -> None:
+        """Let held and stalled requests finish."""
+        self._released.set()
+
+    async def wait_requests(self, count: int) -> None:
+        """Wait until `count` requests have arrived in total."""
+        async with self._arrived:
+            await self._arrived.wait_for(lambda: len(self.requests) >= count)
 
     def reply_text(self, body: dict[str, Any]) -> str:
         if self.answer is not None:
@@ -41,47 +60,68 @@ class OpenAIDouble:
             content = " ".join(p.get("text", "") for p in content if p.get("type") == "text")
         return f"echo: {content}"
 
+    def _error(self, status: int) -> web.Response:
+        headers = {"Retry-After": self.retry_after} if self.retry_after is not None else None
+        body = {"error": {"message": self.error_body, "type": "scripted", "code": status}}
+        return web.json_response(body, status=status, headers=headers)
+
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        key = request.headers.get("Authorization", "")
         self.requests.append(body)
-        self.auth_headers.append(request.headers.get("Authorization", ""))
+        self.auth_headers.append(key)
+        self.arrivals.append(time.monotonic())
         self.received.set()
+        async with self._arrived:
+            self._arrived.notify_all()
+        step: int | str = self.script.pop(0) if self.script else ""
         last = body["messages"][-1]["content"]
         last = last if isinstance(last, str) else ""
-        if self.script:
-            status = self.script.pop(0)
-            if status != 200:
-                return web.json_response({"error": {"message": "scripted"}}, status=status, headers={"Retry-After": "0"})
+        if key.removeprefix("Bearer ") in self.bad_keys:
+            return self._error(401)
+        if isinstance(step, int) and step != 200:
+            return self._error(step)
         if last.startswith("status:"):
-            code = int(last.split()[0].split(":")[1])
-            return web.json_response({"error": {"message": "scripted"}}, status=code, headers={"Retry-After": "0"})
-        delay = self.delay
-        if last.startswith("slow:"):
-            delay = float(last.split()[0].split(":")[1])
-        if delay:
-            await asyncio.sleep(delay)
+            return self._error(int(last.split()[0].split(":")[1]))
+        if self.hold:
+            await self._released.wait()
+            if request.transport is None or request.transport.is_closing():
+                return web.Response(status=499)  # the client gave up; nobody reads this
         text = self.reply_text(body)
-        model = body.get("model", "double")
-        if not body.get("stream"):
+        model = f"{body.get('model', 'double')}-0613"
+        if not body.get("stream") or step == "json":
             return web.json_response(
                 {
                     "id": "cmpl-1",
                     "object": "chat.completion",
                     "model": model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": text},
+                            "finish_reason": "stop",
+                        }
+                    ],
                     "usage": {"prompt_tokens": 7, "completion_tokens": len(text.split())},
                 }
             )
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
-        if last.startswith("garbage"):
+        if step == "garbage":
             await resp.write(b"data: {not json\n\n")
             return resp
+        if step == "error-event":
+            await resp.write(b'data: {"error": {"message": "overloaded"}}\n\n')
+            return resp
+        await resp.write(b": keep-alive comment, ignored by clients\n\n")
         words = text.split(" ")
         for i, word in enumerate(words):
-            if last.startswith("drop") and i == 1:
+            if i == 1 and step == "drop":
                 assert request.transport is not None
                 request.transport.close()
+                return resp
+            if i == 1 and step == "stall":
+                await self._released.wait()
                 return resp
             chunk = {
                 "id": "cmpl-1",
@@ -90,6 +130,10 @@ class OpenAIDouble:
                 "choices": [{"index": 0, "delta": {"content": word if i == 0 else " " + word}}],
             }
             await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-        usage = {"choices": [], "model": model, "usage": {"prompt_tokens": 7, "completion_tokens": len(words)}}
+        usage = {
+            "choices": [],
+            "model": model,
+            "usage": {"prompt_tokens": 7, "completion_tokens": len(words)},
+        }
         await resp.write(b"data: " + orjson.dumps(usage) + b"\n\ndata: [DONE]\n\n")
         return resp

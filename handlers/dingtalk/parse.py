@@ -1,0 +1,144 @@
+"""Robot message JSON -> `InboundMessage`: pure functions over the payload of protocols.md §A.8.
+
+The same body arrives as the `data` of a Stream CALLBACK frame and as an outgoing-robot webhook
+POST, so both transports share this. Parsing goes through dingtalk-stream's own `ChatbotMessage`
+model (the SDK is the reference for every message type); nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from dingtalk_stream.chatbot import ChatbotMessage
+
+from gateway.access import AccessList
+from gateway.messages import Attachment, ConversationKind, InboundMessage
+
+PLATFORM = "dingtalk"
+TOPIC = ChatbotMessage.TOPIC  # the CALLBACK topic robot messages arrive on
+
+UNSUPPORTED = "Sorry, I can't read {what} yet. Please send your question as text."
+NO_RECOGNITION = "Sorry, I couldn't make out that voice message. Please type your question."
+_UNSUPPORTED_NAMES = {"file": "files", "video": "videos"}
+
+# DingTalk writes a mention as "@Name" followed by U+2005 (four-per-em space) or a plain space.
+_LEADING_MENTION = re.compile(r"^\s*@[^\s\u2005]+[\s\u2005]*")
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """A delivery deliberately not answered. `reason` is a bounded metric label."""
+
+    reason: str  # "malformed" | "self" | "not_mentioned" | "filtered"
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    robot_code: str  # ours; part of every message id so ids of two robots never collide
+    senders: AccessList = field(default_factory=AccessList)
+    conversations: AccessList = field(default_factory=AccessList)
+
+
+def message_id(robot_code: str, msg_id: str) -> str:
+    """The dedup id: a redelivery has a new frame id but the same body `msgId` (protocols.md §A.11)."""
+    return f"{robot_code}:{msg_id}"
+
+
+def parse_message(body: Any, filters: Filters, transport: str) -> InboundMessage | Dropped:
+    """One robot message body -> the normalized message, or why it is not answered."""
+    if not isinstance(body, dict):
+        return Dropped("malformed", "body is not a JSON object")
+    try:
+        msg = ChatbotMessage.from_dict(body)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        return Dropped("malformed", f"{type(e).__name__}: {e}")
+    required = (msg.message_id, msg.conversation_id, msg.sender_id)
+    if not all(isinstance(v, str) and v for v in required):
+        return Dropped("malformed", "msgId, conversationId or senderId missing")
+    if msg.conversation_type not in ("1", "2"):
+        return Dropped("malformed", f"unknown conversationType {msg.conversation_type!r}")
+    group = msg.conversation_type == "2"
+    if msg.chatbot_user_id and msg.sender_id == msg.chatbot_user_id:
+        return Dropped("self")
+    if group and msg.is_in_at_list is not True:
+        return Dropped("not_mentioned")
+    staff_id = _str(msg.sender_staff_id)
+    if not filters.senders.permits(staff_id or msg.sender_id):
+        return Dropped("filtered", "sender")
+    if not filters.conversations.permits(msg.conversation_id):
+        return Dropped("filtered", "conversation")
+
+    text, attachments, unsupported = _content(msg, body)
+    if group:
+        text = strip_mentions(text, max(1, len(msg.at_users or ())))
+    robot_code = _str(msg.robot_code) or filters.robot_code
+    return InboundMessage(
+        platform=PLATFORM,
+        transport=transport,
+        conversation_id=msg.conversation_id,
+        conversation_kind=ConversationKind.GROUP if group else ConversationKind.DM,
+        sender_id=staff_id or msg.sender_id,
+        sender_name=_str(msg.sender_nick),
+        text=text.strip(),
+        mentioned=True,  # a group message got here only because it @mentioned the robot
+        message_id=message_id(filters.robot_code, msg.message_id),
+        reply_handle={
+            "session_webhook": _str(msg.session_webhook),
+            "session_webhook_expires": msg.session_webhook_expired_time or 0,  # ms since epoch
+            "conversation_type": msg.conversation_type,
+            "conversation_id": msg.conversation_id,
+            "sender_staff_id": staff_id,
+            "sender_nick": _str(msg.sender_nick),
+            "robot_code": robot_code,
+        },
+        attachments=attachments,
+        unsupported=unsupported,
+    )
+
+
+def strip_mentions(text: str, at_most: int) -> str:
+    """Drop up to `at_most` leading "@Name" tokens (the robot's mention, when DingTalk keeps it)."""
+    for _ in range(at_most):
+        stripped = _LEADING_MENTION.sub("", text, count=1)
+        if stripped == text:
+            break
+        text = stripped
+    return text.replace("\u2005", " ")
+
+
+def _content(msg: ChatbotMessage, body: dict[str, Any]) -> tuple[str, tuple[Attachment, ...], str]:
+    """(text, attachments, unsupported notice) for each message type."""
+    kind = msg.message_type
+    extra = body.get("content")
+    content = extra if isinstance(extra, dict) else {}
+    if kind == "text":
+        return _str(msg.text.content), (), ""
+    if kind == "picture":
+        # Some payloads carry the code as `pictureDownloadCode` only (protocols.md §A.8).
+        code = _str(msg.image_content.download_code) or _str(content.get("pictureDownloadCode"))
+        if not code:
+            return "", (), UNSUPPORTED.format(what="this picture")
+        return "", (Attachment("image", code),), ""
+    if kind == "richText":
+        texts: list[str] = []
+        images: list[Attachment] = []
+        for item in msg.rich_text_content.rich_text_list or ():
+            if not isinstance(item, dict):
+                continue
+            if isinstance(item.get("text"), str):
+                texts.append(item["text"])
+            elif isinstance(item.get("downloadCode"), str) and item.get("type", "picture") == "picture":
+                images.append(Attachment("image", item["downloadCode"]))
+        return "\n".join(t.strip() for t in texts if t.strip()), tuple(images), ""
+    if kind == "audio":
+        recognition = _str(content.get("recognition")).strip()
+        return (recognition, (), "") if recognition else ("", (), NO_RECOGNITION)
+    what = _UNSUPPORTED_NAMES.get(str(kind), f"{kind} messages" if kind else "this kind of message")
+    return "", (), UNSUPPORTED.format(what=what)
+
+
+def _str(value: object) -> str:
+    return value if isinstance(value, str) else ""

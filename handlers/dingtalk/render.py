@@ -1,0 +1,49 @@
+"""DingTalk's markdown subset: answers become ordered markdown parts plus the message shapes that carry them.
+
+DingTalk markdown messages render headings, emphasis, links, quotes and lists, but no tables: a
+table becomes a list (one item per row). A message body is capped, so a long answer goes out as
+several messages in order, cut at paragraph or line boundaries (`gateway.render`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+from gateway.render import split_text, tables_to_lists
+
+# Characters per markdown message. DingTalk caps a robot message at 20 000 bytes; 3 800 characters
+# of CJK text (3 bytes each in UTF-8) stay well below that, with room for the mention.
+PART_LIMIT = 3800
+TITLE_LIMIT = 20
+_MARKUP = re.compile(r"[#*_>`~\[\]|]+")
+
+
+def render_parts(text: str, limit: int = PART_LIMIT) -> list[str]:
+    """Markdown in DingTalk's subset, split into the ordered parts to send."""
+    return split_text(tables_to_lists(text.strip()) or "(empty)", limit)
+
+
+def title_of(text: str) -> str:
+    """The notification preview of a markdown message: its first line without markup."""
+    for line in text.splitlines():
+        plain = _MARKUP.sub("", line).strip(" -:")
+        if plain:
+            return plain if len(plain) <= TITLE_LIMIT else plain[: TITLE_LIMIT - 1] + "…"
+    return "Reply"
+
+
+def session_markdown(title: str, text: str, at_user_ids: list[str]) -> dict[str, Any]:
+    """A sessionWebhook markdown message (protocols.md §A.9). The mention only highlights when the
+    text itself contains "@<userId>", so the caller puts it there too."""
+    body: dict[str, Any] = {"msgtype": "markdown", "markdown": {"title": title, "text": text}}
+    if at_user_ids:
+        body["at"] = {"atUserIds": at_user_ids}
+    return body
+
+
+def openapi_markdown(title: str, text: str) -> tuple[str, str]:
+    """(msgKey, msgParam) of a markdown message for the robot send APIs."""
+    return "sampleMarkdown", orjson.dumps({"title": title, "text": text}).decode()

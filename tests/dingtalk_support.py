@@ -1,0 +1,84 @@
+"""Starting a full gateway whose DingTalk channel points at the DingTalk double (shared by the DingTalk tests)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway.keys import CHANNELS, METRICS
+from handlers.dingtalk import DingTalkAdapter
+from tests.conftest import make_config
+from tests.doubles.dingtalk import DingTalkDouble
+
+
+@dataclass
+class DingTalkEnv:
+    double: DingTalkDouble
+    client: TestClient[web.Request, web.Application]
+
+    @property
+    def adapter(self) -> DingTalkAdapter:
+        adapter = self.client.app[CHANNELS]["dingtalk"]
+        assert isinstance(adapter, DingTalkAdapter)
+        return adapter
+
+    def dropped(self, reason: str) -> float:
+        return float(self.client.app[METRICS].dropped.labels("dingtalk", reason)._value.get())
+
+    def api_calls(self, endpoint: str) -> float:
+        metric = self.client.app[METRICS].platform_api_calls.labels("dingtalk", endpoint)
+        return float(metric._value.get())
+
+    async def connected(self) -> None:
+        """Both ends agree the stream is up: the double has the socket, the loop said connected()."""
+        await self.double.wait_for(lambda: self.double.connected)
+        assert self.adapter.loop is not None
+        async with asyncio.timeout(10):
+            await self.adapter.loop.connected_event.wait()
+
+    async def answers(self, count: int) -> list[dict[str, Any]]:
+        """Wait until `count` sessionWebhook messages arrived; returns them all."""
+        await self.double.wait_for(lambda: len(self.double.session_posts) >= count)
+        return self.double.session_posts
+
+
+async def start(
+    aiohttp_server: Callable[..., Any],
+    gateway: Callable[..., Any],
+    *,
+    model_url: str = "",
+    double: DingTalkDouble | None = None,
+    sections: dict[str, dict[str, Any]] | None = None,
+    connect: bool = True,
+    **dingtalk: Any,
+) -> DingTalkEnv:
+    """A double on a random port and a gateway configured against it (model: the OpenAI double or echo)."""
+    double = double or DingTalkDouble()
+    sections = dict(sections or {})
+    model = {"base_url": model_url} if model_url else {}
+    model.update(sections.pop("model", {}))
+    server = await aiohttp_server(double.app(), host="127.0.0.1")
+    double.base = str(server.make_url("")).rstrip("/")
+    config = make_config(
+        dingtalk={
+            "enabled": True,
+            "client_id": double.client_id,
+            "client_secret": double.client_secret,
+            "api_base": double.base,
+            "oapi_base": double.base,
+            "reconnect_delay": 0.05,
+            **dingtalk,
+        },
+        model=model,
+        cache={"enabled": False},
+        **sections,
+    )
+    env = DingTalkEnv(double, await gateway(config))
+    if connect and config.dingtalk.mode != "webhook":
+        await env.connected()
+    return env

@@ -1,0 +1,293 @@
+"""A DingTalk test double speaking the real wire protocol (protocols.md §A), on aiohttp.
+
+Stream mode: `POST /v1.0/gateway/connections/open` hands out a one-time ticket for the websocket at
+`/connect`; the double pushes SYSTEM and CALLBACK frames there and checks every ACK the client sends.
+HTTP: the token endpoint, the robot send APIs, file download (a `downloadUrl` served here), the
+AI-card APIs and sessionWebhook receivers. Scripted faults: open-connection failing N times, a token
+rejected once, card creation failing, sessionWebhooks answering "expired", dropping the socket.
+Silence needs no script: the double only sends what a test pushes.
+
+The SDK's own client must work against it (tests/test_dingtalk_conformance.py), which is what keeps
+the double honest. Tests wait with `wait_for(predicate)`, which wakes on every recorded event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+TOPIC = "/v1.0/im/bot/messages/get"
+TOKEN_ERROR = {"code": "InvalidAuthentication", "message": "不合法的access_token"}
+
+
+@dataclass
+class Ack:
+    code: int
+    message_id: str
+    message: str
+    data: Any  # decoded from the JSON string
+
+
+@dataclass
+class DingTalkDouble:
+    client_id: str = "ding-app-key"
+    client_secret: str = "ding-app-secret"
+    base: str = ""  # http://127.0.0.1:PORT, set by whoever serves app()
+    # scripted faults
+    open_failures: int = 0
+    reject_token_once: bool = False
+    card_create_fails: bool = False
+    expired_sessions: bool = False
+    # what happened
+    opens: list[dict[str, Any]] = field(default_factory=list)
+    connections: int = 0
+    acks: list[Ack] = field(default_factory=list)
+    ack_errors: list[str] = field(default_factory=list)
+    session_posts: list[dict[str, Any]] = field(default_factory=list)
+    api_calls: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    tokens_issued: list[str] = field(default_factory=list)
+    files: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    _tickets: set[str] = field(default_factory=set)
+    _revoked: set[str] = field(default_factory=set)
+    _ws: web.WebSocketResponse | None = None
+    _request: web.Request | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1.0/gateway/connections/open", self._open)
+        app.router.add_get("/connect", self._connect)
+        app.router.add_post("/v1.0/oauth2/accessToken", self._token)
+        app.router.add_post("/robot/sendBySession", self._session_webhook)
+        app.router.add_post("/v1.0/robot/oToMessages/batchSend", self._api("userIds", "msgKey", "msgParam"))
+        app.router.add_post(
+            "/v1.0/robot/groupMessages/send", self._api("openConversationId", "msgKey", "msgParam")
+        )
+        app.router.add_post("/v1.0/robot/messageFiles/download", self._api("downloadCode"))
+        app.router.add_post(
+            "/v1.0/card/instances/createAndDeliver", self._api("cardTemplateId", "outTrackId", "openSpaceId")
+        )
+        app.router.add_put("/v1.0/card/streaming", self._api("outTrackId", "key", "content", "isFinalize"))
+        app.router.add_put("/v1.0/card/instances", self._api("outTrackId", "cardData"))
+        app.router.add_get("/files/{code}", self._file)
+        return app
+
+    # -- waiting -----------------------------------------------------------------------------
+    def _record(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_for(self, predicate: Callable[[], object], timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await self._changed.wait()
+
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None and not self._ws.closed
+
+    def calls(self, path: str) -> list[dict[str, Any]]:
+        return [body for _, p, body in self.api_calls if p == path]
+
+    # -- payloads ----------------------------------------------------------------------------
+    def message(
+        self,
+        text: str = "hello",
+        *,
+        msg_id: str | None = None,
+        group: bool = False,
+        at: bool = True,
+        staff_id: str = "staff1",
+        nick: str = "Alice",
+        conversation_id: str | None = None,
+        msgtype: str = "text",
+        content: dict[str, Any] | None = None,
+        expires_in: float = 5400.0,
+    ) -> dict[str, Any]:
+        """A robot message body as DingTalk sends it (§A.8), its sessionWebhook pointing here."""
+        now = int(time.time() * 1000)
+        body: dict[str, Any] = {
+            "conversationId": conversation_id
+            or (f"cid-group-{uuid.uuid4().hex[:6]}" if group else f"cid-dm-{staff_id}"),
+            "conversationType": "2" if group else "1",
+            "chatbotCorpId": "ding-corp",
+            "chatbotUserId": "$:LWCP_v1:$robot",
+            "msgId": msg_id or f"msg{uuid.uuid4().hex}",
+            "msgtype": msgtype,
+            "senderNick": nick,
+            "senderId": f"$:LWCP_v1:${staff_id}",
+            "senderStaffId": staff_id,
+            "senderCorpId": "ding-corp",
+            "isAdmin": False,
+            "isInAtList": at if group else False,
+            "atUsers": [{"dingtalkId": "$:LWCP_v1:$robot"}] if group and at else [],
+            "sessionWebhook": f"{self.base}/robot/sendBySession?session={uuid.uuid4().hex}",
+            "sessionWebhookExpiredTime": now + int(expires_in * 1000),
+            "createAt": now,
+            "robotCode": self.client_id,
+        }
+        if group:
+            body["conversationTitle"] = "Team"
+        if msgtype == "text":
+            body["text"] = {"content": text}
+        else:
+            body["content"] = content or {}
+        return body
+
+    def add_file(self, code: str, data: bytes, mime: str = "image/png") -> None:
+        self.files[code] = (data, mime)
+
+    # -- pushing frames ----------------------------------------------------------------------
+    async def _send(self, frame_type: str, topic: str, data: dict[str, Any], frame_id: str | None) -> str:
+        await self.wait_for(lambda: self.connected)
+        assert self._ws is not None
+        frame_id = frame_id or f"frame-{next(self._ids)}"
+        await self._ws.send_str(
+            json.dumps(
+                {
+                    "specVersion": "1.0",
+                    "type": frame_type,
+                    "headers": {
+                        "appId": "app-1",
+                        "connectionId": "conn-1",
+                        "contentType": "application/json",
+                        "messageId": frame_id,
+                        "time": str(int(time.time() * 1000)),
+                        "topic": topic,
+                    },
+                    "data": json.dumps(data),  # a JSON *string* (§A.5)
+                }
+            )
+        )
+        return frame_id
+
+    async def push(self, body: dict[str, Any], frame_id: str | None = None) -> str:
+        """Deliver a robot message as a CALLBACK frame; returns the frame's messageId."""
+        return await self._send("CALLBACK", TOPIC, body, frame_id)
+
+    async def system(self, topic: str, data: dict[str, Any] | None = None) -> str:
+        return await self._send("SYSTEM", topic, data or {}, None)
+
+    async def drop(self) -> None:
+        """Cut the TCP connection under the websocket, no close frame."""
+        assert self._request is not None and self._request.transport is not None
+        self._request.transport.abort()
+
+    def acked(self, frame_id: str) -> Ack | None:
+        return next((a for a in self.acks if a.message_id == frame_id), None)
+
+    # -- stream handshake --------------------------------------------------------------------
+    async def _open(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.opens.append(body)
+        self._record()
+        if body.get("clientId") != self.client_id or body.get("clientSecret") != self.client_secret:
+            return web.json_response({"code": "InvalidClient", "message": "bad credentials"}, status=401)
+        if self.open_failures > 0:
+            self.open_failures -= 1
+            return web.json_response({"code": "ServiceUnavailable", "message": "scripted"}, status=503)
+        if {"type": "CALLBACK", "topic": TOPIC} not in body.get("subscriptions", []):
+            return web.json_response({"code": "InvalidParameter", "message": "no subscriptions"}, status=400)
+        ticket = uuid.uuid4().hex
+        self._tickets.add(ticket)
+        return web.json_response({"endpoint": f"ws://{request.host}/connect", "ticket": ticket})
+
+    async def _connect(self, request: web.Request) -> web.StreamResponse:
+        ticket = request.query.get("ticket", "")
+        if ticket not in self._tickets:
+            return web.json_response({"code": "InvalidTicket"}, status=403)
+        self._tickets.discard(ticket)  # one connection per ticket
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self._ws, self._request = ws, request
+        self.connections += 1
+        self._record()
+        try:
+            async for msg in ws:
+                if msg.type is WSMsgType.TEXT:
+                    self._check_ack(msg.data)
+        finally:
+            if self._ws is ws:
+                self._ws = self._request = None
+            self._record()
+        return ws
+
+    def _check_ack(self, raw: str) -> None:
+        """Record an ACK, noting anything the real server would not accept (§A.6)."""
+        try:
+            frame = json.loads(raw)
+            headers = frame["headers"]
+            ack = Ack(frame["code"], headers["messageId"], frame["message"], json.loads(frame["data"]))
+            if not isinstance(ack.code, int) or headers.get("contentType") != "application/json":
+                self.ack_errors.append(f"bad code or contentType: {raw}")
+        except (ValueError, KeyError, TypeError) as e:
+            self.ack_errors.append(f"{type(e).__name__}: {raw}")
+        else:
+            self.acks.append(ack)
+        self._record()
+
+    # -- HTTP APIs ---------------------------------------------------------------------------
+    async def _token(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if body.get("appKey") != self.client_id or body.get("appSecret") != self.client_secret:
+            return web.json_response({"code": "invalidClientIdOrSecret", "message": "bad"}, status=400)
+        token = f"AT-{len(self.tokens_issued) + 1}"
+        self.tokens_issued.append(token)
+        self._record()
+        return web.json_response({"accessToken": token, "expireIn": 7200})
+
+    def _api(self, *required: str) -> Callable[[web.Request], Any]:
+        async def handle(request: web.Request) -> web.Response:
+            token = request.headers.get("x-acs-dingtalk-access-token", "")
+            body = await request.json()
+            if token not in self.tokens_issued or token in self._revoked:
+                return web.json_response(TOKEN_ERROR, status=401)
+            if self.reject_token_once:
+                self.reject_token_once = False
+                self._revoked.add(token)
+                return web.json_response(TOKEN_ERROR, status=401)
+            missing = [k for k in required if k not in body]
+            if missing:
+                return web.json_response({"code": "MissingParameter", "message": str(missing)}, status=400)
+            self.api_calls.append((request.method, request.path, body))
+            self._record()
+            return self._answer(request, body)
+
+        return handle
+
+    def _answer(self, request: web.Request, body: dict[str, Any]) -> web.Response:
+        path = request.path
+        if path.endswith("/createAndDeliver") and self.card_create_fails:
+            return web.json_response({"code": "InvalidParameter", "message": "scripted"}, status=400)
+        if path.endswith("/messageFiles/download"):
+            if body["downloadCode"] not in self.files:
+                return web.json_response({"code": "InvalidDownloadCode", "message": "unknown"}, status=400)
+            return web.json_response({"downloadUrl": f"{self.base}/files/{body['downloadCode']}"})
+        if path.endswith("/batchSend"):
+            return web.json_response(
+                {"processQueryKey": "q1", "invalidStaffIdList": [], "flowControlledStaffIdList": []}
+            )
+        if path.endswith("/createAndDeliver"):
+            return web.json_response({"success": True, "result": {"outTrackId": body["outTrackId"]}})
+        return web.json_response({"success": True, "processQueryKey": "q1"})
+
+    async def _session_webhook(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if self.expired_sessions:
+            return web.json_response({"errcode": 300001, "errmsg": "session expired"})
+        self.session_posts.append({"session": request.query.get("session", ""), **body})
+        self._record()
+        return web.json_response({"errcode": 0, "errmsg": "ok"})
+
+    async def _file(self, request: web.Request) -> web.Response:
+        data, mime = self.files[request.match_info["code"]]
+        return web.Response(body=data, content_type=mime)

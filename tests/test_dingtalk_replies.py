@@ -1,0 +1,268 @@
+"""DingTalk replies: groups and mentions, message types, sessionWebhook vs OpenAPI, tokens, rendering,
+AI-card streaming and its fallbacks, and the API budget."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from gateway.responder import NO_VISION
+from tests.dingtalk_support import DingTalkEnv, start
+from tests.doubles.dingtalk import DingTalkDouble
+
+BATCH_SEND = "/v1.0/robot/oToMessages/batchSend"
+GROUP_SEND = "/v1.0/robot/groupMessages/send"
+CARD_CREATE = "/v1.0/card/instances/createAndDeliver"
+CARD_STREAM = "/v1.0/card/streaming"
+CARD_UPDATE = "/v1.0/card/instances"
+PNG = b"\x89PNG\r\n\x1a\n fake image bytes"
+
+
+async def ping_round_trip(env: DingTalkEnv) -> None:
+    frame_id = await env.double.system("ping", {"opaque": "barrier"})
+    await env.double.wait_for(lambda: env.double.acked(frame_id) is not None)
+
+
+async def test_group_without_mention_is_ignored_and_with_mention_answered_to_the_asker(
+    aiohttp_server: Any, gateway: Any, openai_double: Any
+) -> None:
+    model, url = openai_double
+    env = await start(aiohttp_server, gateway, model_url=url)
+    ignored = await env.double.push(
+        env.double.message("chatting among us", group=True, at=False, conversation_id="cid-g")
+    )
+    await ping_round_trip(env)
+    assert env.double.acked(ignored) is not None  # ACKed, so DingTalk does not redeliver it
+    assert env.dropped("not_mentioned") == 1
+    await env.double.push(
+        env.double.message(
+            "@Botgate\u2005summarise please", group=True, conversation_id="cid-g", staff_id="u42"
+        )
+    )
+    [answer] = await env.answers(1)
+    assert answer["at"] == {"atUserIds": ["u42"]}
+    assert answer["markdown"]["text"] == "@u42 echo: summarise please"
+    assert [r["messages"][-1]["content"] for r in model.requests] == ["summarise please"]
+
+
+async def test_own_messages_are_ignored(aiohttp_server: Any, gateway: Any) -> None:
+    env = await start(aiohttp_server, gateway)
+    body = env.double.message("I am the robot")
+    body["senderId"] = body["chatbotUserId"]
+    frame_id = await env.double.push(body)
+    await ping_round_trip(env)
+    assert env.double.acked(frame_id) is not None and env.dropped("self") == 1
+    assert env.double.session_posts == []
+
+
+async def test_rich_text_is_answered_with_its_text(
+    aiohttp_server: Any, gateway: Any, openai_double: Any
+) -> None:
+    model, url = openai_double
+    env = await start(aiohttp_server, gateway, model_url=url)
+    content = {
+        "richText": [{"text": "compare"}, {"downloadCode": "dc-rich", "type": "picture"}, {"text": "please"}]
+    }
+    await env.double.push(env.double.message(msgtype="richText", content=content))
+    [answer] = await env.answers(1)
+    # Vision is off: the text is answered and the user is told the picture was not looked at.
+    assert "can't look at images" in answer["markdown"]["text"]
+    assert answer["markdown"]["text"].endswith("echo: compare\nplease")
+    assert model.requests[0]["messages"][-1]["content"] == "compare\nplease"
+
+
+async def test_picture_with_vision_goes_to_the_model(
+    aiohttp_server: Any, gateway: Any, openai_double: Any
+) -> None:
+    model, url = openai_double
+    env = await start(aiohttp_server, gateway, model_url=url, sections={"model": {"vision": True}})
+    env.double.add_file("dc-pic", PNG, "image/png")
+    await env.double.push(env.double.message(msgtype="picture", content={"downloadCode": "dc-pic"}))
+    await env.answers(1)
+    parts = model.requests[0]["messages"][-1]["content"]
+    image = next(p for p in parts if p["type"] == "image_url")
+    assert image["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(PNG).decode()
+    assert env.double.calls("/v1.0/robot/messageFiles/download")[0]["robotCode"] == env.double.client_id
+
+
+async def test_picture_without_vision_tells_the_user(
+    aiohttp_server: Any, gateway: Any, openai_double: Any
+) -> None:
+    model, url = openai_double
+    env = await start(aiohttp_server, gateway, model_url=url)
+    await env.double.push(env.double.message(msgtype="picture", content={"downloadCode": "dc-pic"}))
+    [answer] = await env.answers(1)
+    assert answer["markdown"]["text"] == NO_VISION
+    assert model.requests == [] and env.double.calls("/v1.0/robot/messageFiles/download") == []
+
+
+async def test_audio_uses_the_recognition_text(aiohttp_server: Any, gateway: Any, openai_double: Any) -> None:
+    _, url = openai_double
+    env = await start(aiohttp_server, gateway, model_url=url)
+    content = {"downloadCode": "dc-a", "recognition": "what time is it", "duration": 3}
+    await env.double.push(env.double.message(msgtype="audio", content=content))
+    assert (await env.answers(1))[0]["markdown"]["text"] == "echo: what time is it"
+
+
+async def test_file_gets_a_polite_notice(aiohttp_server: Any, gateway: Any, openai_double: Any) -> None:
+    model, url = openai_double
+    env = await start(aiohttp_server, gateway, model_url=url)
+    await env.double.push(
+        env.double.message(msgtype="file", content={"downloadCode": "f", "fileName": "q3.xlsx"})
+    )
+    [answer] = await env.answers(1)
+    assert "can't read files yet" in answer["markdown"]["text"]
+    assert model.requests == []
+
+
+async def test_expired_session_webhook_goes_through_the_openapi(
+    aiohttp_server: Any, gateway: Any, openai_double: Any
+) -> None:
+    _, url = openai_double
+    env = await start(aiohttp_server, gateway, model_url=url)
+    await env.double.push(env.double.message("late dm", staff_id="u7", expires_in=-60))
+    await env.double.wait_for(lambda: env.double.calls(BATCH_SEND))
+    [send] = env.double.calls(BATCH_SEND)
+    assert send["robotCode"] == env.double.client_id and send["userIds"] == ["u7"]
+    assert send["msgKey"] == "sampleMarkdown" and "echo: late dm" in send["msgParam"]
+    await env.double.push(
+        env.double.message("late group", group=True, conversation_id="cid-g", expires_in=-60)
+    )
+    await env.double.wait_for(lambda: env.double.calls(GROUP_SEND))
+    [group] = env.double.calls(GROUP_SEND)
+    assert group["openConversationId"] == "cid-g" and "@Alice echo: late group" in group["msgParam"]
+    assert env.double.session_posts == []
+    assert env.double.tokens_issued == ["AT-1"]  # one token, cached across calls
+
+
+async def test_refused_session_webhook_falls_back_to_the_openapi(
+    aiohttp_server: Any, gateway: Any, openai_double: Any
+) -> None:
+    _, url = openai_double
+    env = await start(aiohttp_server, gateway, model_url=url, double=DingTalkDouble(expired_sessions=True))
+    await env.double.push(env.double.message("hello"))
+    await env.double.wait_for(lambda: env.double.calls(BATCH_SEND))
+    assert "echo: hello" in env.double.calls(BATCH_SEND)[0]["msgParam"]
+
+
+async def test_rejected_token_is_refreshed_once(
+    aiohttp_server: Any, gateway: Any, openai_double: Any
+) -> None:
+    _, url = openai_double
+    env = await start(aiohttp_server, gateway, model_url=url, double=DingTalkDouble(reject_token_once=True))
+    await env.double.push(env.double.message("first", expires_in=-60))
+    await env.double.wait_for(lambda: env.double.calls(BATCH_SEND))
+    await env.double.push(env.double.message("second", expires_in=-60))
+    await env.double.wait_for(lambda: len(env.double.calls(BATCH_SEND)) == 2)
+    assert env.double.tokens_issued == ["AT-1", "AT-2"]
+    assert ["echo: first" in c["msgParam"] for c in env.double.calls(BATCH_SEND)] == [True, False]
+
+
+async def test_table_is_rendered_as_a_list(aiohttp_server: Any, gateway: Any, openai_double: Any) -> None:
+    model, url = openai_double
+    model.answer = "Here:\n\n| Plan | Seats |\n|---|---|\n| Basic | 5 |\n| Pro | 50 |"
+    env = await start(aiohttp_server, gateway, model_url=url)
+    await env.double.push(env.double.message("plans?"))
+    text = (await env.answers(1))[0]["markdown"]["text"]
+    assert "|" not in text
+    assert "- **Plan**: Basic; **Seats**: 5\n- **Plan**: Pro; **Seats**: 50" in text
+
+
+async def test_long_answer_arrives_in_ordered_parts(
+    aiohttp_server: Any, gateway: Any, openai_double: Any
+) -> None:
+    model, url = openai_double
+    model.answer = "\n\n".join(f"Part{i} " + "lorem " * 500 for i in range(4))
+    env = await start(aiohttp_server, gateway, model_url=url, sections={"model": {"stream": False}})
+    await env.double.push(env.double.message("essay", group=True, staff_id="u9"))
+    answers = await env.answers(4)
+    assert [a["markdown"]["text"].split()[0 if i else 1] for i, a in enumerate(answers)] == [
+        "Part0",
+        "Part1",
+        "Part2",
+        "Part3",
+    ]
+    assert answers[0]["at"] == {"atUserIds": ["u9"]} and "at" not in answers[1]
+
+
+async def test_ai_card_streams_updates_in_order_then_the_final_text(
+    aiohttp_server: Any, gateway: Any, openai_double: Any
+) -> None:
+    _, url = openai_double
+    env = await start(
+        aiohttp_server, gateway, model_url=url, card_template_id="tpl-ai.schema", stream_interval=0.0
+    )
+    await env.double.push(env.double.message("one two three four five", staff_id="u5"))
+    final = "echo: one two three four five"
+    await env.double.wait_for(lambda: env.double.calls(CARD_UPDATE))
+    [create] = env.double.calls(CARD_CREATE)
+    assert create["cardTemplateId"] == "tpl-ai.schema" and create["openSpaceId"] == "dtv1.card//IM_ROBOT.u5"
+    assert create["imRobotOpenDeliverModel"] == {"spaceType": "IM_ROBOT", "robotCode": env.double.client_id}
+    track = create["outTrackId"]
+    streamed = [c for c in env.double.calls(CARD_STREAM) if c["outTrackId"] == track]
+    texts = [create["cardData"]["cardParamMap"]["msgContent"]] + [c["content"] for c in streamed]
+    assert len(streamed) >= 3
+    assert all(final.startswith(t) for t in texts) and texts == sorted(texts, key=len)
+    assert [c["isFinalize"] for c in streamed] == [False] * (len(streamed) - 1) + [True]
+    assert streamed[-1]["content"] == final
+    [done] = env.double.calls(CARD_UPDATE)
+    assert done["cardData"]["cardParamMap"] == {"flowStatus": "3", "msgContent": final}
+    assert env.double.session_posts == []  # the card is the answer
+
+
+async def test_group_card_mentions_the_asker(aiohttp_server: Any, gateway: Any, openai_double: Any) -> None:
+    _, url = openai_double
+    env = await start(aiohttp_server, gateway, model_url=url, card_template_id="tpl", stream_interval=0.0)
+    await env.double.push(
+        env.double.message("hi", group=True, conversation_id="cid-g", staff_id="u3", nick="Dan")
+    )
+    await env.double.wait_for(lambda: env.double.calls(CARD_UPDATE))
+    [create] = env.double.calls(CARD_CREATE)
+    assert create["openSpaceId"] == "dtv1.card//IM_GROUP.cid-g"
+    assert create["imGroupOpenDeliverModel"] == {
+        "robotCode": env.double.client_id,
+        "atUserIds": {"u3": "Dan"},
+    }
+
+
+async def test_card_creation_failing_gives_exactly_one_markdown_answer(
+    aiohttp_server: Any, gateway: Any, openai_double: Any
+) -> None:
+    _, url = openai_double
+    double = DingTalkDouble(card_create_fails=True)
+    env = await start(
+        aiohttp_server, gateway, model_url=url, double=double, card_template_id="tpl", stream_interval=0.0
+    )
+    await double.push(double.message("a b c d"))
+    await env.answers(1)
+    await double.push(double.message("next"))  # same conversation: answered after the first is done
+    answers = await env.answers(2)
+    assert [a["markdown"]["text"] for a in answers] == ["echo: a b c d", "echo: next"]
+    assert double.calls(CARD_STREAM) == [] and double.calls(CARD_UPDATE) == []
+
+
+async def test_card_streaming_degrades_to_final_only_near_the_budget(
+    aiohttp_server: Any, gateway: Any, openai_double: Any
+) -> None:
+    _, url = openai_double
+    # The open-connection call alone uses 100 % of a budget of 1.
+    env = await start(
+        aiohttp_server,
+        gateway,
+        model_url=url,
+        card_template_id="tpl",
+        stream_interval=0.0,
+        monthly_api_budget=1,
+    )
+    assert env.adapter.budget.degraded
+    await env.double.push(env.double.message("one two three four five"))
+    await env.double.wait_for(lambda: env.double.calls(CARD_UPDATE))
+    [create] = env.double.calls(CARD_CREATE)
+    [final] = env.double.calls(CARD_STREAM)
+    assert (
+        create["cardData"]["cardParamMap"]["msgContent"]
+        == final["content"]
+        == "echo: one two three four five"
+    )
+    assert final["isFinalize"] is True
+    assert env.api_calls("card_streaming") == 1

@@ -1,0 +1,183 @@
+"""DingTalk Stream mode end to end: the double's frames through the gateway to the model and back,
+ACK timing, redelivery, liveness, reconnects and readiness."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from gateway.channel import ChannelState
+from gateway.keys import DISPATCHER, METRICS
+from tests.dingtalk_support import DingTalkEnv, start
+from tests.doubles.dingtalk import DingTalkDouble
+
+
+async def ping_round_trip(env: DingTalkEnv) -> None:
+    """Frames are served in order, so once a later ping is ACKed every earlier frame was handled."""
+    frame_id = await env.double.system("ping", {"opaque": "barrier"})
+    await env.double.wait_for(lambda: env.double.acked(frame_id) is not None)
+
+
+def lost_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        str(getattr(r, "error", ""))
+        for r in caplog.records
+        if r.getMessage() == "connection lost" and getattr(r, "platform", "") == "dingtalk"
+    ]
+
+
+async def test_dm_text_answered_on_session_webhook(
+    aiohttp_server: Any, gateway: Any, openai_double: Any
+) -> None:
+    model, url = openai_double
+    env = await start(aiohttp_server, gateway, model_url=url)
+    body = env.double.message("what is botgate?")
+    frame_id = await env.double.push(body)
+    [answer] = await env.answers(1)
+    assert answer["msgtype"] == "markdown"
+    assert answer["markdown"]["text"] == "echo: what is botgate?"
+    assert answer["session"] in body["sessionWebhook"]
+    assert "at" not in answer  # nobody to @mention in a 1:1 chat
+    ack = env.double.acked(frame_id)
+    assert ack is not None and ack.code == 200
+    assert env.double.ack_errors == []
+    assert model.requests[0]["messages"][-1]["content"] == "what is botgate?"
+    assert env.api_calls("open_connection") == 1
+    assert env.api_calls("session_webhook") == 1
+
+
+async def test_ack_goes_out_before_the_model_answers(
+    aiohttp_server: Any, gateway: Any, openai_double: Any
+) -> None:
+    _, url = openai_double
+    env = await start(aiohttp_server, gateway, model_url=url)
+    frame_id = await env.double.push(env.double.message("slow:1 think hard"))
+    await env.double.wait_for(lambda: env.double.acked(frame_id) is not None)
+    assert env.double.session_posts == []  # the model is still thinking
+    [answer] = await env.answers(1)
+    assert answer["markdown"]["text"] == "echo: slow:1 think hard"
+
+
+async def test_redelivery_with_new_frame_id_is_answered_once(
+    aiohttp_server: Any, gateway: Any, openai_double: Any
+) -> None:
+    _, url = openai_double
+    env = await start(aiohttp_server, gateway, model_url=url)
+    first = env.double.message("first", msg_id="msg-1")
+    await env.double.push(first, frame_id="frame-a")
+    await env.answers(1)
+    await env.double.push(first, frame_id="frame-b")  # DingTalk redelivers: new frame id, same msgId
+    await env.double.wait_for(lambda: env.double.acked("frame-b") is not None)
+    await env.double.push(env.double.message("second", msg_id="msg-2"))
+    # Same conversation, answered in order: had the redelivery been accepted, its answer came first.
+    answers = await env.answers(2)
+    assert [a["markdown"]["text"] for a in answers] == ["echo: first", "echo: second"]
+    assert env.client.app[METRICS].dedup_dropped.labels("dingtalk")._value.get() == 1
+
+
+async def test_system_ping_is_acked_with_its_data(aiohttp_server: Any, gateway: Any) -> None:
+    env = await start(aiohttp_server, gateway)
+    frame_id = await env.double.system("ping", {"opaque": "abc-123"})
+    await env.double.wait_for(lambda: env.double.acked(frame_id) is not None)
+    ack = env.double.acked(frame_id)
+    assert ack is not None and ack.code == 200 and ack.data == {"opaque": "abc-123"}
+    assert env.adapter.status().last_event_at is not None
+
+
+async def test_silent_connection_is_detected_as_stale_and_replaced(
+    aiohttp_server: Any, gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.connection")
+    env = await start(aiohttp_server, gateway, stale_after=0.3)
+    # The double sends nothing and keeps the socket open: only the stale limit can notice.
+    await env.double.wait_for(lambda: env.double.connections >= 2)
+    assert any("StaleConnection" in e for e in lost_errors(caplog))
+    assert env.client.app[METRICS].reconnects.labels("dingtalk")._value.get() >= 1
+
+
+async def test_dropped_socket_reconnects_and_next_message_is_answered(
+    aiohttp_server: Any, gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.connection")
+    env = await start(aiohttp_server, gateway)
+    await env.double.drop()
+    await env.double.wait_for(lambda: env.double.connections == 2)
+    await env.connected()
+    assert any("ConnectionError" in e for e in lost_errors(caplog))
+    await env.double.push(env.double.message("still there?"))
+    [answer] = await env.answers(1)
+    assert "still there?" in answer["markdown"]["text"]
+    assert env.adapter.status().reconnects == 1
+
+
+async def test_system_disconnect_is_honoured_by_connecting_afresh(
+    aiohttp_server: Any, gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.connection")
+    env = await start(aiohttp_server, gateway)
+    frame_id = await env.double.system("disconnect", {"reason": "server upgrade"})
+    await env.double.wait_for(lambda: env.double.connections == 2)
+    await env.connected()
+    ack = env.double.acked(frame_id)
+    assert ack is not None and ack.code == 200
+    assert lost_errors(caplog) == ["server asked to reconnect"]
+    assert len(env.double.opens) == 2  # a fresh ticket, not a reused socket
+    await env.double.push(env.double.message("after the move"))
+    assert "after the move" in (await env.answers(1))[0]["markdown"]["text"]
+
+
+async def test_open_connection_failing_backs_off_then_connects(
+    aiohttp_server: Any, gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.connection")
+    double = DingTalkDouble(open_failures=3)
+    env = await start(aiohttp_server, gateway, double=double, reconnect_delay=0.05)
+    assert len(double.opens) == 4
+    delays = [
+        float(getattr(r, "retry_in_s", -1)) for r in caplog.records if r.getMessage() == "connection lost"
+    ]
+    assert len(delays) == 3
+    assert delays == sorted(delays) and 0 < delays[0] < 1  # exponential, first retry well within 1 s
+    status = env.adapter.status()
+    assert status.state is ChannelState.CONNECTED and status.attempt == 0 and status.last_error == ""
+    assert "HTTP 503" in lost_errors(caplog)[0]
+
+
+async def test_readiness_follows_the_stream(aiohttp_server: Any, gateway: Any) -> None:
+    double = DingTalkDouble(open_failures=1000)
+    env = await start(aiohttp_server, gateway, double=double, connect=False)
+    await double.wait_for(lambda: len(double.opens) >= 2)
+    resp = await env.client.get("/readyz")
+    body = await resp.json()
+    assert resp.status == 503 and body["channels"]["dingtalk"] == "reconnecting"
+    assert "dingtalk reconnecting" in body["reason"] and "HTTP 503" in body["reason"]
+    double.open_failures = 0
+    await env.connected()
+    resp = await env.client.get("/readyz")
+    assert resp.status == 200 and (await resp.json())["channels"]["dingtalk"] == "connected"
+
+
+async def test_messages_are_not_acked_while_shutting_down(aiohttp_server: Any, gateway: Any) -> None:
+    env = await start(aiohttp_server, gateway)
+    env.client.app[DISPATCHER].stop_intake()
+    frame_id = await env.double.push(env.double.message("too late"))
+    await ping_round_trip(env)
+    assert env.double.acked(frame_id) is None  # DingTalk will redeliver it to the next process
+
+
+async def test_clean_stop_closes_the_stream(aiohttp_server: Any, gateway: Any) -> None:
+    env = await start(aiohttp_server, gateway)
+    adapter = env.adapter
+    await env.client.close()
+    assert adapter.status().state is ChannelState.STOPPED
+    await env.double.wait_for(lambda: not env.double.connected)
+
+
+async def test_admin_reconnect_connects_afresh(aiohttp_server: Any, gateway: Any) -> None:
+    env = await start(aiohttp_server, gateway)
+    await env.adapter.reconnect()
+    await env.double.wait_for(lambda: env.double.connections == 2)
+    await env.connected()
+    assert len(env.double.opens) == 2 and env.adapter.status().reconnects == 1
