@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 from pathlib import Path
-
-from aiohttp import web
 
 import handlers
 from gateway import __version__
@@ -16,6 +15,8 @@ from gateway.config import Config, ConfigError, load
 from gateway.errors import StoreError
 from gateway.logs import setup_logging
 from gateway.model import uses_echo
+from gateway.sdnotify import Notifier
+from gateway.server import Service, ssl_context
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.toml"
 log = logging.getLogger("botgate")
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = load_config(args.config)
+        tls = ssl_context(config)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging(config.log.level, config.secrets())
     app = create_app(config, [handlers.setup])
+    service = Service(app, config, reload=lambda: load_config(args.config), notifier=Notifier(), tls=tls)
     m = config.model
     log.info(
         "starting",
@@ -60,14 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     try:
-        web.run_app(
-            app,
-            host=config.server.host,
-            port=config.server.port,
-            shutdown_timeout=config.dispatcher.drain_timeout + 5,
-            print=None,
-            access_log=None,
-        )
+        asyncio.run(service.run())
     except StoreError as e:
         log.error("store unavailable at start: %s", e)
         print(f"store error: {e}", file=sys.stderr)

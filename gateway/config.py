@@ -214,8 +214,9 @@ def _describe(tp: Any) -> str:
     )
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check a TOML value against the field's type; floats accept integers."""
+def _coerce(value: Any, tp: Any, where: str, secret: bool = False) -> Any:
+    """Check a TOML value against the field's type; floats accept integers. A secret's wrong value
+    is not echoed: error messages end up in terminals and logs."""
     ok = (
         (tp is bool and isinstance(value, bool))
         or (tp is int and isinstance(value, int) and not isinstance(value, bool))
@@ -224,7 +225,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         or (tp == list[str] and isinstance(value, list) and all(isinstance(v, str) for v in value))
     )
     if not ok:
-        raise ConfigError(f"{where}: expected {_describe(tp)}, got {type(value).__name__} {value!r}")
+        shown = "(value hidden)" if secret else repr(value)
+        raise ConfigError(f"{where}: expected {_describe(tp)}, got {type(value).__name__} {shown}")
     return float(value) if tp is float else value
 
 
@@ -353,7 +355,8 @@ def build(data: Mapping[str, Any], env: Mapping[str, str], source: str = "<defau
         for key, value in values.items():
             if key not in hints:
                 raise ConfigError(f"{source}: unknown key {section}.{key}")
-            values[key] = _coerce(value, hints[key], f"{source}: {section}.{key}")
+            where = f"{section}.{key}"
+            values[key] = _coerce(value, hints[key], f"{source}: {where}", where in SECRET_KEYS)
         kwargs[section] = cls(**values)
     cfg = Config(**kwargs, source=source)
     _validate(cfg, frozenset(from_env))

@@ -1,4 +1,4 @@
-"""HTTP plumbing shared by every route: JSON errors (never a bare 500) and request metrics."""
+"""HTTP plumbing shared by every route: JSON errors (never a bare 500), request metrics, body limit."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.keys import METRICS
+from gateway.keys import CONFIG, METRICS
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,26 @@ async def errors_and_metrics(request: web.Request, handler: Any) -> web.StreamRe
         message = "request body too large" if status == 413 else (e.reason or "error").lower()
         headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
         return web.json_response({"error": message}, status=status, headers=headers)
+    except ConnectionError:
+        # The client went away mid-request (e.g. during a websocket handshake): not a server fault.
+        # 499 is nginx's "client closed request"; nobody receives this response.
+        status = 499
+        log.debug("client disconnected", extra={"route": _route_label(request)})
+        return web.Response(status=status)
     except Exception:
         log.exception("unhandled error", extra={"route": _route_label(request)})
         return json_error(500, "internal error")
     finally:
         request.app[METRICS].http_requests.labels(_route_label(request), str(status)).inc()
+
+
+@web.middleware
+async def body_limit(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A declared body over `[server] max_body_bytes` gets 413 before any handler runs, on every
+    route (also those that never read a body); chunked bodies hit aiohttp's `client_max_size`."""
+    limit = request.app[CONFIG].server.max_body_bytes
+    size = request.content_length
+    if size is not None and size > limit and request.match_info.http_exception is None:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+    response: web.StreamResponse = await handler(request)
+    return response

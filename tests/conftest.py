@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ import handlers
 from gateway.app import create_app
 from gateway.config import Config, build
 from tests.doubles.openai import OpenAIDouble
+from tests.process import GatewayProcess
 from tests.redisd import RedisServer
 
 # websockets honours proxy variables even for 127.0.0.1 (protocols.md §0.8).
@@ -66,3 +68,25 @@ def redis_url(redis_server: RedisServer) -> str:
     """The shared redis-server, emptied for this test."""
     redis_server.flush()
     return redis_server.url
+
+
+@pytest.fixture
+def spawn_gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    """Start `python run.py` subprocesses (config text, extra env); killed at teardown if still up."""
+    started: list[GatewayProcess] = []
+
+    def spawn(
+        config: str = "",
+        env: dict[str, str] | None = None,
+        start: bool = True,
+        wrapper: list[str] | None = None,
+    ) -> GatewayProcess:
+        workdir = tmp_path / f"gw{len(started)}"
+        workdir.mkdir()
+        process = GatewayProcess(workdir, config, env, wrapper)
+        started.append(process)
+        return process.start() if start else process
+
+    yield spawn
+    for process in started:
+        process.kill()
