@@ -1,18 +1,16 @@
 """The app factory: composes the core's resources as `cleanup_ctx` contexts, in dependency order.
 
-Up: HTTP client session -> store -> model client -> dispatcher (resumes the inbox) -> SIGHUP
-reload -> whatever `setup` functions add (the platform adapters and routes, from `handlers`).
-Down in reverse. Intake stops and the dispatcher drains in the first `on_shutdown` hook, i.e.
-while adapters can still deliver replies; adapters' own `on_shutdown` hooks (closing client
-sockets) run after it.
+Up: HTTP client session -> store -> model client -> dispatcher (resumes the inbox) -> whatever
+`setup` functions add (the platform adapters and routes, from `handlers`). Down in reverse. Intake
+stops and the dispatcher drains in the first `on_shutdown` hook, i.e. while adapters can still
+deliver replies; adapters' own `on_shutdown` hooks (closing client sockets) run after it.
+`reload_config` (admin API, SIGHUP via `gateway.server`) applies a re-read config file.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 
@@ -22,7 +20,7 @@ from aiohttp import web
 from . import __version__
 from .auth import AdminAuth
 from .channel import Channel
-from .config import Config, ConfigError
+from .config import Config
 from .dispatcher import Dispatcher
 from .errors import StoreError
 from .keys import (
@@ -94,6 +92,8 @@ async def reload_config(app: web.Application) -> ReloadReport:
     async with live.lock:
         new = await asyncio.to_thread(read_config, live.config.source)
         report = plan(live, new)
+        for _, apply in live.appliers:
+            apply(new)  # may refuse (ConfigError) while nothing has changed yet
         responder = app[RESPONDER]
         model = responder.model
         if any(key.startswith("model.") for key in report.applied):
@@ -105,40 +105,6 @@ async def reload_config(app: web.Application) -> ReloadReport:
             AdminAuth.warn_if_ephemeral(new.admin)
         live.commit(new, report)
     return report
-
-
-async def _reload_quietly(app: web.Application) -> None:
-    try:
-        await reload_config(app)
-    except ConfigError as e:
-        log.error("config reload failed, the running config stays in force: %s", e)
-
-
-async def _sighup_ctx(app: web.Application) -> AsyncIterator[None]:
-    """`kill -HUP` reloads the config, like the admin API's POST /api/reload."""
-    loop = asyncio.get_running_loop()
-    pending: set[asyncio.Task[None]] = set()
-
-    def on_sighup() -> None:
-        task = loop.create_task(_reload_quietly(app), name="config-reload")
-        pending.add(task)
-        task.add_done_callback(pending.discard)
-
-    try:
-        loop.add_signal_handler(signal.SIGHUP, on_sighup)
-        installed = True
-    except (NotImplementedError, RuntimeError, ValueError, AttributeError):
-        # No SIGHUP (Windows) or not the main thread (embedded): the admin API still reloads.
-        installed = False
-    try:
-        yield
-    finally:
-        if installed:
-            loop.remove_signal_handler(signal.SIGHUP)
-        for task in list(pending):
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def _resume_inbox(app: web.Application) -> AsyncIterator[None]:
@@ -190,7 +156,7 @@ def create_app(config: Config, setup: Iterable[Setup] = ()) -> web.Application:
     app[CHANNELS] = {}
     app[STARTED_AT] = time.time()
     app[LIVE] = LiveConfig(config)
-    app.cleanup_ctx.extend([_http_ctx, _store_ctx, _model_ctx, _dispatcher_ctx, _sighup_ctx])
+    app.cleanup_ctx.extend([_http_ctx, _store_ctx, _model_ctx, _dispatcher_ctx])
     app.on_shutdown.append(_drain)
     for fn in setup:
         fn(app)

@@ -3,9 +3,10 @@ plainly what needs a restart.
 
 Applied live: `[model]` (a new model client; calls in flight finish on the old one), `[context]`,
 `[cache]`, `[limits]` (the responder reads them per message), `[admin]`, `[alerts]` (read per
-request / per check), `[log] level` and the secrets the log formatter masks. Everything else —
-`[server]`, `[store]`, `[dispatcher]` and the platform sections — is only reported as needing a
-restart: those objects were built at start and are not rebuilt piecemeal.
+request / per check), `[log] level` and the secrets the log formatter masks, plus what components
+register as appliers (the server: the TLS certificate). Everything else — `[server]`, `[store]`,
+`[dispatcher]` and the platform sections — is only reported as needing a restart: those objects
+were built at start and are not rebuilt piecemeal.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +25,8 @@ from .logs import JsonFormatter
 log = logging.getLogger(__name__)
 
 LIVE_SECTIONS = frozenset({"model", "context", "cache", "limits", "admin", "alerts", "log"})
+
+Applier = Callable[[Config], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +67,12 @@ class LiveConfig:
         self.reloaded_at: float | None = None
         self.lock = asyncio.Lock()
         self._listeners: set[asyncio.Event] = set()
+        self.appliers: list[tuple[frozenset[str], Applier]] = []
+
+    def add_applier(self, keys: frozenset[str], apply: Applier) -> None:
+        """A component that applies `keys` itself on every reload (the server: its TLS
+        certificate). `apply` runs before anything else changes and may refuse with `ConfigError`."""
+        self.appliers.append((keys, apply))
 
     def add_listener(self, event: asyncio.Event) -> None:
         """`event` is set after every reload (open status pages refresh at once)."""
@@ -78,14 +88,16 @@ class LiveConfig:
         self.reloaded_at = time.time()
         for event in self._listeners:
             event.set()
-        log.info(
-            "config reloaded",
-            extra={
-                "source": report.source,
-                "applied": list(report.applied),
-                "needs_restart": list(report.needs_restart),
-            },
-        )
+        fields = {
+            "source": report.source,
+            "applied": list(report.applied),
+            "restart_keys": list(report.needs_restart),
+            "log_level": new.log.level,
+        }
+        if report.needs_restart:
+            log.warning("config reloaded; restart to apply the other changes", extra=fields)
+        else:
+            log.info("config reloaded", extra=fields)
 
 
 def read_config(source: str) -> Config:
@@ -107,6 +119,11 @@ def apply_logging(config: Config) -> None:
 
 
 def plan(live: LiveConfig, new: Config) -> ReloadReport:
-    applied = [k for k in changed_keys(live.config, new) if k.split(".")[0] in LIVE_SECTIONS]
-    restart = [k for k in changed_keys(live.started, new) if k.split(".")[0] not in LIVE_SECTIONS]
+    extra = frozenset().union(*(keys for keys, _ in live.appliers))
+
+    def is_live(key: str) -> bool:
+        return key.split(".")[0] in LIVE_SECTIONS or key in extra
+
+    applied = [k for k in changed_keys(live.config, new) if is_live(k)]
+    restart = [k for k in changed_keys(live.started, new) if not is_live(k)]
     return ReloadReport(new.source, tuple(applied), tuple(restart))

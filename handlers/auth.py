@@ -138,7 +138,9 @@ def _check_admin(request: web.Request) -> web.StreamResponse | None:
 
 @web.middleware
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path == "/metrics":
+    if request.match_info.http_exception is not None:
+        pass  # no such route (404/405): saying so reveals nothing worth a login
+    elif request.path == "/metrics":
         token = request.app[LIVE].config.admin.metrics_token
         if token and not bearer_matches(request.headers.get(hdrs.AUTHORIZATION, ""), token):
             return web.json_response(
@@ -188,18 +190,24 @@ def _render_login(
     return aiohttp_jinja2.render_template("login.html", request, context, status=status)
 
 
+async def _login_form(request: web.Request) -> dict[str, object] | None:
+    """The posted fields (JSON object or form), None when the body cannot be read as either."""
+    try:
+        if request.content_type == "application/json":
+            body = orjson.loads(await request.read())
+            return body if isinstance(body, dict) else {}
+        return dict(await request.post())
+    except (ValueError, UnicodeDecodeError):  # orjson.JSONDecodeError is a ValueError
+        return None
+
+
 async def login(request: web.Request) -> web.StreamResponse:
     wants_json = request.content_type == "application/json"
     cfg = request.app[LIVE].config.admin
     auth: AdminAuth = request.app[AUTH]
-    if wants_json:
-        try:
-            body = orjson.loads(await request.read())
-        except orjson.JSONDecodeError:
-            return json_error(400, "malformed JSON")
-        body = body if isinstance(body, dict) else {}
-    else:
-        body = dict(await request.post())
+    body = await _login_form(request) if cfg.password else {}
+    if body is None:
+        return json_error(400, "expected a JSON object or a form with a password")
     password = body.get("password")
     next_ = _safe_next(str(body.get("next") or "/"))
 

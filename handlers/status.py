@@ -246,13 +246,14 @@ class StatusFeed:
         )
 
     async def events(self, request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-store",
-                "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
-            }
-        )
+        headers = {
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-store",
+            "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
+        }
+        if request.method == "HEAD":  # nothing would ever be sent: do not hold the connection
+            return web.Response(headers=headers)
+        response = web.StreamResponse(headers=headers)
         await response.prepare(request)
         stats = request.app[METRICS].stats
         live = request.app[LIVE]

@@ -50,8 +50,8 @@ class Page:
     async def send(self, method: str, **params: Any) -> dict[str, Any]:
         return await self._browser.send(method, params, self.session_id)
 
-    async def wait_event(self, method: str, timeout: float = 15.0) -> dict[str, Any]:
-        async with asyncio.timeout(timeout):
+    async def wait_event(self, method: str, within: float = 15.0) -> dict[str, Any]:
+        async with asyncio.timeout(within):
             while True:
                 event = await self.events.get()
                 if event["method"] == method:
@@ -82,8 +82,12 @@ class Page:
     async def screenshot(self, path: Path) -> bytes:
         shot = await self.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
         data = base64.b64decode(shot["data"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+
+        def save() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+
+        await asyncio.to_thread(save)
         return data
 
     def _on_event(self, event: dict[str, Any]) -> None:

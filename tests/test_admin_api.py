@@ -1,16 +1,16 @@
 """Admin API: status snapshot, reset a conversation, reconnect a channel, reload the config (API and
-SIGHUP), all behind the admin login."""
+SIGHUP on a real `run.py`), all behind the admin login."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
@@ -20,6 +20,7 @@ from gateway.keys import CHANNELS, LIVE
 from gateway.messages import Attachment, InboundMessage, Reply
 from tests.conftest import make_config
 from tests.doubles.openai import OpenAIDouble
+from tests.process import GatewayProcess
 from tests.test_webchat import chat
 
 
@@ -193,32 +194,32 @@ async def test_reload_applies_live_settings_and_reports_restarts(
     assert (await client.post("/login", json={"password": "second-password"})).status == 200
 
 
-async def test_sighup_reloads_the_config(
-    gateway: Any, two_models: tuple[str, str], tmp_path: Path, restore_logging: None
+async def test_sighup_reloads_the_running_process(
+    spawn_gateway: Callable[..., GatewayProcess], two_models: tuple[str, str]
 ) -> None:
-    path = tmp_path / "config.toml"
-    write_config(path, two_models[0])
-    client = await gateway(load(path, env={}))
-    live = client.server.app[LIVE]
-    assert signal.getsignal(signal.SIGHUP) not in (
-        signal.SIG_DFL,
-        None,
-    )  # else the kill below ends pytest
-    write_config(path, two_models[1])
-    reloaded = asyncio.Event()
-    live.add_listener(reloaded)
-    os.kill(os.getpid(), signal.SIGHUP)
-    async with asyncio.timeout(10):
-        await reloaded.wait()
-    assert live.config.model.base_url == two_models[1]
-    token = (await (await client.post("/login", json={"password": "first-password"})).json())[
-        "token"
-    ]
-    async with client.ws_connect(
-        "/chat/ws?session=sighupsession1", headers={"Authorization": f"Bearer {token}"}
-    ) as ws:
+    """`systemctl reload` on a real `python run.py`: the next answer comes from the new model."""
+    first = f'[model]\nbase_url = "{two_models[0]}"\n[store]\nurl = "memory://"\n'
+    gw = spawn_gateway(first)
+    async with aiohttp.ClientSession() as http:
+        assert await webchat_answer(http, gw.url, "sighupsession1") == "from model A"
+        gw.config_path.write_text(first.replace(two_models[0], two_models[1]))
+        gw.signal(signal.SIGHUP)
+        await gw.notify.await_for("RELOADING=1")
+        assert (await gw.notify.areceive())[0] == "READY=1"
+        assert await webchat_answer(http, gw.url, "sighupsession2") == "from model B"
+        status = await (await http.get(f"{gw.url}/api/status")).json()
+    assert status["config"]["settings"]["model"]["base_url"] == two_models[1]
+    assert await asyncio.to_thread(gw.stop) == 0
+
+
+async def webchat_answer(http: aiohttp.ClientSession, url: str, session: str) -> str:
+    async with http.ws_connect(f"{url}/chat/ws?session={session}") as ws:
         await ws.receive()
-        assert (await chat(client, ws, "hi", "a"))[-1]["text"] == "from model B"
+        await ws.send_json({"type": "message", "id": "1", "text": f"hi from {session}"})
+        async with asyncio.timeout(20):
+            while (frame := await ws.receive_json())["type"] not in ("done", "notice", "error"):
+                pass
+    return str(frame["text"])
 
 
 async def test_reload_without_a_config_file_says_so(gateway: Any) -> None:

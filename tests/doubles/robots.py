@@ -40,8 +40,8 @@ class RobotDouble:
         app.router.add_post("/open-apis/bot/v2/hook/{token}", self.feishu)
         return app
 
-    async def wait_posts(self, count: int, timeout: float = 10.0) -> list[tuple[str, str]]:
-        async with asyncio.timeout(timeout):
+    async def wait_posts(self, count: int, within: float = 10.0) -> list[tuple[str, str]]:
+        async with asyncio.timeout(within):
             while len(self.posts) < count:
                 self.changed.clear()
                 await self.changed.wait()
