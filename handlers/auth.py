@@ -45,6 +45,8 @@ SECURITY_HEADERS = {
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# When the login behind this request ends (Unix time); long-lived responses stop there.
+SESSION_EXPIRES = web.RequestKey("admin_session_expires", float)
 
 
 def is_admin_path(path: str) -> bool:
@@ -130,9 +132,10 @@ def _check_admin(request: web.Request) -> web.StreamResponse | None:
     if not token:
         return _unauthorized(request, "login required")
     try:
-        request.app[AUTH].verify(cfg, token)
+        claims = request.app[AUTH].verify(cfg, token)
     except TokenError as e:
         return _unauthorized(request, str(e))
+    request[SESSION_EXPIRES] = float(claims["exp"])
     return None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +26,7 @@ from gateway.errors import StoreError
 from gateway.keys import ALERTS, CHANNELS, DISPATCHER, LIVE, METRICS, RESPONDER, STARTED_AT, STORE
 from gateway.stats import Percentiles
 
+from .auth import SESSION_EXPIRES
 from .robots import configured_sinks
 from .routes import unconfigured_platforms
 
@@ -261,9 +263,12 @@ class StatusFeed:
         self._wakeups.add(wakeup)
         stats.add_listener(wakeup)
         live.add_listener(wakeup)
+        # The stream ends with the login, so an expired session stops seeing the page; the
+        # browser reconnects, gets 401, and status.js sends it to the login page.
+        ends = request.get(SESSION_EXPIRES, math.inf)
         try:
             await response.write(b"retry: 2000\n\n")
-            while not self._closing:
+            while not self._closing and time.time() < ends:
                 wakeup.clear()
                 snap = await snapshot(request)
                 html = aiohttp_jinja2.render_string("status_body.html", request, context(snap))
@@ -271,7 +276,7 @@ class StatusFeed:
                 await response.write(b"event: status\ndata: " + data + b"\n\n")
                 await asyncio.sleep(MIN_GAP)  # coalesce bursts: one render per MIN_GAP at most
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(REFRESH):
+                    async with asyncio.timeout(min(REFRESH, max(0.0, ends - time.time()))):
                         await wakeup.wait()
         except ConnectionError:
             pass  # the browser went away

@@ -86,3 +86,21 @@ async def test_live_counter_after_web_chat_message(gateway: Any) -> None:
 
         # Our own CSP must not break our own pages (violations are logged as errors).
         assert status.errors == [] and chat.errors == []
+
+
+async def test_expired_login_sends_the_page_to_the_login_form(gateway: Any) -> None:
+    config = make_config(admin={"password": PASSWORD, "jwt_secret": "expiry-secret", "token_ttl": 1.0})
+    client = await gateway(config)
+    base = str(client.make_url("")).rstrip("/")
+    async with Chromium() as browser:
+        page = await browser.new_page()
+        await page.navigate(f"{base}/login")
+        await page.submit_and_wait(
+            f"document.getElementById('password').value = {PASSWORD!r};"
+            "document.querySelector('form').submit()"
+        )
+        assert await page.evaluate("location.pathname") == "/"
+        # The token lapses within a second; the live feed ends, status.js finds out and leaves.
+        await page.wait_event("Page.loadEventFired")
+        assert await page.evaluate("location.pathname + location.search") == "/login?next=/"
+        assert await page.evaluate("document.getElementById('password') !== null")

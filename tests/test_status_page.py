@@ -276,3 +276,16 @@ def test_age_formatting() -> None:
         "2 h 5 min",
         "3 d 1 h",
     ]
+
+
+async def test_live_feed_ends_with_the_login(gateway: Any) -> None:
+    client = await gateway(make_config(admin={"password": "short-lived-pw", "token_ttl": 1.0}))
+    login = await client.post("/login", json={"password": "short-lived-pw"})
+    bearer = {"Authorization": f"Bearer {(await login.json())['token']}"}
+    async with client.get("/status/events", headers=bearer) as events:
+        assert (await read_event(events.content))["html"]
+        async with asyncio.timeout(10):
+            while await events.content.readline():
+                pass  # the server ended the stream when the token expired
+    again = await client.get("/status/events", headers=bearer)
+    assert again.status == 401 and (await again.json())["error"] == "token expired"
