@@ -6,7 +6,7 @@ from aiohttp import web
 
 from gateway.keys import CONFIG
 
-from . import admin, auth, dingtalk, robots, routes, status, webchat
+from . import admin, auth, dingtalk, feishu, robots, routes, status, webchat
 
 
 def setup(app: web.Application) -> None:
@@ -18,3 +18,5 @@ def setup(app: web.Application) -> None:
     webchat.setup(app)
     if app[CONFIG].dingtalk.enabled:
         dingtalk.setup(app)
+    if app[CONFIG].feishu.enabled:
+        feishu.setup(app)
