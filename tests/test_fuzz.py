@@ -124,7 +124,7 @@ def test_random_requests_get_the_right_status_and_a_json_error(live: GatewayProc
         if answer.status >= 400 and method != "HEAD" and (route is None or route.json_errors):
             assert orjson.loads(answer.body)["error"]
         if answer.status == 405:
-            assert "GET" in answer.headers["allow"]
+            assert route is not None and set(answer.headers["allow"].split(",")) & route.methods
 
     one()
     assert_still_healthy(live)
