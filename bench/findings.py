@@ -37,10 +37,9 @@ def _intake(rows: Sequence[Row]) -> str:
         f"(memory store), Counter.labels().inc() {_us(rows, 'Counter.labels')} per metric family touched, "
         "a task per new conversation, and with SQLite InboundMessage.to_dict "
         f"{_us(rows, 'InboundMessage.to_dict')} (dataclasses.asdict, ~12 % of the busy samples in py-spy) "
-        "plus two group commits (claim, then inbox_add) whose writer thread shares the core. What would "
-        "close part of the gap: request ids from a per-process counter; event_seen as a plain attribute "
-        "write; labelled metric children looked up once; a hand-written to_dict; claim + inbox_add as one "
-        "write."
+        "plus the group commit, whose writer thread shares the core. What would close part of the gap: "
+        "request ids from a per-process counter; event_seen as a plain attribute write; labelled metric "
+        "children looked up once; a hand-written to_dict."
     )
 
 
@@ -61,18 +60,13 @@ def explain(rows: Sequence[Row]) -> None:
             row.gap = _intake(rows)
         elif row.scenario.startswith("2.") and "sqlite" in row.name:
             row.gap = (
-                "The Stream session awaits dispatcher.submit() for each frame before it reads the next one, "
-                "and "
-                "with SQLite a submit is two group commits in turn (claim, then inbox_add): "
+                "The stream session awaits dispatcher.submit() for each frame before it reads the next "
+                "one, and with SQLite a submit waits for its group commit: "
                 f"{_us(rows, 'Dispatcher.submit(), SQLite, one at a time')} per message one at a time "
-                "against "
-                f"{_us(rows, 'Dispatcher.submit(), SQLite, all at once')} when submits overlap. Throughput "
-                "is "
-                "then 1 / commit latency with the core mostly idle. To close: handle each CALLBACK frame in "
-                "its "
-                "own tracked task (bounded; ACK when its submit returns; order per conversation is already "
-                "the "
-                "dispatcher's job), so one commit carries many messages; and one write for claim + inbox."
+                f"against {_us(rows, 'Dispatcher.submit(), SQLite, all at once')} when submits overlap. "
+                "Throughput is then 1 / commit latency with the core mostly idle. To close: handle each "
+                "event frame in its own tracked task (bounded; ACK when its submit returns; order per "
+                "conversation is already the dispatcher's job), so one commit carries many messages."
             )
         elif row.scenario.startswith("2."):
             row.gap = "Intake is CPU-bound on one core. " + _intake(rows)

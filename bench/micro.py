@@ -20,7 +20,7 @@ from gateway.channel import ChannelState, ChannelStatus, StatusTracker
 from gateway.config import DispatcherConfig
 from gateway.dispatcher import Dispatcher
 from gateway.messages import ConversationKind, InboundMessage
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, Outcome
 from gateway.store import open_store
 
 from .context import Context, sqlite_store
@@ -36,7 +36,7 @@ class Parked:
     async def handle(self, message: InboundMessage, ready_at: float) -> None:
         await asyncio.Event().wait()
 
-    async def notice(self, message: InboundMessage, text: str) -> None:
+    async def notice(self, message: InboundMessage, text: str, outcome: Outcome) -> None:
         return None
 
 
@@ -151,7 +151,7 @@ async def run(ctx: Context) -> list[Row]:
                 "us",
                 "orjson.loads",
                 base,
-                note="claim + inbox + enqueue, one at a time",
+                note="dedup + inbox (one atomic admit) + enqueue, one at a time",
             )
         )
         if sqlite_store():
