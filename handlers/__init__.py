@@ -1,12 +1,17 @@
-"""Platform adapters and HTTP routes; `setup(app)` plugs them into the core's app."""
+"""Platform adapters and HTTP routes; `setup(app)` plugs them into the core's app, `doctor` collects
+the enabled platforms' `python run.py doctor` checks."""
 
 from __future__ import annotations
 
+import aiohttp
 from aiohttp import web
 
+from gateway.config import Config
+from gateway.doctor import Check
 from gateway.keys import CONFIG
 
 from . import dingtalk, routes, webchat
+from .dingtalk import doctor as dingtalk_doctor
 
 
 def setup(app: web.Application) -> None:
@@ -14,3 +19,10 @@ def setup(app: web.Application) -> None:
     webchat.setup(app)
     if app[CONFIG].dingtalk.enabled:
         dingtalk.setup(app)
+
+
+def doctor(config: Config, http: aiohttp.ClientSession) -> list[Check]:
+    checks: list[Check] = []
+    if config.dingtalk.enabled:
+        checks += dingtalk_doctor.checks(config, http)
+    return checks
