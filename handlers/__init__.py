@@ -10,7 +10,7 @@ from gateway.config import Config
 from gateway.doctor import Check
 from gateway.keys import CONFIG
 
-from . import dingtalk, routes, webchat
+from . import dingtalk, feishu, routes, webchat
 from .dingtalk import doctor as dingtalk_doctor
 
 
@@ -19,6 +19,8 @@ def setup(app: web.Application) -> None:
     webchat.setup(app)
     if app[CONFIG].dingtalk.enabled:
         dingtalk.setup(app)
+    if app[CONFIG].feishu.enabled:
+        feishu.setup(app)
 
 
 def doctor(config: Config, http: aiohttp.ClientSession) -> list[Check]:

@@ -1,0 +1,208 @@
+"""Pure functions: a Feishu `im.message.receive_v1` event (schema 2.0) -> `InboundMessage`, or the
+reason it is dropped. No I/O here; the adapter supplies the bot's open_id, the lists and the clock.
+
+Payload shape: open.feishu.cn "接收消息 im.message.receive_v1" and protocols.md §B.7. `content` is
+a JSON string whose shape depends on `message_type`; mentions appear in text as `@_user_N`
+placeholders listed in `message.mentions`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from gateway.access import AccessList
+from gateway.messages import Attachment, ConversationKind, InboundMessage
+
+PLATFORM = "feishu"
+EVENT_TYPE = "im.message.receive_v1"
+
+_PLACEHOLDER = re.compile(r"@_user_\d+|@_all")
+_UNSUPPORTED_LABELS = {
+    "file": "files",
+    "audio": "voice messages",
+    "media": "videos",
+    "sticker": "stickers",
+    "share_chat": "shared chats",
+    "share_user": "shared contacts",
+    "merge_forward": "forwarded chat histories",
+    "location": "locations",
+}
+UNSUPPORTED = (
+    "Sorry, I can't read {what} yet. Please send me your question as text "
+    "(pictures work too)."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """Who may talk to the bot, and how old a delivery may be."""
+
+    bot_open_id: str
+    users: AccessList = field(default_factory=AccessList)
+    chats: AccessList = field(default_factory=AccessList)
+    max_age: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """An event deliberately not answered. `reason` is a bounded metric label."""
+
+    reason: str  # malformed | event_type | self | bot | stale | filtered | not_mentioned
+    detail: str = ""
+
+
+def _dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _str(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def envelope_id(body: Mapping[str, Any]) -> str:
+    """The delivery's `header.event_id` (retries and replays reuse it), or ""."""
+    return _str(_dict(body.get("header")).get("event_id"))
+
+
+def _mention_texts(mentions: list[Any], bot_open_id: str) -> tuple[dict[str, str], bool]:
+    """Placeholder -> replacement ("" for the bot, "@Name" for others), and whether the bot is
+    among them (by open_id: a mention of someone else, even named like the bot, is not enough)."""
+    texts: dict[str, str] = {}
+    bot_mentioned = False
+    for mention in mentions:
+        mention = _dict(mention)
+        key = _str(mention.get("key"))
+        is_bot = bool(bot_open_id) and _str(_dict(mention.get("id")).get("open_id")) == bot_open_id
+        bot_mentioned = bot_mentioned or is_bot
+        if key:
+            name = _str(mention.get("name"))
+            texts[key] = "" if is_bot else (f"@{name}" if name else "")
+    return texts, bot_mentioned
+
+
+def _resolve(text: str, mentions: dict[str, str]) -> str:
+    return _PLACEHOLDER.sub(lambda m: mentions.get(m.group(), "@all" if m.group() == "@_all" else ""), text)
+
+
+def _post_body(content: dict[str, Any]) -> dict[str, Any]:
+    """Received posts are `{"title", "content"}`; some payloads wrap that in a locale key."""
+    if "content" in content:
+        return content
+    for value in content.values():
+        if isinstance(value, dict) and "content" in value:
+            return value
+    return {}
+
+
+def _post(content: dict[str, Any], mentions: dict[str, str]) -> tuple[str, list[Attachment]]:
+    body = _post_body(content)
+    lines = [_str(body.get("title"))] if _str(body.get("title")) else []
+    images: list[Attachment] = []
+    for paragraph in body.get("content") or []:
+        pieces: list[str] = []
+        for element in paragraph if isinstance(paragraph, list) else []:
+            element = _dict(element)
+            tag = element.get("tag")
+            if tag == "at":
+                name = _str(element.get("user_name"))
+                pieces.append(mentions.get(_str(element.get("user_id")), f"@{name}" if name else ""))
+            elif tag == "a":
+                text, href = _str(element.get("text")), _str(element.get("href"))
+                pieces.append(f"[{text}]({href})" if href and text != href else text or href)
+            elif tag == "img":
+                if key := _str(element.get("image_key")):
+                    images.append(Attachment("image", key))
+            elif tag == "emotion":
+                pieces.append(f":{_str(element.get('emoji_type'))}:")
+            elif tag == "code_block":
+                pieces.append(f"```{_str(element.get('language')).lower()}\n{_str(element.get('text'))}\n```")
+            elif tag == "hr":
+                pieces.append("---")
+            else:  # text, md and tags we do not know that carry text
+                pieces.append(_resolve(_str(element.get("text")), mentions))
+        lines.append("".join(pieces))
+    return "\n".join(lines), images
+
+
+def _age_base(message: dict[str, Any], header: dict[str, Any]) -> float | None:
+    """When the message was sent (seconds), from `create_time` in milliseconds."""
+    for raw in (message.get("create_time"), header.get("create_time")):
+        try:
+            return int(str(raw)) / 1000.0
+        except ValueError:
+            continue
+    return None
+
+
+def parse_event(
+    body: Mapping[str, Any], rules: Rules, transport: str, now: float
+) -> InboundMessage | Dropped:
+    header = _dict(body.get("header"))
+    if header.get("event_type") != EVENT_TYPE:
+        return Dropped("event_type", _str(header.get("event_type")) or "v1 or unknown schema")
+    event = _dict(body.get("event"))
+    message, sender = _dict(event.get("message")), _dict(event.get("sender"))
+    message_id, chat_id = _str(message.get("message_id")), _str(message.get("chat_id"))
+    if not message_id or not chat_id:
+        return Dropped("malformed", "message_id or chat_id missing")
+    sender_id = _str(_dict(sender.get("sender_id")).get("open_id"))
+    if rules.bot_open_id and sender_id == rules.bot_open_id:
+        return Dropped("self")
+    if sender.get("sender_type") == "app":
+        # Another bot: two bots answering each other would loop forever.
+        return Dropped("bot")
+    sent_at = _age_base(message, header)
+    if sent_at is not None and now - sent_at > rules.max_age:
+        return Dropped("stale", f"{now - sent_at:.0f} s old")
+    if not rules.users.permits(sender_id) or not rules.chats.permits(chat_id):
+        return Dropped("filtered")
+
+    mentions, bot_mentioned = _mention_texts(list(message.get("mentions") or []), rules.bot_open_id)
+    chat_type = _str(message.get("chat_type"))
+    direct = chat_type == "p2p"
+    if not direct and not bot_mentioned:
+        return Dropped("not_mentioned")
+
+    try:
+        content = _dict(orjson.loads(_str(message.get("content")) or "{}"))
+    except orjson.JSONDecodeError:
+        return Dropped("malformed", "content is not JSON")
+    message_type = _str(message.get("message_type"))
+    text, unsupported = "", ""
+    attachments: list[Attachment] = []
+    if message_type == "text":
+        text = _resolve(_str(content.get("text")), mentions)
+    elif message_type == "post":
+        text, attachments = _post(content, mentions)
+    elif message_type == "image" and _str(content.get("image_key")):
+        attachments = [Attachment("image", _str(content.get("image_key")))]
+    else:
+        what = _UNSUPPORTED_LABELS.get(message_type, f"“{message_type}” messages")
+        unsupported = UNSUPPORTED.format(what=what)
+
+    thread_id = _str(message.get("thread_id"))
+    return InboundMessage(
+        platform=PLATFORM,
+        transport=transport,
+        # A thread (topic) is its own conversation: its own context and ordering.
+        conversation_id=f"{chat_id}:{thread_id}" if thread_id else chat_id,
+        conversation_kind=ConversationKind.DM if direct else ConversationKind.GROUP,
+        sender_id=sender_id,
+        sender_name="",  # the event carries no display name; fetching one costs an API call
+        text=text.strip(),
+        mentioned=direct or bot_mentioned,
+        message_id=message_id,
+        reply_handle={
+            "message_id": message_id,
+            "chat_id": chat_id,
+            "chat_type": chat_type,
+            "thread_id": thread_id,
+        },
+        attachments=tuple(attachments),
+        unsupported=unsupported,
+    )

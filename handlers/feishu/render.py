@@ -1,0 +1,107 @@
+"""Markdown answers -> Feishu message parts: interactive cards (JSON 2.0), or a post when a card
+would be rejected.
+
+Feishu's limits (open.feishu.cn "卡片 JSON 2.0 结构" / "发送消息内容结构"): a card's JSON must stay
+under 30 KB and may hold at most 5 tables. Long answers are split into ordered parts of at most
+`PART_LIMIT` characters (CJK text is 3 bytes a character in UTF-8, so 7000 characters leave room for
+the card's own JSON); an answer with more than 5 tables becomes a post (rich text), whose markdown
+has no tables at all, so each table goes into a code block where its columns stay aligned.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.render import find_tables, split_text, tables_to_lists
+
+CARD_TABLE_LIMIT = 5
+PART_LIMIT = 7000
+ELEMENT_ID = "answer"  # the markdown element a streaming card updates
+SUMMARY_CHARS = 60  # chat-list preview of a closed streaming card
+MANY_TABLES_NOTE = "*The answer has more tables than a card can show; it follows as a rich-text message.*"
+
+# Card and post markdown turn `<at id=all></at>` into a mention: never let model output ping people.
+_AT_TAG = re.compile(r"<(/?)at\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One message to send: `msg_type` and its content object (sent JSON-encoded as a string)."""
+
+    msg_type: str  # "interactive" | "post"
+    content: dict[str, Any]
+    text: str = ""  # the markdown it shows
+
+
+def defuse(markdown: str) -> str:
+    return _AT_TAG.sub(r"&lt;\1at", markdown)
+
+
+def card(markdown: str) -> dict[str, Any]:
+    """A JSON 2.0 card showing `markdown`."""
+    return {
+        "schema": "2.0",
+        "config": {"update_multi": True},
+        "body": {"elements": [{"tag": "markdown", "element_id": ELEMENT_ID, "content": defuse(markdown)}]},
+    }
+
+
+def streaming_card(markdown: str) -> dict[str, Any]:
+    """A CardKit card in streaming mode: the client types out each new text ("fast" strategy shows
+    the previous text at once when a newer one arrives)."""
+    body = card(markdown)
+    body["config"] = {
+        "update_multi": True,
+        "streaming_mode": True,
+        "streaming_config": {
+            "print_frequency_ms": {"default": 30},
+            "print_step": {"default": 2},
+            "print_strategy": "fast",
+        },
+    }
+    return body
+
+
+def summary(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= SUMMARY_CHARS else flat[: SUMMARY_CHARS - 1] + "…"
+
+
+def post(markdown: str) -> dict[str, Any]:
+    """A post: prose as `md` paragraphs, each table verbatim in a `code_block` paragraph."""
+    lines = markdown.split("\n")
+    paragraphs: list[list[dict[str, str]]] = []
+
+    def prose(chunk: list[str]) -> None:
+        text = "\n".join(chunk).strip("\n")
+        if text.strip():
+            paragraphs.append([{"tag": "md", "text": defuse(text)}])
+
+    cursor = 0
+    for start, end in find_tables(markdown):
+        prose(lines[cursor:start])
+        paragraphs.append([{"tag": "code_block", "text": "\n".join(lines[start:end])}])
+        cursor = end
+    prose(lines[cursor:])
+    return {"zh_cn": {"title": "", "content": paragraphs}}
+
+
+def too_many_tables(text: str) -> bool:
+    return len(find_tables(text)) > CARD_TABLE_LIMIT
+
+
+def render(text: str) -> list[Part]:
+    """The ordered parts that deliver `text`: cards, or posts when it has too many tables."""
+    chunks = split_text(text, PART_LIMIT)
+    if too_many_tables(text):
+        return [Part("post", post(chunk), chunk) for chunk in chunks]
+    return [Part("interactive", card(chunk), chunk) for chunk in chunks]
+
+
+def stream_view(text: str) -> str:
+    """What a streaming card shows of a partial answer: its first part, never more than 5 tables."""
+    if too_many_tables(text):
+        text = tables_to_lists(text)
+    return split_text(text, PART_LIMIT)[0]

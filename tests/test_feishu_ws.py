@@ -1,0 +1,184 @@
+"""The Feishu long connection against the double: pings and ClientConfig, multi-part events,
+response frames, liveness, reconnects, and the pieces behind them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway.channel import ChannelState
+from gateway.keys import CHANNELS, DISPATCHER, METRICS
+from handlers.feishu.ws import ClientConfig, Reassembler, ServerPacedBackoff
+from tests.doubles import feishu as fd
+from tests.doubles.feishu import FeishuDouble
+from tests.doubles.feishu_events import message_event
+from tests.doubles.openai import OpenAIDouble
+
+Client = TestClient[web.Request, web.Application]
+
+
+@pytest.fixture
+async def feishu(aiohttp_server: Callable[..., Any]) -> tuple[FeishuDouble, str]:
+    return await fd.start(aiohttp_server)
+
+
+@pytest.fixture
+def start(feishu: tuple[FeishuDouble, str], openai_double: tuple[OpenAIDouble, str], gateway: Any) -> Any:
+    async def run(**sections: dict[str, Any]) -> Client:
+        double, domain = feishu
+        client: Client = await gateway(fd.config(domain, openai_double[1], **sections))
+        await double.wait_for(lambda: double.pings >= 1)
+        return client
+
+    return run
+
+
+async def answered(client: Client, double: FeishuDouble, message_id: str) -> str:
+    await double.wait_for(lambda: double.answer(message_id) is not None)
+    await client.app[DISPATCHER].wait_idle()
+    return double.answer(message_id) or ""
+
+
+async def test_connected_and_ready(start: Any, feishu: Any) -> None:
+    double, _ = feishu
+    client = await start()
+    status = client.app[CHANNELS]["feishu"].status()
+    assert status.state is ChannelState.CONNECTED and status.transports == ("ws",)
+    resp = await client.get("/readyz")
+    assert resp.status == 200 and (await resp.json())["channels"]["feishu"] == "connected"
+    assert double.endpoint_calls == 1 and double.connections == 1
+
+
+async def test_pong_client_config_sets_the_ping_interval(start: Any, feishu: Any) -> None:
+    double, _ = feishu
+    double.pong_config = {"PingInterval": 0.05, "ReconnectCount": -1, "ReconnectInterval": 1, "ReconnectNonce": 0}
+    await start()
+    # The first pong carries the new interval; pings then come every 50 ms instead of every 120 s.
+    await double.wait_for(lambda: double.pings >= 4)
+    assert double.connections == 1  # the faster pace is kept, not mistaken for a dead link
+
+
+async def test_event_split_into_parts_answered_once(start: Any, feishu: Any) -> None:
+    double, _ = feishu
+    client = await start()
+    frame_id = await double.push_event(message_event("in three parts", message_id="om_p"), parts=3, order=[2, 0, 1])
+    assert await double.response(frame_id) == {"code": 200}
+    assert await answered(client, double, "om_p") == "echo: in three parts"
+    # Only the frame completing the event is answered, with that frame's headers.
+    (response,) = [f for f in double.response_frames if f.header("message_id") == frame_id]
+    assert response.header("seq") == "1" and response.header("sum") == "3"
+
+
+async def test_not_accepted_event_is_answered_500_for_redelivery(start: Any, feishu: Any) -> None:
+    double, _ = feishu
+    client = await start()
+    client.app[DISPATCHER].stop_intake()  # as while shutting down
+    frame_id = await double.push_event(message_event("too late", message_id="om_late"))
+    assert await double.response(frame_id) == {"code": 500}
+    assert double.responses[frame_id].header("biz_rt") is None
+
+
+async def test_unreadable_event_acknowledged_and_counted(start: Any, feishu: Any) -> None:
+    double, _ = feishu
+    client = await start()
+    frame_id = await double.push_event({"schema": "2.0", "header": {"event_type": "im.message.receive_v1"}})
+    assert await double.response(frame_id) == {"code": 200}
+    value = client.app[METRICS].registry.get_sample_value(
+        "botgate_messages_dropped_total", {"platform": "feishu", "reason": "malformed"}
+    )
+    assert value == 1
+
+
+async def test_stale_connection_detected_and_replaced(start: Any, feishu: Any) -> None:
+    double, _ = feishu
+    double.client_config["PingInterval"] = 0.2
+    client = await start()
+    double.pong = False  # the socket stays open, but nobody answers: "connected but deaf"
+    await double.wait_for(lambda: double.connections == 2)
+    status = client.app[CHANNELS]["feishu"].status()
+    assert "StaleConnection" in status.last_error and status.reconnects == 1
+    double.pong = True
+    await double.wait_for(lambda: client.app[CHANNELS]["feishu"].status().state is ChannelState.CONNECTED)
+    await double.push_event(message_event("still there?", message_id="om_st"))
+    assert await answered(client, double, "om_st") == "echo: still there?"
+    assert client.app[METRICS].registry.get_sample_value("botgate_reconnects_total", {"platform": "feishu"}) == 1
+
+
+async def test_closed_socket_reconnects_and_next_message_answered(start: Any, feishu: Any) -> None:
+    double, _ = feishu
+    client = await start()
+    await double.close_sockets()
+    await double.wait_for(lambda: double.connections == 2 and double.sockets)
+    assert double.endpoint_calls == 2  # a fresh endpoint call per connection, as the SDK does
+    await double.push_event(message_event("after the break", message_id="om_r"))
+    assert await answered(client, double, "om_r") == "echo: after the break"
+    assert double.bot_info_calls == 1  # fetched once, not per connection
+
+
+async def test_refused_credentials_reported_and_retried(feishu: Any, gateway: Any) -> None:
+    double, domain = feishu
+    client: Client = await gateway(fd.config(domain, feishu={"app_secret": "wrong"}))
+    await double.wait_for(lambda: "app secret invalid" in client.app[CHANNELS]["feishu"].status().last_error)
+    status = client.app[CHANNELS]["feishu"].status()
+    assert status.state is ChannelState.RECONNECTING
+    resp = await client.get("/readyz")
+    assert resp.status == 503 and "feishu reconnecting" in (await resp.json())["reason"]
+
+
+async def test_refused_upgrade_reported(feishu: Any, gateway: Any) -> None:
+    double, domain = feishu
+    double.refuse_ws = "exceed conn limit"
+    double.client_config["ReconnectInterval"] = 0  # retries as fast as the backoff allows
+    client: Client = await gateway(fd.config(domain))
+    channel = client.app[CHANNELS]["feishu"]
+    await double.wait_for(lambda: "exceed conn limit" in channel.status().last_error)
+    assert "handshake refused: HTTP 403" in channel.status().last_error
+    double.refuse_ws = ""
+    await double.wait_for(lambda: channel.status().state is ChannelState.CONNECTED and double.sockets)
+
+
+async def test_admin_reconnect(start: Any, feishu: Any) -> None:
+    double, _ = feishu
+    client = await start()
+    await client.app[CHANNELS]["feishu"].reconnect()
+    await double.wait_for(lambda: double.connections == 2 and double.sockets)
+
+
+# -- pieces ------------------------------------------------------------------------------------
+def test_client_config_keeps_values_a_partial_update_lacks() -> None:
+    config = ClientConfig().updated({"PingInterval": 90, "ReconnectInterval": 5, "ReconnectNonce": 1,
+                                     "ReconnectCount": 3})
+    assert config == ClientConfig(ping_interval=90, reconnect_count=3, reconnect_interval=5, reconnect_nonce=1)
+    assert config.updated({"PingInterval": 0, "ReconnectInterval": "soon"}) == config
+    assert config.updated(None) == config
+
+
+def test_backoff_first_retry_fast_then_server_paced() -> None:
+    backoff = ServerPacedBackoff()
+    backoff.floor = 30.0
+    first, second = backoff.next(), backoff.next()
+    assert first <= 1.0 and second >= 30.0
+    backoff.floor = 600.0
+    assert backoff.next() <= 60.0  # the cap wins over the server's wish
+    backoff.reset()
+    assert backoff.next() <= 1.0
+
+
+def test_reassembler_bounded_in_time_events_and_bytes() -> None:
+    parts = Reassembler(ttl=5.0, max_events=2, max_bytes=100)
+    assert parts.add("a", 2, 1, b"world", now=0.0) is None
+    assert parts.add("a", 2, 0, b"hello ", now=1.0) == b"hello world"
+    assert len(parts) == 0
+    parts.add("late", 2, 0, b"x", now=0.0)
+    assert parts.add("late", 2, 1, b"y", now=10.0) is None  # the first part expired meanwhile
+    parts.add("b", 3, 0, b"1", now=10.0)
+    parts.add("c", 3, 0, b"1", now=10.0)
+    assert len(parts) == 2  # "late", "b", "c" -> the oldest is dropped
+    parts.add("big", 2, 0, b"x" * 150, now=10.0)
+    assert len(parts) == 0  # over the byte budget: everything older goes, then the offender
+    assert parts.add("d", 2, 5, b"bad seq", now=10.0) is None and len(parts) == 0
+    assert parts.add("e", 10**9, 0, b"absurd sum", now=10.0) is None and len(parts) == 0
