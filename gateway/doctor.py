@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import shutil
 import ssl
 import time
@@ -139,22 +140,30 @@ async def clock_skew(http: aiohttp.ClientSession, url: str) -> float | None:
     return server - (before + after) / 2
 
 
-async def check_clock(http: aiohttp.ClientSession, url: str, platform: str, limit: float, why: str) -> Result:
-    """Compare our clock with the platform's: WARN past a minute, FAIL past `limit` seconds (where
-    `why` stops working)."""
+async def check_clock(
+    http: aiohttp.ClientSession,
+    url: str,
+    platform: str,
+    why: str,
+    ahead_limit: float,
+    behind_limit: float = math.inf,
+) -> Result:
+    """Compare our clock with the platform's: WARN past a minute, FAIL where `why` starts to happen:
+    our clock more than `ahead_limit` seconds ahead of the platform's, or `behind_limit` behind."""
     try:
         skew = await clock_skew(http, url)
     except (aiohttp.ClientError, TimeoutError) as e:
         return failed(f"cannot reach {url}: {type(e).__name__}: {e}", reach_fix(url))
     if skew is None:
         return warned(f"{url} sent no usable Date header, so the clock could not be compared", "none needed")
-    side = "behind" if skew > 0 else "ahead of"
-    detail = f"this host's clock is {abs(skew):.0f} s {side} {platform}'s"
+    ahead = skew < 0
+    limit = ahead_limit if ahead else behind_limit
+    detail = f"this host's clock is {abs(skew):.0f} s {'ahead of' if ahead else 'behind'} {platform}'s"
     fix = "enable time sync (timedatectl set-ntp true, or chrony)"
     if abs(skew) > limit:
         return failed(f"{detail}: more than {limit:g} s, so {why}", fix)
     if abs(skew) > CLOCK_WARN:
-        return warned(f"{detail} (limit {limit:g} s: {why})", fix)
+        return warned(f"{detail}" + (f" (at {limit:g} s, {why})" if limit < math.inf else ""), fix)
     return passed(f"{detail}" if abs(skew) >= 2 else f"in sync with {platform} (within 2 s)")
 
 

@@ -12,6 +12,7 @@ from gateway.keys import CONFIG
 
 from . import dingtalk, feishu, routes, webchat
 from .dingtalk import doctor as dingtalk_doctor
+from .feishu import doctor as feishu_doctor
 
 
 def setup(app: web.Application) -> None:
@@ -27,4 +28,6 @@ def doctor(config: Config, http: aiohttp.ClientSession) -> list[Check]:
     checks: list[Check] = []
     if config.dingtalk.enabled:
         checks += dingtalk_doctor.checks(config, http)
+    if config.feishu.enabled:
+        checks += feishu_doctor.checks(config, http)
     return checks

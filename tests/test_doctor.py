@@ -15,7 +15,9 @@ from gateway import doctor
 from gateway.config import Config
 from gateway.store import SqliteStore
 from tests.conftest import make_config
+from tests.doubles import feishu as fd
 from tests.doubles.dingtalk import DingTalkDouble
+from tests.doubles.feishu import FeishuDouble
 from tests.doubles.openai import OpenAIDouble
 from tests.process import ROOT, free_port
 
@@ -231,3 +233,59 @@ async def test_command_line(setup: Setup, tmp_path: Path) -> None:
     assert out.splitlines()[-1].endswith("failed, 1 skipped")
     code, _, err = await run_cli("doctor", "--config", str(tmp_path / "missing.toml"))
     assert code == 2 and "file not found" in err
+
+
+@pytest.fixture
+async def feishu(aiohttp_server: Any) -> tuple[FeishuDouble, str]:
+    return await fd.start(aiohttp_server)
+
+
+def feishu_config(domain: str, model_url: str, tmp_path: Path, **feishu: Any) -> Config:
+    store = {"url": f"sqlite:///{tmp_path}/feishu.sqlite3"}
+    return fd.config(domain, model_url, feishu=feishu, store=store)
+
+
+async def test_feishu_healthy(feishu: tuple[FeishuDouble, str], setup: Setup, tmp_path: Path) -> None:
+    double, domain = feishu
+    code, checks = await diagnose(feishu_config(domain, setup.model_url, tmp_path))
+    assert code == 0, checks
+    names = ["feishu credentials", "feishu ws endpoint", "feishu bot identity", "feishu clock", "model", "store"]
+    assert list(checks) == names
+    assert all(status(line) == "PASS" for line in checks.values()), checks
+    assert "bot open_id ou_bot" in checks["feishu bot identity"]
+    assert "ticket" not in checks["feishu ws endpoint"]  # the URL's query holds credentials
+    assert double.connections == 0
+
+
+async def test_feishu_bad_secret(feishu: tuple[FeishuDouble, str], setup: Setup, tmp_path: Path) -> None:
+    _, domain = feishu
+    code, checks = await diagnose(feishu_config(domain, setup.model_url, tmp_path, app_secret="wrong-secret"))
+    assert code == 1
+    line = checks["feishu credentials"]
+    assert status(line) == "FAIL" and "10014" in line and "BOTGATE_FEISHU__APP_SECRET" in line
+    assert "wrong-secret" not in line
+    ws = checks["feishu ws endpoint"]
+    assert status(ws) == "FAIL" and "auth failed" in ws and "persistent connection" in ws
+    assert status(checks["feishu bot identity"]) == "SKIP"
+
+
+async def test_feishu_down(setup: Setup, tmp_path: Path) -> None:
+    down = f"http://127.0.0.1:{free_port()}"
+    code, checks = await diagnose(feishu_config(down, setup.model_url, tmp_path))
+    assert code == 1
+    for name in ("feishu credentials", "feishu ws endpoint", "feishu clock"):
+        assert status(checks[name]) == "FAIL" and "can reach 127.0.0.1" in checks[name], checks[name]
+
+
+# Only our clock running ahead hurts here (events look old); behind is worth a warning.
+@pytest.mark.parametrize(("offset", "expected"), [(-120, "WARN"), (-900, "FAIL"), (900, "WARN")])
+async def test_feishu_clock_skew(
+    feishu: tuple[FeishuDouble, str], setup: Setup, tmp_path: Path, offset: float, expected: str
+) -> None:
+    double, domain = feishu
+    double.clock_offset = offset
+    _, checks = await diagnose(feishu_config(domain, setup.model_url, tmp_path))
+    line = checks["feishu clock"]
+    assert status(line) == expected, line
+    if expected == "FAIL":
+        assert "more than 600 s" in line and "dropped as replays" in line
