@@ -21,7 +21,7 @@ from .channel import Channel
 from .config import Config
 from .dispatcher import Dispatcher
 from .errors import StoreError
-from .keys import CHANNELS, CONFIG, DISPATCHER, HTTP, METRICS, MODEL, STARTED_AT, STORE
+from .keys import CHANNELS, CONFIG, DISPATCHER, HTTP, METRICS, MODEL, RESOLVER, STARTED_AT, STORE
 from .metrics import Metrics
 from .model import create_model_client
 from .responder import Responder
@@ -34,7 +34,7 @@ ADOPT_INTERVAL = 30.0  # seconds between looks for a dead instance's unanswered 
 
 
 async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
-    connector = aiohttp.TCPConnector(limit=200, ttl_dns_cache=300)
+    connector = aiohttp.TCPConnector(limit=200, ttl_dns_cache=300, resolver=app.get(RESOLVER))
     async with aiohttp.ClientSession(
         connector=connector, headers={"User-Agent": f"botgate/{__version__}"}
     ) as session:

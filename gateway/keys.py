@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractResolver
 
 from .channel import Channel
 from .config import Config
@@ -20,3 +21,6 @@ MODEL = web.AppKey("model", ModelClient)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 CHANNELS = web.AppKey("channels", dict[str, Channel])
 STARTED_AT = web.AppKey("started_at", float)
+# Optional: the DNS resolver of the HTTP client session (tests use it to make names fail to resolve
+# without asking a real DNS server); absent = aiohttp's default.
+RESOLVER = web.AppKey("resolver", AbstractResolver)
