@@ -40,9 +40,7 @@ async def retry_transient(
             if not e.retryable:
                 raise
             if attempt >= attempts:
-                log.error(
-                    "%s failed %d times, giving up: %s", what, attempt, e, extra={"platform": platform}
-                )
+                log.error("%s failed %d times, giving up: %s", what, attempt, e, extra={"platform": platform})
                 raise
             delay = backoff.next()
             metrics.send_retries.labels(platform).inc()

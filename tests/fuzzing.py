@@ -41,8 +41,10 @@ ROUTES = (
     Route("/chat", frozenset({"GET", "HEAD"}), frozenset({200})),
     Route("/chat/ws", frozenset({"GET", "HEAD"}), frozenset({400})),  # not an upgrade request
     Route("/static", frozenset({"GET", "HEAD"}), frozenset({200, 403, 404}), prefix=True, json_errors=False),
-    # Phase 2 adds the webhooks here, e.g.
-    # Route("/dingtalk/webhook", frozenset({"POST"}), frozenset({200, 400, 401})),
+    # Unsigned, a random request never gets past the signature (DingTalk) or the verification
+    # token (Feishu, which parses the body first: 400 for what is not a JSON object).
+    Route("/dingtalk/webhook", frozenset({"POST"}), frozenset({401})),
+    Route("/feishu/webhook", frozenset({"POST"}), frozenset({400, 401})),
 )
 SAMPLE_PATHS = [route.path for route in ROUTES] + ["/static/chat.js", "/static/nope.js"]
 

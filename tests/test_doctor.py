@@ -249,7 +249,14 @@ async def test_feishu_healthy(feishu: tuple[FeishuDouble, str], setup: Setup, tm
     double, domain = feishu
     code, checks = await diagnose(feishu_config(domain, setup.model_url, tmp_path))
     assert code == 0, checks
-    names = ["feishu credentials", "feishu ws endpoint", "feishu bot identity", "feishu clock", "model", "store"]
+    names = [
+        "feishu credentials",
+        "feishu ws endpoint",
+        "feishu bot identity",
+        "feishu clock",
+        "model",
+        "store",
+    ]
     assert list(checks) == names
     assert all(status(line) == "PASS" for line in checks.values()), checks
     assert "bot open_id ou_bot" in checks["feishu bot identity"]

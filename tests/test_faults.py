@@ -157,9 +157,7 @@ async def test_send_api_failing_then_recovering(
     assert "after the outage" in await ask(env, "after the outage")
 
 
-async def test_websocket_dropped_again_and_again(
-    aiohttp_server: Any, gateway: Any, loop_errors: Any
-) -> None:
+async def test_websocket_dropped_again_and_again(aiohttp_server: Any, gateway: Any, loop_errors: Any) -> None:
     env = await start(aiohttp_server, gateway)
     for n in range(2, 5):  # dropped once connected, three times in a row
         await env.double.drop()

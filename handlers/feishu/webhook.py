@@ -67,7 +67,8 @@ def signature(timestamp: str, nonce: str, encrypt_key: str, body: bytes) -> str:
 
 
 def _same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
+    # Header values arrive surrogate-escaped when they are not UTF-8; such a value is just wrong.
+    return hmac.compare_digest(a.encode(errors="surrogateescape"), b.encode(errors="surrogateescape"))
 
 
 def _token(body: dict[str, Any]) -> str:
@@ -91,7 +92,7 @@ class FeishuWebhook:
         if not _same(expected, given):
             return "bad signature"
         window = max(MAX_SKEW, self._cfg.max_message_age)
-        if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > window:
+        if not (timestamp.isascii() and timestamp.isdigit()) or abs(time.time() - int(timestamp)) > window:
             return "timestamp too old or in the future"
         return ""
 

@@ -235,6 +235,11 @@ class FeishuDouble:
         await self.wait_for(lambda: frame_id in self.responses, timeout)
         return dict(orjson.loads(self.responses[frame_id].payload or b"{}"))
 
+    async def raw(self, data: bytes) -> None:
+        """Send any bytes as a binary frame on the newest connection (fuzzing the client)."""
+        await self.wait_for(lambda: self.sockets)
+        await self.sockets[-1].send_bytes(data)
+
     async def close_sockets(self) -> None:
         for ws in list(self.sockets):
             await ws.close()
