@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(doctor.run(config, [handlers.doctor]))
     setup_logging(config.log.level, config.secrets())
     app = create_app(config, [handlers.setup])
-    service = Service(app, config, reload=lambda: load_config(args.config), notifier=Notifier(), tls=tls)
+    service = Service(app, config, notifier=Notifier(), tls=tls)
     m = config.model
     log.info(
         "starting",

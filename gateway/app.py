@@ -4,6 +4,7 @@ Up: HTTP client session -> store -> model client -> dispatcher (resumes the inbo
 `setup` functions add (the platform adapters and routes, from `handlers`). Down in reverse. Intake
 stops and the dispatcher drains in the first `on_shutdown` hook, i.e. while adapters can still
 deliver replies; adapters' own `on_shutdown` hooks (closing client sockets) run after it.
+`reload_config` (admin API, SIGHUP via `gateway.server`) applies a re-read config file.
 """
 
 from __future__ import annotations
@@ -17,13 +18,27 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
+from .auth import AdminAuth
 from .channel import Channel
 from .config import Config
 from .dispatcher import Dispatcher
 from .errors import StoreError
-from .keys import CHANNELS, CONFIG, DISPATCHER, HTTP, METRICS, MODEL, RESOLVER, STARTED_AT, STORE
+from .keys import (
+    CHANNELS,
+    CONFIG,
+    DISPATCHER,
+    HTTP,
+    LIVE,
+    METRICS,
+    MODEL,
+    RESOLVER,
+    RESPONDER,
+    STARTED_AT,
+    STORE,
+)
 from .metrics import Metrics
 from .model import create_model_client
+from .reload import LiveConfig, ReloadReport, apply_logging, plan, read_config
 from .responder import Responder
 from .store import open_store
 
@@ -63,10 +78,34 @@ async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
     channels: dict[str, Channel] = app[CHANNELS]
     responder = Responder(cfg, app[STORE], app[MODEL], channels, app[METRICS])
     dispatcher = Dispatcher(cfg.dispatcher, app[STORE], app[METRICS], responder)
+    app[RESPONDER] = responder
     app[DISPATCHER] = dispatcher
     yield
     # Normally drained already in on_shutdown; this is the backstop (e.g. a failed startup).
     await dispatcher.drain(0.0 if not dispatcher.accepting else cfg.dispatcher.drain_timeout)
+
+
+async def reload_config(app: web.Application) -> ReloadReport:
+    """Re-read the config file and apply what can change live (see `gateway.reload`).
+
+    Raises `ConfigError` (the running config stays in force) when the new file is invalid."""
+    live = app[LIVE]
+    async with live.lock:
+        new = await asyncio.to_thread(read_config, live.config.source)
+        report = plan(live, new)
+        for _, apply in live.appliers:
+            apply(new)  # may refuse (ConfigError) while nothing has changed yet
+        responder = app[RESPONDER]
+        model = responder.model
+        if any(key.startswith("model.") for key in report.applied):
+            model = create_model_client(new.model, app[HTTP], app[METRICS])
+        responder.reconfigure(new, model)
+        if new.log != live.config.log or new.secrets() != live.config.secrets():
+            apply_logging(new)
+        if new.admin != live.config.admin:
+            AdminAuth.warn_if_ephemeral(new.admin)
+        live.commit(new, report)
+    return report
 
 
 async def _resume_inbox(app: web.Application) -> AsyncIterator[None]:
@@ -117,6 +156,7 @@ def create_app(config: Config, setup: Iterable[Setup] = ()) -> web.Application:
     app[METRICS] = Metrics()
     app[CHANNELS] = {}
     app[STARTED_AT] = time.time()
+    app[LIVE] = LiveConfig(config)
     app.cleanup_ctx.extend([_http_ctx, _store_ctx, _model_ctx, _dispatcher_ctx])
     app.on_shutdown.append(_drain)
     for fn in setup:

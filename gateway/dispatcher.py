@@ -32,7 +32,7 @@ from .backoff import Backoff
 from .config import DispatcherConfig
 from .errors import StoreError
 from .messages import InboundMessage
-from .metrics import Metrics
+from .metrics import Metrics, Outcome
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,8 @@ class Responder(Protocol):
         time never counts as overhead.
         """
 
-    async def notice(self, message: InboundMessage, text: str) -> None:
-        """Send a short notice; must not raise."""
+    async def notice(self, message: InboundMessage, text: str, outcome: Outcome) -> None:
+        """Send a short notice (counted as `outcome`); must not raise."""
 
 
 class Dispatcher:
@@ -118,15 +118,15 @@ class Dispatcher:
                 return Admission.DUPLICATE
             if self._depth >= self.cfg.max_queue:
                 log.warning("queue full, sender told to retry", extra=_fields(message))
-                self._spawn(self._notify(message, BUSY_NOTICE))
+                self._spawn(self._notify(message, BUSY_NOTICE, Outcome.BUSY))
                 return Admission.BUSY
             await self._store.inbox_add(message)
         except StoreError as e:
             log.error("store unavailable, message not accepted: %s", e, extra=_fields(message))
             return Admission.UNAVAILABLE
-        self._metrics.messages_received.labels(
+        self._metrics.message_received(
             message.platform, message.transport, message.conversation_kind.value
-        ).inc()
+        )
         self._enqueue(message)
         return Admission.ACCEPTED
 
@@ -249,15 +249,16 @@ class Dispatcher:
             # A TimeoutError from inside the responder is a plain failure, not our deadline.
             if isinstance(e, TimeoutError) and deadline.expired():
                 log.error("deadline exceeded", extra=_fields(message))
-                await self._notify(message, TIMEOUT_NOTICE.format(request_id=message.request_id))
+                notice = TIMEOUT_NOTICE.format(request_id=message.request_id)
+                await self._notify(message, notice, Outcome.TIMEOUT)
             else:
                 log.exception("answer failed", extra=_fields(message))
-                await self._notify(message, APOLOGY.format(request_id=message.request_id))
+                await self._notify(message, APOLOGY.format(request_id=message.request_id), Outcome.ERROR)
 
-    async def _notify(self, message: InboundMessage, text: str) -> None:
+    async def _notify(self, message: InboundMessage, text: str, outcome: Outcome) -> None:
         """`Responder.notice` must not raise; if it does anyway, the worker still lives on."""
         try:
-            await self._responder.notice(message, text)
+            await self._responder.notice(message, text, outcome)
         except Exception:
             log.exception("notice failed", extra=_fields(message))
 

@@ -6,21 +6,29 @@ import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractResolver
 
+from .alerts import Monitor
+from .auth import AdminAuth
 from .channel import Channel
 from .config import Config
 from .dispatcher import Dispatcher
 from .metrics import Metrics
 from .model import ModelClient
+from .reload import LiveConfig
+from .responder import Responder
 from .store import Store
 
-CONFIG = web.AppKey("config", Config)
+CONFIG = web.AppKey("config", Config)  # as loaded at start; LIVE has the reloaded one
 METRICS = web.AppKey("metrics", Metrics)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 STORE = web.AppKey("store", Store)
-MODEL = web.AppKey("model", ModelClient)
+MODEL = web.AppKey("model", ModelClient)  # the client built at start; see Responder.model
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+RESPONDER = web.AppKey("responder", Responder)
 CHANNELS = web.AppKey("channels", dict[str, Channel])
 STARTED_AT = web.AppKey("started_at", float)
+LIVE = web.AppKey("live", LiveConfig)
+AUTH = web.AppKey("auth", AdminAuth)
+ALERTS = web.AppKey("alerts", Monitor)
 # Optional: the DNS resolver of the HTTP client session (tests use it to make names fail to resolve
 # without asking a real DNS server); absent = aiohttp's default.
 RESOLVER = web.AppKey("resolver", AbstractResolver)

@@ -18,9 +18,13 @@ _RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime
 class JsonFormatter(logging.Formatter):
     def __init__(self, secrets: list[str] | None = None) -> None:
         super().__init__()
+        self.set_secrets(secrets or [])
+
+    def set_secrets(self, secrets: list[str]) -> None:
+        """Mask these from now on (a config reload may bring new ones)."""
         # Masking runs on the encoded line, so also look for each secret as JSON spells it
         # (a secret with a quote or backslash in it is escaped there).
-        forms = {f for s in secrets or [] if len(s) >= 4 for f in (s, orjson.dumps(s).decode()[1:-1])}
+        forms = {f for s in secrets if len(s) >= 4 for f in (s, orjson.dumps(s).decode()[1:-1])}
         self._secrets = sorted(forms, key=len, reverse=True)
 
     def _mask(self, text: str) -> str:

@@ -1,20 +1,52 @@
 """Prometheus metric families, one registry per app (so tests and reloads never collide).
 
 Labels only ever take bounded values: platform, transport, kind, outcome, reason, endpoint, route
-template, status. Never user ids, conversation ids or client addresses.
+template, status. Never user ids, conversation ids or client addresses. The core records through
+the methods below, which also feed the in-process `Stats` behind the status page; adapters use the
+families directly for what only they see (reconnects, platform API calls, dropped events).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from enum import StrEnum
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+
+from .stats import Stats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 MODEL_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0)
 
 
+class Outcome(StrEnum):
+    """What a reply the gateway sent (or tried to send) was: the `outcome` label."""
+
+    OK = "ok"  # the model's answer (or a cached one) was delivered
+    NOTICE = "notice"  # help, reset, greeting, rate-limit and other short intended notices
+    BUSY = "busy"  # queue full, sender told to retry
+    MODEL_ERROR = "model_error"  # the model failed; the user was told so
+    TIMEOUT = "timeout"  # the deadline passed; the user got an apology
+    ERROR = "error"  # the gateway failed; the user got an apology
+    FAILED = "failed"  # the platform refused the delivery
+
+    @property
+    def success(self) -> bool:
+        return self in (Outcome.OK, Outcome.NOTICE)
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        self.stats = Stats()
+        # process_cpu_seconds_total and friends, for the CPU alert (Linux /proc; empty elsewhere).
+        ProcessCollector(registry=r)
         self.messages_received = Counter(
             "botgate_messages_received",
             "Inbound messages accepted from a platform.",
@@ -22,7 +54,10 @@ class Metrics:
             registry=r,
         )
         self.replies = Counter(
-            "botgate_replies", "Replies by outcome.", ["platform", "outcome"], registry=r
+            "botgate_replies",
+            "Replies sent or attempted, by outcome (ok|notice|busy|model_error|timeout|error|failed).",
+            ["platform", "outcome"],
+            registry=r,
         )
         self.model_duration = Histogram(
             "botgate_model_request_duration_seconds",
@@ -51,11 +86,12 @@ class Metrics:
         self.queue_depth = Gauge(
             "botgate_queue_depth", "Messages accepted and waiting for a worker.", registry=r
         )
-        self.inflight = Gauge(
-            "botgate_inflight", "Messages being answered right now.", registry=r
-        )
+        self.inflight = Gauge("botgate_inflight", "Messages being answered right now.", registry=r)
         self.channel_connected = Gauge(
-            "botgate_channel_connected", "1 when the channel is connected.", ["platform"], registry=r
+            "botgate_channel_connected",
+            "1 when the channel is connected.",
+            ["platform"],
+            registry=r,
         )
         self.reconnects = Counter(
             "botgate_reconnects", "Reconnects of a long connection.", ["platform"], registry=r
@@ -87,6 +123,36 @@ class Metrics:
         self.http_requests = Counter(
             "botgate_http_requests", "HTTP requests served.", ["route", "status"], registry=r
         )
+
+    # -- what the core records (Prometheus + status page from one call) ------------------------
+    def message_received(self, platform: str, transport: str, kind: str) -> None:
+        self.messages_received.labels(platform, transport, kind).inc()
+        self.stats.message_received()
+
+    def reply(self, platform: str, outcome: Outcome) -> None:
+        self.replies.labels(platform, outcome.value).inc()
+        self.stats.reply(failed=not outcome.success)
+
+    def model_call(self, seconds: float, error: str | None, settled: bool = True) -> None:
+        """One model call: `error` is the failure reason, None for success; `settled` is False
+        when the caller abandoned it (then it is neither a success nor a failure)."""
+        self.model_duration.observe(seconds)
+        if error is not None:
+            self.model_errors.labels(error).inc()
+        self.stats.model_call(seconds, error, settled)
+
+    def model_usage(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.model_tokens.labels("prompt").inc(prompt_tokens)
+        self.model_tokens.labels("completion").inc(completion_tokens)
+        self.stats.tokens(prompt_tokens, completion_tokens)
+
+    def gateway_overhead(self, seconds: float) -> None:
+        self.overhead.observe(seconds)
+        self.stats.gateway_overhead(seconds)
+
+    def cache_lookup(self, hit: bool) -> None:
+        self.cache_requests.labels("hit" if hit else "miss").inc()
+        self.stats.cache_lookup(hit)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -140,6 +140,8 @@ class OpenAIModel:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.total_timeout
         started = completion.requested_at = time.monotonic()
+        error: str | None = None
+        finished = False
         try:
             async with aclosing(self._stream_with_retries(messages, completion, deadline)) as deltas:
                 while True:
@@ -152,15 +154,18 @@ class OpenAIModel:
                     except StopAsyncIteration:
                         break
                     yield delta
+            finished = True
         except TimeoutError:
-            self._metrics.model_errors.labels("timeout").inc()
+            error = "timeout"
             raise ModelError("model call exceeded the total timeout", "timeout") from None
         except ModelError as e:
-            self._metrics.model_errors.labels(e.reason).inc()
+            error = e.reason
             raise
         finally:
             end = completion.last_byte_at or time.monotonic()
-            self._metrics.model_duration.observe(max(0.0, end - started))
+            # A call the caller abandoned (deadline, delivery failed) says nothing about the
+            # model: its time is recorded, but it neither fails nor ends a failure streak.
+            self._metrics.model_call(max(0.0, end - started), error, settled=finished or error is not None)
 
     async def _stream_with_retries(
         self, messages: list[Message], completion: Completion, deadline: float

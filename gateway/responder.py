@@ -15,7 +15,7 @@ from .channel import Channel, ReplyStream
 from .config import Config
 from .errors import ModelError, PlatformError, StoreError
 from .messages import Attachment, InboundMessage, Reply, ReplyKind
-from .metrics import Metrics
+from .metrics import Metrics, Outcome
 from .model import Completion, Message, ModelClient
 from .store import Store, Turn
 
@@ -59,13 +59,25 @@ class Responder:
         # Only streams cut off by shutdown stay here, and they go with the process.
         self._interrupted: dict[str, ReplyStream] = {}
 
-    async def notice(self, message: InboundMessage, text: str) -> None:
+    @property
+    def model(self) -> ModelClient:
+        return self._model
+
+    def reconfigure(self, cfg: Config, model: ModelClient) -> None:
+        """Use a reloaded config and model client from the next message on (calls in flight
+        finish with the old ones)."""
+        self.cfg = cfg
+        self._model = model
+
+    async def notice(
+        self, message: InboundMessage, text: str, outcome: Outcome = Outcome.NOTICE
+    ) -> None:
         stream = self._interrupted.pop(message.request_id, None)
         try:
             if stream is not None:
-                await stream.finish(text)
+                await self._finish(stream, message, text, outcome)
             else:
-                await self._send(Reply(message, text, ReplyKind.NOTICE))
+                await self._send(Reply(message, text, ReplyKind.NOTICE), outcome)
         except Exception:
             log.exception("notice could not be delivered", extra=_fields(message))
 
@@ -73,23 +85,23 @@ class Responder:
         text = message.text.strip()
         command = text.split(maxsplit=1)[0].lower() if text.startswith("/") else ""
         if message.unsupported:
-            await self._send(Reply(message, message.unsupported, ReplyKind.NOTICE))
+            await self._send(Reply(message, message.unsupported, ReplyKind.NOTICE), Outcome.NOTICE)
             return
         if command == "/help":
-            await self._send(Reply(message, HELP, ReplyKind.NOTICE))
+            await self._send(Reply(message, HELP, ReplyKind.NOTICE), Outcome.NOTICE)
             return
         if command == "/reset":
             await self._store.reset(message.conversation_key)
-            await self._send(Reply(message, RESET_DONE, ReplyKind.NOTICE))
+            await self._send(Reply(message, RESET_DONE, ReplyKind.NOTICE), Outcome.NOTICE)
             return
         if not await self._within_rate_limit(message):
             return
         images = [a for a in message.attachments if a.kind == "image"]
         if not text and not images:
-            await self._send(Reply(message, GREETING, ReplyKind.NOTICE))
+            await self._send(Reply(message, GREETING, ReplyKind.NOTICE), Outcome.NOTICE)
             return
         if images and not self.cfg.model.vision and not text:
-            await self._send(Reply(message, NO_VISION, ReplyKind.NOTICE))
+            await self._send(Reply(message, NO_VISION, ReplyKind.NOTICE), Outcome.NOTICE)
             return
         await self._answer(message, ready_at, text, images if self.cfg.model.vision else [])
 
@@ -100,7 +112,7 @@ class Responder:
         log.info("rate limited", extra=_fields(message))
         # One notice per minute per user, not one per message.
         if await self._store.claim(f"rate-notice:{message.user_key}", 60.0):
-            await self._send(Reply(message, RATE_LIMITED, ReplyKind.NOTICE))
+            await self._send(Reply(message, RATE_LIMITED, ReplyKind.NOTICE), Outcome.NOTICE)
         return False
 
     async def _answer(
@@ -118,7 +130,7 @@ class Responder:
         cached = answer is not None
         completion = Completion(model=self._model.name)
         if answer is not None:
-            await self._send(Reply(message, prefix + answer))
+            await self._send(Reply(message, prefix + answer), Outcome.OK)
         else:
             try:
                 answer = await self._stream_answer(message, messages, completion, prefix)
@@ -158,9 +170,8 @@ class Responder:
             # Overhead: ready -> model request sent, plus model's last byte -> reply delivered.
             model_s = last_byte - requested
             overhead = max(0.0, elapsed - model_s)
-        self._metrics.overhead.observe(overhead)
-        self._metrics.model_tokens.labels("prompt").inc(completion.usage.prompt_tokens)
-        self._metrics.model_tokens.labels("completion").inc(completion.usage.completion_tokens)
+        self._metrics.gateway_overhead(overhead)
+        self._metrics.model_usage(completion.usage.prompt_tokens, completion.usage.completion_tokens)
         log.info(
             "answered",
             extra={
@@ -209,20 +220,18 @@ class Responder:
             await self._fail(message, stream, EMPTY_ANSWER.format(request_id=message.request_id))
             raise _Answered
         if stream is not None:
-            await stream.finish(prefix + answer)
-            self._metrics.replies.labels(message.platform, "ok").inc()
+            await self._finish(stream, message, prefix + answer, Outcome.OK)
         else:
-            await self._send(Reply(message, prefix + answer))
+            await self._send(Reply(message, prefix + answer), Outcome.OK)
         return answer
 
     async def _fail(self, message: InboundMessage, stream: ReplyStream | None, notice: str) -> None:
         """Tell the user the answer failed. An open stream (a card already shown) gets the notice
         as its final text, so the user sees one message, not a stuck card plus a second one."""
         if stream is not None:
-            await stream.finish(notice)
-            self._metrics.replies.labels(message.platform, "ok").inc()
+            await self._finish(stream, message, notice, Outcome.MODEL_ERROR)
         else:
-            await self._send(Reply(message, notice, ReplyKind.NOTICE))
+            await self._send(Reply(message, notice, ReplyKind.NOTICE), Outcome.MODEL_ERROR)
 
     async def _user_content(
         self, message: InboundMessage, text: str, images: list[Attachment]
@@ -248,17 +257,27 @@ class Responder:
             value = await self._store.cache_get(key)
         except StoreError:
             value = None
-        self._metrics.cache_requests.labels("hit" if value is not None else "miss").inc()
+        self._metrics.cache_lookup(value is not None)
         return value
 
-    async def _send(self, reply: Reply) -> None:
+    async def _send(self, reply: Reply, outcome: Outcome) -> None:
         channel = self._channels[reply.to.platform]
         try:
             await channel.send(reply)
         except PlatformError:
-            self._metrics.replies.labels(reply.to.platform, "failed").inc()
+            self._metrics.reply(reply.to.platform, Outcome.FAILED)
             raise
-        self._metrics.replies.labels(reply.to.platform, "ok").inc()
+        self._metrics.reply(reply.to.platform, outcome)
+
+    async def _finish(
+        self, stream: ReplyStream, message: InboundMessage, text: str, outcome: Outcome
+    ) -> None:
+        try:
+            await stream.finish(text)
+        except PlatformError:
+            self._metrics.reply(message.platform, Outcome.FAILED)
+            raise
+        self._metrics.reply(message.platform, outcome)
 
 
 class _Answered(Exception):

@@ -1,29 +1,30 @@
 """Serving the app as a service: bind (optionally TLS), tell systemd, and act on signals.
 
 SIGTERM/SIGINT: STOPPING=1, stop listening, drain the dispatcher (`on_shutdown`), close everything,
-return (run.py exits 0). SIGHUP: re-read the config file; apply what can change live (log level, TLS
-certificate) and name the keys that need a restart. aiohttp's `run_app` is not used because it binds
-only after start-up hooks have run, and READY=1 must follow the bind.
+return (run.py exits 0). SIGHUP: RELOADING=1, `gateway.app.reload_config` (re-read the config file,
+apply what can change live — see `gateway.reload` — plus the TLS certificate, name the keys that need
+a restart), READY=1. aiohttp's `run_app` is not used because it binds only after start-up hooks
+have run, and READY=1 must follow the bind.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import signal
 import ssl
-from collections.abc import Callable
 
 from aiohttp import web
 
+from .app import reload_config
 from .config import Config, ConfigError
+from .keys import LIVE
 from .sdnotify import Notifier
 
 log = logging.getLogger(__name__)
 
-# Keys a SIGHUP applies to the running process (TLS files only while serving TLS already).
-LIVE_KEYS = frozenset({"log.level"})
+# A reload re-reads the certificate files (renewals) while serving TLS; switching TLS on or off
+# needs a restart.
 TLS_KEYS = frozenset({"server.tls_cert", "server.tls_key"})
 
 
@@ -49,21 +50,6 @@ def _load_chain(context: ssl.SSLContext, config: Config) -> None:
         ) from None
 
 
-def changed_keys(old: Config, new: Config) -> list[str]:
-    """`section.key` names whose values differ (names only: values may be secrets)."""
-    out: list[str] = []
-    for section in dataclasses.fields(old):
-        if section.name == "source":
-            continue
-        a, b = getattr(old, section.name), getattr(new, section.name)
-        out.extend(
-            f"{section.name}.{f.name}"
-            for f in dataclasses.fields(a)
-            if getattr(a, f.name) != getattr(b, f.name)
-        )
-    return out
-
-
 class Service:
     """One serving run of the app: `await Service(...).run()` returns after a graceful stop."""
 
@@ -72,17 +58,19 @@ class Service:
         app: web.Application,
         config: Config,
         *,
-        reload: Callable[[], Config],
         notifier: Notifier,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self._app = app
         self._config = config
-        self._reload = reload
         self._notifier = notifier
         self._tls = tls
         self._stop = asyncio.Event()
+        self._serving = asyncio.Event()
+        self._reloads: set[asyncio.Task[None]] = set()
         app.cleanup_ctx.append(notifier.watchdog)  # last: pings only while everything else is up
+        if tls is not None:
+            app[LIVE].add_applier(TLS_KEYS, self._reload_certificate)
 
     @property
     def _where(self) -> str:
@@ -103,9 +91,13 @@ class Service:
             await site.start()
             log.info("serving", extra={"url": self._where})
             self._notifier.ready(f"serving on {self._where}")
+            self._serving.set()
             await self._stop.wait()
             self._notifier.stopping("draining in-flight conversations")
         finally:
+            for task in list(self._reloads):
+                task.cancel()
+            await asyncio.gather(*self._reloads, return_exceptions=True)
             await runner.cleanup()  # stop listening, drain (on_shutdown), close contexts
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
@@ -118,21 +110,24 @@ class Service:
         self._stop.set()
 
     def _on_hup(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._reload(), name="config-reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def _reload(self) -> None:
+        await self._serving.wait()  # a SIGHUP during start-up applies once everything is up
         self._notifier.reloading()
         try:
-            new = self._reload()
-            if self._tls is not None and new.server.tls_cert:
-                _load_chain(self._tls, new)  # new handshakes use the renewed certificate
+            await reload_config(self._app)
         except ConfigError as e:
             log.error("reload failed, keeping the running config: %s", e)
             self._notifier.reloaded(f"serving on {self._where}; last reload failed")
             return
-        logging.getLogger().setLevel(new.log.level)
-        live = LIVE_KEYS | TLS_KEYS if self._tls is not None and new.server.tls_cert else LIVE_KEYS
-        pending = [key for key in changed_keys(self._config, new) if key not in live]
-        fields = {"log_level": new.log.level, "restart_keys": pending}
-        if pending:
-            log.warning("config reloaded; restart to apply the other changes", extra=fields)
-        else:
-            log.info("config reloaded", extra=fields)
         self._notifier.reloaded(f"serving on {self._where}")
+
+    def _reload_certificate(self, new: Config) -> None:
+        if self._tls is None:
+            return
+        if not new.server.tls_cert:
+            raise ConfigError(f"{new.source}: server.tls_cert: turning TLS off needs a restart")
+        _load_chain(self._tls, new)  # new handshakes use the renewed certificate

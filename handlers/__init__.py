@@ -10,13 +10,17 @@ from gateway.config import Config
 from gateway.doctor import Check
 from gateway.keys import CONFIG
 
-from . import dingtalk, feishu, routes, webchat
+from . import admin, auth, dingtalk, feishu, robots, routes, status, webchat
 from .dingtalk import doctor as dingtalk_doctor
 from .feishu import doctor as feishu_doctor
 
 
 def setup(app: web.Application) -> None:
-    routes.setup(app)
+    routes.setup(app)  # templates, JSON errors + request metrics (outermost middleware), ops routes
+    auth.setup(app)  # admin login in front of everything below
+    status.setup(app)
+    admin.setup(app)
+    robots.setup(app)  # the alert notifier
     webchat.setup(app)
     if app[CONFIG].dingtalk.enabled:
         dingtalk.setup(app)

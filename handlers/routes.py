@@ -9,6 +9,7 @@ import jinja2
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from gateway.channel import ChannelState
 from gateway.errors import StoreError
 from gateway.keys import CHANNELS, CONFIG, DISPATCHER, METRICS, STORE
 
@@ -69,7 +70,13 @@ async def metrics(request: web.Request) -> web.Response:
     app = request.app
     m = app[METRICS]
     for platform, channel in app[CHANNELS].items():
-        m.channel_connected.labels(platform).set(1 if channel.status().ready else 0)
+        status = channel.status()
+        if status.state is ChannelState.DISABLED:
+            continue  # not running on purpose: no series, so no "disconnected" alert
+        m.channel_connected.labels(platform).set(1 if status.ready else 0)
+        # Start per-platform counters at 0 so rate() and alerts see them before the first event.
+        m.reconnects.labels(platform)
+        m.dedup_dropped.labels(platform)
     return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -32,21 +32,32 @@ class Route:
     statuses: frozenset[int]
     prefix: bool = False  # also matches everything under path + "/"
     json_errors: bool = True  # False: aiohttp's file responses set 403/404 themselves, bodiless
+    sample: bool = True  # False: never requested at random (an endless event stream)
 
 
 ROUTES = (
     Route("/healthz", frozenset({"GET", "HEAD"}), frozenset({200})),
     Route("/readyz", frozenset({"GET", "HEAD"}), frozenset({200})),
     Route("/metrics", frozenset({"GET", "HEAD"}), frozenset({200})),
-    Route("/chat", frozenset({"GET", "HEAD"}), frozenset({200})),
-    Route("/chat/ws", frozenset({"GET", "HEAD"}), frozenset({400})),  # not an upgrade request
+    # Admin pages without a password: 403 unless plainly local (a fuzzed Origin or X-Forwarded-For
+    # is not); docs/status.md.
+    Route("/", frozenset({"GET", "HEAD"}), frozenset({200, 403})),
+    Route("/chat", frozenset({"GET", "HEAD"}), frozenset({200, 403})),
+    Route("/chat/ws", frozenset({"GET", "HEAD"}), frozenset({400, 403})),  # not an upgrade request
+    Route("/status/events", frozenset({"GET", "HEAD"}), frozenset({200, 403}), sample=False),
+    Route("/api/status", frozenset({"GET", "HEAD"}), frozenset({200, 403})),
+    Route("/api/reload", frozenset({"POST"}), frozenset({200, 400, 403})),
+    Route("/api/conversations/reset", frozenset({"POST"}), frozenset({200, 400, 403})),
+    # POST without a password set: 403, as the login page (HTML) a browser form expects.
+    Route("/login", frozenset({"GET", "HEAD", "POST"}), frozenset({200, 403}), json_errors=False),
+    Route("/logout", frozenset({"POST"}), frozenset({303})),
     Route("/static", frozenset({"GET", "HEAD"}), frozenset({200, 403, 404}), prefix=True, json_errors=False),
     # Unsigned, a random request never gets past the signature (DingTalk) or the verification
     # token (Feishu, which parses the body first: 400 for what is not a JSON object).
     Route("/dingtalk/webhook", frozenset({"POST"}), frozenset({401})),
     Route("/feishu/webhook", frozenset({"POST"}), frozenset({400, 401})),
 )
-SAMPLE_PATHS = [route.path for route in ROUTES] + ["/static/chat.js", "/static/nope.js"]
+SAMPLE_PATHS = [route.path for route in ROUTES if route.sample] + ["/static/chat.js", "/static/nope.js"]
 
 
 def route_for(path: str) -> Route | None:

@@ -24,7 +24,7 @@ from gateway.dispatcher import (
 )
 from gateway.errors import StoreError
 from gateway.messages import ConversationKind, InboundMessage
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, Outcome
 from gateway.store import MemoryStore
 
 
@@ -101,7 +101,7 @@ class RecordingResponder:
             self.running -= 1
         self._record("end", message.message_id)
 
-    async def notice(self, message: InboundMessage, text: str) -> None:
+    async def notice(self, message: InboundMessage, text: str, outcome: Outcome) -> None:
         self.notices.append((message.message_id, text))
         self._changed()
         if self.notice_fails:

@@ -13,7 +13,7 @@ import pytest
 
 from gateway.dispatcher import Admission, Dispatcher
 from gateway.messages import InboundMessage
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, Outcome
 from gateway.store import RedisStore, Store, Turn
 from tests.conftest import make_config
 from tests.test_store_contract import msg
@@ -41,7 +41,7 @@ class Recorder:
             message.conversation_key, [Turn("user", message.text)], 20, 10_000, 600
         )
 
-    async def notice(self, message: InboundMessage, text: str) -> None:
+    async def notice(self, message: InboundMessage, text: str, outcome: Outcome) -> None:
         self.log.append((self.name, f"notice: {text}", []))
 
 

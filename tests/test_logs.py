@@ -8,7 +8,7 @@ import logging
 import re
 from collections.abc import Iterator
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -44,7 +44,11 @@ def lines(stream: io.StringIO) -> list[dict[str, Any]]:
 
 
 async def chat(client: Any, session: str, text: str) -> dict[str, Any]:
-    async with client.ws_connect(f"/chat/ws?session={session}") as ws:
+    # An admin password is set, so the web chat needs a login (docs/status.md).
+    password = cast(dict[str, str], SECRETS["admin"])["password"]
+    login = await client.post("/login", json={"password": password})
+    bearer = {"Authorization": f"Bearer {(await login.json())['token']}"}
+    async with client.ws_connect(f"/chat/ws?session={session}", headers=bearer) as ws:
         await ws.receive_json()
         await ws.send_json({"type": "message", "id": "m1", "text": text})
         async with asyncio.timeout(10):

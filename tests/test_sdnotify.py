@@ -61,7 +61,9 @@ def test_sighup_reloads_config_and_names_keys_needing_restart(
     spawn_gateway: Callable[..., GatewayProcess],
 ) -> None:
     gw = spawn_gateway('[log]\nlevel = "INFO"\n')
-    gw.config_path.write_text('[log]\nlevel = "DEBUG"\n[model]\ntemperature = 0.1\n')
+    gw.config_path.write_text(
+        '[log]\nlevel = "DEBUG"\n[model]\ntemperature = 0.1\n[dispatcher]\nmax_queue = 5\n'
+    )
     gw.signal(signal.SIGHUP)
     assert gw.notify.wait_for("RELOADING=1")
     assert gw.notify.receive()[0] == "READY=1"
@@ -77,7 +79,8 @@ def test_sighup_reloads_config_and_names_keys_needing_restart(
 
     lines = gw.log_lines()
     reloaded = next(line for line in lines if str(line["event"]).startswith("config reloaded"))
-    assert reloaded["restart_keys"] == ["model.temperature"]  # log.level is applied live
+    assert reloaded["restart_keys"] == ["dispatcher.max_queue"]
+    assert reloaded["applied"] == ["model.temperature", "log.level"]  # docs/status.md
     assert reloaded["log_level"] == "DEBUG"
     failed = next(line for line in lines if str(line["event"]).startswith("reload failed"))
     assert "invalid TOML" in str(failed["event"])

@@ -64,10 +64,18 @@ def leaky_model(double: OpenAIDouble) -> web.Application:
     return app
 
 
+async def login(url: str) -> dict[str, str]:
+    """An admin password is set, so the web chat and the status page need a login."""
+    async with aiohttp.ClientSession() as session:
+        password = SECRETS["BOTGATE_ADMIN__PASSWORD"]
+        async with session.post(f"{url}/login", json={"password": password}) as resp:
+            return {"Authorization": f"Bearer {(await resp.json())['token']}"}
+
+
 async def converse(url: str, texts: list[str]) -> list[dict[str, Any]]:
     frames: list[dict[str, Any]] = []
     async with (
-        aiohttp.ClientSession() as session,
+        aiohttp.ClientSession(headers=await login(url)) as session,
         session.ws_connect(f"{url}/chat/ws?session=secretsession1") as ws,
     ):
         await ws.receive()
@@ -105,10 +113,20 @@ async def test_no_secret_in_any_output(
     assert f"Bearer {GOOD_KEY}" in double.auth_headers  # the keys really were used
 
     bodies = []
+    admin = await login(gw.url)
+    scrape = {"Authorization": f"Bearer {SECRETS['BOTGATE_ADMIN__METRICS_TOKEN']}"}
     async with aiohttp.ClientSession() as session:
-        for path in ("/healthz", "/readyz", "/metrics", "/chat", "/nope"):
-            async with session.get(gw.url + path) as resp:
-                assert resp.status < 500
+        for path, headers in (
+            ("/healthz", {}),
+            ("/readyz", {}),
+            ("/metrics", scrape),
+            ("/chat", admin),
+            ("/", admin),  # the status page shows the whole (masked) config
+            ("/api/status", admin),
+            ("/nope", {}),
+        ):
+            async with session.get(gw.url + path, headers=headers) as resp:
+                assert resp.status == (404 if path == "/nope" else 200), path
                 bodies.append(await resp.text())
     assert await asyncio.to_thread(gw.stop) == 0
 

@@ -27,6 +27,10 @@
       conn.textContent = "disconnected, retrying…";
       setTimeout(connect, backoff);
       backoff = Math.min(backoff * 2, 10000);
+      // A refused handshake looks like any close; an expired admin login means: log in again.
+      fetch("/api/status", { credentials: "same-origin" }).then(function (r) {
+        if (r.status === 401) { location.href = "/login?next=/chat"; }
+      }).catch(function () { /* the gateway is down: keep retrying */ });
     };
     ws.onmessage = function (ev) {
       const f = JSON.parse(ev.data);

@@ -1,0 +1,129 @@
+"""Config reload (admin API and SIGHUP): re-read the file, apply what can change live, and say
+plainly what needs a restart.
+
+Applied live: `[model]` (a new model client; calls in flight finish on the old one), `[context]`,
+`[cache]`, `[limits]` (the responder reads them per message), `[admin]`, `[alerts]` (read per
+request / per check), `[log] level` and the secrets the log formatter masks, plus what components
+register as appliers (the server: the TLS certificate). Everything else — `[server]`, `[store]`,
+`[dispatcher]` and the platform sections — is only reported as needing a restart: those objects
+were built at start and are not rebuilt piecemeal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Config, ConfigError, load
+from .logs import JsonFormatter
+
+log = logging.getLogger(__name__)
+
+LIVE_SECTIONS = frozenset({"model", "context", "cache", "limits", "admin", "alerts", "log"})
+
+Applier = Callable[[Config], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadReport:
+    source: str
+    applied: tuple[str, ...]  # "section.key" now in force
+    needs_restart: tuple[str, ...]  # "section.key" that differ from what the process runs with
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "applied": list(self.applied),
+            "needs_restart": list(self.needs_restart),
+        }
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """Every `section.key` whose value differs (secrets included, by value, never printed)."""
+    out = []
+    for f in dataclasses.fields(Config):
+        if f.name == "source":
+            continue
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        for key in dataclasses.fields(a):
+            if getattr(a, key.name) != getattr(b, key.name):
+                out.append(f"{f.name}.{key.name}")
+    return out
+
+
+class LiveConfig:
+    """The config in force now. `started` is what the process was built with; `config` is the
+    latest loaded one (its live sections are applied, the rest waits for a restart)."""
+
+    def __init__(self, config: Config) -> None:
+        self.started = config
+        self.config = config
+        self.needs_restart: tuple[str, ...] = ()
+        self.reloaded_at: float | None = None
+        self.lock = asyncio.Lock()
+        self._listeners: set[asyncio.Event] = set()
+        self.appliers: list[tuple[frozenset[str], Applier]] = []
+
+    def add_applier(self, keys: frozenset[str], apply: Applier) -> None:
+        """A component that applies `keys` itself on every reload (the server: its TLS
+        certificate). `apply` runs before anything else changes and may refuse with `ConfigError`."""
+        self.appliers.append((keys, apply))
+
+    def add_listener(self, event: asyncio.Event) -> None:
+        """`event` is set after every reload (open status pages refresh at once)."""
+        self._listeners.add(event)
+
+    def remove_listener(self, event: asyncio.Event) -> None:
+        self._listeners.discard(event)
+
+    def commit(self, new: Config, report: ReloadReport) -> None:
+        """`new` is in force (its live sections were applied by the caller)."""
+        self.config = new
+        self.needs_restart = report.needs_restart
+        self.reloaded_at = time.time()
+        for event in self._listeners:
+            event.set()
+        fields = {
+            "source": report.source,
+            "applied": list(report.applied),
+            "restart_keys": list(report.needs_restart),
+            "log_level": new.log.level,
+        }
+        if report.needs_restart:
+            log.warning("config reloaded; restart to apply the other changes", extra=fields)
+        else:
+            log.info("config reloaded", extra=fields)
+
+
+def read_config(source: str) -> Config:
+    """Load the file the running config came from (with the current environment)."""
+    if source == "<defaults>":
+        return load(None)
+    if source.startswith("<"):
+        raise ConfigError(f"the running config came from {source}, not a file; nothing to reload")
+    return load(source)
+
+
+def apply_logging(config: Config) -> None:
+    """Log level and the secrets every JSON log line masks (new keys must be masked at once)."""
+    root = logging.getLogger()
+    root.setLevel(config.log.level)
+    for handler in root.handlers:
+        if isinstance(handler.formatter, JsonFormatter):
+            handler.formatter.set_secrets(config.secrets())
+
+
+def plan(live: LiveConfig, new: Config) -> ReloadReport:
+    extra = frozenset().union(*(keys for keys, _ in live.appliers))
+
+    def is_live(key: str) -> bool:
+        return key.split(".")[0] in LIVE_SECTIONS or key in extra
+
+    applied = [k for k in changed_keys(live.config, new) if is_live(k)]
+    restart = [k for k in changed_keys(live.started, new) if not is_live(k)]
+    return ReloadReport(new.source, tuple(applied), tuple(restart))

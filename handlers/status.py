@@ -1,0 +1,304 @@
+"""The status page (`/`), its live feed (`/status/events`, server-sent events) and the snapshot
+behind both and behind `GET /api/status`.
+
+The page is rendered on the server (works without JavaScript); the feed re-renders the same
+`status_body.html` on every change (at most every `MIN_GAP` s) and at least every `REFRESH` s, and
+`static/status.js` swaps it in. One template, so the live view can never disagree with a reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp_jinja2
+import orjson
+from aiohttp import web
+
+from gateway import __version__
+from gateway.config import masked
+from gateway.errors import StoreError
+from gateway.keys import ALERTS, CHANNELS, DISPATCHER, LIVE, METRICS, RESPONDER, STARTED_AT, STORE
+from gateway.stats import Percentiles
+
+from .auth import SESSION_EXPIRES
+from .robots import configured_sinks
+from .routes import unconfigured_platforms
+
+log = logging.getLogger(__name__)
+
+REFRESH = 5.0  # seconds between pushes when nothing changes (ages and uptime move on)
+MIN_GAP = 0.5  # seconds between pushes under traffic
+PING_TIMEOUT = 2.0
+CHART_W, CHART_H = 600, 120
+
+
+def _latency(p: Percentiles) -> dict[str, Any]:
+    return {"count": p.count, "p50": p.p50, "p95": p.p95, "p99": p.p99}
+
+
+async def _store_health(app: web.Application) -> dict[str, Any]:
+    store = app[STORE]
+    try:
+        async with asyncio.timeout(PING_TIMEOUT):
+            await store.ping()
+    except (StoreError, TimeoutError) as e:
+        return {"backend": store.backend, "healthy": False, "error": str(e) or "ping timed out"}
+    return {"backend": store.backend, "healthy": True, "error": ""}
+
+
+def _channels(request: web.Request, now: float) -> list[dict[str, Any]]:
+    out = []
+    for channel in request.app[CHANNELS].values():
+        s = channel.status()
+        out.append(
+            {
+                "platform": s.platform,
+                "state": s.state.value,
+                "ready": s.ready,
+                "transports": list(s.transports),
+                "connected_since": s.connected_since,
+                "reconnects": s.reconnects,
+                "last_event_age": None
+                if s.last_event_at is None
+                else max(0.0, now - s.last_event_at),
+                "last_error": s.last_error,
+                "detail": s.detail,
+            }
+        )
+    for platform, detail in unconfigured_platforms(request).items():
+        if platform not in request.app[CHANNELS]:
+            out.append(
+                {
+                    "platform": platform,
+                    "state": "not configured",
+                    "ready": False,
+                    "transports": [],
+                    "connected_since": None,
+                    "reconnects": 0,
+                    "last_event_age": None,
+                    "last_error": "",
+                    "detail": detail,
+                }
+            )
+    return out
+
+
+async def snapshot(request: web.Request) -> dict[str, Any]:
+    """Everything the status page shows, as JSON-able data (also `GET /api/status`)."""
+    app = request.app
+    now = time.time()
+    live = app[LIVE]
+    cfg = live.config
+    stats = app[METRICS].stats
+    dispatcher = app[DISPATCHER]
+    model = app[RESPONDER].model
+    ratio_5m, replies_5m = stats.error_ratio(5)
+    ratio_60m, replies_60m = stats.error_ratio(60)
+    monitor = app.get(ALERTS)
+    return {
+        "version": __version__,
+        "now": now,
+        "started_at": app[STARTED_AT],
+        "uptime": now - app[STARTED_AT],
+        "channels": _channels(request, now),
+        "traffic": {
+            "received_total": stats.received_total,
+            "replies_total": stats.replies_total,
+            "failed_total": stats.failed_total,
+            "per_minute": {
+                "received": stats.received.series(now),
+                "replied": stats.replied.series(now),
+                "failed": stats.failed.series(now),
+            },
+            "queue_depth": dispatcher.depth,
+            "max_queue": dispatcher.cfg.max_queue,
+            "inflight": dispatcher.inflight,
+            "max_concurrency": dispatcher.cfg.max_concurrency,
+            "accepting": dispatcher.accepting,
+        },
+        "latency": {
+            "overhead": _latency(stats.overhead.percentiles(now)),
+            "model": _latency(stats.model_time.percentiles(now)),
+        },
+        "errors": {
+            "ratio_5m": ratio_5m,
+            "replies_5m": replies_5m,
+            "ratio_60m": ratio_60m,
+            "replies_60m": replies_60m,
+        },
+        "model": {
+            "name": model.name,
+            "configured": model.name != "echo",
+            "provider": cfg.model.provider,
+            "calls": stats.model_calls,
+            "failures": stats.model_failures,
+            "failure_streak": stats.model_failure_streak,
+            "last_error": stats.last_model_error,
+            "prompt_tokens": stats.prompt_tokens,
+            "completion_tokens": stats.completion_tokens,
+            "cache_enabled": cfg.cache.enabled,
+            "cache_hits": stats.cache_hits,
+            "cache_misses": stats.cache_misses,
+            "cache_hit_rate": stats.cache_hit_rate,
+        },
+        "store": await _store_health(app),
+        "admin": {
+            "password_set": bool(cfg.admin.password),
+            "ephemeral_secret": bool(cfg.admin.password and not cfg.admin.jwt_secret),
+            "metrics_protected": bool(cfg.admin.metrics_token),
+        },
+        "alerts": {
+            "sinks": configured_sinks(cfg.alerts),
+            "active": [
+                {
+                    "key": i.key,
+                    "title": i.title,
+                    "detail": i.detail,
+                    "since": i.since,
+                    "notified": i.notified,
+                }
+                for i in (monitor.incidents if monitor else [])
+            ],
+        },
+        "config": {
+            "source": cfg.source,
+            "reloaded_at": live.reloaded_at,
+            "needs_restart": list(live.needs_restart),
+            "settings": masked(cfg),
+        },
+    }
+
+
+# -- presentation ---------------------------------------------------------------------------------
+def chart(per_minute: dict[str, list[int]]) -> dict[str, Any]:
+    """Polyline points for the last hour's per-minute series, scaled to the chart box."""
+    peak = max(1, *per_minute["received"], *per_minute["replied"])
+    step = CHART_W / (len(per_minute["received"]) - 1)
+
+    def points(series: list[int]) -> str:
+        return " ".join(
+            f"{i * step:.1f},{CHART_H - v * (CHART_H - 4) / peak:.1f}" for i, v in enumerate(series)
+        )
+
+    return {
+        "w": CHART_W,
+        "h": CHART_H,
+        "peak": peak,
+        "received": points(per_minute["received"]),
+        "replied": points(per_minute["replied"]),
+        "failed": points(per_minute["failed"]),
+    }
+
+
+def fmt_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    s = int(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
+
+
+def fmt_ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    ms = seconds * 1000
+    return f"{ms:.1f} ms" if ms < 100 else f"{ms:,.0f} ms"
+
+
+def fmt_pct(ratio: float | None) -> str:
+    return "—" if ratio is None else f"{ratio * 100:.2f} %"
+
+
+def fmt_time(ts: float | None) -> str:
+    if ts is None:
+        return "—"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def fmt_num(n: int | float) -> str:
+    return f"{n:,}"
+
+
+def context(snap: dict[str, Any]) -> dict[str, Any]:
+    return {"s": snap, "chart": chart(snap["traffic"]["per_minute"])}
+
+
+# -- HTTP -----------------------------------------------------------------------------------------
+class StatusFeed:
+    """Pushes the re-rendered page body to every open `/status/events` stream."""
+
+    def __init__(self) -> None:
+        self._wakeups: set[asyncio.Event] = set()
+        self._closing = False
+
+    async def page(self, request: web.Request) -> web.Response:
+        return aiohttp_jinja2.render_template(
+            "status.html", request, context(await snapshot(request))
+        )
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        headers = {
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-store",
+            "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
+        }
+        if request.method == "HEAD":  # nothing would ever be sent: do not hold the connection
+            return web.Response(headers=headers)
+        response = web.StreamResponse(headers=headers)
+        await response.prepare(request)
+        stats = request.app[METRICS].stats
+        live = request.app[LIVE]
+        wakeup = asyncio.Event()
+        self._wakeups.add(wakeup)
+        stats.add_listener(wakeup)
+        live.add_listener(wakeup)
+        # The stream ends with the login, so an expired session stops seeing the page; the
+        # browser reconnects, gets 401, and status.js sends it to the login page.
+        ends = request.get(SESSION_EXPIRES, math.inf)
+        try:
+            await response.write(b"retry: 2000\n\n")
+            while not self._closing and time.time() < ends:
+                wakeup.clear()
+                snap = await snapshot(request)
+                html = aiohttp_jinja2.render_string("status_body.html", request, context(snap))
+                data = orjson.dumps({"at": snap["now"], "html": html})
+                await response.write(b"event: status\ndata: " + data + b"\n\n")
+                await asyncio.sleep(MIN_GAP)  # coalesce bursts: one render per MIN_GAP at most
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(REFRESH, max(0.0, ends - time.time()))):
+                        await wakeup.wait()
+        except ConnectionError:
+            pass  # the browser went away
+        except Exception:  # headers are out: a JSON 500 is impossible now, so log and end it
+            log.exception("status feed failed")
+        finally:
+            stats.remove_listener(wakeup)
+            live.remove_listener(wakeup)
+            self._wakeups.discard(wakeup)
+        return response
+
+    async def close(self, app: web.Application) -> None:
+        """on_shutdown: end the streams so a graceful stop does not wait for them."""
+        self._closing = True
+        for wakeup in self._wakeups:
+            wakeup.set()
+
+
+def setup(app: web.Application) -> None:
+    env = aiohttp_jinja2.get_env(app)
+    env.filters.update(age=fmt_age, ms=fmt_ms, pct=fmt_pct, time=fmt_time, num=fmt_num)
+    feed = StatusFeed()
+    app.on_shutdown.append(feed.close)
+    app.router.add_get("/", feed.page)
+    app.router.add_get("/status/events", feed.events)
