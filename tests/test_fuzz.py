@@ -73,6 +73,9 @@ def test_random_requests_get_the_right_status_and_a_json_error(live: Live) -> No
             )
             return
         assert answer.status in expected_statuses(method, path, body), (answer.status, answer.body)
+        # Every answer the app makes, errors included, carries the security headers.
+        assert answer.headers["x-content-type-options"] == "nosniff"
+        assert "frame-ancestors 'none'" in answer.headers["content-security-policy"]
         route = route_for(path)
         if answer.status >= 400 and method != "HEAD" and (route is None or route.json_errors):
             assert orjson.loads(answer.body)["error"]
