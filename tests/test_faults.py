@@ -1,5 +1,5 @@
-"""Faults survived: the model endpoint down, too slow, rate limiting or garbled; the platform's send
-API failing then recovering; the long connection dropped again and again; DNS failing for an
+"""Faults survived: the model endpoint down, too slow, rate limiting or garbled; the platforms' send
+APIs failing then recovering; the long connection dropped again and again; DNS failing for an
 upstream; the SQLite disk full. In each, the user gets an answer or a clear notice, nothing the
 gateway accepted is lost, no task dies unseen, and /readyz is ready again once the fault clears.
 
@@ -28,7 +28,9 @@ from gateway.keys import DISPATCHER, METRICS, RESOLVER, STORE
 from gateway.store import SqliteStore
 from tests.conftest import make_config
 from tests.dingtalk_support import DingTalkEnv, start
+from tests.doubles import feishu as fd
 from tests.doubles.dingtalk import DingTalkDouble
+from tests.doubles.feishu_events import message_event
 from tests.doubles.openai import OpenAIDouble
 from tests.process import free_port
 
@@ -155,6 +157,23 @@ async def test_send_api_failing_then_recovering(
 
     env.double.send_failures = 0
     assert "after the outage" in await ask(env, "after the outage")
+
+
+async def test_feishu_replies_failing_then_recovering(
+    aiohttp_server: Any, gateway: Any, openai_double: tuple[OpenAIDouble, str], loop_errors: Any
+) -> None:
+    double, domain = await fd.start(aiohttp_server)
+    client = await gateway(fd.config(domain, openai_double[1]))
+    await double.wait_for(lambda: double.pings >= 1)
+    double.fail_replies = 2  # two 500s, then it works
+    frame_id = await double.push_event(message_event("through the blip", message_id="om_blip"))
+    assert await double.response(frame_id) == {"code": 200}
+    await double.wait_for(lambda: double.answer("om_blip") is not None)
+    await client.app[DISPATCHER].wait_idle()
+    assert double.answer("om_blip") == "echo: through the blip"
+    assert len(double.replies_to("om_blip")) == 1  # retried, shown once
+    registry = client.app[METRICS].registry
+    assert registry.get_sample_value("botgate_send_retries_total", {"platform": "feishu"}) == 2
 
 
 async def test_websocket_dropped_again_and_again(aiohttp_server: Any, gateway: Any, loop_errors: Any) -> None:
