@@ -32,6 +32,7 @@ from tests.fuzzing import (
     request,
     route_for,
     send_raw,
+    undecodable,
 )
 
 LIMIT = 4096
@@ -66,7 +67,8 @@ def test_random_requests_get_the_right_status_and_a_json_error(live: Live) -> No
     @given(method=METHODS, path=PATHS, headers=HEADERS, body=bodies(LIMIT))
     def one(method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> None:
         answer = request(live.port, build_request(method, path, headers, body), method)
-        if method not in STANDARD_METHODS:
+        if method not in STANDARD_METHODS or (undecodable(headers, body) and answer.status == 400):
+            # aiohttp itself refuses unknown methods and bodies it cannot decompress (plain text).
             assert answer.status in {400, *expected_statuses(method, path, body)}, (
                 answer.status,
                 answer.body,
