@@ -2,10 +2,10 @@
 deduplicated, back-pressured.
 
 `submit()` is what every adapter calls. It returns only after the message is safely accepted
-(dedup key claimed, message in the inbox), so the adapter may ACK the platform right then; the
-answer is produced later by a worker. One worker task exists per conversation that has queued
-messages (so order is strict and idle conversations cost nothing); a semaphore bounds how many
-messages are being answered at once.
+(dedup key claimed and message in the inbox, one atomic store step), so the adapter may ACK the
+platform right then; the answer is produced later by a worker. One worker task exists per
+conversation that has queued messages (so order is strict and idle conversations cost nothing); a
+semaphore bounds how many messages are being answered at once.
 
 Several instances may share one store (Redis). A worker answers only while holding the store's
 lease on its conversation, and under it answers every still-pending message of that conversation up
@@ -111,19 +111,25 @@ class Dispatcher:
     async def submit(self, message: InboundMessage) -> Admission:
         if self._closing:
             return Admission.CLOSED
+        full = self._depth >= self.cfg.max_queue
         try:
-            if not await self._store.claim(message.dedup_key, self.cfg.dedup_ttl):
-                self._metrics.dedup_dropped.labels(message.platform).inc()
-                log.info("duplicate dropped", extra=_fields(message))
-                return Admission.DUPLICATE
-            if self._depth >= self.cfg.max_queue:
-                log.warning("queue full, sender told to retry", extra=_fields(message))
-                self._spawn(self._notify(message, BUSY_NOTICE, Outcome.BUSY))
-                return Admission.BUSY
-            await self._store.inbox_add(message)
+            # A full queue only claims the id: the sender is told to send again, so a platform
+            # redelivery of this message must not bring a second notice.
+            if full:
+                fresh = await self._store.claim(message.dedup_key, self.cfg.dedup_ttl)
+            else:
+                fresh = await self._store.admit(message, self.cfg.dedup_ttl)
         except StoreError as e:
             log.error("store unavailable, message not accepted: %s", e, extra=_fields(message))
             return Admission.UNAVAILABLE
+        if not fresh:
+            self._metrics.dedup_dropped.labels(message.platform).inc()
+            log.info("duplicate dropped", extra=_fields(message))
+            return Admission.DUPLICATE
+        if full:
+            log.warning("queue full, sender told to retry", extra=_fields(message))
+            self._spawn(self._notify(message, BUSY_NOTICE, Outcome.BUSY))
+            return Admission.BUSY
         self._metrics.message_received(
             message.platform, message.transport, message.conversation_kind.value
         )
@@ -263,12 +269,29 @@ class Dispatcher:
             log.exception("notice failed", extra=_fields(message))
 
     async def _settle(self, message: InboundMessage) -> None:
-        """The message got its answer (or a notice): it leaves the inbox."""
-        try:
-            await self._store.inbox_done(message)
-        except Exception as e:  # a store bug must not kill the conversation's worker either
-            # It stays in the inbox and is answered again after a restart; say so.
-            log.error("could not mark message answered: %s", e, extra=_fields(message))
+        """The message got its answer (or a notice): it leaves the inbox.
+
+        While the store is unavailable this keeps trying (the conversation waits, still under its
+        lease): given up, the entry would stay and be answered a second time by the next start or
+        by another instance adopting it. Once shutdown has begun it does give up: the process is
+        going away and cannot wait for the store."""
+        backoff = Backoff(first=0.05, cap=1.0)
+        while True:
+            try:
+                await self._store.inbox_done(message)
+                if backoff.attempt:
+                    log.info("message marked answered after the store came back", extra=_fields(message))
+                return
+            except StoreError as e:
+                if self._closing:
+                    log.error("message answered but left in the inbox: %s", e, extra=_fields(message))
+                    return
+                if backoff.attempt == 0:
+                    log.error("could not mark message answered, retrying: %s", e, extra=_fields(message))
+            except Exception as e:  # a store bug must not kill the conversation's worker either
+                log.error("could not mark message answered: %s", e, extra=_fields(message))
+                return
+            await asyncio.sleep(backoff.next())
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)

@@ -47,6 +47,24 @@ class DingTalkEnv:
         return self.double.session_posts
 
 
+async def serve(aiohttp_server: Callable[..., Any], double: DingTalkDouble) -> None:
+    """Serve the double on a random loopback port; its sessionWebhooks point there."""
+    server = await aiohttp_server(double.app(), host="127.0.0.1")
+    double.base = str(server.make_url("")).rstrip("/")
+
+
+def dingtalk_section(double: DingTalkDouble) -> dict[str, Any]:
+    """The `[dingtalk]` settings of a gateway talking to the (served) double."""
+    return {
+        "enabled": True,
+        "client_id": double.client_id,
+        "client_secret": double.client_secret,
+        "api_base": double.base,
+        "oapi_base": double.base,
+        "reconnect_delay": 0.05,
+    }
+
+
 async def start(
     aiohttp_server: Callable[..., Any],
     gateway: Callable[..., Any],
@@ -62,18 +80,9 @@ async def start(
     sections = dict(sections or {})
     model = {"base_url": model_url} if model_url else {}
     model.update(sections.pop("model", {}))
-    server = await aiohttp_server(double.app(), host="127.0.0.1")
-    double.base = str(server.make_url("")).rstrip("/")
+    await serve(aiohttp_server, double)
     config = make_config(
-        dingtalk={
-            "enabled": True,
-            "client_id": double.client_id,
-            "client_secret": double.client_secret,
-            "api_base": double.base,
-            "oapi_base": double.base,
-            "reconnect_delay": 0.05,
-            **dingtalk,
-        },
+        dingtalk={**dingtalk_section(double), **dingtalk},
         model=model,
         cache={"enabled": False},
         **sections,

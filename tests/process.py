@@ -15,6 +15,8 @@ from pathlib import Path
 
 import orjson
 
+from tests.redisd import listen_port
+
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 20.0
 
@@ -31,11 +33,18 @@ def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
     return cert, key
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def env_for(sections: dict[str, dict[str, object]]) -> dict[str, str]:
+    """Config sections as the environment spells them: `{"dingtalk": {"enabled": True}}` ->
+    `{"BOTGATE_DINGTALK__ENABLED": "true"}` (lists comma-separated)."""
+    out = {}
+    for section, values in sections.items():
+        for key, value in values.items():
+            if isinstance(value, bool):
+                text = str(value).lower()
+            else:
+                text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            out[f"BOTGATE_{section.upper()}__{key.upper()}"] = text
+    return out
 
 
 class NotifySocket:
@@ -102,7 +111,7 @@ class GatewayProcess:
     ) -> None:
         self.workdir = workdir
         self.wrapper = wrapper or []  # e.g. tests/sandbox.py
-        self.port = free_port()
+        self.port = listen_port()  # not an ephemeral port, which a test's client socket could take first
         self.config_path = workdir / "config.toml"
         self.config_path.write_text(config)
         self.notify = NotifySocket()

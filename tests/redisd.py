@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -19,17 +20,36 @@ def free_port() -> int:
         return port
 
 
-class RedisServer:
-    """One redis-server without persistence; `stop()` kills it like a crash, `start()` brings it
-    back on the same port (empty, as after a crash without AOF)."""
+def listen_port() -> int:
+    """A free port for a server started later (or restarted) on it: taken below the kernel's
+    ephemeral range, where `free_port()`'s come from, so that no outgoing connection of the test
+    can take it in between (a flaky "address already in use" otherwise)."""
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32768
+    for _ in range(100):  # bounded: a taken port is rare down there
+        port = random.randrange(max(1024, low - 10_000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+
+class RedisServer:
+    """One redis-server; `stop()` kills it like a crash, `start()` brings it back on the same port:
+    empty, as after a crash without persistence, or with `persist` (AOF, fsync on every write, the
+    configuration docs/state.md recommends against losing acknowledged messages) with its data."""
+
+    def __init__(self, workdir: Path, port: int | None = None, persist: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
         self.binary = binary
         self.workdir = workdir
-        self.port = port or free_port()
+        self.port = port or listen_port()
+        self.persist = persist
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -44,7 +64,8 @@ class RedisServer:
                 "--port", str(self.port),
                 "--bind", "127.0.0.1",
                 "--save", "",
-                "--appendonly", "no",
+                "--appendonly", "yes" if self.persist else "no",
+                "--appendfsync", "always",
                 "--dir", str(self.workdir),
                 "--loglevel", "warning",
             ],

@@ -7,9 +7,11 @@ asked to do and holds each answer until the test releases it, so every assertion
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,10 +24,9 @@ from gateway.dispatcher import (
     Admission,
     Dispatcher,
 )
-from gateway.errors import StoreError
 from gateway.messages import ConversationKind, InboundMessage
 from gateway.metrics import Metrics, Outcome
-from gateway.store import MemoryStore
+from gateway.store import MemoryStore, SqliteStore
 
 
 def msg(conversation: str, message_id: str, platform: str = "dingtalk") -> InboundMessage:
@@ -321,7 +322,7 @@ async def test_drain_timeout_cancels_and_leaves_messages_in_the_inbox(
 async def test_resume_answers_what_a_previous_process_left(make: Any, store: MemoryStore) -> None:
     left = [msg("c1", "old1"), msg("c1", "old2"), msg("c2", "old3")]
     for m in left:
-        await store.inbox_add(m)
+        await store.admit(m, 60)
     dispatcher, responder, _ = make()
     responder.hold = False
     assert await dispatcher.resume() == 3
@@ -359,14 +360,28 @@ async def test_ready_at_excludes_waiting_behind_the_same_conversation(make: Any)
     responder.release("m2")
 
 
-class BrokenStore(MemoryStore):
-    async def inbox_add(self, message: InboundMessage) -> None:
-        raise StoreError("disk full")
+async def test_refused_while_the_disk_is_full_and_admitted_when_redelivered(tmp_path: Path) -> None:
+    """A real SQLITE_FULL (the file capped at its size, as a full disk): the message is not
+    acknowledged, and the platform's redelivery, once there is room, is admitted and answered
+    rather than dropped as a duplicate of a message that never reached the inbox."""
+    store = SqliteStore(tmp_path / "full.sqlite3")
+    await store.open()
+    responder = RecordingResponder(hold=False)
+    dispatcher = Dispatcher(DispatcherConfig(), store, Metrics(), responder)
+    try:
+        pages = await store.db.write(lambda conn, now: conn.execute("PRAGMA page_count").fetchone()[0])
+        await store.db.write(lambda conn, now: conn.execute(f"PRAGMA max_page_count = {pages}"))
+        big = dataclasses.replace(msg("c1", "m1"), text="x" * 20_000)  # its claim alone would fit
+        admission = await dispatcher.submit(big)
+        assert admission is Admission.UNAVAILABLE and not admission.acknowledge
+        assert responder.events == [] and dispatcher.depth == 0
 
-
-async def test_store_down_refuses_without_ack() -> None:
-    responder = RecordingResponder()
-    dispatcher = Dispatcher(DispatcherConfig(), BrokenStore(), Metrics(), responder)
-    admission = await dispatcher.submit(msg("c1", "m1"))
-    assert admission is Admission.UNAVAILABLE and not admission.acknowledge
-    assert responder.events == [] and dispatcher.depth == 0
+        await store.db.write(lambda conn, now: conn.execute("PRAGMA max_page_count = 1073741823"))
+        redelivered = dataclasses.replace(big, request_id="redelivery")
+        assert await dispatcher.submit(redelivered) is Admission.ACCEPTED
+        await dispatcher.wait_idle()
+        assert responder.ended() == ["m1"]
+        assert await store.inbox_pending() == []
+    finally:
+        await dispatcher.drain(5.0)
+        await store.close()

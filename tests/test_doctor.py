@@ -19,7 +19,8 @@ from tests.doubles import feishu as fd
 from tests.doubles.dingtalk import DingTalkDouble
 from tests.doubles.feishu import FeishuDouble
 from tests.doubles.openai import OpenAIDouble
-from tests.process import ROOT, free_port
+from tests.process import ROOT
+from tests.redisd import listen_port
 
 SECRET = "ding-secret-7f3a9c"
 KEY = "sk-doctor-key-1"
@@ -102,7 +103,7 @@ async def test_bad_secret_fails_the_token_check_with_the_fix(setup: Setup) -> No
 
 
 async def test_platform_down_says_which_host_to_reach(setup: Setup) -> None:
-    down = f"http://127.0.0.1:{free_port()}"
+    down = f"http://127.0.0.1:{listen_port()}"
     code, checks = await diagnose(setup.config(dingtalk={"api_base": down}))
     assert code == 1
     for name in ("dingtalk credentials", "dingtalk stream endpoint", "dingtalk clock"):
@@ -136,7 +137,7 @@ async def test_model_key_refused(setup: Setup) -> None:
 
 
 async def test_model_endpoint_down(setup: Setup) -> None:
-    code, checks = await diagnose(setup.config(model={"base_url": f"http://127.0.0.1:{free_port()}/v1"}))
+    code, checks = await diagnose(setup.config(model={"base_url": f"http://127.0.0.1:{listen_port()}/v1"}))
     assert code == 1
     assert status(checks["model"]) == "FAIL" and "check [model] base_url" in checks["model"]
 
@@ -168,7 +169,7 @@ async def test_store_held_by_the_running_gateway_is_a_warning(setup: Setup) -> N
 
 
 async def test_redis_down(setup: Setup) -> None:
-    code, checks = await diagnose(setup.config(store={"url": f"redis://127.0.0.1:{free_port()}/0"}))
+    code, checks = await diagnose(setup.config(store={"url": f"redis://127.0.0.1:{listen_port()}/0"}))
     assert code == 1 and status(checks["store"]) == "FAIL"
 
 
@@ -277,7 +278,7 @@ async def test_feishu_bad_secret(feishu: tuple[FeishuDouble, str], setup: Setup,
 
 
 async def test_feishu_down(setup: Setup, tmp_path: Path) -> None:
-    down = f"http://127.0.0.1:{free_port()}"
+    down = f"http://127.0.0.1:{listen_port()}"
     code, checks = await diagnose(feishu_config(down, setup.model_url, tmp_path))
     assert code == 1
     for name in ("feishu credentials", "feishu ws endpoint", "feishu clock"):

@@ -12,7 +12,8 @@ import aiohttp
 
 from tests.doubles.dingtalk import DingTalkDouble
 from tests.doubles.openai import OpenAIDouble
-from tests.process import GatewayProcess, free_port
+from tests.process import GatewayProcess
+from tests.redisd import listen_port
 
 
 async def ask(double: DingTalkDouble, text: str) -> str:
@@ -27,7 +28,7 @@ async def test_one_process_survives_every_fault(
 ) -> None:
     double = DingTalkDouble()
     double.base = str((await aiohttp_server(double.app(), host="127.0.0.1")).make_url("")).rstrip("/")
-    model_port = free_port()  # the model is down at first
+    model_port = listen_port()  # the model is down at first
     gw: GatewayProcess = spawn_gateway(
         f"""
 [dingtalk]

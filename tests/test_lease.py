@@ -125,8 +125,8 @@ async def test_a_dead_instances_accepted_messages_are_adopted(pair: Any) -> None
     # Accepted by an instance that died (its lease already expired): only in the shared inbox.
     orphan = dataclasses.replace(msg(1, "c7"), created_at=time.time() - 1000)
     recent = msg(2, "c8")
-    await store.inbox_add(orphan)
-    await store.inbox_add(recent)
+    await store.admit(orphan, 60)
+    await store.admit(recent, 60)
     recorder_a.gate = asyncio.Event()
     await a.submit(msg(3, "c9"))  # A's own, still being answered
     async with asyncio.timeout(5):

@@ -89,7 +89,7 @@ async def test_live_counter_after_web_chat_message(gateway: Any) -> None:
 
 
 async def test_expired_login_sends_the_page_to_the_login_form(gateway: Any) -> None:
-    config = make_config(admin={"password": PASSWORD, "jwt_secret": "expiry-secret", "token_ttl": 1.0})
+    config = make_config(admin={"password": PASSWORD, "jwt_secret": "expiry-secret", "token_ttl": 3.0})
     client = await gateway(config)
     base = str(client.make_url("")).rstrip("/")
     async with Chromium() as browser:
@@ -100,7 +100,7 @@ async def test_expired_login_sends_the_page_to_the_login_form(gateway: Any) -> N
             "document.querySelector('form').submit()"
         )
         assert await page.evaluate("location.pathname") == "/"
-        # The token lapses within a second; the live feed ends, status.js finds out and leaves.
+        # The token lapses within seconds (3 s leaves room on a loaded machine); the live feed ends, status.js finds out and leaves.
         await page.wait_event("Page.loadEventFired")
         assert await page.evaluate("location.pathname + location.search") == "/login?next=/"
         assert await page.evaluate("document.getElementById('password') !== null")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
 from gateway.errors import StoreError
 from gateway.messages import Attachment, ConversationKind, InboundMessage
@@ -22,7 +25,7 @@ class Backend:
     def __init__(self, name: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
         self.name = name
         self._path = tmp_path / "state" / "botgate.sqlite3"
-        self._redis_url = request.getfixturevalue("redis_url") if name == "redis" else ""
+        self.redis_url = request.getfixturevalue("redis_url") if name == "redis" else ""
         self._memory = MemoryStore()  # "reopening" memory returns the same (non-durable) object
         self.opened: list[Store] = []
 
@@ -33,7 +36,7 @@ class Backend:
         elif self.name == "sqlite":
             store = SqliteStore(self._path)
         else:
-            store = RedisStore(self._redis_url)
+            store = RedisStore(self.redis_url)
         await store.open()
         self.opened.append(store)
         return store
@@ -89,11 +92,80 @@ async def test_concurrent_claims_of_one_key_admit_exactly_one(store: Store) -> N
     assert results.count(True) == 1
 
 
+# -- admission: dedup claim and inbox entry in one step ------------------------------------------
+async def test_admit_queues_a_message_once_until_its_claim_expires(store: Store) -> None:
+    first = msg(1)
+    assert await store.admit(first, 0.5) is True
+    redelivered = dataclasses.replace(first, transport="webhook", request_id="redelivered")
+    assert await store.admit(redelivered, 0.5) is False
+    assert await store.claim(first.dedup_key, 60) is False  # admit claims the same key
+    assert await store.inbox_pending() == [first]
+    await store.inbox_done(first)
+    assert await store.admit(redelivered, 0.5) is False  # answered, and still remembered
+    assert await store.inbox_pending() == []
+    late = dataclasses.replace(first, request_id="late")
+    await eventually(lambda: store.admit(late, 60))
+    assert await store.inbox_pending() == [late]
+
+
+async def test_a_claimed_id_is_not_admitted(store: Store) -> None:
+    """A message first seen when the queue was full (only claimed) stays a duplicate."""
+    assert await store.claim(msg(1).dedup_key, 60) is True
+    assert await store.admit(msg(1), 60) is False
+    assert await store.inbox_pending() == []
+
+
+async def test_concurrent_admits_of_one_message_queue_it_once(store: Store) -> None:
+    copies = [dataclasses.replace(msg(1), request_id=f"copy{i}") for i in range(20)]
+    results = await asyncio.gather(*(store.admit(m, 60) for m in copies))
+    assert results.count(True) == 1
+    assert [m.request_id for m in await store.inbox_pending()] == [copies[results.index(True)].request_id]
+
+
+@asynccontextmanager
+async def refusing_writes(backend: Backend, store: Store) -> AsyncIterator[None]:
+    """Make the real backend refuse a large write: SQLite's file capped at its size (a full
+    disk), Redis over its `maxmemory` (OOM with noeviction)."""
+    if isinstance(store, SqliteStore):
+        pages = await store.db.write(lambda conn, now: conn.execute("PRAGMA page_count").fetchone()[0])
+        await store.db.write(lambda conn, now: conn.execute(f"PRAGMA max_page_count = {pages}"))
+        try:
+            yield
+        finally:
+            await store.db.write(lambda conn, now: conn.execute("PRAGMA max_page_count = 1073741823"))
+    elif isinstance(store, RedisStore):
+        admin = aioredis.Redis.from_url(backend.redis_url)
+        try:
+            await admin.config_set("maxmemory-policy", "noeviction")
+            await admin.config_set("maxmemory", 1)
+            try:
+                yield
+            finally:
+                await admin.config_set("maxmemory", 0)
+        finally:
+            await admin.aclose()
+    else:
+        pytest.skip("memory:// cannot fail")
+
+
+async def test_a_failed_admit_leaves_no_claim_behind(backend: Backend) -> None:
+    """Otherwise the platform's redelivery would be dropped as a duplicate of a message that
+    never reached the inbox: acknowledged by nobody, answered by nobody."""
+    store = await backend.open()
+    big = msg(1, reply_handle={"blob": "x" * 20_000})
+    async with refusing_writes(backend, store):
+        with pytest.raises(StoreError):
+            await store.admit(big, 60)
+    assert await store.inbox_pending() == []
+    assert await store.admit(big, 60) is True
+    assert await store.inbox_pending() == [big]
+
+
 # -- inbox -------------------------------------------------------------------------------------
 async def test_inbox_keeps_order_and_forgets_done(store: Store) -> None:
     messages = [msg(1), msg(2, "c2"), msg(3), msg(4)]
     for m in messages:
-        await store.inbox_add(m)
+        await store.admit(m, 60)
     assert await store.inbox_pending() == messages
     assert await store.inbox_pending("dingtalk:c1") == [messages[0], messages[2], messages[3]]
     await store.inbox_done(messages[2])
@@ -114,7 +186,7 @@ async def test_inbox_survives_reopen_with_every_field(backend: Backend) -> None:
     )
     others = [msg(2), msg(3, "c9")]
     for m in [rich, *others]:
-        await store.inbox_add(m)
+        await store.admit(m, 60)
     await store.inbox_done(others[0])
     await store.close()
     backend.opened.remove(store)

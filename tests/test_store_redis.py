@@ -38,13 +38,13 @@ async def test_outage_raises_store_errors_then_recovers_by_itself(tmp_path: Path
         with pytest.raises(StoreError, match="claim"):
             await store.claim("dingtalk:2", 60)
         with pytest.raises(StoreError, match="inbox add"):
-            await store.inbox_add(msg(2))
+            await store.admit(msg(2), 60)
 
         await asyncio.to_thread(server.start)  # same port, empty (no persistence in tests)
         await store.ping()  # the pool reconnects; no reopen needed
         assert await store.claim("dingtalk:2", 60)
         message = msg(2)
-        await store.inbox_add(message)  # the Lua scripts are loaded again after the restart
+        assert await store.admit(message, 60)  # the Lua scripts are loaded again after the restart
         assert await store.inbox_pending() == [message]
     finally:
         await store.close()
@@ -56,7 +56,7 @@ async def test_keys_carry_the_botgate_prefix(redis_url: str, redis_server: Redis
     await store.open()
     try:
         await store.claim("k", 60)
-        await store.inbox_add(msg(1))
+        await store.admit(msg(1), 60)
         await store.cache_put("cache:x", "v", 60)
         await store.take_token("rate:u", 5)
         await store.acquire_lease("dingtalk:c1", "me", 60)

@@ -19,7 +19,7 @@ async def test_group_commit_batches_concurrent_writes(tmp_path: Path) -> None:
     try:
         before = store.commits
         messages = [msg(i, f"c{i % 7}") for i in range(200)]
-        await asyncio.gather(*(store.inbox_add(m) for m in messages))
+        await asyncio.gather(*(store.admit(m, 60) for m in messages))
         claims = await asyncio.gather(*(store.claim(f"k{i % 50}", 60) for i in range(200)))
         commits = store.commits - before
         assert commits <= 20, f"{commits} commits for 400 writes: no group commit"
@@ -33,7 +33,7 @@ async def test_relative_url_lives_under_state_dir_in_wal_mode(tmp_path: Path) ->
     state = tmp_path / "deep" / "state"
     store = open_store("sqlite:///sub/bot.sqlite3", state)
     await store.open()
-    await store.inbox_add(msg(1))
+    await store.admit(msg(1), 60)
     await store.close()
     path = state / "sub" / "bot.sqlite3"
     with sqlite3.connect(path) as conn:
@@ -90,14 +90,14 @@ async def test_full_disk_is_reported_and_recovers(tmp_path: Path) -> None:
         await store.db.write(lambda conn, now: conn.execute(f"PRAGMA max_page_count = {pages}"))
         big = msg(1, reply_handle={"blob": "x" * 20_000})
         with pytest.raises(StoreError, match="database or disk is full"):
-            await store.inbox_add(big)
+            await store.admit(big, 60)
         with pytest.raises(StoreError, match="database or disk is full"):
             await store.ping()  # readiness shows it, and keeps showing it
         with pytest.raises(StoreError, match="database or disk is full"):
             await store.ping()
         assert await store.inbox_pending() == []  # reads still work
         await store.db.write(lambda conn, now: conn.execute("PRAGMA max_page_count = 1073741823"))
-        await store.inbox_add(big)
+        assert await store.admit(big, 60) is True  # the failed attempt left no claim behind
         await store.ping()
         assert [m.request_id for m in await store.inbox_pending()] == [big.request_id]
     finally:
@@ -108,7 +108,7 @@ async def test_an_unreadable_inbox_entry_does_not_block_the_others(tmp_path: Pat
     store = SqliteStore(tmp_path / "odd.sqlite3")
     await store.open()
     try:
-        await store.inbox_add(msg(1))
+        await store.admit(msg(1), 60)
         # As if written by another botgate version with a field this one does not know.
         await store.db.write(
             lambda conn, now: conn.execute(
@@ -116,7 +116,7 @@ async def test_an_unreadable_inbox_entry_does_not_block_the_others(tmp_path: Pat
                 (b'{"platform": "dingtalk", "unknown_field": 1}',),
             )
         )
-        await store.inbox_add(msg(2))
+        await store.admit(msg(2), 60)
         assert [m.text for m in await store.inbox_pending()] == ["message 1", "message 2"]
     finally:
         await store.close()

@@ -38,8 +38,12 @@ class Store(Protocol):
         """Atomically mark `key` seen for `ttl` seconds; False if it already was."""
 
     # -- inbox: accepted but not yet answered ----------------------------------------------
-    async def inbox_add(self, message: InboundMessage) -> None:
-        """Durably record an accepted message (backends batch these into group commits)."""
+    async def admit(self, message: InboundMessage, ttl: float) -> bool:
+        """Claim `message.dedup_key` for `ttl` seconds and durably add the message to the inbox,
+        as ONE atomic step: True when admitted, False (nothing written) when the key was already
+        claimed. On `StoreError` neither happened, so the platform's redelivery is admitted later
+        instead of being dropped as a duplicate of a message that never reached the inbox.
+        Backends batch these into group commits."""
 
     async def inbox_done(self, message: InboundMessage) -> None: ...
 

@@ -74,8 +74,11 @@ class MemoryStore:
         self._seen[key] = now + ttl
         return True
 
-    async def inbox_add(self, message: InboundMessage) -> None:
+    async def admit(self, message: InboundMessage, ttl: float) -> bool:
+        if not await self.claim(message.dedup_key, ttl):
+            return False
         self._inbox[message.request_id] = message
+        return True
 
     async def inbox_done(self, message: InboundMessage) -> None:
         self._inbox.pop(message.request_id, None)

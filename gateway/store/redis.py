@@ -1,10 +1,10 @@
 """Redis store (`redis://`, `rediss://`, `unix://`): state shared by several gateway instances.
 
 Every key starts with `botgate:`. Multi-key steps run as Lua scripts (atomic, one round trip); the
-inbox keys share the `{inbox}` hash tag so the scripts also work on a Redis Cluster. Dedup claims
-and lease changes are idempotent under redis-py's retry of a command whose reply was lost: a claim
-stores a per-call token, so a retried claim recognises its own earlier success instead of calling
-the message a duplicate (which would ACK and drop it).
+inbox and dedup keys share the `{inbox}` hash tag so the scripts also work on a Redis Cluster. Dedup
+claims (and admissions, which claim) and lease changes are idempotent under redis-py's retry of a
+command whose reply was lost: a claim stores a per-call token, so a retried claim recognises its own
+earlier success instead of calling the message a duplicate (which would ACK and drop it).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ PREFIX = "botgate:"
 INBOX = PREFIX + "{inbox}"  # hash: request_id -> message JSON
 INBOX_SEQ = INBOX + ":seq"  # counter giving the global arrival order
 INBOX_ORDER = INBOX + ":order"  # sorted set: request_id by seq
+DEDUP = INBOX + ":dedup:"  # + key: a claim's token, with the dedup TTL
 CHUNK = 500  # ids per HMGET when reading the inbox
 
 _CLAIM = """
@@ -40,11 +41,17 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
 return 0
 """
-_INBOX_ADD = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-local seq = redis.call('INCR', KEYS[2])
-redis.call('ZADD', KEYS[3], seq, ARGV[1])
-redis.call('ZADD', KEYS[4], seq, ARGV[1])
+# Claim and inbox entry in one script: Redis runs it whole, so there is never a claim without its
+# entry (a redelivery dropped as a duplicate of a message nobody will answer).
+_ADMIT = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+end
+if redis.call('HSETNX', KEYS[2], ARGV[3], ARGV[4]) == 1 then
+  local seq = redis.call('INCR', KEYS[3])
+  redis.call('ZADD', KEYS[4], seq, ARGV[3])
+  redis.call('ZADD', KEYS[5], seq, ARGV[3])
+end
 return 1
 """
 _INBOX_DONE = """
@@ -86,7 +93,7 @@ return 0
 
 _SCRIPTS = {
     "claim": _CLAIM,
-    "inbox_add": _INBOX_ADD,
+    "admit": _ADMIT,
     "inbox_done": _INBOX_DONE,
     "take_token": _TAKE_TOKEN,
     "acquire": _ACQUIRE,
@@ -175,14 +182,22 @@ class RedisStore:
     async def claim(self, key: str, ttl: float) -> bool:
         with self._errors("claim"):
             token = uuid.uuid4().hex
-            return bool(await self._script("claim", [f"{PREFIX}dedup:{key}"], [token, _ms(ttl)]))
+            return bool(await self._script("claim", [DEDUP + key], [token, _ms(ttl)]))
 
     # -- inbox --------------------------------------------------------------------------------
-    async def inbox_add(self, message: InboundMessage) -> None:
-        data = encode_message(message)
-        keys = [INBOX, INBOX_SEQ, INBOX_ORDER, _conversation_order(message.conversation_key)]
+    async def admit(self, message: InboundMessage, ttl: float) -> bool:
+        keys = [
+            DEDUP + message.dedup_key,
+            INBOX,
+            INBOX_SEQ,
+            INBOX_ORDER,
+            _conversation_order(message.conversation_key),
+        ]
+        args: list[str | int | bytes] = [
+            uuid.uuid4().hex, _ms(ttl), message.request_id, encode_message(message)
+        ]
         with self._errors("inbox add"):
-            await self._script("inbox_add", keys, [message.request_id, data])
+            return bool(await self._script("admit", keys, args))
 
     async def inbox_done(self, message: InboundMessage) -> None:
         keys = [INBOX, INBOX_ORDER, _conversation_order(message.conversation_key)]

@@ -88,28 +88,25 @@ class SqliteStore:
 
     # -- dedup --------------------------------------------------------------------------------
     async def claim(self, key: str, ttl: float) -> bool:
-        def op(conn: sqlite3.Connection, now: float) -> bool:
-            cur = conn.execute(
-                "INSERT INTO dedup (key, expires) VALUES (?, ?) ON CONFLICT (key) DO UPDATE"
-                " SET expires = excluded.expires WHERE dedup.expires <= ?",
-                (key, now + ttl, now),
-            )
-            return cur.rowcount == 1
-
-        return bool(await self.db.write(op))
+        return bool(await self.db.write(lambda conn, now: _claim(conn, now, key, ttl)))
 
     # -- inbox --------------------------------------------------------------------------------
-    async def inbox_add(self, message: InboundMessage) -> None:
+    async def admit(self, message: InboundMessage, ttl: float) -> bool:
+        key = message.dedup_key
         row = (message.request_id, message.conversation_key, encode_message(message))
 
-        def op(conn: sqlite3.Connection, now: float) -> None:
+        def op(conn: sqlite3.Connection, now: float) -> bool:
+            # One transaction (the group commit's): a failed commit undoes the claim too.
+            if not _claim(conn, now, key, ttl):
+                return False
             conn.execute(
                 "INSERT INTO inbox (request_id, conversation, message) VALUES (?, ?, ?)"
                 " ON CONFLICT (request_id) DO NOTHING",
                 row,
             )
+            return True
 
-        await self.db.write(op)
+        return bool(await self.db.write(op))
 
     async def inbox_done(self, message: InboundMessage) -> None:
         request_id = message.request_id
@@ -210,6 +207,15 @@ class SqliteStore:
 
     async def release_lease(self, conversation: str, owner: str) -> None:
         self._leases.release(conversation, owner)
+
+
+def _claim(conn: sqlite3.Connection, now: float, key: str, ttl: float) -> bool:
+    cur = conn.execute(
+        "INSERT INTO dedup (key, expires) VALUES (?, ?) ON CONFLICT (key) DO UPDATE"
+        " SET expires = excluded.expires WHERE dedup.expires <= ?",
+        (key, now + ttl, now),
+    )
+    return cur.rowcount == 1
 
 
 def _turns(raw: bytes) -> list[Turn]:

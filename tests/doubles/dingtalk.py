@@ -10,6 +10,11 @@ after each of the next N handshakes), raw frames of any shape, a robot query wit
 a skewed clock in every answer's `Date` header. Silence needs no script: the double only sends what a
 test pushes.
 
+Several clients may be connected at once (several gateway instances); connections are numbered in
+the order they opened, and a frame goes to the newest one unless `to=` picks another, as DingTalk
+hands each event to one of the app's connections. Like DingTalk, the double redelivers a robot
+message nobody ACKed (`redeliver()`: same msgId, new frame id).
+
 The SDK's own client must work against it (tests/test_dingtalk_conformance.py), which is what keeps
 the double honest. Tests wait with `wait_for(predicate)`, which wakes on every recorded event.
 """
@@ -72,10 +77,11 @@ class DingTalkDouble:
     tokens_issued: list[str] = field(default_factory=list)
     files: dict[str, tuple[bytes, str]] = field(default_factory=dict)
     failed_sends: int = 0
+    deliveries: list[tuple[str, str, int]] = field(default_factory=list)  # (frame id, msgId, connection)
+    _bodies: dict[str, dict[str, Any]] = field(default_factory=dict)  # msgId -> robot message
     _tickets: set[str] = field(default_factory=set)
     _revoked: set[str] = field(default_factory=set)
-    _ws: web.WebSocketResponse | None = None
-    _request: web.Request | None = None
+    _sockets: dict[int, tuple[web.WebSocketResponse, web.Request]] = field(default_factory=dict)  # open ones
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -116,7 +122,19 @@ class DingTalkDouble:
 
     @property
     def connected(self) -> bool:
-        return self._ws is not None and not self._ws.closed
+        return bool(self.open_connections)
+
+    @property
+    def open_connections(self) -> list[int]:
+        """Numbers of the connections open now, oldest first."""
+        return [n for n, (ws, _) in self._sockets.items() if not ws.closed]
+
+    def _target(self, to: int | None) -> int | None:
+        """Connection `to` if open, else None; without `to`, the newest open one."""
+        open_now = self.open_connections
+        if to is None:
+            return open_now[-1] if open_now else None
+        return to if to in open_now else None
 
     def calls(self, path: str) -> list[dict[str, Any]]:
         return [body for _, p, body in self.api_calls if p == path]
@@ -170,11 +188,17 @@ class DingTalkDouble:
         self.files[code] = (data, mime)
 
     # -- pushing frames ----------------------------------------------------------------------
-    async def _send(self, frame_type: str, topic: str, data: dict[str, Any], frame_id: str | None) -> str:
-        await self.wait_for(lambda: self.connected)
-        assert self._ws is not None
+    async def _send(
+        self, frame_type: str, topic: str, data: dict[str, Any], frame_id: str | None, to: int | None
+    ) -> str:
+        await self.wait_for(lambda: self._target(to) is not None)
+        number = self._target(to)
+        assert number is not None
         frame_id = frame_id or f"frame-{next(self._ids)}"
-        await self._ws.send_str(
+        if frame_type == "CALLBACK":
+            self.deliveries.append((frame_id, data["msgId"], number))
+            self._bodies[data["msgId"]] = data
+        await self._sockets[number][0].send_str(
             json.dumps(
                 {
                     "specVersion": "1.0",
@@ -193,26 +217,53 @@ class DingTalkDouble:
         )
         return frame_id
 
-    async def push(self, body: dict[str, Any], frame_id: str | None = None) -> str:
-        """Deliver a robot message as a CALLBACK frame; returns the frame's messageId."""
-        return await self._send("CALLBACK", TOPIC, body, frame_id)
+    async def push(self, body: dict[str, Any], frame_id: str | None = None, to: int | None = None) -> str:
+        """Deliver a robot message as a CALLBACK frame (to connection `to`, else the newest);
+        returns the frame's messageId."""
+        return await self._send("CALLBACK", TOPIC, body, frame_id, to)
 
-    async def system(self, topic: str, data: dict[str, Any] | None = None) -> str:
-        return await self._send("SYSTEM", topic, data or {}, None)
+    async def system(self, topic: str, data: dict[str, Any] | None = None, to: int | None = None) -> str:
+        return await self._send("SYSTEM", topic, data or {}, None, to)
 
-    async def raw(self, data: str | bytes) -> None:
+    async def raw(self, data: str | bytes, to: int | None = None) -> None:
         """Send any text or binary frame as it is (fuzzing the client's frame handling)."""
-        await self.wait_for(lambda: self.connected)
-        assert self._ws is not None
-        await (self._ws.send_str(data) if isinstance(data, str) else self._ws.send_bytes(data))
+        await self.wait_for(lambda: self._target(to) is not None)
+        number = self._target(to)
+        assert number is not None
+        ws = self._sockets[number][0]
+        await (ws.send_str(data) if isinstance(data, str) else ws.send_bytes(data))
 
-    async def drop(self) -> None:
+    async def drop(self, to: int | None = None) -> None:
         """Cut the TCP connection under the websocket, no close frame."""
-        assert self._request is not None and self._request.transport is not None
-        self._request.transport.abort()
+        number = self._target(to)
+        assert number is not None
+        transport = self._sockets[number][1].transport
+        assert transport is not None
+        transport.abort()
 
     def acked(self, frame_id: str) -> Ack | None:
         return next((a for a in self.acks if a.message_id == frame_id), None)
+
+    async def wait_acked(self, frame_id: str) -> Ack:
+        await self.wait_for(lambda: self.acked(frame_id) is not None)
+        ack = self.acked(frame_id)
+        assert ack is not None
+        return ack
+
+    def acked_messages(self) -> set[str]:
+        """msgIds of which at least one delivery was ACKed: DingTalk considers them handed over."""
+        acked = {a.message_id for a in self.acks}
+        return {msg_id for frame_id, msg_id, _ in self.deliveries if frame_id in acked}
+
+    async def redeliver(self, to: int | None = None) -> list[str]:
+        """Deliver again every robot message none of whose deliveries was ACKed (as DingTalk does
+        within about a minute, protocols.md §A): same body and msgId, a new frame id. Returns the
+        msgIds redelivered."""
+        done = self.acked_messages()
+        pending = [m for m in dict.fromkeys(msg_id for _, msg_id, _ in self.deliveries) if m not in done]
+        for msg_id in pending:
+            await self.push(self._bodies[msg_id], to=to)
+        return pending
 
     # -- stream handshake --------------------------------------------------------------------
     async def _open(self, request: web.Request) -> web.Response:
@@ -237,19 +288,19 @@ class DingTalkDouble:
         self._tickets.discard(ticket)  # one connection per ticket
         ws = web.WebSocketResponse()
         await ws.prepare(request)
-        self._ws, self._request = ws, request
         self.connections += 1
+        number = self.connections
+        self._sockets[number] = (ws, request)
         self._record()
         if self.drop_on_connect > 0:
             self.drop_on_connect -= 1
-            await self.drop()
+            await self.drop(number)
         try:
             async for msg in ws:
                 if msg.type is WSMsgType.TEXT:
                     self._check_ack(msg.data)
         finally:
-            if self._ws is ws:
-                self._ws = self._request = None
+            del self._sockets[number]
             self._record()
         return ws
 

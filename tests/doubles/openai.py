@@ -8,7 +8,9 @@ Behaviour per request comes from `script` (consumed one entry per request, then 
   "garbage"     send malformed SSE
   "error-event" stream an SSE `{"error": ...}` chunk (what vLLM / OpenRouter do mid-stream)
 or from the last user message: "status:<code> ..." answers that status. With `hold` set, every
-request waits for `release()` before answering (a slow model the test controls, no sleeps).
+request waits for `release()` before answering (a slow model the test controls, no sleeps); with
+`metered` set, requests answer in arrival order as `allow(n)` lets n more through (or `release()`
+lets all), so a test knows exactly how many answers are under way.
 A key listed in `bad_keys` gets 401. The answer is "echo: <text>" streamed word by word (or `answer`).
 """
 
@@ -30,6 +32,7 @@ class OpenAIDouble:
     retry_after: str | None = "0"
     bad_keys: set[str] = field(default_factory=set)
     hold: bool = False
+    metered: bool = False
     error_body: str = "scripted"
     requests: list[dict[str, Any]] = field(default_factory=list)
     auth_headers: list[str] = field(default_factory=list)
@@ -37,6 +40,8 @@ class OpenAIDouble:
     received: asyncio.Event = field(default_factory=asyncio.Event)
     _released: asyncio.Event = field(default_factory=asyncio.Event)
     _arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _allowed: int = 0  # metered: requests (by arrival index) that may answer
+    _gate: asyncio.Event = field(default_factory=asyncio.Event)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -44,8 +49,18 @@ class OpenAIDouble:
         return app
 
     def release(self) -> None:
-        """Let held and stalled requests finish."""
+        """Let held, metered and stalled requests finish."""
         self._released.set()
+        self._open_gate()
+
+    def allow(self, count: int) -> None:
+        """Metered: let the next `count` requests (in arrival order) answer."""
+        self._allowed += count
+        self._open_gate()
+
+    def _open_gate(self) -> None:
+        self._gate.set()
+        self._gate = asyncio.Event()
 
     async def wait_requests(self, count: int) -> None:
         """Wait until `count` requests have arrived in total."""
@@ -68,6 +83,7 @@ class OpenAIDouble:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         key = request.headers.get("Authorization", "")
+        ticket = len(self.requests)  # arrival index, for `metered`
         self.requests.append(body)
         self.auth_headers.append(key)
         self.arrivals.append(time.monotonic())
@@ -83,8 +99,9 @@ class OpenAIDouble:
             return self._error(step)
         if last.startswith("status:"):
             return self._error(int(last.split()[0].split(":")[1]))
-        if self.hold:
-            await self._released.wait()
+        if self.hold or self.metered:
+            while not self._released.is_set() and not (self.metered and ticket < self._allowed):
+                await self._gate.wait()
             if request.transport is None or request.transport.is_closing():
                 return web.Response(status=499)  # the client gave up; nobody reads this
         text = self.reply_text(body)
