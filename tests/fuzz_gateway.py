@@ -53,7 +53,7 @@ class Live:
 
     @staticmethod
     def feishu_headers(
-        body: bytes, timestamp: int | None = None, key: str = ENCRYPT_KEY
+        body: bytes, timestamp: int | str | None = None, key: str = ENCRYPT_KEY
     ) -> list[tuple[str, str]]:
         ts, nonce = str(int(time.time()) if timestamp is None else timestamp), uuid.uuid4().hex
         return [

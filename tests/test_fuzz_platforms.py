@@ -39,6 +39,8 @@ EXAMPLES = settings(
 TEXTS = st.one_of(st.text(max_size=200), st.sampled_from(["hi", "/help", "/reset", "", "  ", "\u202e\x00"]))
 IDS = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_size=1, max_size=12)
 OBJECTS = st.dictionaries(st.text(max_size=10), JSON, max_size=4)
+# Digits, but too many for any count or time (int() refuses more than 4300; floats overflow sooner).
+LONG_DIGITS = st.integers(16, 6000).map(lambda n: "9" * n)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +135,11 @@ def test_dingtalk_stale_or_forged_signatures_are_401(live: Live) -> None:
     @given(
         skew=st.one_of(st.integers(hour_ms + 1000, 10**12), st.integers(-(10**12), -hour_ms - 1000)),
         forged=st.one_of(st.none(), HEADER_VALUE, st.just("wrong-secret")),
-        timestamp=st.one_of(st.none(), HEADER_VALUE.filter(lambda t: not t.isdigit())),
+        timestamp=st.one_of(
+            st.none(),
+            HEADER_VALUE.filter(lambda t: not t.isdigit()),
+            LONG_DIGITS,
+        ),
     )
     def one(skew: int, forged: str | None, timestamp: str | None) -> None:
         body = orjson.dumps(live.dingtalk.message("forged?"))
@@ -154,13 +160,19 @@ def test_dingtalk_stale_or_forged_signatures_are_401(live: Live) -> None:
     live.assert_healthy()
 
 
-def test_signature_headers_that_are_not_utf8_are_401(live: Live) -> None:
-    """Found by the fuzzer: such a header value reaches the handler surrogate-escaped, and
-    encoding it for the constant-time comparison raised (a 500)."""
+def test_odd_signature_headers_are_401(live: Live) -> None:
+    """Found by fuzzing: a header value that is not UTF-8 reaches the handler surrogate-escaped, and
+    encoding it for the constant-time comparison raised; a timestamp of thousands of digits made
+    int() raise. Both were a 500, the second without any signature."""
     body = orjson.dumps(live.dingtalk.message("odd bytes"))
     [(_, ts), _] = live.dingtalk_headers()
     assert post(live, "/dingtalk/webhook", body, [("timestamp", ts), ("sign", "\x80\xff")])[0] == 401
     headers = [*live.feishu_headers(body)[:2], ("X-Lark-Signature", "\x80" * 64)]
+    assert post(live, "/feishu/webhook", body, headers)[0] == 401
+    # Nor may a timestamp of thousands of digits (int() refuses those) get past the check.
+    status, answer = post(live, "/dingtalk/webhook", body, [("timestamp", "9" * 5000), ("sign", "x")])
+    assert (status, answer["error"]) == (401, "malformed timestamp")
+    headers = live.feishu_headers(body, timestamp="9" * 5000)
     assert post(live, "/feishu/webhook", body, headers)[0] == 401
 
 
@@ -195,7 +207,7 @@ def feishu_events(draw: st.DrawFn) -> dict[str, Any]:
     """An event with the right verification token: a message of random type, content and chat, or
     an event type botgate does not subscribe to, with a random body."""
     if draw(st.booleans()):
-        return message_event(
+        event = message_event(
             draw(TEXTS),
             message_id=f"om_{uuid.uuid4().hex}",
             chat_type=draw(st.sampled_from(["p2p", "group", "topic", "x"])),
@@ -204,6 +216,10 @@ def feishu_events(draw: st.DrawFn) -> dict[str, Any]:
             sender_type=draw(st.sampled_from(["user", "user", "app"])),
             create_time=draw(st.one_of(st.none(), st.floats(0, 4e9))),
         )
+        odd_time = draw(st.one_of(st.none(), st.text(max_size=20), INTEGERS.map(str), LONG_DIGITS))
+        if odd_time is not None:
+            event["event"]["message"]["create_time"] = event["header"]["create_time"] = odd_time
+        return event
     header = {
         "event_id": uuid.uuid4().hex,
         "event_type": draw(st.text(max_size=30)),
@@ -320,7 +336,9 @@ def feishu_frames(draw: st.DrawFn) -> bytes:
         return draw(st.binary(max_size=300))  # not a Frame at all (or a strange one)
     header_names = st.sampled_from(["type", "message_id", "sum", "seq", "trace_id", "biz_rt", "x"])
     header_values = st.one_of(
-        st.sampled_from(["event", "card", "ping", "pong", "0", "1", "2", "256", "-1"]), st.text(max_size=20)
+        st.sampled_from(["event", "card", "ping", "pong", "0", "1", "2", "256", "-1"]),
+        st.text(max_size=20),
+        LONG_DIGITS,
     )
     payload = st.one_of(
         st.none(),

@@ -92,7 +92,8 @@ class FeishuWebhook:
         if not _same(expected, given):
             return "bad signature"
         window = max(MAX_SKEW, self._cfg.max_message_age)
-        if not (timestamp.isascii() and timestamp.isdigit()) or abs(time.time() - int(timestamp)) > window:
+        fresh = timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12
+        if not fresh or abs(time.time() - int(timestamp)) > window:
             return "timestamp too old or in the future"
         return ""
 
