@@ -1,4 +1,5 @@
-"""Start botgate: `python run.py [--config PATH] [--check-config]`."""
+"""Start botgate: `python run.py [--config PATH] [--check-config]`, or check its surroundings:
+`python run.py doctor [--config PATH]`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from pathlib import Path
 
 import handlers
-from gateway import __version__
+from gateway import __version__, doctor
 from gateway.app import create_app
 from gateway.config import Config, ConfigError, load
 from gateway.errors import StoreError
@@ -24,6 +25,13 @@ log = logging.getLogger("botgate")
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="run.py", description="botgate chat gateway")
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=["serve", "doctor"],
+        default="serve",
+        help="serve (default), or doctor: check credentials, endpoints, clock, model and store, then exit",
+    )
     parser.add_argument("--config", help="path to config.toml (default: the one next to run.py)")
     parser.add_argument("--check-config", action="store_true", help="validate the config and exit")
     parser.add_argument("--version", action="version", version=f"botgate {__version__}")
@@ -47,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(f"config ok: {config.source}")
         return 0
+    if args.command == "doctor":
+        return asyncio.run(doctor.run(config, [handlers.doctor]))
     setup_logging(config.log.level, config.secrets())
     app = create_app(config, [handlers.setup])
     service = Service(app, config, notifier=Notifier(), tls=tls)

@@ -31,6 +31,7 @@ from .keys import (
     LIVE,
     METRICS,
     MODEL,
+    RESOLVER,
     RESPONDER,
     STARTED_AT,
     STORE,
@@ -48,7 +49,7 @@ ADOPT_INTERVAL = 30.0  # seconds between looks for a dead instance's unanswered 
 
 
 async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
-    connector = aiohttp.TCPConnector(limit=200, ttl_dns_cache=300)
+    connector = aiohttp.TCPConnector(limit=200, ttl_dns_cache=300, resolver=app.get(RESOLVER))
     async with aiohttp.ClientSession(
         connector=connector, headers={"User-Agent": f"botgate/{__version__}"}
     ) as session:

@@ -37,3 +37,7 @@ class TokenRejected(PlatformError):
 
 class StoreError(GatewayError):
     """The state store is unavailable or refused an operation."""
+
+
+class StoreInUse(StoreError):
+    """Another process holds the store exclusively (a running gateway on the same SQLite file)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractResolver
 
 from .alerts import Monitor
 from .auth import AdminAuth
@@ -28,3 +29,6 @@ STARTED_AT = web.AppKey("started_at", float)
 LIVE = web.AppKey("live", LiveConfig)
 AUTH = web.AppKey("auth", AdminAuth)
 ALERTS = web.AppKey("alerts", Monitor)
+# Optional: the DNS resolver of the HTTP client session (tests use it to make names fail to resolve
+# without asking a real DNS server); absent = aiohttp's default.
+RESOLVER = web.AppKey("resolver", AbstractResolver)

@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 # Fields every line carries (null when unknown), so log queries never miss a key.
 STANDARD_FIELDS = ("request_id", "user_id", "latency_ms", "model_version")
@@ -58,11 +59,16 @@ class ClientProtocolErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if not isinstance(exc, HttpProcessingError) or not 400 <= exc.code < 500:
+        if isinstance(exc, RequestPayloadError):
+            # A body that cannot be decoded, met again when aiohttp drains what the handler left;
+            # the reason is the last line of "400, message:\n  Can not decode ...".
+            summary = (str(exc).strip().splitlines() or [""])[-1].strip()
+        elif isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500:
+            summary = (exc.message.strip().splitlines() or [""])[0]
+        else:
             return True
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        first_line = (exc.message.strip().splitlines() or [""])[0]
-        record.msg, record.args = "malformed request: %s", (first_line[:200],)
+        record.msg, record.args = "malformed request: %s", (summary[:200],)
         record.exc_info = record.exc_text = None
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 

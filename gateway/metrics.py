@@ -114,6 +114,12 @@ class Metrics:
             ["platform", "endpoint"],
             registry=r,
         )
+        self.send_retries = Counter(
+            "botgate_send_retries",
+            "Platform sends that failed transiently and were retried (see botgate_replies for outcomes).",
+            ["platform"],
+            registry=r,
+        )
         self.http_requests = Counter(
             "botgate_http_requests", "HTTP requests served.", ["route", "status"], registry=r
         )

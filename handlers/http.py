@@ -22,6 +22,10 @@ def _route_label(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
+def _last_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[-1].strip()[:200]
+
+
 @web.middleware
 async def errors_and_metrics(request: web.Request, handler: Any) -> web.StreamResponse:
     """aiohttp's own 404/405/413 become JSON errors; an unexpected exception is logged and
@@ -38,6 +42,11 @@ async def errors_and_metrics(request: web.Request, handler: Any) -> web.StreamRe
         message = "request body too large" if status == 413 else (e.reason or "error").lower()
         headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
         return web.json_response({"error": message}, status=status, headers=headers)
+    except web.RequestPayloadError as e:
+        # The body itself is broken (e.g. "Content-Encoding: gzip" on bytes that are not gzip):
+        # the client's fault, found only when a handler reads it.
+        status = 400
+        return json_error(400, f"unreadable request body: {_last_line(str(e))}")
     except ConnectionError:
         # The client went away mid-request (e.g. during a websocket handshake): not a server fault.
         # 499 is nginx's "client closed request"; nobody receives this response.

@@ -52,8 +52,10 @@ ROUTES = (
     Route("/login", frozenset({"GET", "HEAD", "POST"}), frozenset({200, 403}), json_errors=False),
     Route("/logout", frozenset({"POST"}), frozenset({303})),
     Route("/static", frozenset({"GET", "HEAD"}), frozenset({200, 403, 404}), prefix=True, json_errors=False),
-    # Phase 2 adds the webhooks here, e.g.
-    # Route("/dingtalk/webhook", frozenset({"POST"}), frozenset({200, 400, 401})),
+    # Unsigned, a random request never gets past the signature (DingTalk) or the verification
+    # token (Feishu, which parses the body first: 400 for what is not a JSON object).
+    Route("/dingtalk/webhook", frozenset({"POST"}), frozenset({401})),
+    Route("/feishu/webhook", frozenset({"POST"}), frozenset({400, 401})),
 )
 SAMPLE_PATHS = [route.path for route in ROUTES if route.sample] + ["/static/chat.js", "/static/nope.js"]
 
@@ -108,7 +110,22 @@ HEADER_NAMES = st.one_of(
     TOKEN.map(lambda t: "X-" + t),
 )
 # Unique names: aiohttp refuses a repeated singleton header (Content-Type, ...) with a plain 400.
-HEADERS = st.lists(st.tuples(HEADER_NAMES, HEADER_VALUE), max_size=8, unique_by=lambda h: h[0].lower())
+# Compressed bodies: the routes that read a body must refuse what does not decode (400), not fail.
+ENCODINGS = ("gzip", "deflate", "br", "zstd")
+HEADER = st.one_of(
+    st.tuples(HEADER_NAMES, HEADER_VALUE),
+    st.tuples(st.just("Content-Encoding"), st.sampled_from([*ENCODINGS, "identity"])),
+)
+HEADERS = st.lists(HEADER, max_size=8, unique_by=lambda h: h[0].lower())
+
+
+def undecodable(headers: list[tuple[str, str]], body: bytes) -> bool:
+    """Whether aiohttp may refuse the request with 400: a body (random bytes) claiming gzip or
+    deflate, or any request claiming br or zstd, which this aiohttp cannot decode at all."""
+    claimed = {v for k, v in headers if k.lower() == "content-encoding"}
+    return bool(claimed & {"br", "zstd"}) or (bool(body) and bool(claimed & {"gzip", "deflate"}))
+
+
 INTEGERS = st.integers(-(2**63), 2**63 - 1)  # what JSON encoders (orjson) accept
 JSON = st.recursive(
     st.none() | st.booleans() | INTEGERS | st.floats(allow_nan=False) | st.text(),

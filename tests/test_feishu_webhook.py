@@ -36,8 +36,8 @@ def encrypt(plain: bytes, key: str = KEY) -> str:
     return base64.b64encode(iv + cipher.encrypt(plain + bytes([pad]) * pad)).decode()
 
 
-def signed(body: bytes, key: str = KEY) -> dict[str, str]:
-    ts, nonce = str(int(time.time())), "nonce-1"
+def signed(body: bytes, key: str = KEY, age: float = 0.0) -> dict[str, str]:
+    ts, nonce = str(int(time.time() - age)), "nonce-1"
     return {
         "X-Lark-Request-Timestamp": ts,
         "X-Lark-Request-Nonce": nonce,
@@ -110,6 +110,9 @@ async def test_bad_or_missing_signature_refused(start: Any, feishu: Any) -> None
     assert resp.status == 401
     resp = await client.post("/feishu/webhook", data=body)
     assert resp.status == 401 and (await resp.json())["error"] == "missing signature"
+    for age in (3601, -3601):  # a replayed capture, correctly signed
+        resp = await client.post("/feishu/webhook", data=body, headers=signed(body, age=age))
+        assert resp.status == 401 and (await resp.json())["error"] == "timestamp too old or in the future"
     assert double.replies == []
 
 

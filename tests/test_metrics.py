@@ -35,6 +35,7 @@ FAMILIES = {
     "botgate_inflight": ("gauge", set()),
     "botgate_channel_connected": ("gauge", {"platform"}),
     "botgate_reconnects": ("counter", {"platform"}),
+    "botgate_send_retries": ("counter", {"platform"}),
     "botgate_dedup_dropped": ("counter", {"platform"}),
     "botgate_cache_requests": ("counter", {"result"}),
     "botgate_platform_api_calls": ("counter", {"platform", "endpoint"}),

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ..errors import StoreError
+from ..errors import StoreError, StoreInUse
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class SqliteFile:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise StoreError(
+            raise StoreInUse(
                 f"sqlite {self.path}: in use by another botgate process "
                 "(one process per SQLite file; run several instances on redis://)"
             ) from None

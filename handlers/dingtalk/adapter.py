@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import orjson
@@ -29,6 +30,7 @@ from gateway.errors import PlatformError
 from gateway.keys import CHANNELS, CONFIG, DISPATCHER, HTTP, METRICS
 from gateway.messages import Attachment, InboundMessage, Reply
 from gateway.metrics import Metrics
+from gateway.retry import retry_transient
 
 from .api import DingTalkApi, SessionWebhookRejected
 from .card import AICardStream, can_carry_card
@@ -136,29 +138,39 @@ class DingTalkAdapter:
         return url
 
     async def send(self, reply: Reply) -> None:
-        handle = reply.to.reply_handle
         parts = render_parts(reply.text)
         title = title_of(parts[0])
-        url = self._session_webhook(handle)
-        group = handle.get("conversation_type") == "2"
-        staff_id = handle.get("sender_staff_id", "")
+        url = self._session_webhook(reply.to.reply_handle)
         for i, part in enumerate(parts):
-            if url:
-                # In groups the asker is @mentioned; the text must name the id for DingTalk to render it.
-                mention = f"@{staff_id} " if group and staff_id and i == 0 else ""
-                try:
-                    await self.api.send_session(
-                        url, session_markdown(title, mention + part, [staff_id] if mention else [])
-                    )
-                    continue
-                except SessionWebhookRejected as e:
-                    log.info(
-                        "sessionWebhook refused, sending through the OpenAPI: %s",
-                        e,
-                        extra={"platform": PLATFORM, "request_id": reply.to.request_id},
-                    )
-                    url = ""
-            await self._send_openapi(handle, title, part, mention_name=group and i == 0)
+            # Each part is retried on its own, so a retry never repeats a part already delivered.
+            url = await retry_transient(
+                partial(self._send_part, reply, url, title, part, i == 0),
+                platform=PLATFORM,
+                what="reply",
+                metrics=self._metrics,
+            )
+
+    async def _send_part(self, reply: Reply, url: str, title: str, part: str, first: bool) -> str:
+        """Deliver one part; returns the sessionWebhook for the next part ("" once it was refused)."""
+        handle = reply.to.reply_handle
+        group = handle.get("conversation_type") == "2"
+        if url:
+            staff_id = handle.get("sender_staff_id", "")
+            # In groups the asker is @mentioned; the text must name the id for DingTalk to render it.
+            mention = f"@{staff_id} " if group and staff_id and first else ""
+            try:
+                await self.api.send_session(
+                    url, session_markdown(title, mention + part, [staff_id] if mention else [])
+                )
+                return url
+            except SessionWebhookRejected as e:
+                log.info(
+                    "sessionWebhook refused, sending through the OpenAPI: %s",
+                    e,
+                    extra={"platform": PLATFORM, "request_id": reply.to.request_id},
+                )
+        await self._send_openapi(handle, title, part, mention_name=group and first)
+        return ""
 
     async def _send_openapi(self, handle: dict[str, Any], title: str, text: str, mention_name: bool) -> None:
         robot_code = handle.get("robot_code") or self._filters.robot_code

@@ -127,6 +127,14 @@ class DingTalkApi:
                     f"dingtalk direct_send: user in {field}", retryable=field == "flowControlledStaffIdList"
                 )
 
+    # -- robot ---------------------------------------------------------------------------------
+    async def query_robot(self, robot_code: str) -> dict[str, Any]:
+        """The robot's 1:1 chat shortcuts. DingTalk has no "who am I" call for a robot; this
+        read-only call names the robot code and is refused for one that is not this app's
+        (`python run.py doctor` uses it; needs the Robot.SingleChat.ReadWrite permission)."""
+        body = {"robotCode": robot_code}
+        return await self._openapi("robot_query", "POST", "/v1.0/robot/plugins/query", body)
+
     # -- files ---------------------------------------------------------------------------------
     async def download(self, robot_code: str, download_code: str) -> tuple[bytes, str]:
         """A received file's bytes and mime type, via its short-lived download URL."""

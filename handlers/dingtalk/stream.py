@@ -80,6 +80,39 @@ def ack_frame(message_id: str, data: str, code: int = 200, message: str = "OK") 
 _CALLBACK_ACK = orjson.dumps({"response": "OK"}).decode()
 
 
+async def open_connection(
+    http: aiohttp.ClientSession, cfg: DingTalkConfig, budget: ApiBudget
+) -> tuple[str, str]:
+    """Ask for a websocket endpoint and a one-time ticket (§A.3). Raises `PlatformError`."""
+    budget.record("open_connection")
+    body = {
+        "clientId": cfg.client_id,
+        "clientSecret": cfg.client_secret,
+        "subscriptions": [{"type": "CALLBACK", "topic": TOPIC}],
+        "ua": f"botgate/{__version__}",
+        "localIp": "",
+    }
+    url = cfg.api_base.rstrip("/") + OPEN_PATH
+    try:
+        async with http.post(url, json=body, timeout=OPEN_TIMEOUT) as resp:
+            status, raw = resp.status, await resp.read()
+    except (aiohttp.ClientError, TimeoutError) as e:
+        raise PlatformError(f"open connection failed: {type(e).__name__}: {e}") from e
+    if status >= 400:
+        raise PlatformError(
+            f"open connection failed: HTTP {status} {raw[:200].decode(errors='replace')}",
+            retryable=status >= 500 or status == 429,
+        )
+    try:
+        answer = orjson.loads(raw)
+        endpoint, ticket = answer["endpoint"], answer["ticket"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        raise PlatformError("open connection: answer without endpoint/ticket") from None
+    if not isinstance(endpoint, str) or not endpoint.startswith(("ws://", "wss://")) or not ticket:
+        raise PlatformError(f"open connection: unusable endpoint {endpoint!r}")
+    return endpoint, str(ticket)
+
+
 class StreamSession:
     def __init__(
         self,
@@ -96,7 +129,7 @@ class StreamSession:
         self._on_frame = on_frame
 
     async def __call__(self, connected: Callable[[], None]) -> None:
-        endpoint, ticket = await self._open_connection()
+        endpoint, ticket = await open_connection(self._http, self._cfg, self._budget)
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 ws = await self._http.ws_connect(
@@ -110,33 +143,6 @@ class StreamSession:
         async with ws:
             connected()
             await self._serve(ws)
-
-    async def _open_connection(self) -> tuple[str, str]:
-        """Ask for a websocket endpoint and a one-time ticket (§A.3)."""
-        self._budget.record("open_connection")
-        body = {
-            "clientId": self._cfg.client_id,
-            "clientSecret": self._cfg.client_secret,
-            "subscriptions": [{"type": "CALLBACK", "topic": TOPIC}],
-            "ua": f"botgate/{__version__}",
-            "localIp": "",
-        }
-        url = self._cfg.api_base.rstrip("/") + OPEN_PATH
-        try:
-            async with self._http.post(url, json=body, timeout=OPEN_TIMEOUT) as resp:
-                status, raw = resp.status, await resp.read()
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise PlatformError(f"open connection failed: {type(e).__name__}: {e}") from e
-        if status >= 400:
-            raise PlatformError(f"open connection failed: HTTP {status} {raw[:200].decode(errors='replace')}")
-        try:
-            answer = orjson.loads(raw)
-            endpoint, ticket = answer["endpoint"], answer["ticket"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            raise PlatformError("open connection: answer without endpoint/ticket") from None
-        if not isinstance(endpoint, str) or not endpoint.startswith(("ws://", "wss://")) or not ticket:
-            raise PlatformError(f"open connection: unusable endpoint {endpoint!r}")
-        return endpoint, str(ticket)
 
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """Serve frames until the server asks us to reconnect (return) or the connection fails (raise)."""

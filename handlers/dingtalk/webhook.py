@@ -40,11 +40,12 @@ def signature_problem(timestamp: str, signature: str, secret: str, now_ms: int) 
     """Why the request is not from DingTalk, or "" when it is."""
     if not timestamp or not signature:
         return "missing timestamp or sign header"
-    if not timestamp.isdigit():
-        return "malformed timestamp"
+    if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > 15:
+        return "malformed timestamp"  # (a thousand digits would make int() refuse: a 500)
     if abs(now_ms - int(timestamp)) > MAX_SKEW_MS:
         return "timestamp too old or in the future"
-    if not hmac.compare_digest(sign(timestamp, secret).encode(), signature.encode()):
+    # Header values arrive surrogate-escaped when they are not UTF-8; such a value is just wrong.
+    if not hmac.compare_digest(sign(timestamp, secret).encode(), signature.encode(errors="surrogateescape")):
         return "bad signature"
     return ""
 

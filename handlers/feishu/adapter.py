@@ -11,6 +11,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import orjson
@@ -26,6 +27,7 @@ from gateway.errors import PlatformError
 from gateway.keys import CHANNELS, CONFIG, DISPATCHER, HTTP, METRICS
 from gateway.messages import Attachment, InboundMessage, Reply, ReplyKind
 from gateway.metrics import Metrics
+from gateway.retry import retry_transient
 from gateway.streaming import CardStream
 
 from . import webhook
@@ -182,12 +184,20 @@ class FeishuAdapter:
     async def reply_parts(self, message: InboundMessage, parts: list[Part], kind: str, first: int = 0) -> None:
         """Send `parts` in order as replies to the message (in its thread if it came from one)."""
         handle = message.reply_handle
+        runtime = self.runtime
         for index, part in enumerate(parts, first):
-            await self.runtime.api.reply(
-                handle["message_id"],
-                part,
-                reply_uuid(message.message_id, kind, index),
-                in_thread=bool(handle.get("thread_id")),
+            # Retried part by part; the uuid makes a retry of a reply that did arrive a no-op.
+            await retry_transient(
+                partial(
+                    runtime.api.reply,
+                    handle["message_id"],
+                    part,
+                    reply_uuid(message.message_id, kind, index),
+                    in_thread=bool(handle.get("thread_id")),
+                ),
+                platform=PLATFORM,
+                what="reply",
+                metrics=runtime.metrics,
             )
 
     # -- intake ------------------------------------------------------------------------------

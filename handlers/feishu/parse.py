@@ -134,7 +134,7 @@ def _age_base(message: dict[str, Any], header: dict[str, Any]) -> float | None:
     for raw in (message.get("create_time"), header.get("create_time")):
         try:
             return int(str(raw)) / 1000.0
-        except ValueError:
+        except (ValueError, OverflowError):  # not a number, or one no clock will ever show
             continue
     return None
 

@@ -3,7 +3,9 @@
 Order of checks, as lark-oapi's `EventDispatcherHandler.do` (protocols.md §C.1), but stricter:
 1. With an encrypt key, `X-Lark-Signature` = hex SHA-256(timestamp + nonce + encrypt key + raw body)
    is compared in constant time before the body is parsed; only Feishu's `url_verification` may
-   come unsigned.
+   come unsigned. A signed request whose `X-Lark-Request-Timestamp` (seconds) is further than
+   `max(1 h, max_message_age)` from now is refused too: a replayed capture, and its message would be
+   dropped as stale anyway (the SDK checks no timestamp).
 2. `{"encrypt": ...}` bodies: AES-256-CBC, key = SHA-256(encrypt key), IV = the first 16 bytes of
    the base64-decoded blob, PKCS#7 padding.
 3. The verification token (top-level `token`, or `header.token` in schema 2.0) must match.
@@ -19,6 +21,7 @@ import binascii
 import hashlib
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 
 PATH = "/feishu/webhook"
 TIMESTAMP, NONCE, SIGNATURE = "X-Lark-Request-Timestamp", "X-Lark-Request-Nonce", "X-Lark-Signature"
+MAX_SKEW = 3600.0  # seconds, as DingTalk allows for its webhook timestamps
 
 # The adapter's intake: (event body, transport) -> True when the event may be acknowledged.
 Intake = Callable[[dict[str, Any], str], Awaitable[bool]]
@@ -63,7 +67,8 @@ def signature(timestamp: str, nonce: str, encrypt_key: str, body: bytes) -> str:
 
 
 def _same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
+    # Header values arrive surrogate-escaped when they are not UTF-8; such a value is just wrong.
+    return hmac.compare_digest(a.encode(errors="surrogateescape"), b.encode(errors="surrogateescape"))
 
 
 def _token(body: dict[str, Any]) -> str:
@@ -77,15 +82,20 @@ class FeishuWebhook:
         self._cfg = cfg
         self._intake = intake
 
-    def _signed(self, request: web.Request, raw: bytes) -> bool | None:
-        """None when unsigned, else whether the signature is right."""
+    def _signature_problem(self, request: web.Request, raw: bytes) -> str | None:
+        """None when unsigned, "" when signed correctly and recently, else what is wrong."""
         given = request.headers.get(SIGNATURE)
         if given is None:
             return None
-        expected = signature(
-            request.headers.get(TIMESTAMP, ""), request.headers.get(NONCE, ""), self._cfg.encrypt_key, raw
-        )
-        return _same(expected, given)
+        timestamp = request.headers.get(TIMESTAMP, "")
+        expected = signature(timestamp, request.headers.get(NONCE, ""), self._cfg.encrypt_key, raw)
+        if not _same(expected, given):
+            return "bad signature"
+        window = max(MAX_SKEW, self._cfg.max_message_age)
+        fresh = timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12
+        if not fresh or abs(time.time() - int(timestamp)) > window:
+            return "timestamp too old or in the future"
+        return ""
 
     def _plain(self, raw: bytes) -> dict[str, Any] | web.Response:
         try:
@@ -109,9 +119,9 @@ class FeishuWebhook:
         if not request.app[DISPATCHER].accepting:
             return json_error(503, "shutting down, retry later")
         raw = await request.read()
-        signed = self._signed(request, raw) if self._cfg.encrypt_key else None
-        if signed is False:
-            return json_error(401, "bad signature")
+        problem = self._signature_problem(request, raw) if self._cfg.encrypt_key else None
+        if problem:
+            return json_error(401, problem)
         body = self._plain(raw)
         if isinstance(body, web.Response):
             return body
@@ -120,7 +130,7 @@ class FeishuWebhook:
             return json_error(401, "bad verification token")
         if body.get("type") == "url_verification":
             return web.json_response({"challenge": body.get("challenge", "")})
-        if self._cfg.encrypt_key and signed is None:
+        if self._cfg.encrypt_key and problem is None:
             return json_error(401, "missing signature")
         if not await self._intake(body, "webhook"):
             return json_error(503, "not accepted, retry later")

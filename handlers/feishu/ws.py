@@ -233,7 +233,8 @@ class FeishuWsClient:
         if frame.method != DATA:
             return False
         message_id, total, seq = (frame.header(h) or "" for h in ("message_id", "sum", "seq"))
-        if not message_id or not total.isdigit() or not seq.isdigit():
+        # More than 6 digits is no part count (and int() refuses thousands of digits outright).
+        if not message_id or not all(v.isdigit() and len(v) <= 6 for v in (total, seq)):
             log.warning("data frame without message_id/sum/seq dropped", extra={"platform": "feishu"})
             return True
         payload = frame.payload or b""

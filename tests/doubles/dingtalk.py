@@ -3,9 +3,12 @@
 Stream mode: `POST /v1.0/gateway/connections/open` hands out a one-time ticket for the websocket at
 `/connect`; the double pushes SYSTEM and CALLBACK frames there and checks every ACK the client sends.
 HTTP: the token endpoint, the robot send APIs, file download (a `downloadUrl` served here), the
-AI-card APIs and sessionWebhook receivers. Scripted faults: open-connection failing N times, a token
-rejected once, card creation failing, sessionWebhooks answering "expired", dropping the socket.
-Silence needs no script: the double only sends what a test pushes.
+AI-card APIs, the robot query `python run.py doctor` uses, and sessionWebhook receivers. Scripted
+faults: open-connection failing N times, a token rejected once, card creation failing,
+sessionWebhooks answering "expired", sends answering 503 N times, dropping the socket (now, or right
+after each of the next N handshakes), raw frames of any shape, a robot query without the permission,
+a skewed clock in every answer's `Date` header. Silence needs no script: the double only sends what a
+test pushes.
 
 Several clients may be connected at once (several gateway instances); connections are numbered in
 the order they opened, and a frame goes to the newest one unless `to=` picks another, as DingTalk
@@ -25,12 +28,21 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
 TOPIC = "/v1.0/im/bot/messages/get"
 TOKEN_ERROR = {"code": "InvalidAuthentication", "message": "不合法的access_token"}
+PERMISSION_ERROR = {
+    "code": "Forbidden.AccessDenied.AccessTokenPermissionDenied",
+    "message": "没有调用该接口的权限",
+    "accessdenieddetail": {"requiredScopes": ["Robot.SingleChat.ReadWrite"]},
+}
+# DingTalk does not document its answer for another app's robot code; any refusal will do.
+UNKNOWN_ROBOT = {"code": "InvalidParameter.RobotCode", "message": "robot not found"}
+BUSY = {"errcode": -1, "errmsg": "system busy"}
 
 
 @dataclass
@@ -51,6 +63,10 @@ class DingTalkDouble:
     reject_token_once: bool = False
     card_create_fails: bool = False
     expired_sessions: bool = False
+    send_failures: int = 0  # sessionWebhook posts and robot sends answering 503 before they work again
+    drop_on_connect: int = 0  # websockets cut right after the handshake, before any frame
+    robot_permission: bool = True  # False: the robot query is refused for lack of a permission
+    clock_offset: float = 0.0  # seconds the double's clock (its Date headers) is ahead of ours
     # what happened
     opens: list[dict[str, Any]] = field(default_factory=list)
     connections: int = 0
@@ -60,6 +76,7 @@ class DingTalkDouble:
     api_calls: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     tokens_issued: list[str] = field(default_factory=list)
     files: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    failed_sends: int = 0
     deliveries: list[tuple[str, str, int]] = field(default_factory=list)  # (frame id, msgId, connection)
     _bodies: dict[str, dict[str, Any]] = field(default_factory=dict)  # msgId -> robot message
     _tickets: set[str] = field(default_factory=set)
@@ -85,7 +102,13 @@ class DingTalkDouble:
         app.router.add_put("/v1.0/card/streaming", self._api("outTrackId", "key", "content", "isFinalize"))
         app.router.add_put("/v1.0/card/instances", self._api("outTrackId", "cardData"))
         app.router.add_get("/files/{code}", self._file)
+        app.router.add_post("/v1.0/robot/plugins/query", self._api("robotCode"))
+        app.on_response_prepare.append(self._date)
         return app
+
+    async def _date(self, request: web.Request, response: web.StreamResponse) -> None:
+        if self.clock_offset:
+            response.headers["Date"] = formatdate(time.time() + self.clock_offset, usegmt=True)
 
     # -- waiting -----------------------------------------------------------------------------
     def _record(self) -> None:
@@ -202,6 +225,14 @@ class DingTalkDouble:
     async def system(self, topic: str, data: dict[str, Any] | None = None, to: int | None = None) -> str:
         return await self._send("SYSTEM", topic, data or {}, None, to)
 
+    async def raw(self, data: str | bytes, to: int | None = None) -> None:
+        """Send any text or binary frame as it is (fuzzing the client's frame handling)."""
+        await self.wait_for(lambda: self._target(to) is not None)
+        number = self._target(to)
+        assert number is not None
+        ws = self._sockets[number][0]
+        await (ws.send_str(data) if isinstance(data, str) else ws.send_bytes(data))
+
     async def drop(self, to: int | None = None) -> None:
         """Cut the TCP connection under the websocket, no close frame."""
         number = self._target(to)
@@ -261,6 +292,9 @@ class DingTalkDouble:
         number = self.connections
         self._sockets[number] = (ws, request)
         self._record()
+        if self.drop_on_connect > 0:
+            self.drop_on_connect -= 1
+            await self.drop(number)
         try:
             async for msg in ws:
                 if msg.type is WSMsgType.TEXT:
@@ -304,6 +338,8 @@ class DingTalkDouble:
                 self.reject_token_once = False
                 self._revoked.add(token)
                 return web.json_response(TOKEN_ERROR, status=401)
+            if self._failing(request.path):
+                return web.json_response(BUSY, status=503)
             missing = [k for k in required if k not in body]
             if missing:
                 return web.json_response({"code": "MissingParameter", "message": str(missing)}, status=400)
@@ -313,8 +349,24 @@ class DingTalkDouble:
 
         return handle
 
+    def _failing(self, path: str) -> bool:
+        """Whether this send is one of the scripted `send_failures`."""
+        sends = ("/sendBySession", "/batchSend", "/groupMessages/send")
+        if self.send_failures <= 0 or not path.endswith(sends):
+            return False
+        self.send_failures -= 1
+        self.failed_sends += 1
+        self._record()
+        return True
+
     def _answer(self, request: web.Request, body: dict[str, Any]) -> web.Response:
         path = request.path
+        if path.endswith("/plugins/query"):
+            if not self.robot_permission:
+                return web.json_response(PERMISSION_ERROR, status=403)
+            if body["robotCode"] != self.client_id:
+                return web.json_response(UNKNOWN_ROBOT, status=400)
+            return web.json_response({"pluginInfoList": []})
         if path.endswith("/createAndDeliver") and self.card_create_fails:
             return web.json_response({"code": "InvalidParameter", "message": "scripted"}, status=400)
         if path.endswith("/messageFiles/download"):
@@ -331,6 +383,8 @@ class DingTalkDouble:
 
     async def _session_webhook(self, request: web.Request) -> web.Response:
         body = await request.json()
+        if self._failing(request.path):
+            return web.json_response(BUSY, status=503)
         if self.expired_sessions:
             return web.json_response({"errcode": 300001, "errmsg": "session expired"})
         self.session_posts.append({"session": request.query.get("session", ""), **body})

@@ -10,7 +10,8 @@ test that passes proves botgate never sent a card Feishu would refuse.
 
 Scripted faults: `pong = False` (stop answering pings), `close_sockets()`, `reject_token_once`,
 `fail_card` ("create" | "content" | "settings"), `fail_replies` (reply calls that answer 500),
-`refuse_ws` (the websocket upgrade refused with Feishu's handshake-* headers).
+`refuse_ws` (the websocket upgrade refused with Feishu's handshake-* headers), `clock_offset`
+(seconds the double's clock, i.e. every answer's `Date` header, is ahead of ours).
 lark-oapi's own ws client runs against it in tests/test_feishu_conformance.py.
 """
 
@@ -18,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from typing import Any
 
 import orjson
@@ -82,6 +85,7 @@ class FeishuDouble:
     fail_card: str = ""
     fail_replies: int = 0
     refuse_ws: str = ""  # a handshake-msg: refuse the websocket upgrade as Feishu does (403)
+    clock_offset: float = 0.0
     resources: dict[tuple[str, str], tuple[bytes, str]] = field(default_factory=dict)
 
     endpoint_calls: int = 0
@@ -121,7 +125,12 @@ class FeishuDouble:
         r.add_put("/open-apis/cardkit/v1/cards/{card_id}/elements/{element_id}/content", self.card_content)
         r.add_patch("/open-apis/cardkit/v1/cards/{card_id}/settings", self.card_settings)
         app.on_shutdown.append(lambda _: self.close_sockets())
+        app.on_response_prepare.append(self._date)
         return app
+
+    async def _date(self, request: web.Request, response: web.StreamResponse) -> None:
+        if self.clock_offset:
+            response.headers["Date"] = formatdate(time.time() + self.clock_offset, usegmt=True)
 
     # -- synchronisation -------------------------------------------------------------------------
     async def _notify(self) -> None:
@@ -225,6 +234,11 @@ class FeishuDouble:
         """Wait for the client's response frame to an event; its decoded payload."""
         await self.wait_for(lambda: frame_id in self.responses, timeout)
         return dict(orjson.loads(self.responses[frame_id].payload or b"{}"))
+
+    async def raw(self, data: bytes) -> None:
+        """Send any bytes as a binary frame on the newest connection (fuzzing the client)."""
+        await self.wait_for(lambda: self.sockets)
+        await self.sockets[-1].send_bytes(data)
 
     async def close_sockets(self) -> None:
         for ws in list(self.sockets):

@@ -1,0 +1,263 @@
+"""`python run.py doctor`: one pass/fail line per check of what users otherwise learn from opaque
+errors (credentials, endpoints, identity, clock, model, store), each failure with its fix.
+
+The runner knows no platform: each enabled platform contributes its `Check`s from its handler
+package (`handlers/<platform>/doctor.py`), built on that adapter's own API client. The model and
+store checks live here. Exit code 0 when nothing failed (warnings allowed), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import math
+import shutil
+import ssl
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from contextlib import aclosing
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from enum import StrEnum
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from . import __version__
+from .config import Config
+from .errors import ModelError, StoreError, StoreInUse
+from .metrics import Metrics
+from .model import Completion, OpenAIModel, uses_echo
+from .store import SqliteStore, open_store
+
+CHECK_TIMEOUT = 30.0  # seconds per check; the platform clients time out sooner themselves
+CLOCK_WARN = 60.0  # seconds of skew worth fixing before a platform's own limit is reached
+LOW_DISK = 100 * 1024 * 1024  # bytes free under the SQLite file before it is worth a warning
+TIMEOUT = aiohttp.ClientTimeout(total=15, sock_connect=5)
+
+
+class Status(StrEnum):
+    PASS = "PASS"
+    WARN = "WARN"  # works, but something needs attention; does not change the exit code
+    FAIL = "FAIL"
+    SKIP = "SKIP"  # could not run because an earlier check failed
+
+
+SUMMARY = {Status.PASS: "passed", Status.WARN: "warnings", Status.FAIL: "failed", Status.SKIP: "skipped"}
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    status: Status
+    detail: str
+    fix: str = ""
+
+
+def passed(detail: str) -> Result:
+    return Result(Status.PASS, detail)
+
+
+def warned(detail: str, fix: str) -> Result:
+    return Result(Status.WARN, detail, fix)
+
+
+def failed(detail: str, fix: str) -> Result:
+    return Result(Status.FAIL, detail, fix)
+
+
+def skipped(detail: str) -> Result:
+    return Result(Status.SKIP, detail)
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str  # e.g. "dingtalk credentials"
+    run: Callable[[], Awaitable[Result]]
+
+
+# What a platform's handler package offers: its checks for this config on this HTTP session.
+Contributor = Callable[[Config, aiohttp.ClientSession], list[Check]]
+
+
+# -- the runner -----------------------------------------------------------------------------------
+async def run(
+    config: Config, contributors: Iterable[Contributor], write: Callable[[str], None] = print
+) -> int:
+    """Run every check in order, writing one line each and a summary; returns the exit code."""
+    secrets = [s for s in config.secrets() if len(s) >= 4]
+
+    def out(line: str) -> None:
+        for secret in secrets:  # no check prints a secret on purpose; this makes sure of it
+            line = line.replace(secret, "***")
+        write(line)
+
+    out(f"botgate {__version__} doctor, config {config.source}")
+    counts = dict.fromkeys(Status, 0)
+    headers = {"User-Agent": f"botgate/{__version__} doctor"}
+    async with aiohttp.ClientSession(headers=headers, timeout=TIMEOUT) as http:
+        checks = [check for contribute in contributors for check in contribute(config, http)]
+        checks.append(Check("model", lambda: check_model(config, http)))
+        checks.append(Check("store", lambda: check_store(config)))
+        for check in checks:
+            result = await _run_one(check)
+            counts[result.status] += 1
+            fix = f"  -> fix: {result.fix}" if result.fix else ""
+            out(f"{result.status.value:4}  {check.name}: {result.detail}{fix}")
+    tally = [(n, SUMMARY[status]) for status, n in counts.items() if n]
+    out(", ".join(f"{n} {word if n > 1 else word.removesuffix('s')}" for n, word in tally))
+    return 1 if counts[Status.FAIL] else 0
+
+
+async def _run_one(check: Check) -> Result:
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT):
+            return await check.run()
+    except TimeoutError:
+        return failed(f"no answer within {CHECK_TIMEOUT:g} s", "check the network path to that endpoint")
+    except Exception as e:  # a bug in a check must not hide the others
+        why = f"the check itself crashed: {type(e).__name__}: {e}"
+        return failed(why, "report this line as a botgate bug")
+
+
+# -- helpers the platform checks share ------------------------------------------------------------
+async def clock_skew(http: aiohttp.ClientSession, url: str) -> float | None:
+    """Seconds the server's clock (its `Date` header) is ahead of ours; None without a Date.
+
+    Any answer carries a Date, so a HEAD of the API's base URL does. The header has whole seconds,
+    so the estimate is good to about a second, plenty for limits of a minute or more."""
+    before = time.time()
+    async with http.head(url, allow_redirects=False) as resp:
+        date = resp.headers.get("Date")
+    after = time.time()
+    if not date:
+        return None
+    try:
+        server = parsedate_to_datetime(date).timestamp() + 0.5  # the middle of the stated second
+    except (TypeError, ValueError):
+        return None
+    return server - (before + after) / 2
+
+
+async def check_clock(
+    http: aiohttp.ClientSession,
+    url: str,
+    platform: str,
+    why: str,
+    ahead_limit: float,
+    behind_limit: float = math.inf,
+) -> Result:
+    """Compare our clock with the platform's: WARN past a minute, FAIL where `why` starts to happen:
+    our clock more than `ahead_limit` seconds ahead of the platform's, or `behind_limit` behind."""
+    try:
+        skew = await clock_skew(http, url)
+    except (aiohttp.ClientError, TimeoutError) as e:
+        return failed(f"cannot reach {url}: {type(e).__name__}: {e}", reach_fix(url))
+    if skew is None:
+        return warned(f"{url} sent no usable Date header, so the clock could not be compared", "none needed")
+    ahead = skew < 0
+    limit = ahead_limit if ahead else behind_limit
+    detail = f"this host's clock is {abs(skew):.0f} s {'ahead of' if ahead else 'behind'} {platform}'s"
+    fix = "enable time sync (timedatectl set-ntp true, or chrony)"
+    if abs(skew) > limit:
+        return failed(f"{detail}: more than {limit:g} s, so {why}", fix)
+    if abs(skew) > CLOCK_WARN:
+        return warned(f"{detail}" + (f" (at {limit:g} s, {why})" if limit < math.inf else ""), fix)
+    return passed(f"{detail}" if abs(skew) >= 2 else f"in sync with {platform} (within 2 s)")
+
+
+async def reachable(url: str) -> None:
+    """Open (and close) a TCP connection, with TLS for wss/https, to the host of `url`: proves DNS,
+    routing, firewall and certificate without speaking the protocol. Raises OSError."""
+    parts = urlsplit(url)
+    secure = parts.scheme in ("wss", "https")
+    host = parts.hostname or ""
+    port = parts.port or (443 if secure else 80)
+    context = ssl.create_default_context() if secure else None
+    _, writer = await asyncio.open_connection(host, port, ssl=context)
+    writer.close()
+    with contextlib.suppress(OSError):  # the connection was made; how it ends does not matter
+        await writer.wait_closed()
+
+
+def reach_fix(url: str) -> str:
+    host = urlsplit(url).hostname or url
+    return f"make sure this host can reach {host} (DNS, firewall egress rules, HTTPS_PROXY)"
+
+
+# -- model ----------------------------------------------------------------------------------------
+MODEL_FIXES = {
+    "auth": "check [model] api_keys (BOTGATE_MODEL__API_KEYS): the endpoint refused the key",
+    "rate_limited": "the key works but is rate limited or out of quota: check the provider account",
+    "server_error": "the provider reports an error on its side: retry later or use another base_url",
+    "bad_request": 'check [model] model (the model name) and base_url (usually ending in "/v1")',
+    "bad_response": "[model] base_url does not point at an OpenAI-compatible /chat/completions API",
+    "timeout": "the endpoint is too slow: check its load, or raise [model] first_token_timeout",
+    "first_token_timeout": "the endpoint is too slow: check its load, or raise [model] first_token_timeout",
+    "read_timeout": "the endpoint stalls mid-answer: check its load and the network path",
+}
+
+
+async def check_model(config: Config, http: aiohttp.ClientSession) -> Result:
+    """A one-token request per configured key, so a dead key in the rotation shows up too."""
+    cfg = config.model
+    if uses_echo(cfg):
+        return warned(
+            "no model configured: every answer is an echo of the question",
+            "set [model] base_url (BOTGATE_MODEL__BASE_URL) to an OpenAI-compatible endpoint",
+        )
+    keys: list[str | None] = list(cfg.api_keys) or [None]
+    for n, key in enumerate(keys, 1):
+        probe = dataclasses.replace(
+            cfg,
+            api_keys=[key] if key else [],
+            max_tokens=1,
+            max_retries=0,
+            total_timeout=min(cfg.total_timeout, 20.0),
+        )
+        model = OpenAIModel(probe, http, Metrics())
+        try:
+            async with aclosing(model.stream([{"role": "user", "content": "ping"}], Completion())) as deltas:
+                async for _ in deltas:
+                    pass
+        except ModelError as e:
+            which = f" (key {n} of {len(keys)})" if len(keys) > 1 else ""
+            fix = MODEL_FIXES.get(e.reason, reach_fix(cfg.base_url))
+            if e.reason == "connection":
+                fix = f"check [model] base_url; {reach_fix(cfg.base_url)}"
+            return failed(f"{cfg.model} at {cfg.base_url}{which}: {e}", fix)
+    keys_note = f" with each of the {len(keys)} keys" if len(keys) > 1 else ""
+    return passed(f"{cfg.model} at {cfg.base_url} answered a one-token request{keys_note}")
+
+
+# -- store ----------------------------------------------------------------------------------------
+async def check_store(config: Config) -> Result:
+    """Open the store, claim a throw-away key, ping, close: what accepting a message needs."""
+    url = config.store.url
+    fix = f"check [store] url ({url.split('@')[-1]}) and that the state directory is writable by this user"
+    try:
+        store = open_store(url, config.state_dir)
+        await store.open()
+    except StoreInUse as e:
+        return warned(
+            f"{e}: doctor cannot open it while the gateway runs",
+            "none needed if the gateway is up: `curl localhost:18789/readyz` shows whether the store works",
+        )
+    except StoreError as e:
+        return failed(str(e), fix)
+    try:
+        if not await store.claim(f"doctor:{uuid.uuid4().hex}", 60.0):
+            return failed("a fresh key could not be claimed", fix)
+        await store.ping()
+    except StoreError as e:
+        return failed(str(e), fix)
+    finally:
+        await store.close()
+    if isinstance(store, SqliteStore):
+        free = shutil.disk_usage(store.path.parent).free
+        detail = f"sqlite {store.path} writable, {free / 2**20:.0f} MiB free"
+        if free < LOW_DISK:
+            return warned(detail, "free disk space: when the disk is full, messages are refused")
+        return passed(detail)
+    return passed(f"{store.backend} store writable")
