@@ -106,12 +106,12 @@ async def run(ctx: Context) -> list[Row]:
         steps: list[tuple[str, Callable[[], Any], str]] = [
             ("uuid.uuid4().hex (InboundMessage.request_id)", lambda: uuid.uuid4().hex, "one per message"),
             (
-                "InboundMessage.to_dict() (dataclasses.asdict)",
+                "InboundMessage.to_dict()",
                 m.to_dict,
                 "the SQLite/Redis inbox serializes every message with it",
             ),
             (
-                "StatusTracker.event_seen() (dataclasses.replace)",
+                "StatusTracker.event_seen()",
                 tracker.event_seen,
                 "adapters call it per event",
             ),

@@ -44,15 +44,21 @@ class StatusTracker:
 
     status: ChannelStatus
     _changed_at: float = field(default_factory=time.time)
+    # Kept apart from `status`: event_seen runs per frame, a dataclasses.replace each time cost
+    # more than the rest of the frame's bookkeeping; snapshot() merges it in.
+    _last_event_at: float | None = None
 
     def set(self, **changes: object) -> None:
         self.status = replace(self.status, **changes)  # type: ignore[arg-type]
         self._changed_at = time.time()
 
     def event_seen(self) -> None:
-        self.status = replace(self.status, last_event_at=time.time())
+        self._last_event_at = time.time()
 
     def snapshot(self) -> ChannelStatus:
+        seen = self._last_event_at
+        if seen is not None and seen != self.status.last_event_at:
+            self.status = replace(self.status, last_event_at=seen)
         return self.status
 
 

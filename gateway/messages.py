@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -59,7 +59,24 @@ class InboundMessage:
         return f"{self.platform}:{self.message_id}"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # By hand: dataclasses.asdict deep-copies recursively and took 24-34 µs per message, a
+        # tenth of SQLite intake. reply_handle is copied one level deep, as the adapters build it.
+        return {
+            "platform": self.platform,
+            "transport": self.transport,
+            "conversation_id": self.conversation_id,
+            "conversation_kind": self.conversation_kind,
+            "sender_id": self.sender_id,
+            "sender_name": self.sender_name,
+            "text": self.text,
+            "mentioned": self.mentioned,
+            "message_id": self.message_id,
+            "reply_handle": dict(self.reply_handle),
+            "attachments": [{"kind": a.kind, "ref": a.ref, "name": a.name} for a in self.attachments],
+            "unsupported": self.unsupported,
+            "created_at": self.created_at,
+            "request_id": self.request_id,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InboundMessage:

@@ -27,6 +27,7 @@ from gateway.config import DingTalkConfig
 from gateway.connection import ConnectionLoop, stop_task
 from gateway.dispatcher import Admission, Dispatcher
 from gateway.errors import PlatformError
+from gateway.intake import Submission
 from gateway.keys import CHANNELS, CONFIG, DISPATCHER, HTTP, METRICS
 from gateway.messages import Attachment, InboundMessage, Reply
 from gateway.metrics import Metrics
@@ -97,6 +98,14 @@ class DingTalkAdapter:
     # -- inbound -------------------------------------------------------------------------------
     async def intake(self, body: Any, transport: str) -> Admission | Dropped:
         """One robot message body from either transport -> the dispatcher (or a counted drop)."""
+        result = self._parse(body, transport)
+        if isinstance(result, Dropped):
+            return result
+        if self._dispatcher is None:
+            return Admission.UNAVAILABLE
+        return await self._dispatcher.submit(result)
+
+    def _parse(self, body: Any, transport: str) -> InboundMessage | Dropped:
         self._tracker.event_seen()
         result = parse_message(body, self._filters, transport)
         if isinstance(result, Dropped):
@@ -110,18 +119,23 @@ class DingTalkAdapter:
                     "detail": result.detail,
                 },
             )
-            return result
-        if self._dispatcher is None:
-            return Admission.UNAVAILABLE
-        return await self._dispatcher.submit(result)
+        return result
 
-    async def _on_stream_message(self, data: str) -> bool:
+    def _on_stream_message(self, data: str) -> bool | Submission:
+        """Parsed at once (pure, cheap); the submit runs in the conversation's order."""
         try:
             body = orjson.loads(data)
         except orjson.JSONDecodeError:
             body = None  # counted as malformed and ACKed: a redelivery would be just as broken
-        result = await self.intake(body, "stream")
-        return isinstance(result, Dropped) or result.acknowledge
+        result = self._parse(body, "stream")
+        if isinstance(result, Dropped):
+            return True
+        return Submission(result.conversation_key, partial(self._submit, result))
+
+    async def _submit(self, message: InboundMessage) -> bool:
+        if self._dispatcher is None:
+            return False
+        return (await self._dispatcher.submit(message)).acknowledge
 
     # -- outbound ------------------------------------------------------------------------------
     def status(self) -> ChannelStatus:

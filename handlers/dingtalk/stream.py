@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from urllib.parse import quote_plus
 
 import aiohttp
@@ -23,6 +24,7 @@ from gateway.budget import ApiBudget
 from gateway.config import DingTalkConfig
 from gateway.connection import StaleConnection
 from gateway.errors import PlatformError
+from gateway.intake import OrderedIntake, Submission
 
 from .parse import TOPIC
 
@@ -34,9 +36,10 @@ CONNECT_TIMEOUT = 10.0
 PING_INTERVAL = 20.0  # websocket pings, as the SDK's websockets client sends them
 CLOSE_TIMEOUT = 2.0
 
-# Called with the `data` string of a robot-message CALLBACK; True = ACK it (the dispatcher took it
-# or it is deliberately dropped), False = leave it un-ACKed so DingTalk redelivers it.
-OnMessage = Callable[[str], Awaitable[bool]]
+# Called with the `data` string of a robot-message CALLBACK: a `Submission` to run in its
+# conversation's order (ACKed once it returns True), True = ACK at once (deliberately dropped),
+# False = leave it un-ACKed so DingTalk redelivers it.
+OnMessage = Callable[[str], bool | Submission]
 
 
 class FrameError(ValueError):
@@ -147,24 +150,27 @@ class StreamSession:
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """Serve frames until the server asks us to reconnect (return) or the connection fails (raise)."""
         stale_after = self._cfg.stale_after
-        while True:
-            try:
-                # One deadline per DingTalk frame; ping/pong control frames do not reset it.
-                async with asyncio.timeout(stale_after):
-                    msg = await ws.receive()
-            except TimeoutError:
-                raise StaleConnection(f"no frame for {stale_after:g} s") from None
-            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                self._on_frame()
-                if await self._handle(ws, msg.data):
-                    await ws.close()
-                    return
-            elif msg.type is WSMsgType.ERROR:
-                raise ConnectionError(f"websocket error: {ws.exception()}")
-            else:  # CLOSE / CLOSING / CLOSED: only a SYSTEM disconnect is a polite goodbye
-                raise ConnectionError(f"websocket closed by the server (code {ws.close_code})")
+        async with OrderedIntake() as intake:  # drained before the close: in-flight ACKs still go out
+            while True:
+                try:
+                    # One deadline per DingTalk frame; ping/pong control frames do not reset it.
+                    async with asyncio.timeout(stale_after):
+                        msg = await ws.receive()
+                except TimeoutError:
+                    raise StaleConnection(f"no frame for {stale_after:g} s") from None
+                if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    self._on_frame()
+                    if await self._handle(ws, intake, msg.data):
+                        break
+                elif msg.type is WSMsgType.ERROR:
+                    raise ConnectionError(f"websocket error: {ws.exception()}")
+                else:  # CLOSE / CLOSING / CLOSED: only a SYSTEM disconnect is a polite goodbye
+                    raise ConnectionError(f"websocket closed by the server (code {ws.close_code})")
+        await ws.close()
 
-    async def _handle(self, ws: aiohttp.ClientWebSocketResponse, raw: str | bytes) -> bool:
+    async def _handle(
+        self, ws: aiohttp.ClientWebSocketResponse, intake: OrderedIntake, raw: str | bytes
+    ) -> bool:
         """Answer one frame; True when the server asked us to disconnect."""
         try:
             frame = parse_frame(raw)
@@ -188,9 +194,19 @@ class StreamSession:
                 return True
             return False
         if frame.type == "CALLBACK" and frame.topic == TOPIC:
-            if await self._on_message(frame.data):
+            verdict = self._on_message(frame.data)
+            if isinstance(verdict, Submission):
+                await intake.put(verdict.key, partial(_answer, ws, frame.message_id, verdict))
+            elif verdict:
                 await ws.send_str(ack_frame(frame.message_id, _CALLBACK_ACK))
             return False
         # Nothing else is subscribed; answer like the SDK's default handlers so it is not redelivered.
         await ws.send_str(ack_frame(frame.message_id, frame.data, code=404, message="not implement"))
         return False
+
+
+async def _answer(ws: aiohttp.ClientWebSocketResponse, message_id: str, submission: Submission) -> None:
+    """Submit one message and ACK its frame once accepted. ACKs may leave in any order: each
+    names its frame's messageId (§A.6), and the SDK's handlers run concurrently too (§A.11)."""
+    if await submission.submit():
+        await ws.send_str(ack_frame(message_id, _CALLBACK_ACK))

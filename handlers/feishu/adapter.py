@@ -24,6 +24,7 @@ from gateway.config import FeishuConfig
 from gateway.connection import ConnectionLoop, stop_task
 from gateway.dispatcher import Dispatcher
 from gateway.errors import PlatformError
+from gateway.intake import Submission
 from gateway.keys import CHANNELS, CONFIG, DISPATCHER, HTTP, METRICS
 from gateway.messages import Attachment, InboundMessage, Reply, ReplyKind
 from gateway.metrics import Metrics
@@ -203,6 +204,12 @@ class FeishuAdapter:
     # -- intake ------------------------------------------------------------------------------
     async def intake(self, body: dict[str, Any], transport: str) -> bool:
         """One delivered event -> dispatcher. True when Feishu may consider it delivered."""
+        verdict = await self._prepare(body, transport)
+        return await verdict.submit() if isinstance(verdict, Submission) else verdict
+
+    async def _prepare(self, body: dict[str, Any], transport: str) -> bool | Submission:
+        """Dedup and parse an event: a verdict at once (duplicate, dropped, not checkable) or the
+        message's `Submission`."""
         runtime = self.runtime
         event_id, now = envelope_id(body), time.time()
         if event_id and self._seen.seen(event_id, now):
@@ -224,16 +231,22 @@ class FeishuAdapter:
                 "event dropped",
                 extra={"platform": PLATFORM, "event_id": event_id, "reason": result.reason, "detail": result.detail},
             )
-            accepted = True
-        else:
-            accepted = (await runtime.dispatcher.submit(result)).acknowledge
+            self._delivered(event_id, now)
+            return True
+        return Submission(result.conversation_key, partial(self._submit, result, event_id, now))
+
+    async def _submit(self, message: InboundMessage, event_id: str, now: float) -> bool:
+        accepted = (await self.runtime.dispatcher.submit(message)).acknowledge
         if accepted:
-            self.tracker.event_seen()
-            if event_id:
-                self._seen.add(event_id, now)
+            self._delivered(event_id, now)
         return accepted
 
-    async def _on_ws_event(self, payload: bytes) -> bool:
+    def _delivered(self, event_id: str, now: float) -> None:
+        self.tracker.event_seen()
+        if event_id:
+            self._seen.add(event_id, now)
+
+    async def _on_ws_event(self, payload: bytes) -> bool | Submission:
         try:
             body = orjson.loads(payload)
         except orjson.JSONDecodeError:
@@ -243,7 +256,7 @@ class FeishuAdapter:
             self.runtime.metrics.dropped.labels(PLATFORM, "malformed").inc()
             log.warning("event payload is not a JSON object", extra={"platform": PLATFORM})
             return True
-        return await self.intake(body, "ws")
+        return await self._prepare(body, "ws")
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def ctx(self, app: web.Application) -> AsyncIterator[None]:

@@ -20,6 +20,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from urllib.parse import parse_qs, urlparse
 
 import aiohttp
@@ -29,6 +30,7 @@ from aiohttp import WSMsgType
 from gateway.backoff import Backoff
 from gateway.connection import StaleConnection
 from gateway.errors import PlatformError
+from gateway.intake import OrderedIntake, Submission
 
 from .api import FeishuApi
 from .frame import Frame, FrameError, decode, encode
@@ -45,8 +47,9 @@ PART_MAX_COUNT = 256  # parts of one event; a larger `sum` header is not believe
 PART_MAX_BYTES = 8 * 1024 * 1024
 MAX_FRAME_BYTES = 4 * 1024 * 1024
 
-# True = accepted (ACK with code 200), False = not accepted (code 500: Feishu redelivers).
-EventHandler = Callable[[bytes], Awaitable[bool]]
+# True = accepted (ACK with code 200), False = not accepted (code 500: Feishu redelivers), a
+# `Submission` = a message to submit in its conversation's order, answered by its outcome.
+EventHandler = Callable[[bytes], Awaitable[bool | Submission]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,35 +193,38 @@ class FeishuWsClient:
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse, service: int) -> None:
         await ws.send_bytes(_ping(service))  # at once, as the SDK does: the pong proves the link
         last_ping = last_seen = time.monotonic()
-        while True:
-            now = time.monotonic()
-            # Both deadlines follow the current interval, which a pong may change at any time.
-            if now >= last_ping + self.config.ping_interval:
-                await ws.send_bytes(_ping(service))
-                last_ping = now
-            next_ping = last_ping + self.config.ping_interval
-            stale_at = last_seen + 2 * self.config.ping_interval
-            if now >= stale_at:
-                raise StaleConnection(f"no pong or event for {now - last_seen:.1f} s")
-            try:
-                msg = await ws.receive(timeout=min(next_ping, stale_at) - now)
-            except TimeoutError:
-                continue
-            if msg.type is WSMsgType.BINARY:
+        async with OrderedIntake() as intake:
+            while True:
+                now = time.monotonic()
+                # Both deadlines follow the current interval, which a pong may change at any time.
+                if now >= last_ping + self.config.ping_interval:
+                    await ws.send_bytes(_ping(service))
+                    last_ping = now
+                next_ping = last_ping + self.config.ping_interval
+                stale_at = last_seen + 2 * self.config.ping_interval
+                if now >= stale_at:
+                    raise StaleConnection(f"no pong or event for {now - last_seen:.1f} s")
                 try:
-                    frame = decode(msg.data)
-                except FrameError as e:
-                    log.warning("undecodable frame dropped: %s", e, extra={"platform": "feishu"})
+                    msg = await ws.receive(timeout=min(next_ping, stale_at) - now)
+                except TimeoutError:
                     continue
-                if await self._on_frame(ws, frame):
-                    last_seen = time.monotonic()
-            elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
-                raise ConnectionError(f"server closed the connection (code {ws.close_code})")
-            elif msg.type is WSMsgType.ERROR:
-                raise ConnectionError(f"websocket error: {ws.exception()}")
-            # Text frames are not part of the protocol (the SDK only logs them): ignored.
+                if msg.type is WSMsgType.BINARY:
+                    try:
+                        frame = decode(msg.data)
+                    except FrameError as e:
+                        log.warning("undecodable frame dropped: %s", e, extra={"platform": "feishu"})
+                        continue
+                    if await self._on_frame(ws, intake, frame):
+                        last_seen = time.monotonic()
+                elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                    raise ConnectionError(f"server closed the connection (code {ws.close_code})")
+                elif msg.type is WSMsgType.ERROR:
+                    raise ConnectionError(f"websocket error: {ws.exception()}")
+                # Text frames are not part of the protocol (the SDK only logs them): ignored.
 
-    async def _on_frame(self, ws: aiohttp.ClientWebSocketResponse, frame: Frame) -> bool:
+    async def _on_frame(
+        self, ws: aiohttp.ClientWebSocketResponse, intake: OrderedIntake, frame: Frame
+    ) -> bool:
         """Handle one frame; True when it proves the server is alive (a pong or a data frame)."""
         kind = frame.header("type")
         if frame.method == CONTROL:
@@ -247,13 +253,34 @@ class FeishuWsClient:
             return True  # card callbacks etc. are not subscribed; the SDK does not answer them either
         started = time.monotonic()
         try:
-            accepted = await self._handler(payload)
+            verdict = await self._handler(payload)
         except Exception:  # one bad event must not take the connection down
             log.exception("event handling failed", extra={"platform": "feishu", "frame_message_id": message_id})
-            accepted = False
-        response = frame
-        if accepted:
-            response = frame.with_header("biz_rt", str(round((time.monotonic() - started) * 1000)))
-        response = replace(response, payload=orjson.dumps({"code": 200 if accepted else 500}))
-        await ws.send_bytes(encode(response))
+            verdict = False
+        if isinstance(verdict, Submission):
+            await intake.put(verdict.key, partial(_answer, ws, frame, started, verdict))
+        else:
+            await _respond(ws, frame, started, verdict)
         return True
+
+
+async def _answer(
+    ws: aiohttp.ClientWebSocketResponse, frame: Frame, started: float, submission: Submission
+) -> None:
+    """Submit one message, then answer its frame. Responses may leave in any order: each is the
+    request frame itself (its headers identify it), and the SDK handles frames concurrently too."""
+    try:
+        accepted = await submission.submit()
+    except Exception:
+        fields = {"platform": "feishu", "frame_message_id": frame.header("message_id")}
+        log.exception("event handling failed", extra=fields)
+        accepted = False
+    await _respond(ws, frame, started, accepted)
+
+
+async def _respond(ws: aiohttp.ClientWebSocketResponse, frame: Frame, started: float, accepted: bool) -> None:
+    response = frame
+    if accepted:
+        response = frame.with_header("biz_rt", str(round((time.monotonic() - started) * 1000)))
+    response = replace(response, payload=orjson.dumps({"code": 200 if accepted else 500}))
+    await ws.send_bytes(encode(response))
