@@ -42,6 +42,8 @@ class OrderedIntake:
         self._drain_timeout = drain_timeout
         self._tails: dict[str, asyncio.Task[None]] = {}  # the last task of each busy key
         self._tasks: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -51,13 +53,23 @@ class OrderedIntake:
         """Conversations with work in flight (for tests: finished keys are forgotten)."""
         return len(self._tails)
 
+    async def wait_idle(self) -> None:
+        """Until no work is in flight: every frame put so far was handled."""
+        await self._idle.wait()
+
     async def put(self, key: str, work: Callable[[], Awaitable[None]]) -> None:
         """Start `work` after the previous work of `key`; waits while `limit` frames are in flight."""
         await self._slots.acquire()
         task = asyncio.create_task(self._run(key, self._tails.get(key), work))
         self._tails[key] = task
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._idle.clear()
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not self._tasks:
+            self._idle.set()
 
     async def _run(
         self, key: str, previous: asyncio.Task[None] | None, work: Callable[[], Awaitable[None]]

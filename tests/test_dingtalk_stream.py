@@ -3,6 +3,7 @@ ACK timing, redelivery, liveness, reconnects and readiness."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -15,9 +16,13 @@ from tests.doubles.dingtalk import DingTalkDouble
 
 
 async def ping_round_trip(env: DingTalkEnv) -> None:
-    """Frames are served in order, so once a later ping is ACKed every earlier frame was handled."""
+    """Frames are read in order, so once a later ping is ACKed every earlier frame was read; once
+    the session has settled, every message among them was submitted (and ACKed if accepted)."""
     frame_id = await env.double.system("ping", {"opaque": "barrier"})
     await env.double.wait_for(lambda: env.double.acked(frame_id) is not None)
+    assert env.adapter.stream is not None
+    async with asyncio.timeout(10):
+        await env.adapter.stream.settled()
 
 
 def lost_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -181,3 +186,25 @@ async def test_admin_reconnect_connects_afresh(aiohttp_server: Any, gateway: Any
     await env.double.wait_for(lambda: env.double.connections == 2)
     await env.connected()
     assert len(env.double.opens) == 2 and env.adapter.status().reconnects == 1
+
+
+async def test_many_conversations_at_once_all_acked_and_answered_in_order(
+    aiohttp_server: Any, gateway: Any, openai_double: Any, tmp_path: Any
+) -> None:
+    """200 frames over 20 conversations pushed without waiting for ACKs (submits overlap in the
+    SQLite group commit): every frame ACKed once, every message answered, each conversation's
+    answers in the order its messages arrived."""
+    sections = {"store": {"url": f"sqlite:///{tmp_path}/s.sqlite3"}}
+    env = await start(aiohttp_server, gateway, model_url=openai_double[1], sections=sections)
+    frames = []
+    for i in range(10):
+        for c in range(20):
+            frames.append(await env.double.push(env.double.message(f"c{c} m{i}", staff_id=f"u{c}")))
+    await env.double.wait_for(lambda: all(env.double.acked(f) is not None for f in frames))
+    assert len(env.double.acks) == len(frames) and env.double.ack_errors == []
+    answers = await env.answers(200)
+    texts = [a["markdown"]["text"].removeprefix("echo: ") for a in answers]
+    assert sorted(texts) == sorted(f"c{c} m{i}" for i in range(10) for c in range(20))
+    for c in range(20):
+        mine = [t for t in texts if t.startswith(f"c{c} ")]
+        assert mine == [f"c{c} m{i}" for i in range(10)]

@@ -33,6 +33,7 @@ from tests.doubles.dingtalk import DingTalkDouble
 from tests.doubles.feishu_events import message_event
 from tests.doubles.openai import OpenAIDouble
 from tests.redisd import listen_port
+from tests.test_dingtalk_stream import ping_round_trip
 
 MODEL_DOWN = "the AI model is not answering right now"
 
@@ -279,8 +280,7 @@ async def fill_the_disk(env: DingTalkEnv) -> tuple[SqliteStore, dict[str, Any]]:
     await store.db.write(lambda conn, now: conn.execute(f"PRAGMA max_page_count = {pages}"))
     body = env.double.message("long question " + "x" * 8000)
     frame_id = await env.double.push(body)
-    barrier = await env.double.system("ping")  # frames are handled in order
-    await env.double.wait_for(lambda: env.double.acked(barrier) is not None)
+    await ping_round_trip(env)
     assert env.double.acked(frame_id) is None  # not ACKed: DingTalk will deliver it again
     status, ready = await readyz(env)
     assert status == 503 and "database or disk is full" in ready["reason"]

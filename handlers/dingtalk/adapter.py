@@ -66,6 +66,7 @@ class DingTalkAdapter:
         self._api: DingTalkApi | None = None
         self._dispatcher: Dispatcher | None = None
         self.loop: ConnectionLoop | None = None
+        self.stream: StreamSession | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def ctx(self, app: web.Application) -> AsyncIterator[None]:
@@ -74,11 +75,11 @@ class DingTalkAdapter:
         self._dispatcher = app[DISPATCHER]
         task: asyncio.Task[None] | None = None
         if self._cfg.mode in ("stream", "both"):
-            session = StreamSession(
+            self.stream = StreamSession(
                 app[HTTP], self._cfg, self.budget, self._on_stream_message, self._tracker.event_seen
             )
             backoff = Backoff(first=self._cfg.reconnect_delay, cap=RECONNECT_CAP)
-            self.loop = ConnectionLoop(PLATFORM, self._tracker, self._metrics, session, backoff)
+            self.loop = ConnectionLoop(PLATFORM, self._tracker, self._metrics, self.stream, backoff)
             task = asyncio.create_task(self.loop.run(), name="dingtalk-stream")
         else:  # webhook only: nothing to connect, ready while running
             self._tracker.set(state=ChannelState.CONNECTED, connected_since=time.time())

@@ -130,6 +130,7 @@ class StreamSession:
         self._budget = budget
         self._on_message = on_message
         self._on_frame = on_frame
+        self._intake: OrderedIntake | None = None  # the current connection's
 
     async def __call__(self, connected: Callable[[], None]) -> None:
         endpoint, ticket = await open_connection(self._http, self._cfg, self._budget)
@@ -147,10 +148,17 @@ class StreamSession:
             connected()
             await self._serve(ws)
 
+    async def settled(self) -> None:
+        """Until every message frame read so far was submitted (and ACKed if accepted): with a
+        SYSTEM ping's ACK, the barrier that says earlier frames were handled."""
+        if self._intake is not None:
+            await self._intake.wait_idle()
+
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """Serve frames until the server asks us to reconnect (return) or the connection fails (raise)."""
         stale_after = self._cfg.stale_after
         async with OrderedIntake() as intake:  # drained before the close: in-flight ACKs still go out
+            self._intake = intake
             while True:
                 try:
                     # One deadline per DingTalk frame; ping/pong control frames do not reset it.
