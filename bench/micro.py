@@ -159,7 +159,7 @@ async def run(ctx: Context) -> list[Row]:
                 name = (
                     "all at once (group commit)"
                     if concurrent
-                    else "one at a time (awaited in turn, as a stream session does)"
+                    else "one at a time (awaited in turn, as within one conversation)"
                 )
                 value = await submit_us(
                     "sqlite:///micro.sqlite3", count if concurrent else max(20, count // 20), concurrent
@@ -173,7 +173,7 @@ async def run(ctx: Context) -> list[Row]:
                         "orjson.loads",
                         base,
                         note="mean per message; one at a time it is the commit latency, "
-                        "which caps a serial stream",
+                        "which caps one conversation's intake",
                     )
                 )
     finally:

@@ -77,9 +77,8 @@ async def memory(ctx: Context) -> list[Row]:
                 async with proc:
                     await asyncio.sleep(ctx.pick(1.0, 0.3))
                     idle = proc.rss_mb()
-                    # Web chat, not DingTalk Stream: the Stream adapter handles one frame at a time and
-                    # waits for each store commit, so 200,000 messages would take far longer than the
-                    # bound (scenario 2 measures that path); 200 web chat sockets let commits batch.
+                    # Web chat, not DingTalk Stream: 200 web chat sockets are 200 independent senders
+                    # with their own flow control; scenario 2 measures the Stream path.
                     driver = WebChatDriver(proc.url)
                     try:
                         done, messages, elapsed = await converse(driver, total, turns, concurrency, budget)
