@@ -9,6 +9,7 @@ families directly for what only they see (reconnects, platform API calls, droppe
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -123,11 +124,25 @@ class Metrics:
         self.http_requests = Counter(
             "botgate_http_requests", "HTTP requests served.", ["route", "status"], registry=r
         )
+        # Labelled children by label values (bounded: every label takes bounded values).
+        self._received: dict[tuple[str, str, str], Any] = {}
+        self._http: dict[tuple[str, int], Any] = {}
 
     # -- what the core records (Prometheus + status page from one call) ------------------------
     def message_received(self, platform: str, transport: str, kind: str) -> None:
-        self.messages_received.labels(platform, transport, kind).inc()
+        key = (platform, transport, kind)
+        child = self._received.get(key)
+        if child is None:  # `labels()` costs microseconds per call: look each child up once
+            child = self._received[key] = self.messages_received.labels(*key)
+        child.inc()
         self.stats.message_received()
+
+    def http_request(self, route: str, status: int) -> None:
+        key = (route, status)
+        child = self._http.get(key)
+        if child is None:
+            child = self._http[key] = self.http_requests.labels(route, str(status))
+        child.inc()
 
     def reply(self, platform: str, outcome: Outcome) -> None:
         self.replies.labels(platform, outcome.value).inc()

@@ -13,7 +13,7 @@ from gateway.channel import ChannelState
 from gateway.errors import StoreError
 from gateway.keys import CHANNELS, CONFIG, DISPATCHER, METRICS, STORE
 
-from .http import body_limit, errors_and_metrics
+from .http import errors_and_metrics
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -85,7 +85,7 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 def setup(app: web.Application) -> None:
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
-    app.middlewares.extend([errors_and_metrics, body_limit])  # outermost first
+    app.middlewares.append(errors_and_metrics)  # outermost
     app.router.add_static("/static", TEMPLATES / "static", append_version=True)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -117,7 +117,8 @@ class WebChatAdapter:
         admission = await request.app[DISPATCHER].submit(message)
         frame: dict[str, object] = {"type": admission.value, "id": message.message_id}
         if admission in (Admission.UNAVAILABLE, Admission.CLOSED):
-            frame = {"type": "error", "id": message.message_id, "error": f"not accepted ({admission.value}), please retry"}
+            error = f"not accepted ({admission.value}), please retry"
+            frame = {"type": "error", "id": message.message_id, "error": error}
         await ws.send_str(orjson.dumps(frame).decode())
 
 

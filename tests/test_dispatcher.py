@@ -206,7 +206,7 @@ async def test_duplicates_within_dedup_ttl_are_dropped(make: Any) -> None:
     ) == 1
     # After dedup_ttl the id is forgotten (bounded wait for the clock to pass it).
     async with asyncio.timeout(5):
-        while await dispatcher.submit(msg("c1", "same-id")) is Admission.DUPLICATE:
+        while await dispatcher.submit(msg("c1", "same-id")) is Admission.DUPLICATE:  # noqa: ASYNC110 - waiting for the clock
             await asyncio.sleep(0.05)
     await dispatcher.wait_idle()
     assert len(responder.started()) == 3
@@ -290,8 +290,8 @@ async def test_drain_waits_for_in_flight_work(make: Any, store: MemoryStore) -> 
     await responder.wait_for(lambda: responder.started() == ["m1"])
     drain = asyncio.create_task(dispatcher.drain(5.0))
     async with asyncio.timeout(5):
-        while dispatcher.accepting:
-            await asyncio.sleep(0)  # let the drain task start
+        while dispatcher.accepting:  # noqa: ASYNC110 - let the drain task start
+            await asyncio.sleep(0)
     # Intake is closed: the adapter must not ACK (webhooks answer 503).
     closed = await dispatcher.submit(msg("c2", "late"))
     assert closed is Admission.CLOSED and not closed.acknowledge

@@ -58,7 +58,7 @@ class GatewayProcess:
 
     async def start(self, *args: str, env: dict[str, str] | None = None) -> None:
         clean = {k: v for k, v in os.environ.items() if not k.startswith("BOTGATE_")}
-        with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
+        with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:  # noqa: ASYNC230 - local files
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 str(ROOT / "run.py"),
@@ -71,7 +71,7 @@ class GatewayProcess:
         async with asyncio.timeout(START_TIMEOUT):
             while not await port_open(self.port):
                 assert self.proc.returncode is None, self.stderr.read_text()
-                await asyncio.sleep(0.05)  # the child is importing; nothing to await on
+                await asyncio.sleep(0.05)
 
     async def stopped(self, sig: int, bound: float) -> int:
         """Send `sig` and wait (at most `bound` seconds) for the exit code."""
@@ -82,7 +82,7 @@ class GatewayProcess:
 
     async def wait_port_closed(self) -> None:
         async with asyncio.timeout(10):
-            while await port_open(self.port):
+            while await port_open(self.port):  # noqa: ASYNC110 - polling another process
                 await asyncio.sleep(0.02)
 
     def logs(self) -> list[dict[str, Any]]:

@@ -108,7 +108,7 @@ async def test_redis_outage_flips_readiness_refuses_messages_and_recovers(
 
             await asyncio.to_thread(server.start)
             async with asyncio.timeout(10):
-                while (await readiness(client))[0] != 200:
+                while (await readiness(client))[0] != 200:  # noqa: ASYNC110 - polling another process
                     await asyncio.sleep(0.05)
             assert (await chat(client, ws, "during", "2"))[-1]["text"] == "echo: during"
     finally:

@@ -100,7 +100,8 @@ async def test_expired_login_sends_the_page_to_the_login_form(gateway: Any) -> N
             "document.querySelector('form').submit()"
         )
         assert await page.evaluate("location.pathname") == "/"
-        # The token lapses within seconds (3 s leaves room on a loaded machine); the live feed ends, status.js finds out and leaves.
+        # The token lapses within seconds (3 s leaves room on a loaded machine); the live feed
+        # ends, status.js finds out and leaves.
         await page.wait_event("Page.loadEventFired")
         assert await page.evaluate("location.pathname + location.search") == "/login?next=/"
         assert await page.evaluate("document.getElementById('password') !== null")

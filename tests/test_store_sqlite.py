@@ -72,7 +72,7 @@ async def test_second_process_on_one_file_is_refused(tmp_path: Path) -> None:
     first = SqliteStore(tmp_path / "one.sqlite3")
     await first.open()
     try:
-        with pytest.raises(StoreError, match="in use by another botgate process.*redis"):
+        with pytest.raises(StoreError, match=r"in use by another botgate process.*redis"):
             await SqliteStore(tmp_path / "one.sqlite3").open()
     finally:
         await first.close()

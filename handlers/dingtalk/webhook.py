@@ -26,7 +26,8 @@ from .parse import Dropped
 
 MAX_BODY = 64 * 1024  # a robot message is a few KB; anything near this is not one
 MAX_SKEW_MS = 3_600_000
-ACCEPTED = {"msgtype": "empty"}  # "nothing to post now": the answer comes via the sessionWebhook
+# "Nothing to post now": the answer comes via the sessionWebhook. Encoded once, not per request.
+ACCEPTED = orjson.dumps({"msgtype": "empty"})
 
 Intake = Callable[[Any, str], Awaitable[Admission | Dropped]]
 
@@ -52,14 +53,19 @@ def signature_problem(timestamp: str, signature: str, secret: str, now_ms: int) 
 
 async def _read_limited(request: web.Request, limit: int) -> bytes | None:
     """The body, or None as soon as it exceeds `limit` (never buffered beyond that)."""
-    if request.content_length is not None and request.content_length > limit:
-        return None
+    if request.content_length is not None:
+        # Declared length: refuse early, else one read (aiohttp caps it at client_max_size too).
+        return None if request.content_length > limit else await request.read()
     body = bytearray()
     async for chunk in request.content.iter_any():
         body += chunk
         if len(body) > limit:
             return None
     return bytes(body)
+
+
+def _accepted() -> web.Response:
+    return web.Response(body=ACCEPTED, content_type="application/json")
 
 
 def webhook_handler(secret: str, intake: Intake) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -83,9 +89,9 @@ def webhook_handler(secret: str, intake: Intake) -> Callable[[web.Request], Awai
         if isinstance(result, Dropped):
             if result.reason == "malformed":
                 return json_error(400, f"not a robot message: {result.detail}")
-            return web.json_response(ACCEPTED)
+            return _accepted()
         if not result.acknowledge:
             return json_error(503, f"not accepted ({result.value}), retry later")
-        return web.json_response(ACCEPTED)
+        return _accepted()
 
     return handle
