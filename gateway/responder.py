@@ -247,7 +247,10 @@ class Responder:
         return parts
 
     def _cache_key(self, messages: list[Message]) -> str:
-        digest = hashlib.sha256(orjson.dumps([self._model.name, messages])).hexdigest()
+        # The endpoint is part of the key: after switching providers (same model name), answers
+        # of the old one must not be served.
+        endpoint = self.cfg.model.base_url
+        digest = hashlib.sha256(orjson.dumps([endpoint, self._model.name, messages])).hexdigest()
         return f"cache:{digest}"
 
     async def _cached(self, key: str | None) -> str | None:

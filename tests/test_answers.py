@@ -7,16 +7,18 @@ import asyncio
 import time
 from typing import Any
 
+import aiohttp
 from aiohttp.test_utils import TestClient
 
 from gateway.errors import StoreError
 from gateway.keys import DISPATCHER, METRICS
 from gateway.messages import ConversationKind, InboundMessage, Reply
 from gateway.metrics import Metrics
-from gateway.model import EchoModel
+from gateway.model import EchoModel, create_model_client
 from gateway.responder import Responder
 from gateway.store import MemoryStore
 from tests.conftest import make_config
+from tests.doubles.openai import OpenAIDouble
 
 
 async def send(ws: Any, text: str, msg_id: str) -> dict[str, Any]:
@@ -167,3 +169,34 @@ async def test_store_failure_after_delivery_is_not_an_apology(caplog: Any) -> No
     await responder.handle(message, time.time())  # does not raise: the dispatcher would apologise
     assert [r.text.splitlines()[0] for r in channel.sent] == ["> remember me"]
     assert any(r.message.startswith("answer delivered but not remembered") for r in caplog.records)
+
+
+async def test_cache_is_per_endpoint(aiohttp_server: Any) -> None:
+    """After switching providers (same model name, same shared store), the old provider's answers
+    are not served from the cache."""
+    store = MemoryStore()
+    doubles = [OpenAIDouble(answer="from A"), OpenAIDouble(answer="from B")]
+    async with aiohttp.ClientSession() as session:
+        answers = []
+        for double in doubles:
+            url = str((await aiohttp_server(double.app())).make_url("/v1"))
+            config = make_config(model={"base_url": url})
+            metrics = Metrics()
+            channel = RecordingChannel()
+            model = create_model_client(config.model, session, metrics)
+            responder = Responder(config, store, model, {"web": channel}, metrics)  # type: ignore[dict-item]
+            message = InboundMessage(
+                platform="web",
+                transport="websocket",
+                conversation_id=f"c-{len(answers)}",
+                conversation_kind=ConversationKind.DM,
+                sender_id="u1",
+                sender_name="web",
+                text="same question",
+                mentioned=True,
+                message_id=f"m{len(answers)}",
+            )
+            await responder.handle(message, time.time())
+            answers.append(channel.sent[-1].text)
+    assert answers == ["from A", "from B"]
+    assert [len(d.requests) for d in doubles] == [1, 1]
