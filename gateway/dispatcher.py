@@ -202,7 +202,11 @@ class Dispatcher:
 
     @asynccontextmanager
     async def _lease(self, key: str) -> AsyncIterator[None]:
-        """Hold the conversation's lease (waiting while another instance has it), renewed."""
+        """Hold the conversation's lease (waiting while another instance has it), renewed. A store
+        only this process can use needs none: the per-conversation worker already orders it."""
+        if not self._store.shared:
+            yield
+            return
         backoff = Backoff(first=0.02, cap=1.0)
         while True:
             try:
@@ -234,7 +238,10 @@ class Dispatcher:
                 log.warning("lease renewal failed: %s", e, extra={"conversation": key})
 
     async def _due(self, message: InboundMessage) -> list[InboundMessage]:
-        """What to answer under the lease: the conversation's pending messages up to `message`."""
+        """What to answer under the lease: the conversation's pending messages up to `message`.
+        With an unshared store every pending message is queued here already, in order."""
+        if not self._store.shared:
+            return [message]
         try:
             pending = await self._store.inbox_pending(message.conversation_key)
         except StoreError as e:

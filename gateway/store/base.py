@@ -25,6 +25,9 @@ class Turn:
 
 class Store(Protocol):
     backend: str  # "memory" | "sqlite" | "redis"
+    # True when several gateway processes may use the store at once (Redis): then a conversation
+    # is answered under a lease and its pending inbox is re-read. SQLite is locked to one process.
+    shared: bool
 
     async def open(self) -> None: ...
 

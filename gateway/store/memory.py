@@ -35,6 +35,7 @@ class LocalLeases:
 
 class MemoryStore:
     backend = "memory"
+    shared = False
 
     def __init__(self) -> None:
         self._seen: dict[str, float] = {}

@@ -111,6 +111,7 @@ def safe_url(url: str) -> str:
 
 class RedisStore:
     backend = "redis"
+    shared = True
 
     def __init__(
         self, url: str, connect_timeout: float = 2.0, timeout: float = 5.0, max_connections: int = 128

@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS buckets (bucket TEXT PRIMARY KEY, tokens REAL NOT NUL
 
 class SqliteStore:
     backend = "sqlite"
+    shared = False
 
     def __init__(self, path: Path, window: float = 0.001, sweep_interval: float = 60.0) -> None:
         self.path = path
