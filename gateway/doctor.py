@@ -27,10 +27,11 @@ import aiohttp
 
 from . import __version__
 from .config import Config
-from .errors import ModelError, StoreError, StoreInUse
+from .errors import ModelError, PlatformError, StoreError, StoreInUse
 from .metrics import Metrics
 from .model import Completion, OpenAIModel, uses_echo
 from .store import SqliteStore, open_store
+from .tokens import TokenCache
 
 CHECK_TIMEOUT = 30.0  # seconds per check; the platform clients time out sooner themselves
 CLOCK_WARN = 60.0  # seconds of skew worth fixing before a platform's own limit is reached
@@ -184,6 +185,29 @@ async def reachable(url: str) -> None:
 def reach_fix(url: str) -> str:
     host = urlsplit(url).hostname or url
     return f"make sure this host can reach {host} (DNS, firewall egress rules, HTTPS_PROXY)"
+
+
+class CredentialsCheck:
+    """Every platform's first check: can the app get an access token? Later checks that need a
+    token ask `needs_token()` and are skipped, not failed again, when it could not."""
+
+    def __init__(self, platform: str, app_id: str, tokens: TokenCache, base_url: str, fix: str, token: str):
+        self._platform, self._app_id, self._tokens = platform, app_id, tokens
+        self._base_url, self._fix, self._token = base_url, fix, token  # token: "an access token"
+        self.ok = False
+
+    async def __call__(self) -> Result:
+        try:
+            await self._tokens.get()
+        except PlatformError as e:
+            if e.retryable:
+                return failed(f"cannot get {self._token}: {e}", reach_fix(self._base_url))
+            return failed(f"{self._platform} refused the app credentials: {e}", self._fix)
+        self.ok = True
+        return passed(f"{self._token.split(' ', 1)[1]} issued to app {self._app_id}")
+
+    def needs_token(self) -> Result | None:
+        return None if self.ok else skipped(f"needs {self._token} (see credentials)")
 
 
 # -- model ----------------------------------------------------------------------------------------

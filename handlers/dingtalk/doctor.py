@@ -6,7 +6,17 @@ import aiohttp
 
 from gateway.budget import ApiBudget
 from gateway.config import Config
-from gateway.doctor import Check, Result, check_clock, failed, passed, reach_fix, reachable, skipped, warned
+from gateway.doctor import (
+    Check,
+    CredentialsCheck,
+    Result,
+    check_clock,
+    failed,
+    passed,
+    reach_fix,
+    reachable,
+    warned,
+)
 from gateway.errors import PlatformError
 from gateway.metrics import Metrics
 
@@ -36,18 +46,9 @@ def checks(config: Config, http: aiohttp.ClientSession) -> list[Check]:
     budget = ApiBudget(PLATFORM, 0, Metrics())  # doctor's calls count nowhere that matters
     api = DingTalkApi(http, cfg, budget)
     robot_code = cfg.robot_code or cfg.client_id
-    token_ok = False
-
-    async def credentials() -> Result:
-        nonlocal token_ok
-        try:
-            await api.tokens.get()
-        except PlatformError as e:
-            if e.retryable:
-                return failed(f"cannot get an access token: {e}", reach_fix(cfg.api_base))
-            return failed(f"DingTalk refused the app credentials: {e}", CREDENTIALS_FIX)
-        token_ok = True
-        return passed(f"access token issued to app {cfg.client_id}")
+    credentials = CredentialsCheck(
+        "DingTalk", cfg.client_id, api.tokens, cfg.api_base, CREDENTIALS_FIX, "an access token"
+    )
 
     async def stream_endpoint() -> Result:
         try:
@@ -64,8 +65,8 @@ def checks(config: Config, http: aiohttp.ClientSession) -> list[Check]:
         return passed(f"open-connection answered; {endpoint} accepts connections")
 
     async def identity() -> Result:
-        if not token_ok:
-            return skipped("needs an access token (see credentials)")
+        if (skip := credentials.needs_token()) is not None:
+            return skip
         try:
             await api.query_robot(robot_code)
         except PlatformError as e:

@@ -6,7 +6,7 @@ import aiohttp
 
 from gateway.budget import ApiBudget
 from gateway.config import Config
-from gateway.doctor import Check, Result, check_clock, failed, passed, reach_fix, reachable, skipped
+from gateway.doctor import Check, CredentialsCheck, Result, check_clock, failed, passed, reach_fix, reachable
 from gateway.errors import PlatformError
 from gateway.metrics import Metrics
 
@@ -28,18 +28,9 @@ BOT_FIX = "enable the app's Bot feature (developer console > Features > Bot) and
 def checks(config: Config, http: aiohttp.ClientSession) -> list[Check]:
     cfg = config.feishu
     api = FeishuApi(http, cfg.domain, cfg.app_id, cfg.app_secret, ApiBudget(PLATFORM, 0, Metrics()))
-    token_ok = False
-
-    async def credentials() -> Result:
-        nonlocal token_ok
-        try:
-            await api.tokens.get()
-        except PlatformError as e:
-            if e.retryable:
-                return failed(f"cannot get a tenant access token: {e}", reach_fix(cfg.domain))
-            return failed(f"Feishu refused the app credentials: {e}", CREDENTIALS_FIX)
-        token_ok = True
-        return passed(f"tenant access token issued to app {cfg.app_id}")
+    credentials = CredentialsCheck(
+        "Feishu", cfg.app_id, api.tokens, cfg.domain, CREDENTIALS_FIX, "a tenant access token"
+    )
 
     async def ws_endpoint() -> Result:
         try:
@@ -57,8 +48,8 @@ def checks(config: Config, http: aiohttp.ClientSession) -> list[Check]:
         return passed(f"endpoint call answered; {url.split('?')[0]} accepts connections")
 
     async def identity() -> Result:
-        if not token_ok:
-            return skipped("needs a tenant access token (see credentials)")
+        if (skip := credentials.needs_token()) is not None:
+            return skip
         try:
             open_id = await api.bot_open_id()
         except PlatformError as e:
