@@ -25,9 +25,9 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from enum import StrEnum
 from typing import Protocol
 
+from .admission import Admission
 from .backoff import Backoff
 from .config import DispatcherConfig
 from .errors import StoreError
@@ -40,18 +40,6 @@ log = logging.getLogger(__name__)
 BUSY_NOTICE = "The assistant is busy right now. Please send your message again in a minute."
 APOLOGY = "Sorry, something went wrong while answering. Please try again. (ref {request_id})"
 TIMEOUT_NOTICE = "Sorry, that took too long to answer. Please try again. (ref {request_id})"
-
-
-class Admission(StrEnum):
-    ACCEPTED = "accepted"  # in the inbox; ACK the platform
-    DUPLICATE = "duplicate"  # seen before; ACK and forget
-    BUSY = "busy"  # queue full; the sender was told; ACK
-    UNAVAILABLE = "unavailable"  # store down: do NOT ACK, let the platform redeliver
-    CLOSED = "closed"  # shutting down: do NOT ACK (webhooks answer 503)
-
-    @property
-    def acknowledge(self) -> bool:
-        return self in (Admission.ACCEPTED, Admission.DUPLICATE, Admission.BUSY)
 
 
 class Responder(Protocol):

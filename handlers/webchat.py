@@ -17,8 +17,8 @@ import aiohttp_jinja2
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from gateway.admission import Admission
 from gateway.channel import ChannelState, ChannelStatus
-from gateway.dispatcher import Admission
 from gateway.errors import PlatformError
 from gateway.keys import CHANNELS, DISPATCHER
 from gateway.messages import Attachment, ConversationKind, InboundMessage, Reply, ReplyKind

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from gateway.dispatcher import Admission, Dispatcher
+from gateway.admission import Admission
+from gateway.dispatcher import Dispatcher
 from gateway.messages import InboundMessage
 from gateway.metrics import Metrics, Outcome
 from gateway.store import RedisStore, Store, Turn

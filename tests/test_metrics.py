@@ -15,11 +15,11 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 import handlers
+from gateway.admission import Admission
 from gateway.app import create_app
 from gateway.budget import ApiBudget
 from gateway.channel import ChannelState, ChannelStatus, StatusTracker
 from gateway.connection import ConnectionLoop, stop_task
-from gateway.dispatcher import Admission
 from gateway.keys import CHANNELS, DISPATCHER, METRICS
 from gateway.messages import Attachment, ConversationKind, InboundMessage, Reply
 from tests.conftest import make_config

@@ -25,7 +25,8 @@ from gateway.budget import ApiBudget
 from gateway.channel import ChannelState, ChannelStatus, StatusTracker
 from gateway.config import DingTalkConfig
 from gateway.connection import ConnectionLoop, stop_task
-from gateway.dispatcher import Admission, Dispatcher
+from gateway.admission import Admission
+from gateway.dispatcher import Dispatcher
 from gateway.errors import PlatformError
 from gateway.intake import Submission
 from gateway.keys import CHANNELS, CONFIG, DISPATCHER, HTTP, METRICS

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.dispatcher import Admission
+from gateway.admission import Admission
 
 from ..http import json_error
 from .parse import Dropped
