@@ -41,6 +41,7 @@ from .model import create_model_client
 from .reload import LiveConfig, ReloadReport, apply_logging, plan, read_config
 from .responder import Responder
 from .store import open_store
+from .tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +131,7 @@ async def _resume_inbox(app: web.Application) -> AsyncIterator[None]:
         older_than = cfg.deadline + 2 * cfg.lease_ttl
         task = asyncio.create_task(_adopt_orphans(dispatcher, older_than), name="adopt-orphans")
     yield
-    if task is not None:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    await stop_task(task)
 
 
 async def _adopt_orphans(dispatcher: Dispatcher, older_than: float) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Protocol
 
@@ -43,14 +43,12 @@ class StatusTracker:
     """Mutable holder adapters update; `snapshot()` hands out frozen copies."""
 
     status: ChannelStatus
-    _changed_at: float = field(default_factory=time.time)
     # Kept apart from `status`: event_seen runs per frame, a dataclasses.replace each time cost
     # more than the rest of the frame's bookkeeping; snapshot() merges it in.
     _last_event_at: float | None = None
 
     def set(self, **changes: object) -> None:
         self.status = replace(self.status, **changes)  # type: ignore[arg-type]
-        self._changed_at = time.time()
 
     def event_seen(self) -> None:
         self._last_event_at = time.time()
@@ -76,7 +74,8 @@ class ReplyStream(Protocol):
 
 
 class Channel(Protocol):
-    platform: str
+    @property
+    def platform(self) -> str: ...
 
     def status(self) -> ChannelStatus: ...
 

@@ -10,7 +10,6 @@ session's job: it must raise `StaleConnection` when no frame arrived within its 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -20,11 +19,11 @@ from typing import Any
 from .backoff import Backoff
 from .channel import ChannelState, StatusTracker
 from .metrics import Metrics
+from .tasks import stop_task
 
 log = logging.getLogger(__name__)
 
 Session = Callable[[Callable[[], None]], Coroutine[Any, Any, None]]
-STOP_TIMEOUT = 5.0
 
 
 class StaleConnection(Exception):
@@ -107,10 +106,7 @@ class ConnectionLoop:
                 if delay:
                     await asyncio.sleep(delay)
         finally:
-            if self._current is not None:
-                self._current.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self._current
+            await stop_task(self._current)
             self.connected_event.clear()
             self._metrics.channel_connected.labels(self.platform).set(0)
             self._tracker.set(state=ChannelState.STOPPED)
@@ -120,11 +116,3 @@ class ConnectionLoop:
         if self._current is not None and not self._current.done():
             self._reconnect_requested = True
             self._current.cancel()
-
-
-async def stop_task(task: asyncio.Task[None], timeout: float = STOP_TIMEOUT) -> None:
-    """Cancel a background task and wait for it, bounded (a clean stop takes < 5 s)."""
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-        async with asyncio.timeout(timeout):
-            await task

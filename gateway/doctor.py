@@ -187,6 +187,17 @@ def reach_fix(url: str) -> str:
     return f"make sure this host can reach {host} (DNS, firewall egress rules, HTTPS_PROXY)"
 
 
+async def endpoint_reachable(url: str, got: str, answered: str) -> Result:
+    """The long-connection check's last step, once the platform handed out `url`: only a TCP/TLS
+    connection, no websocket, since a second client of the app would be handed events meant for
+    the running gateway (and never answer them)."""
+    try:
+        await reachable(url)
+    except OSError as e:
+        return failed(f"{got}, but cannot connect to it: {e}", reach_fix(url))
+    return passed(f"{answered}; {url.split('?')[0]} accepts connections")
+
+
 class CredentialsCheck:
     """Every platform's first check: can the app get an access token? Later checks that need a
     token ask `needs_token()` and are skipped, not failed again, when it could not."""

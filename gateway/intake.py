@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
+
+from .admission import Admission, Submission, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -19,13 +21,8 @@ MAX_IN_FLIGHT = 1024
 DRAIN_TIMEOUT = 2.0
 
 
-@dataclass(frozen=True, slots=True)
-class Submission:
-    """A parsed stream message: its conversation key and the call that submits it to the
-    dispatcher (True = the platform may consider it delivered, so ACK it)."""
-
-    key: str
-    submit: Callable[[], Awaitable[bool]]
+# How a session answers the platform for one event (an ACK frame, a response frame).
+Respond = Callable[[Admission], Awaitable[None]]
 
 
 class OrderedIntake:
@@ -34,8 +31,9 @@ class OrderedIntake:
     group commit. Order still matters within a conversation (the dispatcher queues per
     conversation in arrival order), so each task of a key first waits for the previous one.
 
-    Use as `async with OrderedIntake() as intake:` around the read loop; `await intake.put(key,
-    work)` per frame. Leaving the block drains (bounded) or, on cancellation, cancels the tasks."""
+    Use as `async with OrderedIntake() as intake:` around the read loop; `await intake.handle(
+    verdict, respond)` per event frame. Leaving the block drains (bounded) or, on cancellation,
+    cancels the tasks."""
 
     def __init__(self, limit: int = MAX_IN_FLIGHT, drain_timeout: float = DRAIN_TIMEOUT) -> None:
         self._slots = asyncio.Semaphore(limit)
@@ -56,6 +54,14 @@ class OrderedIntake:
     async def wait_idle(self) -> None:
         """Until no work is in flight: every frame put so far was handled."""
         await self._idle.wait()
+
+    async def handle(self, verdict: Verdict, respond: Respond) -> None:
+        """Answer a verdict decided at once right away; run a `Submission` after the earlier work
+        of its conversation, then answer with its admission."""
+        if isinstance(verdict, Admission):
+            await respond(verdict)
+        else:
+            await self.put(verdict.key, partial(_submit_then_respond, verdict, respond))
 
     async def put(self, key: str, work: Callable[[], Awaitable[None]]) -> None:
         """Start `work` after the previous work of `key`; waits while `limit` frames are in flight."""
@@ -102,3 +108,14 @@ class OrderedIntake:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def _submit_then_respond(submission: Submission, respond: Respond) -> None:
+    """Submit one message, then answer its frame. Answers may leave in any order: each names its
+    frame, and the platforms' own SDKs handle frames concurrently too."""
+    try:
+        admission = await submission.submit()
+    except Exception:  # answered as not accepted: the platform delivers it again
+        log.exception("submit failed")
+        admission = Admission.UNAVAILABLE
+    await respond(admission)

@@ -1,9 +1,24 @@
-"""Markdown helpers shared by the adapters: split long answers into ordered parts, find tables and
-turn them into lists for platforms whose markdown has no tables."""
+"""The render contract of every adapter, and the markdown helpers they share: an answer becomes
+an ordered list of `Part`s (split at paragraph boundaries, tables turned into lists for platforms
+whose markdown has none)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One message of a rendered answer: the markdown it shows, and where the platform needs
+    it, its message type and content object."""
+
+    text: str
+    msg_type: str = "markdown"
+    content: Mapping[str, Any] = field(default_factory=dict)
+
 
 _TABLE_SEP = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
 _FENCE = "```"
@@ -41,10 +56,6 @@ def find_tables(text: str) -> list[tuple[int, int]]:
             continue
         i += 1
     return found
-
-
-def count_tables(text: str) -> int:
-    return len(find_tables(text))
 
 
 def tables_to_lists(text: str) -> str:

@@ -7,7 +7,6 @@ libsystemd is needed. Outside systemd (no $NOTIFY_SOCKET) every call is a no-op.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -15,6 +14,8 @@ import time
 from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
+
+from .tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +96,7 @@ class Notifier:
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task)
 
     async def _ping(self, interval: float) -> None:
         # systemd arms the watchdog once start-up completes, so pings begin with READY=1.

@@ -31,7 +31,6 @@ class CardStream:
         self._broken = False
         self._last_push = 0.0
         self._last_text = ""
-        self.updates = 0  # pushes made, the final one included
 
     async def _open(self, text: str) -> None:
         """Create and deliver the card showing `text`."""
@@ -53,7 +52,6 @@ class CardStream:
                 self._opened = True
             else:
                 await self._push(text, final=False)
-            self.updates += 1
         except PlatformError as e:
             log.warning("card streaming failed, the answer will be sent as a message: %s", e)
             self._broken = True
@@ -67,7 +65,6 @@ class CardStream:
                     await self._open(text)
                     self._opened = True
                 await self._push(text, final=True)
-                self.updates += 1
                 return
             except PlatformError as e:
                 log.warning("card final update failed, sending the answer as a message: %s", e)

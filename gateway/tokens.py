@@ -23,7 +23,6 @@ class TokenCache:
         self._token = ""
         self._expires_at = 0.0
         self._lock = asyncio.Lock()
-        self.fetches = 0
 
     async def get(self) -> str:
         """A valid token; one fetch at a time however many callers wait (single flight)."""
@@ -33,7 +32,6 @@ class TokenCache:
             if self._token and time.monotonic() < self._expires_at:
                 return self._token
             token, lifetime = await self._fetch()
-            self.fetches += 1
             # Refresh `margin` early, but never treat a short-lived token as already expired.
             margin = min(self._margin, lifetime / 2)
             self._token, self._expires_at = token, time.monotonic() + lifetime - margin

@@ -13,10 +13,6 @@ Both reject a timestamp more than an hour off.
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
-import hashlib
-import hmac
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,20 +26,16 @@ from gateway.alerts import Alert, AlertSink, Monitor
 from gateway.config import AlertsConfig
 from gateway.errors import PlatformError
 from gateway.keys import ALERTS, CHANNELS, HTTP, LIVE, METRICS
+from gateway.signing import hmac_sha256_base64
+from gateway.tasks import stop_task
+
+from .dingtalk.webhook import sign as dingtalk_sign
 
 TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
-def dingtalk_sign(timestamp_ms: str, secret: str) -> str:
-    digest = hmac.new(
-        secret.encode(), f"{timestamp_ms}\n{secret}".encode(), hashlib.sha256
-    ).digest()
-    return base64.b64encode(digest).decode()
-
-
 def feishu_sign(timestamp_s: str, secret: str) -> str:
-    digest = hmac.new(f"{timestamp_s}\n{secret}".encode(), b"", hashlib.sha256).digest()
-    return base64.b64encode(digest).decode()
+    return hmac_sha256_base64(f"{timestamp_s}\n{secret}", "")
 
 
 async def _post_json(
@@ -133,9 +125,7 @@ async def _alerts_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_task(task)
 
 
 def setup(app: web.Application) -> None:

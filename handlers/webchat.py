@@ -12,16 +12,20 @@ import logging
 import re
 import uuid
 from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
 
+import aiohttp
 import aiohttp_jinja2
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from gateway.admission import Admission
-from gateway.channel import ChannelState, ChannelStatus
+from gateway.adapter import DEFAULT_BOT, Adapter, Runtime, SessionClient
+from gateway.admission import Admission, Dropped
 from gateway.errors import PlatformError
-from gateway.keys import CHANNELS, DISPATCHER
+from gateway.keys import CHANNELS, METRICS
 from gateway.messages import Attachment, ConversationKind, InboundMessage, Reply, ReplyKind
+from gateway.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -30,59 +34,98 @@ MAX_TEXT = 16_000
 _SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 
 
-class WebChatStream:
-    """Sends only the new suffix of the answer as `delta` frames, then `done` with the full text."""
+@dataclass(frozen=True, slots=True)
+class WebChatConfig:
+    """The web chat has no app of its own to configure: one transport, no API quota."""
 
-    def __init__(self, adapter: WebChatAdapter, message: InboundMessage) -> None:
-        self._adapter = adapter
-        self._message = message
-        self._sent = 0
-
-    async def update(self, text: str) -> None:
-        if len(text) > self._sent:
-            await self._adapter.push(self._message, {"type": "delta", "text": text[self._sent :]})
-            self._sent = len(text)
-
-    async def finish(self, text: str) -> None:
-        await self._adapter.push(self._message, {"type": "done", "text": text, "reply_to": self._message.message_id})
+    mode: str = "websocket"
+    monthly_api_budget: int = 0
 
 
-class WebChatAdapter:
-    platform = PLATFORM
+class BrowserSockets:
+    """The web chat's "platform API": the open browser sockets of each session (conversation)."""
 
     def __init__(self) -> None:
         self._sockets: dict[str, set[web.WebSocketResponse]] = defaultdict(set)
 
-    def status(self) -> ChannelStatus:
-        return ChannelStatus(PLATFORM, ChannelState.CONNECTED, transports=("websocket",))
+    def add(self, session: str, ws: web.WebSocketResponse) -> None:
+        self._sockets[session].add(ws)
 
-    async def push(self, message: InboundMessage, frame: dict[str, object]) -> None:
-        sockets = [ws for ws in self._sockets.get(message.conversation_id, ()) if not ws.closed]
+    def discard(self, session: str, ws: web.WebSocketResponse) -> None:
+        self._sockets[session].discard(ws)
+        if not self._sockets[session]:
+            del self._sockets[session]
+
+    async def push(self, session: str, frame: Mapping[str, object]) -> None:
+        sockets = [ws for ws in self._sockets.get(session, ()) if not ws.closed]
         if not sockets:
             raise PlatformError("web chat session is gone", retryable=False)
         data = orjson.dumps(frame).decode()
         for ws in sockets:
             await ws.send_str(data)
 
+    async def close_all(self) -> None:
+        for ws in [ws for group in self._sockets.values() for ws in group]:
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+
+
+class WebChatStream:
+    """Sends only the new suffix of the answer as `delta` frames, then `done` with the full text."""
+
+    def __init__(self, sockets: BrowserSockets, message: InboundMessage) -> None:
+        self._sockets = sockets
+        self._message = message
+        self._sent = 0
+
+    async def update(self, text: str) -> None:
+        if len(text) > self._sent:
+            await self._sockets.push(self._message.conversation_id, {"type": "delta", "text": text[self._sent :]})
+            self._sent = len(text)
+
+    async def finish(self, text: str) -> None:
+        frame = {"type": "done", "text": text, "reply_to": self._message.message_id}
+        await self._sockets.push(self._message.conversation_id, frame)
+
+
+class WebChatAdapter(Adapter[WebChatConfig, BrowserSockets]):
+    """The browser chat on the shared skeleton. Its events arrive already parsed (`parse_frame`
+    answers the browser's protocol errors itself), so `parse` only passes them on."""
+
+    platform = PLATFORM
+    long_transport = ""  # none: browsers connect to us
+
+    @classmethod
+    def modes(cls) -> Mapping[str, tuple[str, ...]]:
+        return {"websocket": ("websocket",)}
+
+    def __init__(self, cfg: WebChatConfig, metrics: Metrics, name: str = DEFAULT_BOT) -> None:
+        super().__init__(cfg, metrics, name)
+        self.sockets = BrowserSockets()
+
+    def make_api(self, http: aiohttp.ClientSession) -> BrowserSockets:
+        return self.sockets
+
+    def make_client(self, runtime: Runtime[BrowserSockets]) -> SessionClient:
+        raise NotImplementedError("the web chat keeps no long connection")
+
+    async def parse(self, body: object, transport: str) -> InboundMessage | Dropped:
+        return body if isinstance(body, InboundMessage) else Dropped("malformed", "not a browser message")
+
     async def send(self, reply: Reply) -> None:
         kind = "notice" if reply.kind is ReplyKind.NOTICE else "done"
-        await self.push(reply.to, {"type": kind, "text": reply.text, "reply_to": reply.to.message_id})
+        frame = {"type": kind, "text": reply.text, "reply_to": reply.to.message_id}
+        await self.sockets.push(reply.to.conversation_id, frame)
 
     async def open_stream(self, message: InboundMessage) -> WebChatStream:
-        return WebChatStream(self, message)
+        return WebChatStream(self.sockets, message)
 
     async def fetch(self, message: InboundMessage, attachment: Attachment) -> tuple[bytes, str]:
         raise PlatformError("web chat has no attachments", retryable=False)
 
-    async def reconnect(self) -> None:
-        return None
-
     async def close_all(self, app: web.Application) -> None:
         """on_shutdown (after the dispatcher drained): close browser sockets, so aiohttp does not
         wait its whole shutdown timeout for these never-ending handlers."""
-        sockets = [ws for group in self._sockets.values() for ws in group]
-        for ws in sockets:
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+        await self.sockets.close_all()
 
     # -- HTTP ---------------------------------------------------------------------------------
     @aiohttp_jinja2.template("chat.html")
@@ -95,26 +138,24 @@ class WebChatAdapter:
             session = uuid.uuid4().hex
         ws = web.WebSocketResponse(heartbeat=30, max_msg_size=64 * 1024)
         await ws.prepare(request)
-        self._sockets[session].add(ws)
+        self.sockets.add(session, ws)
         await ws.send_str(orjson.dumps({"type": "hello", "session": session}).decode())
         try:
             async for frame in ws:
                 if frame.type is WSMsgType.TEXT:
-                    await self._on_text(request, ws, session, frame.data)
+                    await self._on_text(ws, session, frame.data)
                 elif frame.type is WSMsgType.ERROR:
                     break
         finally:
-            self._sockets[session].discard(ws)
-            if not self._sockets[session]:
-                del self._sockets[session]
+            self.sockets.discard(session, ws)
         return ws
 
-    async def _on_text(self, request: web.Request, ws: web.WebSocketResponse, session: str, data: str) -> None:
+    async def _on_text(self, ws: web.WebSocketResponse, session: str, data: str) -> None:
         message = parse_frame(data, session)
         if isinstance(message, str):
             await ws.send_str(orjson.dumps({"type": "error", "error": message}).decode())
             return
-        admission = await request.app[DISPATCHER].submit(message)
+        admission = await self.admit(message, "websocket")
         frame: dict[str, object] = {"type": admission.value, "id": message.message_id}
         if admission in (Admission.UNAVAILABLE, Admission.CLOSED):
             error = f"not accepted ({admission.value}), please retry"
@@ -152,8 +193,9 @@ def parse_frame(data: str, session: str) -> InboundMessage | str:
 
 
 def setup(app: web.Application) -> None:
-    adapter = WebChatAdapter()
+    adapter = WebChatAdapter(WebChatConfig(), app[METRICS])
     app[CHANNELS][PLATFORM] = adapter
+    app.cleanup_ctx.append(adapter.ctx)
     app.router.add_get("/chat", adapter.page)
     app.router.add_get("/chat/ws", adapter.websocket)
     app.on_shutdown.append(adapter.close_all)

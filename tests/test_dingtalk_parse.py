@@ -5,9 +5,10 @@ from __future__ import annotations
 import orjson
 
 from gateway.access import AccessList
+from gateway.admission import Dropped
 from gateway.messages import Attachment, ConversationKind, InboundMessage
-from handlers.dingtalk.parse import NO_RECOGNITION, Dropped, Filters, parse_message
-from handlers.dingtalk.render import PART_LIMIT, openapi_markdown, render_parts, title_of
+from handlers.dingtalk.parse import NO_RECOGNITION, Filters, parse_message
+from handlers.dingtalk.render import PART_LIMIT, openapi_markdown, render, title_of
 from handlers.dingtalk.stream import FrameError, ack_frame, parse_frame
 from handlers.dingtalk.webhook import sign, signature_problem
 from tests.doubles.dingtalk import DingTalkDouble
@@ -133,16 +134,16 @@ def test_frames_and_acks() -> None:
 
 def test_table_becomes_list_and_long_answers_split_in_order() -> None:
     table = "Plans:\n\n| Plan | Price |\n|---|---|\n| Basic | 10 |\n| Pro | 20 |"
-    [part] = render_parts(table)
-    assert "|" not in part and "- **Plan**: Pro; **Price**: 20" in part
+    [part] = render(table)
+    assert "|" not in part.text and "- **Plan**: Pro; **Price**: 20" in part.text
     long = "\n\n".join(f"Paragraph {i}. " + "word " * 300 for i in range(8))
-    parts = render_parts(long)
+    parts = [p.text for p in render(long)]
     assert len(parts) > 1 and all(len(p) <= PART_LIMIT for p in parts)
     assert parts[0].startswith("Paragraph 0.") and parts[-1].startswith("Paragraph")
     assert "".join(parts).replace("\n", "").replace(" ", "") == long.replace("\n", "").replace(" ", "")
 
 
-def test_titles() -> None:
+def test_title_is_the_first_line_without_markup_and_shortened() -> None:
     assert title_of("## **Summary** of the results for this quarter\nbody") == "Summary of the resu…"
     assert title_of("\n\n") == "Reply"
     key, param = openapi_markdown("T", "**x**")
@@ -150,7 +151,7 @@ def test_titles() -> None:
 
 
 def test_webhook_signature() -> None:
-    # Vector from protocols.md §C.2 (computed with the documented formula).
+    # Vector from docs/protocols/dingtalk.md §C.2 (computed with the documented formula).
     assert sign("1700000000000", "this is secret") == "sSFWELbV2YwjdDQhWZwTcWlX5BWUx5J6TPpsZmuPii0="
     now = 1700000000000
     good = sign(str(now), "s")

@@ -8,8 +8,9 @@ from typing import Any
 import orjson
 
 from gateway.access import AccessList
+from gateway.admission import Dropped
 from gateway.messages import Attachment, ConversationKind, InboundMessage
-from handlers.feishu.parse import Dropped, Rules, parse_event
+from handlers.feishu.parse import Rules, parse_event
 from tests.doubles.feishu_events import BOT_OPEN_ID, mention, message_event
 
 RULES = Rules(BOT_OPEN_ID)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.render import count_tables, split_text, tables_to_lists
+from gateway.render import find_tables, split_text, tables_to_lists
 
 TABLE = "Prices:\n\n| Plan | Price |\n|---|---:|\n| Basic | 10 |\n| Pro | 20 |\n\nThat's all."
 
@@ -17,9 +17,9 @@ def test_table_becomes_readable_list() -> None:
 
 def test_tables_in_code_fences_are_left_alone() -> None:
     fenced = "```\n| a | b |\n|---|---|\n| 1 | 2 |\n```"
-    assert count_tables(fenced) == 0
+    assert find_tables(fenced) == []
     assert tables_to_lists(fenced) == fenced
-    assert count_tables(TABLE + "\n\n" + TABLE) == 2
+    assert len(find_tables(TABLE + "\n\n" + TABLE)) == 2
 
 
 def test_short_text_is_one_part() -> None:

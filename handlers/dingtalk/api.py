@@ -1,5 +1,5 @@
 """DingTalk HTTP APIs on the gateway's shared session: access token, robot sends, sessionWebhook
-replies, file download by download code and AI-card calls (protocols.md §A.9).
+replies, file download by download code and AI-card calls (docs/protocols/dingtalk.md §A.9).
 
 Every call is counted in the API budget under a short fixed endpoint name, has a timeout, and maps
 transport failures to `PlatformError`; "token invalid" answers become `TokenRejected`, so the token
@@ -18,11 +18,10 @@ from gateway.budget import ApiBudget
 from gateway.config import DingTalkConfig
 from gateway.errors import PlatformError, TokenRejected
 from gateway.tokens import TokenCache
+from gateway.upstream import API_TIMEOUT, read_capped, retryable_status
 
 log = logging.getLogger(__name__)
 
-TIMEOUT = aiohttp.ClientTimeout(total=15, connect=5)
-MAX_DOWNLOAD = 20 * 1024 * 1024  # bytes of one attachment; bigger files are refused, not buffered
 # The "token invalid/expired" answer of the v1.0 APIs (HTTP 401 or this code).
 _TOKEN_CODES = frozenset({"InvalidAuthentication", "InvalidAccessToken"})
 
@@ -52,7 +51,7 @@ class DingTalkApi:
         self._budget.record(endpoint)
         headers = {"x-acs-dingtalk-access-token": token} if token else None
         try:
-            async with self._http.request(method, url, json=body, headers=headers, timeout=TIMEOUT) as resp:
+            async with self._http.request(method, url, json=body, headers=headers, timeout=API_TIMEOUT) as resp:
                 status, raw = resp.status, await resp.read()
         except (aiohttp.ClientError, TimeoutError) as e:
             raise PlatformError(f"dingtalk {endpoint}: {type(e).__name__}: {e}") from e
@@ -64,7 +63,7 @@ class DingTalkApi:
             detail = data.get("message") or raw[:200].decode(errors="replace")
             raise PlatformError(
                 f"dingtalk {endpoint}: HTTP {status} {code} {detail}".strip(),
-                retryable=status >= 500 or status == 429,
+                retryable=retryable_status(status),
             )
         return data
 
@@ -149,17 +148,11 @@ class DingTalkApi:
             raise PlatformError("dingtalk file_download: answer without downloadUrl", retryable=False)
         self._budget.record("file_content")
         try:
-            async with self._http.get(url, timeout=TIMEOUT) as resp:
+            async with self._http.get(url, timeout=API_TIMEOUT) as resp:
                 if resp.status >= 400:
                     raise PlatformError(f"dingtalk file_content: HTTP {resp.status}")
-                if (resp.content_length or 0) > MAX_DOWNLOAD:
-                    raise PlatformError("dingtalk file_content: file too large", retryable=False)
-                payload = bytearray()
-                async for chunk in resp.content.iter_chunked(65536):
-                    payload += chunk
-                    if len(payload) > MAX_DOWNLOAD:
-                        raise PlatformError("dingtalk file_content: file too large", retryable=False)
-                return bytes(payload), resp.content_type or "application/octet-stream"
+                payload = await read_capped(resp, "dingtalk file_content")
+                return payload, resp.content_type or "application/octet-stream"
         except (aiohttp.ClientError, TimeoutError) as e:
             raise PlatformError(f"dingtalk file_content: {type(e).__name__}: {e}") from e
 

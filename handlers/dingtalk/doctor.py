@@ -11,10 +11,10 @@ from gateway.doctor import (
     CredentialsCheck,
     Result,
     check_clock,
+    endpoint_reachable,
     failed,
     passed,
     reach_fix,
-    reachable,
     warned,
 )
 from gateway.errors import PlatformError
@@ -56,13 +56,8 @@ def checks(config: Config, http: aiohttp.ClientSession) -> list[Check]:
         except PlatformError as e:
             fix = reach_fix(cfg.api_base) if e.retryable else STREAM_FIX
             return failed(str(e), fix)
-        # The ticket is left unused (it expires): a connection of ours would receive messages
-        # meant for the running gateway and never answer them.
-        try:
-            await reachable(endpoint)
-        except OSError as e:
-            return failed(f"got endpoint {endpoint}, but cannot connect to it: {e}", reach_fix(endpoint))
-        return passed(f"open-connection answered; {endpoint} accepts connections")
+        # The ticket is left unused (it expires).
+        return await endpoint_reachable(endpoint, f"got endpoint {endpoint}", "open-connection answered")
 
     async def identity() -> Result:
         if (skip := credentials.needs_token()) is not None:

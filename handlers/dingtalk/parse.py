@@ -14,6 +14,8 @@ from typing import Any
 from dingtalk_stream.chatbot import ChatbotMessage
 
 from gateway.access import AccessList
+from gateway.admission import Dropped
+from gateway.jsonvalues import as_str
 from gateway.messages import Attachment, ConversationKind, InboundMessage
 
 PLATFORM = "dingtalk"
@@ -25,14 +27,6 @@ _UNSUPPORTED_NAMES = {"file": "files", "video": "videos"}
 
 # DingTalk writes a mention as "@Name" followed by U+2005 (four-per-em space) or a plain space.
 _LEADING_MENTION = re.compile(r"^\s*@[^\s\u2005]+[\s\u2005]*")
-
-
-@dataclass(frozen=True, slots=True)
-class Dropped:
-    """A delivery deliberately not answered. `reason` is a bounded metric label."""
-
-    reason: str  # "malformed" | "self" | "not_mentioned" | "filtered"
-    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +59,7 @@ def parse_message(body: Any, filters: Filters, transport: str) -> InboundMessage
         return Dropped("self")
     if group and msg.is_in_at_list is not True:
         return Dropped("not_mentioned")
-    staff_id = _str(msg.sender_staff_id)
+    staff_id = as_str(msg.sender_staff_id)
     if not filters.senders.permits(staff_id or msg.sender_id):
         return Dropped("filtered", "sender")
     if not filters.conversations.permits(msg.conversation_id):
@@ -74,24 +68,24 @@ def parse_message(body: Any, filters: Filters, transport: str) -> InboundMessage
     text, attachments, unsupported = _content(msg, body)
     if group:
         text = strip_mentions(text, max(1, len(msg.at_users or ())))
-    robot_code = _str(msg.robot_code) or filters.robot_code
+    robot_code = as_str(msg.robot_code) or filters.robot_code
     return InboundMessage(
         platform=PLATFORM,
         transport=transport,
         conversation_id=msg.conversation_id,
         conversation_kind=ConversationKind.GROUP if group else ConversationKind.DM,
         sender_id=staff_id or msg.sender_id,
-        sender_name=_str(msg.sender_nick),
+        sender_name=as_str(msg.sender_nick),
         text=text.strip(),
         mentioned=True,  # a group message got here only because it @mentioned the robot
         message_id=message_id(filters.robot_code, msg.message_id),
         reply_handle={
-            "session_webhook": _str(msg.session_webhook),
+            "session_webhook": as_str(msg.session_webhook),
             "session_webhook_expires": msg.session_webhook_expired_time or 0,  # ms since epoch
             "conversation_type": msg.conversation_type,
             "conversation_id": msg.conversation_id,
             "sender_staff_id": staff_id,
-            "sender_nick": _str(msg.sender_nick),
+            "sender_nick": as_str(msg.sender_nick),
             "robot_code": robot_code,
         },
         attachments=attachments,
@@ -115,10 +109,10 @@ def _content(msg: ChatbotMessage, body: dict[str, Any]) -> tuple[str, tuple[Atta
     extra = body.get("content")
     content = extra if isinstance(extra, dict) else {}
     if kind == "text":
-        return _str(msg.text.content), (), ""
+        return as_str(msg.text.content), (), ""
     if kind == "picture":
         # Some payloads carry the code as `pictureDownloadCode` only (protocols.md §A.8).
-        code = _str(msg.image_content.download_code) or _str(content.get("pictureDownloadCode"))
+        code = as_str(msg.image_content.download_code) or as_str(content.get("pictureDownloadCode"))
         if not code:
             return "", (), UNSUPPORTED.format(what="this picture")
         return "", (Attachment("image", code),), ""
@@ -134,11 +128,8 @@ def _content(msg: ChatbotMessage, body: dict[str, Any]) -> tuple[str, tuple[Atta
                 images.append(Attachment("image", item["downloadCode"]))
         return "\n".join(t.strip() for t in texts if t.strip()), tuple(images), ""
     if kind == "audio":
-        recognition = _str(content.get("recognition")).strip()
+        recognition = as_str(content.get("recognition")).strip()
         return (recognition, (), "") if recognition else ("", (), NO_RECOGNITION)
     what = _UNSUPPORTED_NAMES.get(str(kind), f"{kind} messages" if kind else "this kind of message")
     return "", (), UNSUPPORTED.format(what=what)
 
-
-def _str(value: object) -> str:
-    return value if isinstance(value, str) else ""

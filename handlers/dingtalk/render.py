@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from gateway.render import split_text, tables_to_lists
+from gateway.render import Part, split_text, tables_to_lists
 
 # Characters per markdown message. DingTalk caps a robot message at 20 000 bytes; 3 800 characters
 # of CJK text (3 bytes each in UTF-8) stay well below that, with room for the mention.
@@ -21,9 +21,9 @@ TITLE_LIMIT = 20
 _MARKUP = re.compile(r"[#*_>`~\[\]|]+")
 
 
-def render_parts(text: str, limit: int = PART_LIMIT) -> list[str]:
+def render(text: str, limit: int = PART_LIMIT) -> list[Part]:
     """Markdown in DingTalk's subset, split into the ordered parts to send."""
-    return split_text(tables_to_lists(text.strip()) or "(empty)", limit)
+    return [Part(chunk) for chunk in split_text(tables_to_lists(text.strip()) or "(empty)", limit)]
 
 
 def title_of(text: str) -> str:

@@ -1,5 +1,5 @@
 """DingTalk Stream mode on aiohttp: open-connection call, websocket, frames, ACKs, SYSTEM ping and
-disconnect (protocols.md §A.3-A.7). `StreamSession` is the session of a `ConnectionLoop`.
+disconnect (docs/protocols/dingtalk.md §A.3-A.7). `StreamClient.session` is the session of a `ConnectionLoop`.
 
 Liveness: any DingTalk frame (SYSTEM ping or data) proves the connection; none for `stale_after`
 seconds raises `StaleConnection`. Our websocket pings only keep NATs open and catch dead TCP; their
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from urllib.parse import quote_plus
@@ -20,11 +20,14 @@ import orjson
 from aiohttp import WSMsgType
 
 from gateway import __version__
+from gateway.admission import Admission, Verdict
+from gateway.backoff import Backoff
 from gateway.budget import ApiBudget
 from gateway.config import DingTalkConfig
 from gateway.connection import StaleConnection
 from gateway.errors import PlatformError
-from gateway.intake import OrderedIntake, Submission
+from gateway.intake import OrderedIntake
+from gateway.upstream import retryable_status
 
 from .parse import TOPIC
 
@@ -36,10 +39,9 @@ CONNECT_TIMEOUT = 10.0
 PING_INTERVAL = 20.0  # websocket pings, as the SDK's websockets client sends them
 CLOSE_TIMEOUT = 2.0
 
-# Called with the `data` string of a robot-message CALLBACK: a `Submission` to run in its
-# conversation's order (ACKed once it returns True), True = ACK at once (deliberately dropped),
-# False = leave it un-ACKed so DingTalk redelivers it.
-OnMessage = Callable[[str], bool | Submission]
+# Called with the `data` string of a robot-message CALLBACK; the frame is ACKed when its
+# admission says so, else left un-ACKed so DingTalk redelivers it.
+OnMessage = Callable[[str], Awaitable[Verdict]]
 
 
 class FrameError(ValueError):
@@ -104,7 +106,7 @@ async def open_connection(
     if status >= 400:
         raise PlatformError(
             f"open connection failed: HTTP {status} {raw[:200].decode(errors='replace')}",
-            retryable=status >= 500 or status == 429,
+            retryable=retryable_status(status),
         )
     try:
         answer = orjson.loads(raw)
@@ -116,23 +118,24 @@ async def open_connection(
     return endpoint, str(ticket)
 
 
-class StreamSession:
+class StreamClient:
     def __init__(
         self,
         http: aiohttp.ClientSession,
         cfg: DingTalkConfig,
         budget: ApiBudget,
         on_message: OnMessage,
-        on_frame: Callable[[], None],
+        backoff: Backoff,
     ) -> None:
         self._http = http
         self._cfg = cfg
         self._budget = budget
         self._on_message = on_message
-        self._on_frame = on_frame
+        self.backoff = backoff
         self._intake: OrderedIntake | None = None  # the current connection's
 
-    async def __call__(self, connected: Callable[[], None]) -> None:
+    async def session(self, connected: Callable[[], None]) -> None:
+        """One connection, served until the server asks to reconnect (returns) or it fails (raises)."""
         endpoint, ticket = await open_connection(self._http, self._cfg, self._budget)
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
@@ -167,7 +170,6 @@ class StreamSession:
                 except TimeoutError:
                     raise StaleConnection(f"no frame for {stale_after:g} s") from None
                 if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                    self._on_frame()
                     if await self._handle(ws, intake, msg.data):
                         break
                 elif msg.type is WSMsgType.ERROR:
@@ -202,19 +204,15 @@ class StreamSession:
                 return True
             return False
         if frame.type == "CALLBACK" and frame.topic == TOPIC:
-            verdict = self._on_message(frame.data)
-            if isinstance(verdict, Submission):
-                await intake.put(verdict.key, partial(_answer, ws, frame.message_id, verdict))
-            elif verdict:
-                await ws.send_str(ack_frame(frame.message_id, _CALLBACK_ACK))
+            await intake.handle(await self._on_message(frame.data), partial(_acknowledge, ws, frame.message_id))
             return False
         # Nothing else is subscribed; answer like the SDK's default handlers so it is not redelivered.
         await ws.send_str(ack_frame(frame.message_id, frame.data, code=404, message="not implement"))
         return False
 
 
-async def _answer(ws: aiohttp.ClientWebSocketResponse, message_id: str, submission: Submission) -> None:
-    """Submit one message and ACK its frame once accepted. ACKs may leave in any order: each
-    names its frame's messageId (§A.6), and the SDK's handlers run concurrently too (§A.11)."""
-    if await submission.submit():
+async def _acknowledge(ws: aiohttp.ClientWebSocketResponse, message_id: str, admission: Admission) -> None:
+    """ACK a robot-message frame once its admission allows; ACKs may leave in any order, each
+    names its frame's messageId (§A.6)."""
+    if admission.acknowledge:
         await ws.send_str(ack_frame(message_id, _CALLBACK_ACK))

@@ -18,17 +18,17 @@ import orjson
 
 from gateway.budget import ApiBudget
 from gateway.errors import PlatformError, TokenRejected
+from gateway.render import Part
 from gateway.tokens import TokenCache
+from gateway.upstream import API_TIMEOUT, read_capped, retryable_status
 
-from .render import ELEMENT_ID, Part, summary
+from .render import ELEMENT_ID, summary
 
 log = logging.getLogger(__name__)
 
 # 99991661: token missing or malformed, 99991663: tenant token invalid, 99991668: token expired
 # (open.feishu.cn "通用错误码"). Each means "fetch a new token", not "give up".
 INVALID_TOKEN_CODES = frozenset({99991661, 99991663, 99991668})
-TIMEOUT = aiohttp.ClientTimeout(total=15, sock_connect=5)
-MAX_RESOURCE_BYTES = 20 * 1024 * 1024  # larger pictures are refused rather than buffered
 TOKEN_PATH = "/open-apis/auth/v3/tenant_access_token/internal"
 WS_ENDPOINT_PATH = "/callback/ws/endpoint"
 JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
@@ -78,7 +78,7 @@ class FeishuApi:
                 data=None if body is None else orjson.dumps(body),
                 params=params,
                 headers=headers,
-                timeout=TIMEOUT,
+                timeout=API_TIMEOUT,
             ) as resp:
                 status, raw = resp.status, await resp.read()
         except (aiohttp.ClientError, TimeoutError) as e:
@@ -163,16 +163,12 @@ class FeishuApi:
                     self.domain + path,
                     params={"type": kind},
                     headers={"Authorization": f"Bearer {token}"},
-                    timeout=TIMEOUT,
+                    timeout=API_TIMEOUT,
                 ) as resp:
                     if resp.status != 200 or resp.content_type == "application/json":
                         _check("message_resource", resp.status, await resp.read())
                         raise PlatformError(f"feishu message_resource: HTTP {resp.status}, no file")
-                    if (resp.content_length or 0) > MAX_RESOURCE_BYTES:
-                        raise PlatformError("feishu message_resource: file too large", retryable=False)
-                    data = await resp.content.read(MAX_RESOURCE_BYTES + 1)
-                    if len(data) > MAX_RESOURCE_BYTES:
-                        raise PlatformError("feishu message_resource: file too large", retryable=False)
+                    data = await read_capped(resp, "feishu message_resource")
                     return data, resp.content_type or "application/octet-stream"
             except (aiohttp.ClientError, TimeoutError) as e:
                 raise PlatformError(f"feishu message_resource: {type(e).__name__}: {e}") from e
@@ -228,6 +224,5 @@ def _check(endpoint: str, status: int, raw: bytes) -> dict[str, Any]:
     if code in INVALID_TOKEN_CODES:
         raise TokenRejected(f"feishu {endpoint}: token rejected (code {code}: {msg})")
     if status != 200 or code != 0:
-        retryable = status >= 500 or status == 429
-        raise PlatformError(f"feishu {endpoint}: HTTP {status}, code {code}: {msg}", retryable=retryable)
+        raise PlatformError(f"feishu {endpoint}: HTTP {status}, code {code}: {msg}", retryable=retryable_status(status))
     return data

@@ -6,7 +6,7 @@ import aiohttp
 
 from gateway.budget import ApiBudget
 from gateway.config import Config
-from gateway.doctor import Check, CredentialsCheck, Result, check_clock, failed, passed, reach_fix, reachable
+from gateway.doctor import Check, CredentialsCheck, Result, check_clock, endpoint_reachable, failed, passed, reach_fix
 from gateway.errors import PlatformError
 from gateway.metrics import Metrics
 
@@ -39,13 +39,7 @@ def checks(config: Config, http: aiohttp.ClientSession) -> list[Check]:
             return failed(str(e), reach_fix(cfg.domain) if e.retryable else WS_FIX)
         if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
             return failed("the endpoint call answered without a websocket URL", WS_FIX)
-        # Only a TCP/TLS connection, no websocket: a second client of this app would be handed
-        # events meant for the running gateway.
-        try:
-            await reachable(url)
-        except OSError as e:
-            return failed(f"got a websocket URL, but cannot connect to its host: {e}", reach_fix(url))
-        return passed(f"endpoint call answered; {url.split('?')[0]} accepts connections")
+        return await endpoint_reachable(url, "got a websocket URL", "endpoint call answered")
 
     async def identity() -> Result:
         if (skip := credentials.needs_token()) is not None:

@@ -16,6 +16,8 @@ from typing import Any
 import orjson
 
 from gateway.access import AccessList
+from gateway.admission import Dropped
+from gateway.jsonvalues import as_dict, as_str
 from gateway.messages import Attachment, ConversationKind, InboundMessage
 
 PLATFORM = "feishu"
@@ -48,39 +50,18 @@ class Rules:
     max_age: float = 600.0
 
 
-@dataclass(frozen=True, slots=True)
-class Dropped:
-    """An event deliberately not answered. `reason` is a bounded metric label."""
-
-    reason: str  # malformed | event_type | self | bot | stale | filtered | not_mentioned
-    detail: str = ""
-
-
-def _dict(value: object) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _str(value: object) -> str:
-    return value if isinstance(value, str) else ""
-
-
-def envelope_id(body: Mapping[str, Any]) -> str:
-    """The delivery's `header.event_id` (retries and replays reuse it), or ""."""
-    return _str(_dict(body.get("header")).get("event_id"))
-
-
 def _mention_texts(mentions: list[Any], bot_open_id: str) -> tuple[dict[str, str], bool]:
     """Placeholder -> replacement ("" for the bot, "@Name" for others), and whether the bot is
     among them (by open_id: a mention of someone else, even named like the bot, is not enough)."""
     texts: dict[str, str] = {}
     bot_mentioned = False
     for mention in mentions:
-        mention = _dict(mention)
-        key = _str(mention.get("key"))
-        is_bot = bool(bot_open_id) and _str(_dict(mention.get("id")).get("open_id")) == bot_open_id
+        mention = as_dict(mention)
+        key = as_str(mention.get("key"))
+        is_bot = bool(bot_open_id) and as_str(as_dict(mention.get("id")).get("open_id")) == bot_open_id
         bot_mentioned = bot_mentioned or is_bot
         if key:
-            name = _str(mention.get("name"))
+            name = as_str(mention.get("name"))
             texts[key] = "" if is_bot else (f"@{name}" if name else "")
     return texts, bot_mentioned
 
@@ -101,30 +82,30 @@ def _post_body(content: dict[str, Any]) -> dict[str, Any]:
 
 def _post(content: dict[str, Any], mentions: dict[str, str]) -> tuple[str, list[Attachment]]:
     body = _post_body(content)
-    lines = [_str(body.get("title"))] if _str(body.get("title")) else []
+    lines = [as_str(body.get("title"))] if as_str(body.get("title")) else []
     images: list[Attachment] = []
     for paragraph in body.get("content") or []:
         pieces: list[str] = []
         for element in paragraph if isinstance(paragraph, list) else []:
-            element = _dict(element)
+            element = as_dict(element)
             tag = element.get("tag")
             if tag == "at":
-                name = _str(element.get("user_name"))
-                pieces.append(mentions.get(_str(element.get("user_id")), f"@{name}" if name else ""))
+                name = as_str(element.get("user_name"))
+                pieces.append(mentions.get(as_str(element.get("user_id")), f"@{name}" if name else ""))
             elif tag == "a":
-                text, href = _str(element.get("text")), _str(element.get("href"))
+                text, href = as_str(element.get("text")), as_str(element.get("href"))
                 pieces.append(f"[{text}]({href})" if href and text != href else text or href)
             elif tag == "img":
-                if key := _str(element.get("image_key")):
+                if key := as_str(element.get("image_key")):
                     images.append(Attachment("image", key))
             elif tag == "emotion":
-                pieces.append(f":{_str(element.get('emoji_type'))}:")
+                pieces.append(f":{as_str(element.get('emoji_type'))}:")
             elif tag == "code_block":
-                pieces.append(f"```{_str(element.get('language')).lower()}\n{_str(element.get('text'))}\n```")
+                pieces.append(f"```{as_str(element.get('language')).lower()}\n{as_str(element.get('text'))}\n```")
             elif tag == "hr":
                 pieces.append("---")
             else:  # text, md and tags we do not know that carry text
-                pieces.append(_resolve(_str(element.get("text")), mentions))
+                pieces.append(_resolve(as_str(element.get("text")), mentions))
         lines.append("".join(pieces))
     return "\n".join(lines), images
 
@@ -142,15 +123,15 @@ def _age_base(message: dict[str, Any], header: dict[str, Any]) -> float | None:
 def parse_event(
     body: Mapping[str, Any], rules: Rules, transport: str, now: float
 ) -> InboundMessage | Dropped:
-    header = _dict(body.get("header"))
+    header = as_dict(body.get("header"))
     if header.get("event_type") != EVENT_TYPE:
-        return Dropped("event_type", _str(header.get("event_type")) or "v1 or unknown schema")
-    event = _dict(body.get("event"))
-    message, sender = _dict(event.get("message")), _dict(event.get("sender"))
-    message_id, chat_id = _str(message.get("message_id")), _str(message.get("chat_id"))
+        return Dropped("event_type", as_str(header.get("event_type")) or "v1 or unknown schema")
+    event = as_dict(body.get("event"))
+    message, sender = as_dict(event.get("message")), as_dict(event.get("sender"))
+    message_id, chat_id = as_str(message.get("message_id")), as_str(message.get("chat_id"))
     if not message_id or not chat_id:
         return Dropped("malformed", "message_id or chat_id missing")
-    sender_id = _str(_dict(sender.get("sender_id")).get("open_id"))
+    sender_id = as_str(as_dict(sender.get("sender_id")).get("open_id"))
     if rules.bot_open_id and sender_id == rules.bot_open_id:
         return Dropped("self")
     if sender.get("sender_type") == "app":
@@ -163,29 +144,29 @@ def parse_event(
         return Dropped("filtered")
 
     mentions, bot_mentioned = _mention_texts(list(message.get("mentions") or []), rules.bot_open_id)
-    chat_type = _str(message.get("chat_type"))
+    chat_type = as_str(message.get("chat_type"))
     direct = chat_type == "p2p"
     if not direct and not bot_mentioned:
         return Dropped("not_mentioned")
 
     try:
-        content = _dict(orjson.loads(_str(message.get("content")) or "{}"))
+        content = as_dict(orjson.loads(as_str(message.get("content")) or "{}"))
     except orjson.JSONDecodeError:
         return Dropped("malformed", "content is not JSON")
-    message_type = _str(message.get("message_type"))
+    message_type = as_str(message.get("message_type"))
     text, unsupported = "", ""
     attachments: list[Attachment] = []
     if message_type == "text":
-        text = _resolve(_str(content.get("text")), mentions)
+        text = _resolve(as_str(content.get("text")), mentions)
     elif message_type == "post":
         text, attachments = _post(content, mentions)
-    elif message_type == "image" and _str(content.get("image_key")):
-        attachments = [Attachment("image", _str(content.get("image_key")))]
+    elif message_type == "image" and as_str(content.get("image_key")):
+        attachments = [Attachment("image", as_str(content.get("image_key")))]
     else:
         what = _UNSUPPORTED_LABELS.get(message_type, f"“{message_type}” messages")
         unsupported = UNSUPPORTED.format(what=what)
 
-    thread_id = _str(message.get("thread_id"))
+    thread_id = as_str(message.get("thread_id"))
     return InboundMessage(
         platform=PLATFORM,
         transport=transport,

@@ -11,10 +11,9 @@ has no tables at all, so each table goes into a code block where its columns sta
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
-from gateway.render import find_tables, split_text, tables_to_lists
+from gateway.render import Part, find_tables, split_text, tables_to_lists
 
 CARD_TABLE_LIMIT = 5
 PART_LIMIT = 7000
@@ -24,15 +23,6 @@ MANY_TABLES_NOTE = "*The answer has more tables than a card can show; it follows
 
 # Card and post markdown turn `<at id=all></at>` into a mention: never let model output ping people.
 _AT_TAG = re.compile(r"<(/?)at\b", re.IGNORECASE)
-
-
-@dataclass(frozen=True, slots=True)
-class Part:
-    """One message to send: `msg_type` and its content object (sent JSON-encoded as a string)."""
-
-    msg_type: str  # "interactive" | "post"
-    content: dict[str, Any]
-    text: str = ""  # the markdown it shows
 
 
 def defuse(markdown: str) -> str:
@@ -96,8 +86,8 @@ def render(text: str) -> list[Part]:
     """The ordered parts that deliver `text`: cards, or posts when it has too many tables."""
     chunks = split_text(text, PART_LIMIT)
     if too_many_tables(text):
-        return [Part("post", post(chunk), chunk) for chunk in chunks]
-    return [Part("interactive", card(chunk), chunk) for chunk in chunks]
+        return [Part(chunk, "post", post(chunk)) for chunk in chunks]
+    return [Part(chunk, "interactive", card(chunk)) for chunk in chunks]
 
 
 def stream_view(text: str) -> str:

@@ -9,7 +9,7 @@ One session (run by `gateway.connection.ConnectionLoop`):
    `message_id`); the frame completing an event is answered with itself plus a `biz_rt` header and
    payload `{"code": 200}` once the dispatcher accepted it (`{"code": 500}` asks for redelivery).
 4. Liveness that cannot lie: no pong and no data frame for 2 x PingInterval -> `StaleConnection`.
-Wire details: protocols.md §B.2-B.6 and lark_oapi/ws/client.py.
+Wire details: docs/protocols/feishu.md §B.2-B.6 and lark_oapi/ws/client.py.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ import aiohttp
 import orjson
 from aiohttp import WSMsgType
 
+from gateway.admission import Admission, Verdict
 from gateway.backoff import Backoff
 from gateway.connection import StaleConnection
 from gateway.errors import PlatformError
-from gateway.intake import OrderedIntake, Submission
+from gateway.intake import OrderedIntake
 
 from .api import FeishuApi
 from .frame import Frame, FrameError, decode, encode
@@ -47,9 +48,9 @@ PART_MAX_COUNT = 256  # parts of one event; a larger `sum` header is not believe
 PART_MAX_BYTES = 8 * 1024 * 1024
 MAX_FRAME_BYTES = 4 * 1024 * 1024
 
-# True = accepted (ACK with code 200), False = not accepted (code 500: Feishu redelivers), a
-# `Submission` = a message to submit in its conversation's order, answered by its outcome.
-EventHandler = Callable[[bytes], Awaitable[bool | Submission]]
+# The event payload -> its verdict; the frame is answered code 200 when the admission
+# acknowledges it, else code 500 (Feishu redelivers it).
+EventHandler = Callable[[bytes], Awaitable[Verdict]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,29 +58,24 @@ class ClientConfig:
     """The server's pacing for this client (its defaults until the server says otherwise)."""
 
     ping_interval: float = 120.0
-    reconnect_count: int = -1  # -1 = forever; we always retry anyway, a gateway never gives up
     reconnect_interval: float = 120.0
-    reconnect_nonce: float = 30.0
 
     def updated(self, data: object) -> ClientConfig:
         """Apply the keys present and valid in a ClientConfig JSON object; the SDK requires all
-        four and breaks on a partial one, we keep the old value of a missing key instead."""
+        four and breaks on a partial one, we keep the old value of a missing key instead.
+        ReconnectCount and ReconnectNonce are not kept: a gateway retries forever, with its own
+        jitter."""
         if not isinstance(data, Mapping):
             return self
-        fields = {
-            "ping_interval": "PingInterval",
-            "reconnect_count": "ReconnectCount",
-            "reconnect_interval": "ReconnectInterval",
-            "reconnect_nonce": "ReconnectNonce",
-        }
-        changes: dict[str, float | int] = {}
+        fields = {"ping_interval": "PingInterval", "reconnect_interval": "ReconnectInterval"}
+        changes: dict[str, float] = {}
         for name, key in fields.items():
             value = data.get(key)
             if isinstance(value, int | float) and not isinstance(value, bool):
-                changes[name] = int(value) if name == "reconnect_count" else float(value)
+                changes[name] = float(value)
         if changes.get("ping_interval", 1.0) <= 0:
             del changes["ping_interval"]
-        return replace(self, **changes)  # type: ignore[arg-type]
+        return replace(self, **changes)
 
 
 class ServerPacedBackoff(Backoff):
@@ -147,6 +143,7 @@ class FeishuWsClient:
         self.config = ClientConfig()
         self.backoff = ServerPacedBackoff()
         self._parts = Reassembler()
+        self._intake: OrderedIntake | None = None  # the current connection's
 
     def _configure(self, config: ClientConfig) -> None:
         if config != self.config:
@@ -182,7 +179,7 @@ class FeishuWsClient:
                     url, autoping=True, heartbeat=None, max_msg_size=MAX_FRAME_BYTES, timeout=WS_TIMEOUT
                 )
         except aiohttp.WSServerHandshakeError as e:
-            # Feishu explains a refused upgrade in handshake-* headers (protocols.md §B.8).
+            # Feishu explains a refused upgrade in handshake-* headers (docs/protocols/feishu.md §B.8).
             status, why = (e.headers.get(h, "") if e.headers else "" for h in ("handshake-status", "handshake-msg"))
             raise PlatformError(f"feishu ws handshake refused: HTTP {e.status} {status} {why}".rstrip()) from e
         async with ws:
@@ -190,10 +187,16 @@ class FeishuWsClient:
             connected()
             await self._serve(ws, service)
 
+    async def settled(self) -> None:
+        """Until every event frame read so far was answered (see `Adapter.settled`)."""
+        if self._intake is not None:
+            await self._intake.wait_idle()
+
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse, service: int) -> None:
         await ws.send_bytes(_ping(service))  # at once, as the SDK does: the pong proves the link
         last_ping = last_seen = time.monotonic()
         async with OrderedIntake() as intake:
+            self._intake = intake
             while True:
                 now = time.monotonic()
                 # Both deadlines follow the current interval, which a pong may change at any time.
@@ -256,31 +259,16 @@ class FeishuWsClient:
             verdict = await self._handler(payload)
         except Exception:  # one bad event must not take the connection down
             log.exception("event handling failed", extra={"platform": "feishu", "frame_message_id": message_id})
-            verdict = False
-        if isinstance(verdict, Submission):
-            await intake.put(verdict.key, partial(_answer, ws, frame, started, verdict))
-        else:
-            await _respond(ws, frame, started, verdict)
+            verdict = Admission.UNAVAILABLE
+        await intake.handle(verdict, partial(_respond, ws, frame, started))
         return True
 
 
-async def _answer(
-    ws: aiohttp.ClientWebSocketResponse, frame: Frame, started: float, submission: Submission
-) -> None:
-    """Submit one message, then answer its frame. Responses may leave in any order: each is the
-    request frame itself (its headers identify it), and the SDK handles frames concurrently too."""
-    try:
-        accepted = await submission.submit()
-    except Exception:
-        fields = {"platform": "feishu", "frame_message_id": frame.header("message_id")}
-        log.exception("event handling failed", extra=fields)
-        accepted = False
-    await _respond(ws, frame, started, accepted)
-
-
-async def _respond(ws: aiohttp.ClientWebSocketResponse, frame: Frame, started: float, accepted: bool) -> None:
+async def _respond(ws: aiohttp.ClientWebSocketResponse, frame: Frame, started: float, admission: Admission) -> None:
+    """Answer a data frame with itself: payload code 200 (and its handling time) when accepted,
+    500 otherwise. Responses may leave in any order: the echoed headers identify each."""
     response = frame
-    if accepted:
+    if admission.acknowledge:
         response = frame.with_header("biz_rt", str(round((time.monotonic() - started) * 1000)))
-    response = replace(response, payload=orjson.dumps({"code": 200 if accepted else 500}))
+    response = replace(response, payload=orjson.dumps({"code": 200 if admission.acknowledge else 500}))
     await ws.send_bytes(encode(response))

@@ -1,0 +1,221 @@
+"""`Adapter`: the one skeleton every platform adapter (DingTalk, Feishu, and those to come) follows.
+
+An adapter is one bot: one app's credentials, API client, token cache, API budget, long
+connection, webhook route and status. It is built from its config alone (`Adapter(cfg, metrics,
+name)`), so a process may hold several of one platform; what exists only once the app runs (the
+HTTP session, the dispatcher) arrives in `ctx` as one `Runtime`.
+
+A platform supplies four things: its API client (`make_api`), its long-connection client
+(`make_client`), a parser from a delivered event to an `InboundMessage` (`parse`), and the
+`Channel` side (`send`, `open_stream`, `fetch`). Everything between the wire and the dispatcher is
+here, once: "event seen", drop accounting, the `Admission` that answers a stream frame or webhook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import ClassVar, Generic, Protocol, TypeVar
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from .admission import Admission, Dropped, Submission, Verdict
+from .backoff import Backoff
+from .budget import ApiBudget
+from .channel import ChannelState, ChannelStatus, ReplyStream, StatusTracker
+from .connection import ConnectionLoop
+from .dispatcher import Dispatcher
+from .errors import PlatformError
+from .keys import DISPATCHER, HTTP
+from .messages import Attachment, InboundMessage, Reply
+from .metrics import Metrics
+from .tasks import stop_task
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BOT = "default"
+
+
+class PlatformConfig(Protocol):
+    """What the skeleton reads of a platform's config section."""
+
+    @property
+    def mode(self) -> str: ...
+
+    @property
+    def monthly_api_budget(self) -> int: ...
+
+
+CfgT = TypeVar("CfgT", bound=PlatformConfig)
+ApiT = TypeVar("ApiT")
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime(Generic[ApiT]):
+    """What an adapter uses once the app runs: made in `ctx`, gone after it."""
+
+    api: ApiT
+    http: aiohttp.ClientSession
+    dispatcher: Dispatcher
+
+
+class SessionClient(Protocol):
+    """A platform's long-connection client: the session a `ConnectionLoop` runs, its backoff,
+    and a barrier that says every event frame read so far has been answered."""
+
+    @property
+    def backoff(self) -> Backoff: ...
+
+    async def session(self, connected: Callable[[], None]) -> None: ...
+
+    async def settled(self) -> None: ...
+
+
+class Adapter(ABC, Generic[CfgT, ApiT]):
+    platform: ClassVar[str]
+    long_transport: ClassVar[str]  # the name of the long connection's transport ("stream", "ws")
+
+    @classmethod
+    def modes(cls) -> Mapping[str, tuple[str, ...]]:
+        """`mode` setting -> the transports it runs: the long connection, the webhook, or both."""
+        long = cls.long_transport
+        return {long: (long,), "webhook": ("webhook",), "both": (long, "webhook")}
+
+    def __init__(self, cfg: CfgT, metrics: Metrics, name: str = DEFAULT_BOT) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.metrics = metrics
+        self.budget = ApiBudget(self.platform, cfg.monthly_api_budget, metrics)
+        self.tracker = StatusTracker(
+            ChannelStatus(self.platform, ChannelState.CONNECTING, transports=self.modes()[cfg.mode])
+        )
+        self._runtime: Runtime[ApiT] | None = None
+        self._client: SessionClient | None = None
+        self._loop: ConnectionLoop | None = None
+
+    # -- what a platform supplies ----------------------------------------------------------------
+    @abstractmethod
+    def make_api(self, http: aiohttp.ClientSession) -> ApiT:
+        """The platform's API client for this bot, on the app's HTTP session."""
+
+    @abstractmethod
+    def make_client(self, runtime: Runtime[ApiT]) -> SessionClient:
+        """The long connection's client; it hands each event's payload to `prepare_payload`."""
+
+    @abstractmethod
+    async def parse(self, body: object, transport: str) -> InboundMessage | Dropped:
+        """One delivered event (decoded JSON) -> the message to answer, or why not. May raise
+        `PlatformError` when a lookup it needs failed: the event is then not acknowledged."""
+
+    @abstractmethod
+    async def send(self, reply: Reply) -> None: ...
+
+    @abstractmethod
+    async def open_stream(self, message: InboundMessage) -> ReplyStream | None: ...
+
+    @abstractmethod
+    async def fetch(self, message: InboundMessage, attachment: Attachment) -> tuple[bytes, str]: ...
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    @property
+    def runtime(self) -> Runtime[ApiT]:
+        if self._runtime is None:
+            raise PlatformError(f"{self.platform} adapter {self.name!r} is not running")
+        return self._runtime
+
+    @property
+    def webhook_path(self) -> str:
+        """The default bot keeps the bare path; another bot's name follows it."""
+        base = f"/{self.platform}/webhook"
+        return base if self.name == DEFAULT_BOT else f"{base}/{self.name}"
+
+    def runs(self, transport: str) -> bool:
+        return transport in self.tracker.status.transports
+
+    async def ctx(self, app: web.Application) -> AsyncIterator[None]:
+        """cleanup_ctx: bind the runtime, run the long connection if this mode has one."""
+        runtime = Runtime(self.make_api(app[HTTP]), app[HTTP], app[DISPATCHER])
+        self._runtime = runtime
+        task: asyncio.Task[None] | None = None
+        if self.runs(self.long_transport):
+            self._client = client = self.make_client(runtime)
+            self._loop = ConnectionLoop(self.platform, self.tracker, self.metrics, client.session, client.backoff)
+            task = asyncio.create_task(self._loop.run(), name=f"{self.platform}:{self.name}")
+        else:  # webhook only: nothing to connect, ready while running
+            self.tracker.set(state=ChannelState.CONNECTED, connected_since=time.time())
+        try:
+            yield
+        finally:
+            await stop_task(task)
+            self._loop = None
+            self.tracker.set(state=ChannelState.STOPPED)
+
+    def status(self) -> ChannelStatus:
+        return self.tracker.snapshot()
+
+    async def reconnect(self) -> None:
+        if self._loop is not None:
+            self._loop.reconnect()
+
+    async def wait_connected(self) -> None:
+        """Until the long connection is up (the handshake done, `connected` reported)."""
+        if self._loop is None:
+            raise PlatformError(f"{self.platform} adapter {self.name!r} runs no long connection")
+        await self._loop.connected_event.wait()
+
+    async def settled(self) -> None:
+        """Until every event frame read so far on the long connection was answered: after a
+        ping's answer, the barrier that says earlier frames were handled."""
+        if self._client is not None:
+            await self._client.settled()
+
+    # -- inbound ---------------------------------------------------------------------------------
+    async def prepare_payload(self, payload: str | bytes) -> Verdict:
+        """A long-connection event payload (JSON text) -> its verdict. Undecodable JSON is
+        counted as malformed and acknowledged: a redelivery would be just as broken."""
+        try:
+            body: object = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            body = None
+        return await self.prepare(body, self.long_transport)
+
+    async def prepare(self, body: object, transport: str) -> Verdict:
+        """Parse an event at once (in arrival order): a verdict now, or the `Submission` to run
+        in its conversation's order. Every event counts as seen here, and only here."""
+        self.tracker.event_seen()
+        try:
+            result = await self.parse(body, transport)
+        except PlatformError as e:
+            log.error("event not checkable, left for redelivery: %s", e, extra=self._fields(transport))
+            return Admission.UNAVAILABLE
+        if isinstance(result, Dropped):
+            return self._dropped(result, transport)
+        return Submission(result.conversation_key, partial(self.submit, result))
+
+    async def admit(self, body: object, transport: str) -> Admission:
+        """`prepare` and submit at once (webhooks: each request is its own order)."""
+        verdict = await self.prepare(body, transport)
+        return verdict if isinstance(verdict, Admission) else await verdict.submit()
+
+    async def submit(self, message: InboundMessage) -> Admission:
+        return await self.runtime.dispatcher.submit(message)
+
+    def _dropped(self, dropped: Dropped, transport: str) -> Admission:
+        self.metrics.dropped.labels(self.platform, dropped.reason).inc()
+        # Unaddressed group chatter is the normal case in groups: not worth an INFO line each.
+        log.log(
+            logging.DEBUG if dropped.reason == "not_mentioned" else logging.INFO,
+            "event dropped",
+            extra={**self._fields(transport), "reason": dropped.reason, "detail": dropped.detail},
+        )
+        return Admission.MALFORMED if dropped.reason == "malformed" else Admission.DROPPED
+
+    def _fields(self, transport: str) -> dict[str, str]:
+        return {"platform": self.platform, "bot": self.name, "transport": transport}

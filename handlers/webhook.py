@@ -1,0 +1,72 @@
+"""The one webhook pattern every platform's HTTP event route follows.
+
+1. read the body, capped (`max_body`, never more than `[server] max_body_bytes`): 413 beyond it;
+2. `open` it: the platform checks the signature (401), decodes or decrypts the body (400) and may
+   answer a handshake itself (Feishu's `url_verification`) — a `web.Response` ends the request;
+3. the adapter parses and submits it, and its `Admission` decides: 503 when it was not accepted
+   (shutting down, store down), so the platform retries; 400 for a body that is no message;
+   otherwise the platform's "accepted" answer, at once (the reply is sent later).
+
+So a stopping gateway answers an unsigned request 401 and a signed one 503, on every route.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from gateway.adapter import Adapter
+from gateway.admission import Admission
+from gateway.keys import CHANNELS, CONFIG
+
+from .http import json_error
+
+# Checks and decodes a request body: the event (decoded JSON), or the answer to give right away.
+Opener = Callable[[web.Request, bytes], object]
+
+
+async def read_capped(request: web.Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it exceeds `limit` (never buffered beyond that)."""
+    if request.content_length is not None:
+        return None if request.content_length > limit else await request.read()
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    adapter: Adapter[Any, Any]
+    open: Opener
+    accepted: Callable[[], web.Response]
+    max_body: int
+
+    async def handle(self, request: web.Request) -> web.Response:
+        limit = min(self.max_body, request.app[CONFIG].server.max_body_bytes)
+        raw = await read_capped(request, limit)
+        if raw is None:
+            return json_error(413, "request body too large", limit=limit)
+        opened = self.open(request, raw)
+        if isinstance(opened, web.Response):
+            return opened
+        admission = await self.adapter.admit(opened, "webhook")
+        if admission is Admission.MALFORMED:
+            return json_error(400, "not a robot message: its fields are missing or malformed")
+        if not admission.acknowledge:
+            return json_error(503, f"not accepted ({admission.value}), retry later")
+        return self.accepted()
+
+
+def install(app: web.Application, webhook: Webhook) -> None:
+    """Register a bot: its channel, its webhook route when its mode has one, and its context."""
+    adapter = webhook.adapter
+    app[CHANNELS][adapter.platform] = adapter
+    if adapter.runs("webhook"):
+        app.router.add_post(adapter.webhook_path, webhook.handle)
+    app.cleanup_ctx.append(adapter.ctx)
