@@ -328,7 +328,7 @@ def _validate(cfg: Config, from_env: frozenset[str] = frozenset()) -> None:
                     f"is required when feishu.enabled = true (set {_env_name('feishu.' + key)})",
                 )
     if cfg.feishu.enabled and cfg.feishu.mode != "ws" and not cfg.feishu.verification_token:
-        # Without it anyone who finds the URL could inject events (protocols.md §C.1).
+        # Without it anyone who finds the URL could inject events (docs/protocols/feishu.md §C.1).
         fail("feishu.verification_token", "is required when feishu.mode is webhook or both")
     if not cfg.store.url.startswith(("memory://", "sqlite://", "redis://", "rediss://", "unix://")):
         fail("store.url", f"must start with memory://, sqlite:/// or redis://, got {cfg.store.url!r}")

@@ -1,5 +1,5 @@
 """AI-card streaming for DingTalk on the shared `CardStream`: create and deliver the card, stream the
-answer into it, then mark it finished (the flow of the SDK's `AIMarkdownCardInstance`, §A.9).
+answer into it, then mark it finished (the flow of the SDK's `AIMarkdownCardInstance`, docs/protocols/dingtalk.md §A.9).
 
 The card template must have a markdown variable `msgContent` (streamed) and `flowStatus` (the AI
 card states), like DingTalk's own AI card template.

@@ -1,4 +1,4 @@
-"""Robot message JSON -> `InboundMessage`: pure functions over the payload of protocols.md §A.8.
+"""Robot message JSON -> `InboundMessage`: pure functions over the payload of docs/protocols/dingtalk.md §A.8.
 
 The same body arrives as the `data` of a Stream CALLBACK frame and as an outgoing-robot webhook
 POST, so both transports share this. Parsing goes through dingtalk-stream's own `ChatbotMessage`
@@ -37,7 +37,7 @@ class Filters:
 
 
 def message_id(robot_code: str, msg_id: str) -> str:
-    """The dedup id: a redelivery has a new frame id but the same body `msgId` (protocols.md §A.11)."""
+    """The dedup id: a redelivery has a new frame id but the same body `msgId` (docs/protocols/dingtalk.md §A.11)."""
     return f"{robot_code}:{msg_id}"
 
 
@@ -111,7 +111,7 @@ def _content(msg: ChatbotMessage, body: dict[str, Any]) -> tuple[str, tuple[Atta
     if kind == "text":
         return as_str(msg.text.content), (), ""
     if kind == "picture":
-        # Some payloads carry the code as `pictureDownloadCode` only (protocols.md §A.8).
+        # Some payloads carry the code as `pictureDownloadCode` only (docs/protocols/dingtalk.md §A.8).
         code = as_str(msg.image_content.download_code) or as_str(content.get("pictureDownloadCode"))
         if not code:
             return "", (), UNSUPPORTED.format(what="this picture")

@@ -36,7 +36,7 @@ def title_of(text: str) -> str:
 
 
 def session_markdown(title: str, text: str, at_user_ids: list[str]) -> dict[str, Any]:
-    """A sessionWebhook markdown message (protocols.md §A.9). The mention only highlights when the
+    """A sessionWebhook markdown message (docs/protocols/dingtalk.md §A.9). The mention only highlights when the
     text itself contains "@<userId>", so the caller puts it there too."""
     body: dict[str, Any] = {"msgtype": "markdown", "markdown": {"title": title, "text": text}}
     if at_user_ids:

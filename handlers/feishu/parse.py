@@ -1,7 +1,7 @@
 """Pure functions: a Feishu `im.message.receive_v1` event (schema 2.0) -> `InboundMessage`, or the
 reason it is dropped. No I/O here; the adapter supplies the bot's open_id, the lists and the clock.
 
-Payload shape: open.feishu.cn "接收消息 im.message.receive_v1" and protocols.md §B.7. `content` is
+Payload shape: open.feishu.cn "接收消息 im.message.receive_v1" and docs/protocols/feishu.md §B.7. `content` is
 a JSON string whose shape depends on `message_type`; mentions appear in text as `@_user_N`
 placeholders listed in `message.mentions`.
 """
