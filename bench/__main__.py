@@ -1,5 +1,6 @@
-"""`python -m bench [--quick] [--only N ...] [--out PATH]`: run the scenarios, print the table and
-(in full mode) write BENCHMARKS.md. Exit 1 only when something is broken, never for a missed target."""
+"""`python -m bench [--quick] [--only N ...] [--out PATH] [--json PATH]`: run the scenarios, print the
+table, (in full mode) write BENCHMARKS.md and (with --json) every row as JSON. Exit 1 only when
+something is broken, never for a missed target."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from pathlib import Path
 
 from . import findings, ingress, latency, micro, recovery, resources, stream
 from .context import BenchError, Context
-from .env import ROOT, load_average, machine_facts, pin_self, plan_cores, raise_fd_limit, wrk_path
-from .report import Row, markdown, table
+from .env import ROOT, load_average, machine_facts, pin_self, plan_cores, raise_fd_limit
+from .report import Row, as_json, markdown, table
 from .servers import ServerError
 
 Scenario = Callable[[Context], Awaitable[list[Row]]]
@@ -32,7 +33,7 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
 
 
 def setup_lines(ctx: Context) -> list[str]:
-    wrk = wrk_path()
+    threads = len(ctx.cores.load)  # wrk -t: one thread per load core
     return [
         f"Cores: {ctx.cores.describe()} (os.sched_setaffinity); every server under test, reference "
         "or gateway, runs alone on the server core; the load generator and all doubles share the other.",
@@ -41,18 +42,14 @@ def setup_lines(ctx: Context) -> list[str]:
         "shipped defaults: `[dispatcher] max_concurrency = 4096` (default 64: a 2,000-message burst "
         "would take 2000/64 model-times), `max_queue = 1000000` (throughput runs never answer busy), "
         "`drain_timeout = 1`, `[model] max_retries = 0`.",
-        "Webhook load: "
-        + (
-            f"wrk, 1 thread, {ingress.CONNECTIONS} connections, a Lua script signing every request with the "
-            "DingTalk `timestamp`/`sign` headers and giving each a distinct msgId (1,000 conversations)"
-            if wrk
-            else "aiohttp client (wrk not installed: the client, not the server, is the bottleneck)"
-        ),
+        f"Webhook load: wrk, {threads} thread{'s' if threads > 1 else ''}, {ingress.CONNECTIONS} "
+        "connections, a Lua script signing every request with the DingTalk `timestamp`/`sign` headers "
+        "and giving each a distinct msgId (1,000 conversations)",
         "Model doubles: throughput scenarios use an instant OpenAI-compatible double (canned SSE, "
         "~400-character answer; replies are produced asynchronously and compete for the gateway's core "
         "during the run); latency scenarios use tests/doubles/openai.py answering after 1 s.",
         "Doubles for DingTalk (open-connection, Stream websocket, sessionWebhook) and Feishu (ws endpoint, "
-        "protobuf frames, open APIs) follow ../shared/protocols.md; high-rate HTTP sinks are raw asyncio "
+        "protobuf frames, open APIs) follow docs/protocols/; high-rate HTTP sinks are raw asyncio "
         "protocols so the load generator's core is not the bottleneck.",
     ]
 
@@ -85,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=[], choices=list(SCENARIOS), help="run these scenarios")
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="report file (full mode)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
+    parser.add_argument("--json", metavar="PATH", help="also write every row as JSON (tests/test_bench.py)")
     parser.add_argument("--label", default="", help="a line for the top of BENCHMARKS.md (e.g. why this run)")
     args = parser.parse_args(argv)
 
@@ -115,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         text = markdown(rows, facts, setup_lines(ctx), command, args.label)
         Path(args.out).write_text(text)
         print(f"wrote {args.out}")
+    if args.json:
+        Path(args.json).write_text(as_json(rows, errors, args.quick))
+        print(f"wrote {args.json}")
     if args.keep:
         print(f"work directory kept: {workdir}")
     for error in errors:

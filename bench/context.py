@@ -1,9 +1,7 @@
-"""What every scenario gets: cores, a work directory, the mode, and which prerequisites exist."""
+"""What every scenario gets: cores, a work directory, the mode, and the platform doubles."""
 
 from __future__ import annotations
 
-import importlib.util
-import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -11,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from .dingtalk import DingTalkDouble
-from .drivers import DingTalkStreamDriver, Driver, WebChatDriver
 from .env import Cores, free_port
 from .feishu import FeishuDouble
 from .servers import ServerProcess, dingtalk_section, feishu_section, gateway, gateway_sections
@@ -31,49 +28,28 @@ class Context:
         return quick if self.quick else full
 
 
-def adapter(platform: str) -> bool:
-    """The platform adapter is merged (handlers/dingtalk, handlers/feishu)."""
-    return importlib.util.find_spec(f"handlers.{platform}") is not None
-
-
-def sqlite_store() -> bool:
-    from gateway.errors import StoreError
-    from gateway.store import open_store
-
-    try:
-        open_store("sqlite:///probe.sqlite3", Path(tempfile.gettempdir()))
-    except StoreError:
-        return False
-    return True
-
-
-MISSING_DINGTALK = "needs the DingTalk adapter (handlers/dingtalk, branch dingtalk), not merged yet"
-MISSING_FEISHU = "needs the Feishu adapter (handlers/feishu, branch feishu), not merged yet"
-MISSING_SQLITE = "needs the SQLite store (gateway/store, branch store), not merged yet"
-
-
 def store_url(kind: str) -> str:
     return {"memory": "memory://", "sqlite": "sqlite:///bench.sqlite3"}[kind]
 
 
 @dataclass(slots=True)
 class Channels:
-    """The platform doubles a gateway is connected to (None where the adapter is missing)."""
+    """The platform doubles a gateway is connected to (None: that channel is not configured)."""
 
     dingtalk: DingTalkDouble | None = None
     feishu: FeishuDouble | None = None
 
     def names(self) -> str:
         names = [n for n, d in (("DingTalk Stream", self.dingtalk), ("Feishu ws", self.feishu)) if d]
-        return " + ".join(names) or "none (adapters not merged; web chat only)"
+        return " + ".join(names) or "none"
 
 
 @asynccontextmanager
 async def channel_doubles(dingtalk: bool = True, feishu: bool = True) -> AsyncIterator[Channels]:
-    """Start the doubles for the adapters that exist (and were asked for)."""
+    """Start the doubles asked for."""
     channels = Channels(
-        await DingTalkDouble().start() if dingtalk and adapter("dingtalk") else None,
-        await FeishuDouble().start() if feishu and adapter("feishu") else None,
+        await DingTalkDouble().start() if dingtalk else None,
+        await FeishuDouble().start() if feishu else None,
     )
     try:
         yield channels
@@ -97,10 +73,3 @@ def gateway_for(
     if channels.feishu is not None:
         sections["feishu"] = feishu_section(channels.feishu.domain)
     return gateway(ctx.cores, ctx.workdir, sections, name)
-
-
-def driver_for(proc: ServerProcess, channels: Channels) -> Driver:
-    """Conversations over DingTalk Stream when that adapter exists, else over the web chat."""
-    if channels.dingtalk is not None:
-        return DingTalkStreamDriver(channels.dingtalk)
-    return WebChatDriver(proc.url)

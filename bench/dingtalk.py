@@ -1,6 +1,6 @@
 """A DingTalk double for benchmarks: open-connection, token, the Stream websocket, sessionWebhook sink.
 
-Wire format as in protocols.md §A (CALLBACK frames whose `data` is a JSON *string*, ACKs carrying the
+Wire format as in docs/protocols/dingtalk.md §A (CALLBACK frames whose `data` is a JSON *string*, ACKs carrying the
 frame's `messageId`), and the webhook signature of §C.2. It pushes frames as fast as asked, times
 every ACK and every reply, and can drop the socket to measure recovery.
 """
@@ -174,7 +174,7 @@ class DingTalkDouble:
             self.bad_acks += 1
             return
         if ack.get("code") != 200 or ack["headers"].get("contentType") != "application/json":
-            self.bad_acks += 1  # the real server would not take it (protocols.md §A.6)
+            self.bad_acks += 1  # the real server would not take it (docs/protocols/dingtalk.md §A.6)
         self.acks += 1
         future = self._ack_waiters.pop(frame_id, None)
         if future is not None and not future.done():

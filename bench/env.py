@@ -144,6 +144,6 @@ def machine_facts(usable: int) -> dict[str, str]:
         "python": f"{platform.python_implementation()} {platform.python_version()}",
     }
     wrk = wrk_path()
-    facts["load generator"] = wrk_version(wrk) if wrk else "aiohttp client (wrk not installed)"
+    facts["load generator"] = wrk_version(wrk) if wrk else "none (wrk not installed: scenario 1 failed)"
     facts["packages"] = ", ".join(f"{p} {v}" for p in PACKAGES if (v := version(p)))
     return facts

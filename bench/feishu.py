@@ -1,9 +1,10 @@
 """A Feishu double for benchmarks: ws endpoint, long connection with protobuf frames, the open APIs.
 
-Wire format as in protocols.md §B: `pbbp2.Frame` (a hand-written codec below, so the double needs
-neither lark-oapi nor protobuf), data frames with the five required headers, the client's response
-frame reusing the headers, ping -> pong carrying the ClientConfig. Open-API calls (token, bot info,
-reply, cards) are answered with canned success bodies by a cheap sink.
+Wire format as in docs/protocols/feishu.md §B: `pbbp2.Frame` (the gateway's own codec,
+handlers/feishu/frame.py, so the double needs neither lark-oapi nor protobuf), data frames with the
+five required headers, the client's response frame reusing the headers, ping -> pong carrying the
+ClientConfig. Open-API calls (token, bot info, reply, cards) are answered with canned success bodies by
+a cheap sink.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import orjson
 from aiohttp import WSMsgType, web
+
+from handlers.feishu.frame import Frame, FrameError, decode, encode
 
 from .doubles import Sink
 from .env import HOST
@@ -23,83 +24,6 @@ from .servers import FEISHU_APP_ID
 
 SERVICE_ID = 33
 CLIENT_CONFIG = {"ReconnectCount": -1, "ReconnectInterval": 1, "ReconnectNonce": 0, "PingInterval": 120}
-
-
-@dataclass(frozen=True, slots=True)
-class Frame:
-    seq_id: int
-    log_id: int
-    service: int
-    method: int  # 0 = control (ping/pong), 1 = data
-    headers: list[tuple[str, str]]
-    payload: bytes = b""
-
-    def header(self, key: str) -> str:
-        return next((v for k, v in self.headers if k == key), "")
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _bytes_field(number: int, value: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(value)) + value
-
-
-def encode_frame(f: Frame) -> bytes:
-    out = b"".join(
-        _varint(n << 3) + _varint(v) for n, v in ((1, f.seq_id), (2, f.log_id), (3, f.service), (4, f.method))
-    )
-    for key, value in f.headers:
-        out += _bytes_field(5, _bytes_field(1, key.encode()) + _bytes_field(2, value.encode()))
-    return out + (_bytes_field(8, f.payload) if f.payload else b"")
-
-
-def _fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
-    i = 0
-    while i < len(data):
-        key, i = _read_varint(data, i)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _read_varint(data, i)
-            yield number, value
-        elif wire == 2:
-            length, i = _read_varint(data, i)
-            yield number, data[i : i + length]
-            i += length
-        else:  # fixed 64/32-bit: not used by pbbp2, skipped
-            i += 8 if wire == 1 else 4
-
-
-def _read_varint(data: bytes, i: int) -> tuple[int, int]:
-    shift = value = 0
-    while True:
-        byte = data[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, i
-        shift += 7
-
-
-def decode_frame(data: bytes) -> Frame:
-    ints = {1: 0, 2: 0, 3: 0, 4: 0}
-    headers: list[tuple[str, str]] = []
-    payload = b""
-    for number, value in _fields(data):
-        if number in ints and isinstance(value, int):
-            ints[number] = value
-        elif number == 5 and isinstance(value, bytes):
-            kv = {n: v for n, v in _fields(value)}
-            headers.append((bytes(kv.get(1, b"")).decode(), bytes(kv.get(2, b"")).decode()))
-        elif number == 8 and isinstance(value, bytes):
-            payload = value
-    return Frame(ints[1], ints[2], ints[3], ints[4], headers, payload)
 
 
 def message_event(n: int, conversation: str, text: str) -> bytes:
@@ -220,7 +144,12 @@ class FeishuDouble:
         try:
             async for msg in ws:
                 if msg.type is WSMsgType.BINARY:
-                    await self._on_frame(ws, decode_frame(msg.data))
+                    try:
+                        frame = decode(msg.data)
+                    except FrameError:
+                        self.bad_acks += 1
+                        continue
+                    await self._on_frame(ws, frame)
         finally:
             if self._ws is ws:
                 self._ws = None
@@ -229,34 +158,33 @@ class FeishuDouble:
 
     async def _on_frame(self, ws: web.WebSocketResponse, frame: Frame) -> None:
         if frame.method == 0 and frame.header("type") == "ping":
-            pong = Frame(0, 0, SERVICE_ID, 0, [("type", "pong")], orjson.dumps(CLIENT_CONFIG))
-            await ws.send_bytes(encode_frame(pong))
+            pong = Frame(0, 0, SERVICE_ID, 0, (("type", "pong"),), payload=orjson.dumps(CLIENT_CONFIG))
+            await ws.send_bytes(encode(pong))
             return
         if frame.method != 1:
             return
         try:
-            ok = orjson.loads(frame.payload).get("code") == 200
+            ok = orjson.loads(frame.payload or b"").get("code") == 200
         except (orjson.JSONDecodeError, AttributeError):
             ok = False
         self.acks += 1
         self.bad_acks += not ok
-        future = self._ack_waiters.pop(frame.header("message_id"), None)
+        future = self._ack_waiters.pop(frame.header("message_id") or "", None)
         if future is not None and not future.done():
             future.set_result(time.monotonic())
 
     def event_frame(self, conversation: str, text: str) -> tuple[str, bytes]:
         n = next(self._ids)
         frame_id = f"fm{n:09d}"
-        headers = [
+        headers = (
             ("type", "event"),
             ("message_id", frame_id),
             ("sum", "1"),
             ("seq", "0"),
             ("trace_id", f"t{n}"),
-        ]
-        return frame_id, encode_frame(
-            Frame(n + 1, n + 1, SERVICE_ID, 1, headers, message_event(n, conversation, text))
         )
+        payload = message_event(n, conversation, text)
+        return frame_id, encode(Frame(n + 1, n + 1, SERVICE_ID, 1, headers, payload=payload))
 
     def expect_ack(self, frame_id: str) -> asyncio.Future[float]:
         future: asyncio.Future[float] = asyncio.get_running_loop().create_future()

@@ -1,17 +1,11 @@
-"""Why a missed target was missed and what would close the gap, from profiles (py-spy, see
-bench/profile.py) and the hot-path costs that scenario 8 measures in the same run."""
+"""Why a missed target was missed and what would close the gap, from the hot-path costs that
+scenario 8 measures in the same run."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from .report import Row
-
-CONNECTOR = (
-    "the gateway's one shared ClientSession (gateway/app.py) once had TCPConnector(limit=200), so model "
-    "calls and reply POSTs beyond 200 at once waited for a free connection; it is now sized "
-    "2 x [dispatcher] max_concurrency + 64"
-)
 
 
 def _value(rows: Sequence[Row], prefix: str) -> float | None:
@@ -71,15 +65,6 @@ def explain(rows: Sequence[Row]) -> None:
             )
         elif row.scenario.startswith("2."):
             row.gap = "Intake is CPU-bound on one core. " + _intake(rows)
-        elif row.scenario.startswith("3."):
-            row.gap = (
-                f"At 200 msg/s with a 1 s model about 200 model calls are in flight, and {CONNECTOR}. "
-                "Measured "
-                "while building the bench (web chat path, this machine): limit 200 -> p50 74 ms, p99 267 ms "
-                "with "
-                "the core 24 % busy; limit=0 -> p50 1.5 ms, p99 12.6 ms. To close: size the connector from "
-                "[dispatcher] max_concurrency (e.g. 2 x max_concurrency + 64) or use limit=0."
-            )
         elif row.scenario.startswith("4."):
             row.gap = (
                 "The model time is 1 s, and the relay reference in the same row, which does nothing but "

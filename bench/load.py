@@ -1,5 +1,5 @@
-"""HTTP load for the webhook scenario: `wrk` with a Lua script signing DingTalk callbacks, or an
-aiohttp client when wrk is missing (slower: on 2 cores a Python client is itself the bottleneck)."""
+"""HTTP load for the webhook scenario: `wrk` with a Lua script signing DingTalk callbacks (a Python
+client would itself be the bottleneck on 2 cores, so there is no fallback: scenario 1 needs wrk)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 import orjson
 
+from .context import BenchError
 from .dingtalk import chatbot_payload, sign
 from .env import Cores, wrk_path
 
@@ -29,7 +29,6 @@ class LoadResult:
     socket_errors: int
     p50_ms: float | None
     p99_ms: float | None
-    tool: str
 
     @property
     def rate(self) -> float:
@@ -86,11 +85,13 @@ def lua_script(path: str, webhook: str) -> str:
 _salt = itertools.count()
 
 
-async def run_wrk(
+async def run_load(
     url: str, path: str, webhook: str, seconds: float, cores: Cores, workdir: Path
 ) -> LoadResult:
+    """`seconds` of signed webhook requests from wrk on the load cores."""
     wrk = wrk_path()
-    assert wrk is not None
+    if wrk is None:
+        raise BenchError("scenario 1 needs wrk (Debian: apt-get install wrk)")
     script = workdir / "webhook.lua"
     script.write_text(lua_script(path, webhook))
     salt = f"r{os.getpid()}x{next(_salt)}"  # distinct msgIds across runs against one gateway
@@ -141,49 +142,4 @@ def parse_wrk(text: str) -> LoadResult:
         socket_errors=sum(int(g) for g in errors.groups()) if errors else 0,
         p50_ms=pct.get("50"),
         p99_ms=pct.get("99"),
-        tool="wrk",
     )
-
-
-async def run_aiohttp(url: str, path: str, webhook: str, seconds: float) -> LoadResult:
-    """Fallback: CONNECTIONS keep-alive workers posting signed callbacks for `seconds`."""
-    headers = signed_headers()
-    salt = f"a{os.getpid()}x{next(_salt)}"
-    counter = itertools.count()
-    latencies: list[float] = []
-    failures = [0, 0]  # non-2xx, socket errors
-    deadline = time.monotonic() + seconds
-
-    async def worker(http: aiohttp.ClientSession) -> None:
-        while time.monotonic() < deadline:
-            n = next(counter)
-            body = chatbot_payload(f"{salt}n{n}", f"c{n % CONVERSATIONS}", f"benchmark message {n}", webhook)
-            started = time.monotonic()
-            try:
-                async with http.post(url + path, data=orjson.dumps(body), headers=headers) as resp:
-                    await resp.read()
-                    failures[0] += not 200 <= resp.status < 400
-            except aiohttp.ClientError:
-                failures[1] += 1
-            latencies.append(time.monotonic() - started)
-
-    started = time.monotonic()
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CONNECTIONS)) as http:
-        await asyncio.gather(*(worker(http) for _ in range(CONNECTIONS)))
-    elapsed = time.monotonic() - started
-    latencies.sort()
-
-    def pct(p: float) -> float | None:
-        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000 if latencies else None
-
-    return LoadResult(
-        len(latencies), elapsed, failures[0], failures[1], pct(0.5), pct(0.99), "aiohttp client"
-    )
-
-
-async def run_load(
-    url: str, path: str, webhook: str, seconds: float, cores: Cores, workdir: Path
-) -> LoadResult:
-    if wrk_path():
-        return await run_wrk(url, path, webhook, seconds, cores, workdir)
-    return await run_aiohttp(url, path, webhook, seconds)

@@ -7,7 +7,7 @@ import asyncio
 import statistics
 import time
 
-from .context import MISSING_DINGTALK, BenchError, Channels, Context, adapter, gateway_for
+from .context import BenchError, Channels, Context, gateway_for
 from .dingtalk import DingTalkDouble
 from .doubles import instant_model
 from .report import Row, at_most
@@ -42,23 +42,12 @@ async def run(ctx: Context) -> list[Row]:
     try:
         async with reference(ctx.cores, ctx.workdir, "dingtalk", "--upstream", double.api_base):
             ref = [(await _once(double, f"ref{i}", reply=False))[0] for i in range(rounds)]
-        ref_worst = max(ref)
-        if not adapter("dingtalk"):
-            return [
-                Row(
-                    S6,
-                    "bare Stream client: drop -> next event ACKed",
-                    ref_worst,
-                    "s",
-                    note=f"worst of {rounds}",
-                ),
-                Row(S6, "gateway: drop -> next event answered", target="< 2 s", skipped=MISSING_DINGTALK),
-            ]
         async with gateway_for(ctx, model.url + "/v1", Channels(dingtalk=double), name="gateway-recovery"):
             results = [await _once(double, f"gw{i}", reply=True) for i in range(rounds)]
     finally:
         await model.stop()
         await double.stop()
+    ref_worst = max(ref)
     replies = [r for _, r in results if r is not None]
     acks = [a for a, _ in results]
     note = (

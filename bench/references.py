@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import hmac
 import time
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -23,7 +24,6 @@ from aiohttp import web
 
 from .dingtalk import sign
 from .env import HOST
-from .feishu import Frame, decode_frame, encode_frame
 from .servers import CLIENT_ID, FEISHU_APP_ID, SECRET
 
 WEBHOOK = "/dingtalk/webhook"
@@ -171,6 +171,10 @@ def dingtalk(port: int, api_base: str) -> None:
 
 
 def feishu(port: int, domain: str) -> None:
+    # The gateway's pbbp2 codec, imported here only: importing it loads the handlers package, which
+    # the other references (bare, fastapi: memory and startup ceilings) must not pay for.
+    from handlers.feishu.frame import decode, encode
+
     async def serve(http: aiohttp.ClientSession, state: dict[str, bool]) -> None:
         async with http.post(
             domain + "/callback/ws/endpoint", json={"AppID": FEISHU_APP_ID, "AppSecret": SECRET}
@@ -179,16 +183,12 @@ def feishu(port: int, domain: str) -> None:
         async with http.ws_connect(url) as ws:
             state["connected"] = True
             async for msg in ws:
-                frame = decode_frame(msg.data)
+                frame = decode(msg.data)
                 if frame.method != 1:
                     continue
-                orjson.loads(frame.payload)  # the event JSON, parsed as an adapter must
-                headers = [*frame.headers, ("biz_rt", "0")]
-                await ws.send_bytes(
-                    encode_frame(
-                        Frame(frame.seq_id, frame.log_id, frame.service, 1, headers, b'{"code": 200}')
-                    )
-                )
+                orjson.loads(frame.payload or b"{}")  # the event JSON, parsed as an adapter must
+                response = replace(frame.with_header("biz_rt", "0"), payload=b'{"code": 200}')
+                await ws.send_bytes(encode(response))
 
     _client(port, serve)
 

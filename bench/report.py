@@ -1,7 +1,9 @@
-"""Result rows, the console table and BENCHMARKS.md."""
+"""Result rows, the console table, BENCHMARKS.md and the JSON that tests/test_bench.py reads."""
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -18,6 +20,7 @@ class Row:
     check: Callable[[Row], bool] | None = field(default=None, repr=False)
     note: str = ""
     skipped: str = ""  # why it did not run
+    optional: bool = False  # a reference from the optional extra (bench/requirements.txt): may be skipped
     gap: str = ""  # for a missed target: why, and what would close the gap
 
     @property
@@ -100,10 +103,10 @@ def markdown(
         "a ratio to a reference measured in the same run, because absolute numbers drift on shared",
         "machines; compare ratios across machines, absolute values only on the same one.",
         "",
-        "Reproduce: `apt-get install wrk` (Debian), `pip install -r bench/requirements.txt`, then",
-        "`python -m bench` from the repository root (about 15 minutes on 2 cores; `--only N`, `--keep` for",
-        "the logs, `BENCH_PROFILE=1` to sample every gateway with py-spy, `python -m bench.profile FILE`",
-        "to summarize). `python -m bench --quick` runs every scenario for a moment (CI).",
+        "Reproduce: `apt-get install wrk` (Debian), `pip install -r bench/requirements.txt` (the optional",
+        "FastAPI + uvicorn reference; without it those rows are skipped), then `python -m bench` from the",
+        "repository root (about 15 minutes on 2 cores; `--only N`, `--keep` for the logs, `--json PATH` for",
+        "the rows as JSON). `python -m bench --quick` runs every scenario for a moment (CI).",
         "",
         "## Machine",
         "",
@@ -137,3 +140,35 @@ def markdown(
             out.append(f"  - *Missed.* {row.gap}")
     out.append("")
     return "\n".join(out)
+
+
+def _number(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def as_json(rows: Sequence[Row], errors: Sequence[str], quick: bool) -> str:
+    """Every row as the table has it, plus whether it is optional: what a test can assert on."""
+    return json.dumps(
+        {
+            "mode": "quick" if quick else "full",
+            "errors": list(errors),
+            "rows": [
+                {
+                    "scenario": r.scenario,
+                    "name": r.name,
+                    "value": None if r.skipped else _number(r.value),
+                    "unit": r.unit,
+                    "reference": r.reference,
+                    "ref_value": _number(r.ref_value),
+                    "ratio": _number(r.ratio),
+                    "target": r.target,
+                    "status": _status(r),
+                    "skipped": r.skipped,
+                    "optional": r.optional,
+                }
+                for r in rows
+            ],
+        },
+        ensure_ascii=False,
+        indent=1,
+    )

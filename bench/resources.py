@@ -8,7 +8,7 @@ import itertools
 import statistics
 import time
 
-from .context import MISSING_SQLITE, BenchError, Context, channel_doubles, gateway_for, sqlite_store
+from .context import BenchError, Context, channel_doubles, gateway_for
 from .doubles import ANSWER, instant_model
 from .drivers import Driver, WebChatDriver
 from .report import Row, at_most
@@ -69,9 +69,6 @@ async def memory(ctx: Context) -> list[Row]:
     try:
         for store, label in STORES:
             name = f"after {total:,} conversations x {turns} turns, {label}"
-            if store == "sqlite" and not sqlite_store():
-                rows.append(Row(S5, name, skipped=MISSING_SQLITE))
-                continue
             async with channel_doubles() as channels:
                 proc = gateway_for(ctx, model.url + "/v1", channels, store, name=f"gateway-memory-{store}")
                 async with proc:
@@ -157,7 +154,6 @@ async def startup(ctx: Context) -> list[Row]:
             ref_rss,
             "< 200 MB",
             at_most(200.0),
-            note="RSS 1 s after /readyz 200 (0.3 s in --quick)"
-            + ("" if "+" in names else "; both channels are counted only once both adapters are merged"),
+            note="RSS 1 s after /readyz 200 (0.3 s in --quick)",
         ),
     ]

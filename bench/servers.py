@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import tempfile
 import time
@@ -74,9 +73,6 @@ class ServerProcess:
         self.started_at = 0.0
         self.log_path = workdir / f"{name}.log"
         self.state_dir: Path | None = None  # the gateway's [server] state_dir (SQLite file)
-        self.profile = os.environ.get("BENCH_PROFILE") == "1" and name.startswith("gateway")
-        self.profile_path = workdir / f"{name}-{os.getpid()}-{id(self)}.pyspy"
-        self._spy: asyncio.subprocess.Process | None = None
 
     @property
     def url(self) -> str:
@@ -89,9 +85,6 @@ class ServerProcess:
 
     def rss_mb(self) -> float:
         return rss_mb(self.pid)
-
-    def cpu_seconds(self) -> float:
-        return cpu_seconds(self.pid)
 
     def usage_start(self) -> tuple[float, float, float]:
         return time.monotonic(), cpu_seconds(self.pid), sched_wait_seconds(self.pid)
@@ -121,28 +114,7 @@ class ServerProcess:
             )
         finally:
             log.close()
-        ready = await self.wait_ready(within)
-        if self.profile:
-            # Sampling profiler on the load cores; it stops by itself when the server exits.
-            self._spy = await asyncio.create_subprocess_exec(
-                "taskset",
-                "-c",
-                ",".join(map(str, sorted(self.cores.load))),
-                shutil.which("py-spy") or str(Path(PYTHON).parent / "py-spy"),
-                "record",
-                "--pid",
-                str(self.pid),
-                "--format",
-                "raw",
-                "--rate",
-                "250",
-                "--nonblocking",
-                "--output",
-                str(self.profile_path),
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-            )
-        return ready
+        return await self.wait_ready(within)
 
     async def wait_ready(self, within: float = 30.0) -> float:
         deadline = self.started_at + within
@@ -176,9 +148,6 @@ class ServerProcess:
         except TimeoutError:
             self.proc.kill()
             await self.proc.wait()
-        if self._spy is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._spy.wait(), 30)
 
     async def __aenter__(self) -> ServerProcess:
         await self.start()
@@ -248,7 +217,7 @@ def gateway(
 
 
 def reference(cores: Cores, workdir: Path, kind: str, *args: str) -> ServerProcess:
-    """A reference server from `bench.references` (`bare`, `fastapi`, `relay`)."""
+    """A reference server or client from `bench.references` (`bare`, `fastapi`, `relay`, `dingtalk`, `feishu`)."""
     port = free_port()
     argv = [PYTHON, "-m", "bench.references", kind, "--port", str(port), *args]
     return ServerProcess(f"ref-{kind}", argv, port, cores, workdir, ready_path="/healthz")

@@ -7,21 +7,11 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from .context import (
-    MISSING_DINGTALK,
-    MISSING_FEISHU,
-    MISSING_SQLITE,
-    BenchError,
-    Channels,
-    Context,
-    adapter,
-    gateway_for,
-    sqlite_store,
-)
+from .context import BenchError, Channels, Context, gateway_for
 from .dingtalk import DingTalkDouble
 from .doubles import instant_model, parked_model
 from .feishu import FeishuDouble
-from .ingress import INTAKE_ONLY, PARKED, QUICK_SKIP, accepted, drain
+from .ingress import INTAKE_ONLY, PARKED, accepted, drain
 from .report import Row, at_least
 from .servers import reference
 
@@ -78,8 +68,7 @@ async def _connected(event: asyncio.Event, what: str) -> None:
         raise BenchError(f"{what} never connected to the double") from None
 
 
-# (store, answers?) per gateway run; the first (the shipped default store) is the one the target is
-# about and the only one in --quick.
+# (store, answers?) per gateway run; the first (the shipped default store) is the one the target is about.
 STREAM_VARIANTS = (("sqlite", False), ("memory", False), ("sqlite", True))
 
 
@@ -119,17 +108,6 @@ async def stream(ctx: Context) -> list[Row]:
                         "intake + answers" if answers else "intake only"
                     )
                     tgt = f">= {target:,.0f} events/s" if target and not answers else ""
-                    if ctx.quick and (answers or store != "sqlite"):
-                        rows.append(Row(S2, name, skipped=QUICK_SKIP))
-                        continue
-                    if not adapter(platform) or (store == "sqlite" and not sqlite_store()):
-                        why = (
-                            (MISSING_DINGTALK if platform == "dingtalk" else MISSING_FEISHU)
-                            if not adapter(platform)
-                            else MISSING_SQLITE
-                        )
-                        rows.append(Row(S2, name, target=tgt, skipped=why))
-                        continue
                     channels = (
                         Channels(dingtalk=double)
                         if isinstance(double, DingTalkDouble)

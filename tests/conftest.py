@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 import handlers
@@ -17,7 +18,7 @@ from tests.doubles.openai import OpenAIDouble
 from tests.process import GatewayProcess
 from tests.redisd import RedisServer
 
-# websockets honours proxy variables even for 127.0.0.1 (protocols.md §0.8).
+# websockets honours proxy variables even for 127.0.0.1 (docs/protocols/testing.md §0.8).
 os.environ["NO_PROXY"] = "127.0.0.1,localhost"
 os.environ["no_proxy"] = "127.0.0.1,localhost"
 
@@ -46,9 +47,9 @@ async def openai_double(
 def gateway(aiohttp_client: Callable[..., Any]) -> Callable[..., Any]:
     """Start a full gateway (core + handlers) for a config; returns its test client."""
 
-    async def start(config: Config) -> TestClient:
+    async def start(config: Config) -> TestClient[web.Request, web.Application]:
         app = create_app(config, [handlers.setup])
-        client: TestClient = await aiohttp_client(TestServer(app, host="127.0.0.1"))
+        client: TestClient[web.Request, web.Application] = await aiohttp_client(TestServer(app, host="127.0.0.1"))
         return client
 
     return start

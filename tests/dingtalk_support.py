@@ -10,10 +10,11 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.keys import CHANNELS, METRICS
+from gateway.keys import CHANNELS
 from handlers.dingtalk import DingTalkAdapter
 from tests.conftest import make_config
 from tests.doubles.dingtalk import DingTalkDouble
+from tests.helpers import sample
 
 
 @dataclass
@@ -27,19 +28,21 @@ class DingTalkEnv:
         assert isinstance(adapter, DingTalkAdapter)
         return adapter
 
+    def sample(self, name: str, **labels: str) -> float:
+        """A sample of the gateway's metrics registry (e.g. `botgate_reconnects_total`); 0 if absent."""
+        return sample(self.client.app, name, **labels)
+
     def dropped(self, reason: str) -> float:
-        return float(self.client.app[METRICS].dropped.labels("dingtalk", reason)._value.get())
+        return self.sample("botgate_messages_dropped_total", platform="dingtalk", reason=reason)
 
     def api_calls(self, endpoint: str) -> float:
-        metric = self.client.app[METRICS].platform_api_calls.labels("dingtalk", endpoint)
-        return float(metric._value.get())
+        return self.sample("botgate_platform_api_calls_total", platform="dingtalk", endpoint=endpoint)
 
     async def connected(self) -> None:
         """Both ends agree the stream is up: the double has the socket, the loop said connected()."""
         await self.double.wait_for(lambda: self.double.connected)
-        assert self.adapter.loop is not None
         async with asyncio.timeout(10):
-            await self.adapter.loop.connected_event.wait()
+            await self.adapter.wait_connected()
 
     async def answers(self, count: int) -> list[dict[str, Any]]:
         """Wait until `count` sessionWebhook messages arrived; returns them all."""
@@ -91,3 +94,12 @@ async def start(
     if connect and config.dingtalk.mode != "webhook":
         await env.connected()
     return env
+
+
+async def ping_round_trip(env: DingTalkEnv) -> None:
+    """Frames are read in order, so once a later ping is ACKed every earlier frame was read; once
+    the session has settled, every message among them was submitted (and ACKed if accepted)."""
+    frame_id = await env.double.system("ping", {"opaque": "barrier"})
+    await env.double.wait_for(lambda: env.double.acked(frame_id) is not None)
+    async with asyncio.timeout(10):
+        await env.adapter.settled()

@@ -20,8 +20,8 @@ from gateway.keys import CHANNELS, LIVE
 from gateway.messages import Attachment, InboundMessage, Reply
 from tests.conftest import make_config
 from tests.doubles.openai import OpenAIDouble
+from tests.helpers import chat
 from tests.process import GatewayProcess
-from tests.test_webchat import chat
 
 
 class ManualChannel:

@@ -18,10 +18,11 @@ from gateway.alerts import RETRY_AFTER, Monitor
 from gateway.channel import ChannelState, ChannelStatus
 from gateway.config import AlertsConfig
 from gateway.stats import Stats
-from handlers.robots import DingTalkRobot, dingtalk_sign, robot_sinks
+from handlers.dingtalk.webhook import sign as dingtalk_sign
+from handlers.robots import DingTalkRobot, robot_sinks
 from tests.conftest import make_config
 from tests.doubles.robots import RobotDouble
-from tests.test_webchat import chat
+from tests.helpers import chat
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMTOOL = shutil.which("promtool")
@@ -54,7 +55,7 @@ def test_alert_rules_fire_on_the_documented_conditions() -> None:
 
 
 def test_dingtalk_signature_matches_the_documented_example() -> None:
-    # Example from the DingTalk robot docs (see protocols.md C.2).
+    # Example from the DingTalk robot docs (see docs/protocols/dingtalk.md §C.2).
     assert (
         dingtalk_sign("1700000000000", "this is secret")
         == "sSFWELbV2YwjdDQhWZwTcWlX5BWUx5J6TPpsZmuPii0="

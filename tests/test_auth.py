@@ -3,6 +3,7 @@ loopback-only mode without a password (headers never grant access), /metrics tok
 
 from __future__ import annotations
 
+import base64
 import socket
 import time
 from collections.abc import Callable
@@ -44,17 +45,22 @@ def test_jwt_interoperates_with_the_reference_example() -> None:
     assert auth.decode(b"k", token, now=1_999_999_999) == {"sub": "admin", "exp": 2_000_000_000}
 
 
-def test_jwt_refusals() -> None:
+def b64url(data: bytes) -> str:
+    """JWT's base64url without padding (RFC 7515 §2), as whoever forges a token writes it."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def test_jwt_refuses_expired_forged_unsigned_and_malformed_tokens() -> None:
     token = auth.encode(b"k", {"sub": "admin", "exp": 1000})
     with pytest.raises(auth.TokenError, match="expired"):
         auth.decode(b"k", token, now=1000)
     with pytest.raises(auth.TokenError, match="bad token signature"):
         auth.decode(b"other", token, now=10)
     head, body, sig = token.split(".")
-    forged_body = auth._b64encode(b'{"sub":"admin","exp":99999999999}')
+    forged_body = b64url(b'{"sub":"admin","exp":99999999999}')
     with pytest.raises(auth.TokenError, match="bad token signature"):
         auth.decode(b"k", f"{head}.{forged_body}.{sig}", now=10)
-    none_head = auth._b64encode(b'{"alg":"none","typ":"JWT"}')
+    none_head = b64url(b'{"alg":"none","typ":"JWT"}')
     with pytest.raises(auth.TokenError, match="unsupported token algorithm"):
         auth.decode(b"k", f"{none_head}.{body}.{sig}", now=10)
     for junk in ("", "a.b", "a.b.c.d", "!!.??.**", f"{head}.{body}."):
@@ -160,7 +166,7 @@ async def test_login_never_redirects_off_site(protected: Any) -> None:
         assert resp.headers["Location"] == "/", target
 
 
-async def test_api_bearer_token(protected: Any) -> None:
+async def test_api_accepts_the_login_token_as_bearer_and_refuses_a_forged_one(protected: Any) -> None:
     client = await protected()
     token = await login_token(client)
     resp = await client.get("/api/status", headers={"Authorization": f"Bearer {token}"})
@@ -299,7 +305,7 @@ async def test_without_password_the_peer_address_decides(aiohttp_client: Any) ->
         )
 
 
-async def test_metrics_token(gateway: Any) -> None:
+async def test_metrics_token_is_required_only_when_configured(gateway: Any) -> None:
     client = await gateway(make_config(admin={"metrics_token": "scrape-me-please"}))
     assert (await client.get("/metrics")).status == 401
     assert (await client.get("/metrics", headers={"Authorization": "Bearer wrong"})).status == 401

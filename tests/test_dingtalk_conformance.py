@@ -3,7 +3,7 @@
 If the SDK connects, receives a robot message, ACKs it, replies on the sessionWebhook and drives the
 token, file and AI-card APIs against the double, the double speaks the real protocol, and so the
 adapter tests that run against it mean something. The SDK blocks its event loop with `requests`
-(protocols.md §0.1), so the double runs in one thread and the SDK in another, each with its own loop.
+(docs/protocols/testing.md §0.1), so the double runs in one thread and the SDK in another, each with its own loop.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def double_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[ThreadedServer]:
     server.double.add_file("dc-1", b"png bytes")
     server.start()
     base = server.double.base
-    # The SDK fixes its endpoint at import time: patch every copy (protocols.md §A.2).
+    # The SDK fixes its endpoint at import time: patch every copy (docs/protocols/dingtalk.md §A.2).
     for module in ("utils", "stream", "chatbot", "card_replier"):
         monkeypatch.setattr(f"dingtalk_stream.{module}.DINGTALK_OPENAPI_ENDPOINT", base)
     monkeypatch.setattr(

@@ -3,11 +3,13 @@ AI-card streaming and its fallbacks, and the API budget."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from typing import Any
 
+from gateway.keys import DISPATCHER
 from gateway.responder import NO_VISION
-from tests.dingtalk_support import DingTalkEnv, start
+from tests.dingtalk_support import ping_round_trip, start
 from tests.doubles.dingtalk import DingTalkDouble
 
 BATCH_SEND = "/v1.0/robot/oToMessages/batchSend"
@@ -16,11 +18,6 @@ CARD_CREATE = "/v1.0/card/instances/createAndDeliver"
 CARD_STREAM = "/v1.0/card/streaming"
 CARD_UPDATE = "/v1.0/card/instances"
 PNG = b"\x89PNG\r\n\x1a\n fake image bytes"
-
-
-async def ping_round_trip(env: DingTalkEnv) -> None:
-    frame_id = await env.double.system("ping", {"opaque": "barrier"})
-    await env.double.wait_for(lambda: env.double.acked(frame_id) is not None)
 
 
 async def test_group_without_mention_is_ignored_and_with_mention_answered_to_the_asker(
@@ -140,9 +137,20 @@ async def test_refused_session_webhook_falls_back_to_the_openapi(
 ) -> None:
     _, url = openai_double
     env = await start(aiohttp_server, gateway, model_url=url, double=DingTalkDouble(expired_sessions=True))
-    await env.double.push(env.double.message("hello"))
+    body = env.double.message("hello", staff_id="u7")  # a sessionWebhook valid for another 90 min
+    await env.double.push(body)
     await env.double.wait_for(lambda: env.double.calls(BATCH_SEND))
-    assert "echo: hello" in env.double.calls(BATCH_SEND)[0]["msgParam"]
+    async with asyncio.timeout(10):
+        await env.client.app[DISPATCHER].wait_idle()  # anything else it was going to send is sent
+    # The answer went to the message's sessionWebhook first, which refused it...
+    refused = env.double.refused_session_posts
+    assert len(refused) == 1, f"the sessionWebhook should have been tried once, was: {refused}"
+    assert refused[0]["session"] in body["sessionWebhook"]
+    assert refused[0]["markdown"]["text"] == "echo: hello"
+    # ...then the answer arrived through the OpenAPI, exactly once.
+    [send] = env.double.calls(BATCH_SEND)
+    assert send["userIds"] == ["u7"] and "echo: hello" in send["msgParam"]
+    assert env.double.session_posts == [] and env.double.calls(GROUP_SEND) == []
 
 
 async def test_rejected_token_is_refreshed_once(

@@ -8,7 +8,6 @@ from typing import Any
 
 import orjson
 
-from gateway.keys import METRICS
 from handlers.dingtalk.webhook import sign
 from tests.dingtalk_support import DingTalkEnv, start
 
@@ -52,8 +51,8 @@ async def test_bad_missing_and_stale_signatures_are_401(aiohttp_server: Any, gat
     for name, headers in cases.items():
         status, error = await post(env, body, headers)
         assert status == 401 and error["error"], name
-    received = env.client.app[METRICS].messages_received.labels("dingtalk", "webhook", "dm")
-    assert received._value.get() == 0  # nothing got past the signature check
+    received = env.sample("botgate_messages_received_total", platform="dingtalk", transport="webhook", kind="dm")
+    assert received == 0  # nothing got past the signature check
 
 
 async def test_garbage_is_400_and_too_large_is_413(aiohttp_server: Any, gateway: Any) -> None:

@@ -168,7 +168,7 @@ async def test_store_held_by_the_running_gateway_is_a_warning(setup: Setup) -> N
     assert status(checks["store"]) == "WARN" and "/readyz" in checks["store"]
 
 
-async def test_redis_down(setup: Setup) -> None:
+async def test_unreachable_redis_fails_the_store_check(setup: Setup) -> None:
     code, checks = await diagnose(setup.config(store={"url": f"redis://127.0.0.1:{listen_port()}/0"}))
     assert code == 1 and status(checks["store"]) == "FAIL"
 
@@ -216,7 +216,7 @@ async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, s
     return proc.returncode, out.decode(), err.decode()
 
 
-async def test_command_line(setup: Setup, tmp_path: Path) -> None:
+async def test_doctor_command_exits_0_healthy_1_failing_2_without_config(setup: Setup, tmp_path: Path) -> None:
     config = tmp_path / "botgate.toml"
     config.write_text(
         f'[dingtalk]\nenabled = true\nclient_id = "{setup.double.client_id}"\n'
@@ -277,7 +277,7 @@ async def test_feishu_bad_secret(feishu: tuple[FeishuDouble, str], setup: Setup,
     assert status(checks["feishu bot identity"]) == "SKIP"
 
 
-async def test_feishu_down(setup: Setup, tmp_path: Path) -> None:
+async def test_unreachable_feishu_fails_every_feishu_check(setup: Setup, tmp_path: Path) -> None:
     down = f"http://127.0.0.1:{listen_port()}"
     code, checks = await diagnose(feishu_config(down, setup.model_url, tmp_path))
     assert code == 1

@@ -27,13 +27,12 @@ from gateway.dispatcher import TIMEOUT_NOTICE
 from gateway.keys import DISPATCHER, METRICS, RESOLVER, STORE
 from gateway.store import SqliteStore
 from tests.conftest import make_config
-from tests.dingtalk_support import DingTalkEnv, start
+from tests.dingtalk_support import DingTalkEnv, ping_round_trip, start
 from tests.doubles import feishu as fd
 from tests.doubles.dingtalk import DingTalkDouble
 from tests.doubles.feishu_events import message_event
 from tests.doubles.openai import OpenAIDouble
 from tests.redisd import listen_port
-from tests.test_dingtalk_stream import ping_round_trip
 
 MODEL_DOWN = "the AI model is not answering right now"
 
@@ -99,7 +98,7 @@ async def test_model_slower_than_the_deadline(
     assert (await readyz(env))[0] == 200
 
 
-async def test_model_rate_limiting(
+async def test_model_rate_limited_past_the_retries_gives_a_notice_then_recovers(
     aiohttp_server: Any, gateway: Any, openai_double: tuple[OpenAIDouble, str], loop_errors: Any
 ) -> None:
     model, url = openai_double
@@ -113,7 +112,7 @@ async def test_model_rate_limiting(
 
 
 @pytest.mark.parametrize(("step", "reason"), [("garbage", "bad response"), ("error-event", "server error")])
-async def test_model_garbage_sse(
+async def test_model_garbage_stream_gives_a_notice_then_recovers(
     aiohttp_server: Any,
     gateway: Any,
     openai_double: tuple[OpenAIDouble, str],

@@ -146,7 +146,7 @@ frames = st.builds(
 
 
 @given(frames)
-def test_round_trip(frame: Frame) -> None:
+def test_any_frame_decodes_to_what_was_encoded(frame: Frame) -> None:
     assert decode(encode(frame)) == frame
 
 

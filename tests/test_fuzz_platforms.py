@@ -59,7 +59,8 @@ def post(live: Live, path: str, body: bytes, headers: list[tuple[str, str]]) -> 
 
 # -- DingTalk webhook ------------------------------------------------------------------------------
 def dingtalk_content(msgtype: str) -> st.SearchStrategy[dict[str, Any]]:
-    """The `content` of non-text robot messages, shaped as DingTalk sends them (§A.8), values random."""
+    """The `content` of non-text robot messages, shaped as DingTalk sends them
+    (docs/protocols/dingtalk.md §A.8), values random."""
     item = st.one_of(
         st.fixed_dictionaries({"text": st.text(max_size=50)}),
         st.fixed_dictionaries({"downloadCode": IDS, "type": st.sampled_from(["picture", "video", "x"])}),

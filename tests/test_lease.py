@@ -17,7 +17,7 @@ from gateway.messages import InboundMessage
 from gateway.metrics import Metrics, Outcome
 from gateway.store import RedisStore, Store, Turn
 from tests.conftest import make_config
-from tests.test_store_contract import msg
+from tests.helpers import msg
 
 pytestmark = pytest.mark.redis
 

@@ -8,7 +8,7 @@ import logging
 import re
 from collections.abc import Iterator
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import orjson
 import pytest
@@ -17,7 +17,7 @@ from gateway.keys import DISPATCHER
 from gateway.logs import JsonFormatter
 from tests.conftest import make_config
 
-SECRETS = {
+SECRETS: dict[str, dict[str, Any]] = {
     "model": {"api_keys": ["sk-log-secret-0001", "sk-log-secret-0002"]},
     "admin": {"password": "hunter2-admin-pass", "jwt_secret": 'jwt"with\\quote'},
 }
@@ -45,7 +45,7 @@ def lines(stream: io.StringIO) -> list[dict[str, Any]]:
 
 async def chat(client: Any, session: str, text: str) -> dict[str, Any]:
     # An admin password is set, so the web chat needs a login (docs/status.md).
-    password = cast(dict[str, str], SECRETS["admin"])["password"]
+    password = SECRETS["admin"]["password"]
     login = await client.post("/login", json={"password": password})
     bearer = {"Authorization": f"Bearer {(await login.json())['token']}"}
     async with client.ws_connect(f"/chat/ws?session={session}", headers=bearer) as ws:
@@ -55,7 +55,7 @@ async def chat(client: Any, session: str, text: str) -> dict[str, Any]:
             while (frame := await ws.receive_json())["type"] not in ("done", "notice"):
                 pass
     await client.server.app[DISPATCHER].wait_idle()  # its log lines are written by now
-    return frame
+    return dict(frame)
 
 
 async def test_answered_line_has_the_fields_ops_query(

@@ -19,11 +19,12 @@ from gateway.admission import Admission
 from gateway.app import create_app
 from gateway.budget import ApiBudget
 from gateway.channel import ChannelState, ChannelStatus, StatusTracker
-from gateway.connection import ConnectionLoop, stop_task
+from gateway.connection import ConnectionLoop
+from gateway.tasks import stop_task
 from gateway.keys import CHANNELS, DISPATCHER, METRICS
 from gateway.messages import Attachment, ConversationKind, InboundMessage, Reply
 from tests.conftest import make_config
-from tests.test_webchat import chat
+from tests.helpers import chat
 
 FAMILIES = {
     "botgate_messages_received": ("counter", {"platform", "transport", "kind"}),

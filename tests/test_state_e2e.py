@@ -12,8 +12,8 @@ import pytest
 from gateway.keys import DISPATCHER
 from gateway.responder import HELP, RATE_LIMITED
 from tests.conftest import make_config
+from tests.helpers import chat, metric, readiness
 from tests.redisd import RedisServer
-from tests.test_webchat import chat
 
 
 @pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
@@ -21,13 +21,6 @@ def store_section(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, s
     if request.param == "redis":
         return {"url": request.getfixturevalue("redis_url")}
     return {"url": f"sqlite:///{tmp_path}/state/botgate.sqlite3"}
-
-
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 async def test_identical_request_within_ttl_is_served_from_cache(
@@ -74,11 +67,6 @@ async def test_over_the_rate_limit_one_notice_and_no_model_call(
         assert [f["type"] for f in help_frames] == ["accepted", "notice"]
         assert help_frames[-1]["text"] == HELP
     assert len(double.requests) == 2
-
-
-async def readiness(client: Any) -> tuple[int, dict[str, Any]]:
-    resp = await client.get("/readyz")
-    return resp.status, await resp.json()
 
 
 @pytest.mark.redis

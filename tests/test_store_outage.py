@@ -14,11 +14,10 @@ import pytest
 
 from gateway.keys import DISPATCHER, STORE
 from gateway.store import SqliteStore
-from tests.dingtalk_support import DingTalkEnv, start
+from tests.dingtalk_support import DingTalkEnv, ping_round_trip, start
 from tests.doubles.openai import OpenAIDouble
+from tests.helpers import readiness
 from tests.redisd import RedisServer
-from tests.test_dingtalk_stream import ping_round_trip
-from tests.test_state_e2e import readiness
 
 
 async def ready_again(env: DingTalkEnv) -> None:

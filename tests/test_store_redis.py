@@ -10,8 +10,8 @@ import redis.asyncio as aioredis
 
 from gateway.errors import StoreError
 from gateway.store import RedisStore
+from tests.helpers import msg
 from tests.redisd import RedisServer, free_port
-from tests.test_store_contract import msg
 
 pytestmark = pytest.mark.redis
 

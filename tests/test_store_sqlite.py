@@ -10,7 +10,7 @@ import pytest
 
 from gateway.errors import StoreError
 from gateway.store import SqliteStore, open_store
-from tests.test_store_contract import msg
+from tests.helpers import msg
 
 
 async def test_group_commit_batches_concurrent_writes(tmp_path: Path) -> None:

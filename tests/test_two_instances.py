@@ -19,8 +19,8 @@ from handlers.dingtalk.webhook import sign
 from tests.dingtalk_support import dingtalk_section, serve
 from tests.doubles.dingtalk import DingTalkDouble
 from tests.doubles.openai import OpenAIDouble
+from tests.helpers import metric
 from tests.process import GatewayProcess, env_for
-from tests.test_state_e2e import metric
 
 pytestmark = pytest.mark.redis
 

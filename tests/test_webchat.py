@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import orjson
 
 from tests.conftest import make_config
-
-
-async def chat(client: Any, ws: Any, text: str, msg_id: str) -> list[dict[str, Any]]:
-    """Send one message and collect frames until its final reply."""
-    await ws.send_str(orjson.dumps({"type": "message", "id": msg_id, "text": text}).decode())
-    frames = []
-    async with asyncio.timeout(10):
-        while True:
-            frame = orjson.loads((await ws.receive()).data)
-            frames.append(frame)
-            if frame["type"] in ("done", "notice", "error", "busy"):
-                return frames
+from tests.helpers import chat
 
 
 async def test_echo_reply_without_model(gateway: Any) -> None:

@@ -1,14 +1,14 @@
-"""A DingTalk test double speaking the real wire protocol (protocols.md §A), on aiohttp.
+"""A DingTalk test double speaking the real wire protocol (docs/protocols/dingtalk.md), on aiohttp.
 
 Stream mode: `POST /v1.0/gateway/connections/open` hands out a one-time ticket for the websocket at
 `/connect`; the double pushes SYSTEM and CALLBACK frames there and checks every ACK the client sends.
 HTTP: the token endpoint, the robot send APIs, file download (a `downloadUrl` served here), the
 AI-card APIs, the robot query `python run.py doctor` uses, and sessionWebhook receivers. Scripted
 faults: open-connection failing N times, a token rejected once, card creation failing,
-sessionWebhooks answering "expired", sends answering 503 N times, dropping the socket (now, or right
-after each of the next N handshakes), raw frames of any shape, a robot query without the permission,
-a skewed clock in every answer's `Date` header. Silence needs no script: the double only sends what a
-test pushes.
+sessionWebhooks answering "expired" (the refused posts are recorded too), sends answering 503 N
+times, dropping the socket (now, or right after each of the next N handshakes), raw frames of any
+shape, a robot query without the permission, a skewed clock in every answer's `Date` header.
+Silence needs no script: the double only sends what a test pushes.
 
 Several clients may be connected at once (several gateway instances); connections are numbered in
 the order they opened, and a frame goes to the newest one unless `to=` picks another, as DingTalk
@@ -73,6 +73,7 @@ class DingTalkDouble:
     acks: list[Ack] = field(default_factory=list)
     ack_errors: list[str] = field(default_factory=list)
     session_posts: list[dict[str, Any]] = field(default_factory=list)
+    refused_session_posts: list[dict[str, Any]] = field(default_factory=list)  # answered "expired"
     api_calls: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     tokens_issued: list[str] = field(default_factory=list)
     files: dict[str, tuple[bytes, str]] = field(default_factory=dict)
@@ -257,7 +258,7 @@ class DingTalkDouble:
 
     async def redeliver(self, to: int | None = None) -> list[str]:
         """Deliver again every robot message none of whose deliveries was ACKed (as DingTalk does
-        within about a minute, protocols.md §A): same body and msgId, a new frame id. Returns the
+        within about a minute, docs/protocols/dingtalk.md §A.7): same body and msgId, a new frame id. Returns the
         msgIds redelivered."""
         done = self.acked_messages()
         pending = [m for m in dict.fromkeys(msg_id for _, msg_id, _ in self.deliveries) if m not in done]
@@ -385,9 +386,12 @@ class DingTalkDouble:
         body = await request.json()
         if self._failing(request.path):
             return web.json_response(BUSY, status=503)
+        post = {"session": request.query.get("session", ""), **body}
         if self.expired_sessions:
+            self.refused_session_posts.append(post)
+            self._record()
             return web.json_response({"errcode": 300001, "errmsg": "session expired"})
-        self.session_posts.append({"session": request.query.get("session", ""), **body})
+        self.session_posts.append(post)
         self._record()
         return web.json_response({"errcode": 0, "errmsg": "ok"})
 

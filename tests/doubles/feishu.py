@@ -1,4 +1,4 @@
-"""A Feishu/Lark Open Platform double on aiohttp, speaking the real protocols (protocols.md §B).
+"""A Feishu/Lark Open Platform double on aiohttp, speaking the real protocols (docs/protocols/feishu.md).
 
 Long connection: `POST /callback/ws/endpoint` -> websocket URL + ClientConfig; the websocket carries
 binary `pbbp2.Frame`s: client pings are answered with pongs (optionally carrying a new ClientConfig),

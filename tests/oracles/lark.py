@@ -1,7 +1,7 @@
 """lark-oapi as a conformance oracle, run in a fresh process (`python tests/oracles/lark.py ...`).
 
 lark_oapi captures an event loop when imported and its ws client blocks that loop forever
-(protocols.md §0.4), so it never shares a process with the tests' loop. Every mode ends by itself:
+(docs/protocols/testing.md §0.4), so it never shares a process with the tests' loop. Every mode ends by itself:
 a watchdog exits the process after `DEADLINE` seconds whatever happens.
 
   frames      stdin: {"specs": [frame spec...], "ours": [hex...]}; stdout: {"encoded": [hex of the SDK's
@@ -42,7 +42,7 @@ def _spec(frame: Any) -> dict[str, Any]:
 
 
 def frames() -> None:
-    from lark_oapi.ws.pb.pbbp2_pb2 import Frame  # type: ignore[import-untyped]
+    from lark_oapi.ws.pb.pbbp2_pb2 import Frame
 
     request = json.load(sys.stdin)
     encoded = []
@@ -69,9 +69,9 @@ def frames() -> None:
 
 
 def ws(domain: str, expected: int) -> None:
-    import lark_oapi as lark  # type: ignore[import-untyped]
-    import lark_oapi.core.log  # type: ignore[import-untyped]
-    import lark_oapi.ws.client as wsc  # type: ignore[import-untyped]
+    import lark_oapi as lark
+    import lark_oapi.core.log
+    import lark_oapi.ws.client as wsc
 
     lark_oapi.core.log.handler.setStream(sys.stderr)  # stdout carries our JSON lines
 
@@ -91,7 +91,7 @@ def ws(domain: str, expected: int) -> None:
                             log_level=lark.LogLevel.INFO)
 
     def run() -> None:
-        wsc.loop = asyncio.new_event_loop()  # a private loop in this thread (protocols.md §B.11)
+        wsc.loop = asyncio.new_event_loop()  # a private loop in this thread (docs/protocols/feishu.md §B.11)
         asyncio.set_event_loop(wsc.loop)
         client.start()
 
