@@ -105,9 +105,10 @@ class Adapter(ABC, Generic[CfgT, ApiT]):
     def make_api(self, http: aiohttp.ClientSession) -> ApiT:
         """The platform's API client for this bot, on the app's HTTP session."""
 
-    @abstractmethod
     def make_client(self, runtime: Runtime[ApiT]) -> SessionClient:
-        """The long connection's client; it hands each event's payload to `prepare_payload`."""
+        """The long connection's client; it hands each event's payload to `prepare_payload`.
+        Called only when the mode runs `long_transport`: a channel without one keeps this."""
+        raise NotImplementedError(f"{self.platform} keeps no long connection")
 
     @abstractmethod
     async def parse(self, body: object, transport: str) -> InboundMessage | Dropped:
@@ -154,7 +155,7 @@ class Adapter(ABC, Generic[CfgT, ApiT]):
             yield
         finally:
             await stop_task(task)
-            self._loop = None
+            self._loop = self._client = None
             self.tracker.set(state=ChannelState.STOPPED)
 
     def status(self) -> ChannelStatus:

@@ -20,7 +20,7 @@ import aiohttp_jinja2
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from gateway.adapter import DEFAULT_BOT, Adapter, Runtime, SessionClient
+from gateway.adapter import DEFAULT_BOT, Adapter
 from gateway.admission import Admission, Dropped
 from gateway.errors import PlatformError
 from gateway.keys import CHANNELS, METRICS
@@ -104,9 +104,6 @@ class WebChatAdapter(Adapter[WebChatConfig, BrowserSockets]):
 
     def make_api(self, http: aiohttp.ClientSession) -> BrowserSockets:
         return self.sockets
-
-    def make_client(self, runtime: Runtime[BrowserSockets]) -> SessionClient:
-        raise NotImplementedError("the web chat keeps no long connection")
 
     async def parse(self, body: object, transport: str) -> InboundMessage | Dropped:
         return body if isinstance(body, InboundMessage) else Dropped("malformed", "not a browser message")
