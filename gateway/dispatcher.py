@@ -33,7 +33,8 @@ from .config import DispatcherConfig
 from .errors import StoreError
 from .messages import InboundMessage
 from .metrics import Metrics, Outcome
-from .store import Store
+from .store import LeaseStore, Store, lease_store
+from .tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +70,15 @@ class Dispatcher:
         # Names the lease holder; unique even for two processes with one pid in two containers.
         self.instance_id = instance_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._store = store
+        self._leases = lease_store(store)  # None: only this process uses the store
         self._metrics = metrics
         self._responder = responder
         self._queues: dict[str, deque[InboundMessage]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
+        # Per busy conversation, the message whose turn it is. It leaves its queue once it has a
+        # slot, so what is queued or being answered here is in `_queues` or in `_heads`.
+        self._heads: dict[str, InboundMessage] = {}
         self._side_tasks: set[asyncio.Task[None]] = set()
-        self._local: set[str] = set()  # request ids queued or being answered here
         self._slots = asyncio.Semaphore(cfg.max_concurrency)
         self._depth = 0
         self._inflight = 0
@@ -91,6 +95,11 @@ class Dispatcher:
     @property
     def inflight(self) -> int:
         return self._inflight
+
+    @property
+    def conversations(self) -> int:
+        """Conversations with messages queued or being answered here (idle ones cost nothing)."""
+        return len(self._workers)
 
     @property
     def accepting(self) -> bool:
@@ -129,11 +138,10 @@ class Dispatcher:
         left; later (shared store), entries older than `older_than` seconds, left by an instance
         that died. The lease and the pending check under it make a second copy harmless."""
         cutoff = time.time() - older_than if older_than else math.inf  # at start: everything
-        orphans = [
-            m
-            for m in await self._store.inbox_pending()
-            if m.request_id not in self._local and m.created_at <= cutoff
-        ]
+        pending = await self._store.inbox_pending()
+        here = {m.request_id for queue in self._queues.values() for m in queue}
+        here.update(m.request_id for m in self._heads.values())
+        orphans = [m for m in pending if m.request_id not in here and m.created_at <= cutoff]
         for message in orphans:
             self._enqueue(message)
         if orphans:
@@ -141,7 +149,6 @@ class Dispatcher:
         return len(orphans)
 
     def _enqueue(self, message: InboundMessage) -> None:
-        self._local.add(message.request_id)
         key = message.conversation_key
         self._queues.setdefault(key, deque()).append(message)
         self._depth += 1
@@ -154,34 +161,47 @@ class Dispatcher:
     # -- workers -----------------------------------------------------------------------------
     async def _work(self, key: str) -> None:
         queue = self._queues[key]
-        previous_done = self._started_at  # messages resumed from the inbox are ready from now
+        ready_at = self._started_at  # messages resumed from the inbox are ready from now
         try:
             while queue:
-                head = queue[0]
-                async with self._lease(key):
-                    due = await self._due(head)
-                    for message in due:
-                        async with self._slots:
-                            if message is head:  # it stops waiting only once it has a slot
-                                self._dequeue(queue)
-                            self._inflight += 1
-                            self._metrics.inflight.set(self._inflight)
-                            try:
-                                await self._answer(message, max(message.created_at, previous_done))
-                            finally:
-                                self._inflight -= 1
-                                self._metrics.inflight.set(self._inflight)
-                        await self._settle(message)
-                        previous_done = time.time()
-                    if queue and queue[0] is head:  # answered elsewhere, skipped
-                        self._dequeue(queue)
-                self._local.discard(head.request_id)
+                ready_at = await self._answer_head(key, queue, ready_at)
         finally:
             del self._workers[key]
             if not queue:
                 del self._queues[key]
             if not self._workers:
                 self._idle.set()
+
+    async def _answer_head(self, key: str, queue: deque[InboundMessage], ready_at: float) -> float:
+        """Answer the conversation's next message: under its lease, with every message still
+        pending before it. Returns when the last of them was done: the next one is ready then."""
+        head = queue[0]
+        self._heads[key] = head
+        try:
+            async with self._lease(key):
+                for message in await self._due(head):
+                    await self._answer_in_slot(message, head, queue, ready_at)
+                    ready_at = time.time()
+                if queue and queue[0] is head:  # answered elsewhere, skipped
+                    self._dequeue(queue)
+        finally:
+            del self._heads[key]
+        return ready_at
+
+    async def _answer_in_slot(
+        self, message: InboundMessage, head: InboundMessage, queue: deque[InboundMessage], ready_at: float
+    ) -> None:
+        async with self._slots:
+            if message is head:  # it stops waiting only once it has a slot
+                self._dequeue(queue)
+            self._inflight += 1
+            self._metrics.inflight.set(self._inflight)
+            try:
+                await self._answer(message, max(message.created_at, ready_at))
+            finally:
+                self._inflight -= 1
+                self._metrics.inflight.set(self._inflight)
+        await self._settle(message)
 
     def _dequeue(self, queue: deque[InboundMessage]) -> None:
         queue.popleft()
@@ -192,35 +212,35 @@ class Dispatcher:
     async def _lease(self, key: str) -> AsyncIterator[None]:
         """Hold the conversation's lease (waiting while another instance has it), renewed. A store
         only this process can use needs none: the per-conversation worker already orders it."""
-        if not self._store.shared:
+        leases = self._leases
+        if leases is None:
             yield
             return
         backoff = Backoff(first=0.02, cap=1.0)
         while True:
             try:
-                if await self._store.acquire_lease(key, self.instance_id, self.cfg.lease_ttl):
+                if await leases.acquire_lease(key, self.instance_id, self.cfg.lease_ttl):
                     break
             except StoreError as e:
                 if backoff.attempt == 0:
                     log.error("store unavailable, conversation waits: %s", e, extra={"conversation": key})
             await asyncio.sleep(backoff.next())
-        renewer = asyncio.create_task(self._renew(key), name=f"lease:{key}")
+        renewer = asyncio.create_task(self._renew(leases, key), name=f"lease:{key}")
         try:
             yield
         finally:
-            renewer.cancel()
-            await asyncio.gather(renewer, return_exceptions=True)
+            await stop_task(renewer)
             try:
-                await self._store.release_lease(key, self.instance_id)
+                await leases.release_lease(key, self.instance_id)
             except StoreError as e:
                 log.warning("lease not released, it expires by itself: %s", e, extra={"conversation": key})
 
-    async def _renew(self, key: str) -> None:
+    async def _renew(self, leases: LeaseStore, key: str) -> None:
         ttl = self.cfg.lease_ttl
         while True:
             await asyncio.sleep(ttl / 3)
             try:
-                if not await self._store.acquire_lease(key, self.instance_id, ttl):
+                if not await leases.acquire_lease(key, self.instance_id, ttl):
                     log.error("lease lost to another instance", extra={"conversation": key})
             except StoreError as e:
                 log.warning("lease renewal failed: %s", e, extra={"conversation": key})
@@ -228,7 +248,7 @@ class Dispatcher:
     async def _due(self, message: InboundMessage) -> list[InboundMessage]:
         """What to answer under the lease: the conversation's pending messages up to `message`.
         With an unshared store every pending message is queued here already, in order."""
-        if not self._store.shared:
+        if self._leases is None:
             return [message]
         try:
             pending = await self._store.inbox_pending(message.conversation_key)

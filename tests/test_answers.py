@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.errors import StoreError
@@ -25,13 +26,16 @@ async def send(ws: Any, text: str, msg_id: str) -> dict[str, Any]:
     """Send one message and return its final frame (`done` or `notice`)."""
     await ws.send_json({"type": "message", "id": msg_id, "text": text})
     async with asyncio.timeout(10):
-        while (frame := await ws.receive_json())["type"] not in ("done", "notice", "error"):
-            pass
-    return frame
+        while True:
+            frame: dict[str, Any] = await ws.receive_json()
+            if frame["type"] in ("done", "notice", "error"):
+                return frame
 
 
-def sample(client: TestClient, name: str, labels: dict[str, str] | None = None) -> float:
-    value = client.server.app[METRICS].registry.get_sample_value(name, labels or {})
+def sample(
+    client: TestClient[web.Request, web.Application], name: str, labels: dict[str, str] | None = None
+) -> float:
+    value = client.app[METRICS].registry.get_sample_value(name, labels or {})
     return value or 0.0
 
 
@@ -96,7 +100,7 @@ async def test_overhead_excludes_model_time_and_waiting_behind_the_conversation(
             await double.received.wait()
         await asyncio.sleep(model_time)  # the model takes its time (the behaviour under test)
         double.release()
-        done = []
+        done: list[str] = []
         async with asyncio.timeout(10):
             while len(done) < 2:
                 frame = await ws.receive_json()
@@ -121,7 +125,7 @@ async def test_deadline_mid_stream_finishes_the_stream_with_the_notice(
     async with client.ws_connect("/chat/ws?session=deadline01") as ws:
         await ws.receive_json()
         await ws.send_json({"type": "message", "id": "m1", "text": "tell me a long story"})
-        frames = []
+        frames: list[dict[str, Any]] = []
         async with asyncio.timeout(10):
             while not frames or frames[-1]["type"] not in ("done", "notice"):
                 frames.append(await ws.receive_json())
@@ -177,7 +181,7 @@ async def test_cache_is_per_endpoint(aiohttp_server: Any) -> None:
     store = MemoryStore()
     doubles = [OpenAIDouble(answer="from A"), OpenAIDouble(answer="from B")]
     async with aiohttp.ClientSession() as session:
-        answers = []
+        answers: list[str] = []
         for double in doubles:
             url = str((await aiohttp_server(double.app())).make_url("/v1"))
             config = make_config(model={"base_url": url})

@@ -16,14 +16,9 @@ from typing import Any
 
 import pytest
 
+from gateway.admission import Admission
 from gateway.config import DispatcherConfig
-from gateway.dispatcher import (
-    APOLOGY,
-    BUSY_NOTICE,
-    TIMEOUT_NOTICE,
-    Admission,
-    Dispatcher,
-)
+from gateway.dispatcher import APOLOGY, BUSY_NOTICE, TIMEOUT_NOTICE, Dispatcher
 from gateway.messages import ConversationKind, InboundMessage
 from gateway.metrics import Metrics, Outcome
 from gateway.store import MemoryStore, SqliteStore
@@ -64,6 +59,12 @@ class RecordingResponder:
     def release(self, *message_ids: str) -> None:
         for message_id in message_ids:
             self.gate(message_id).set()
+
+    def release_all(self) -> None:
+        """Stop holding answers: the held ones go on, later ones are not held."""
+        self.hold = False
+        for gate in self._gates.values():
+            gate.set()
 
     def _changed(self) -> None:
         """Wake every waiter (each re-checks its predicate) and arm a fresh event."""
@@ -131,17 +132,13 @@ async def make(store: MemoryStore) -> AsyncIterator[Any]:
 
     yield build
     for dispatcher, responder in made:
-        responder.hold = False
-        for gate in responder._gates.values():
-            gate.set()
+        responder.release_all()
         await dispatcher.drain(5.0)
 
 
 def assert_no_leftover_state(dispatcher: Dispatcher) -> None:
-    """Idle conversations cost nothing: no queue or worker is kept per conversation."""
-    assert dispatcher._queues == {}
-    assert dispatcher._workers == {}
-    assert dispatcher._local == set()
+    """Idle conversations cost nothing: nothing is kept per conversation once it is answered."""
+    assert dispatcher.conversations == 0
     assert dispatcher.depth == 0 and dispatcher.inflight == 0
 
 
@@ -165,6 +162,7 @@ async def test_conversations_run_concurrently_up_to_max_concurrency(make: Any) -
         await dispatcher.submit(msg(f"c{i}", f"m{i}"))
     await responder.wait_for(lambda: len(responder.started()) == 3)
     assert dispatcher.inflight == 3 and dispatcher.depth == 3
+    assert dispatcher.conversations == 6  # three answered, three waiting for a slot
     assert metrics.registry.get_sample_value("botgate_queue_depth") == 3
     assert metrics.registry.get_sample_value("botgate_inflight") == 3
     for i in range(6):  # free one slot at a time: each frees exactly one more start
@@ -316,7 +314,7 @@ async def test_drain_timeout_cancels_and_leaves_messages_in_the_inbox(
     assert responder.ended() == [] and responder.notices == []
     # Nothing is lost: all three are resumed by the next start.
     assert sorted(m.message_id for m in await store.inbox_pending()) == ["m1", "m2", "m3"]
-    assert dispatcher._workers == {}
+    assert dispatcher.conversations == 0  # every worker was cancelled
 
 
 async def test_resume_answers_what_a_previous_process_left(make: Any, store: MemoryStore) -> None:
@@ -337,14 +335,23 @@ async def test_resume_skips_what_this_process_already_accepted(
     make: Any, store: MemoryStore
 ) -> None:
     dispatcher, responder, _ = make()
-    await dispatcher.submit(msg("c1", "new"))  # an adapter was quicker than the resume
+    new, last = msg("c1", "new"), msg("c1", "next")
+    await dispatcher.submit(new)  # an adapter was quicker than the resume
+    await dispatcher.submit(last)  # queued behind it
     await responder.wait_for(lambda: responder.started() == ["new"])
-    assert [m.message_id for m in await store.inbox_pending()] == ["new"]
+    assert [m.message_id for m in await store.inbox_pending()] == ["new", "next"]
     assert await dispatcher.resume() == 0
-    responder.release("new")
+    responder.release("new", "next")
     await dispatcher.wait_idle()
-    assert responder.started() == ["new"]  # answered once, not twice
+    assert responder.started() == ["new", "next"]  # each answered once, not twice
     assert_no_leftover_state(dispatcher)
+    # Once answered, nothing of them is kept here: a message left in the inbox with one of
+    # their request ids is resumed like any other.
+    await store.admit(dataclasses.replace(msg("c1", "left"), request_id=last.request_id), 60)
+    assert await dispatcher.resume() == 1
+    responder.release("left")
+    await dispatcher.wait_idle()
+    assert responder.started() == ["new", "next", "left"]
 
 
 async def test_ready_at_excludes_waiting_behind_the_same_conversation(make: Any) -> None:

@@ -20,9 +20,9 @@ from gateway.app import create_app
 from gateway.budget import ApiBudget
 from gateway.channel import ChannelState, ChannelStatus, StatusTracker
 from gateway.connection import ConnectionLoop
-from gateway.tasks import stop_task
 from gateway.keys import CHANNELS, DISPATCHER, METRICS
 from gateway.messages import Attachment, ConversationKind, InboundMessage, Reply
+from gateway.tasks import stop_task
 from tests.conftest import make_config
 from tests.helpers import chat
 

@@ -13,8 +13,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.errors import StoreError
-from gateway.messages import Attachment, ConversationKind, InboundMessage
-from gateway.store import MemoryStore, RedisStore, SqliteStore, Store, Turn
+from gateway.messages import Attachment
+from gateway.store import LeaseStore, MemoryStore, RedisStore, SqliteStore, Store, Turn, lease_store
+from tests.helpers import msg
 
 BACKENDS = ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)]
 
@@ -61,21 +62,6 @@ async def eventually(check: Callable[[], Awaitable[bool]], within: float = 5.0) 
     while not await check():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.02)
-
-
-def msg(n: int, conversation: str = "c1", **extra: object) -> InboundMessage:
-    return InboundMessage(
-        platform="dingtalk",
-        transport="stream",
-        conversation_id=conversation,
-        conversation_kind=ConversationKind.GROUP,
-        sender_id="u1",
-        sender_name="Ann",
-        text=f"message {n}",
-        mentioned=True,
-        message_id=f"m{n}",
-        **extra,  # type: ignore[arg-type]
-    )
 
 
 # -- dedup -------------------------------------------------------------------------------------
@@ -252,22 +238,39 @@ async def test_token_bucket_refills(store: Store) -> None:
     await eventually(lambda: store.take_token("rate:fast", 600))
 
 
-# -- leases --------------------------------------------------------------------------------------
+# -- leases: shared stores only ------------------------------------------------------------------
+def leases(store: Store) -> LeaseStore:
+    shared = lease_store(store)
+    if shared is None:
+        pytest.skip(f"{store.backend}:// is used by one process only: no leases")
+    return shared
+
+
 async def test_lease_is_exclusive_renewable_and_released_by_owner_only(store: Store) -> None:
-    assert await store.acquire_lease("dingtalk:c", "a", 30) is True
-    assert await store.acquire_lease("dingtalk:c", "b", 30) is False
-    assert await store.acquire_lease("dingtalk:c", "a", 30) is True  # renewal
-    await store.release_lease("dingtalk:c", "b")  # not b's to release
-    assert await store.acquire_lease("dingtalk:c", "b", 30) is False
-    assert await store.acquire_lease("dingtalk:other", "b", 30) is True
-    await store.release_lease("dingtalk:c", "a")
-    assert await store.acquire_lease("dingtalk:c", "b", 30) is True
+    shared = leases(store)
+    assert await shared.acquire_lease("dingtalk:c", "a", 30) is True
+    assert await shared.acquire_lease("dingtalk:c", "b", 30) is False
+    assert await shared.acquire_lease("dingtalk:c", "a", 30) is True  # renewal
+    await shared.release_lease("dingtalk:c", "b")  # not b's to release
+    assert await shared.acquire_lease("dingtalk:c", "b", 30) is False
+    assert await shared.acquire_lease("dingtalk:other", "b", 30) is True
+    await shared.release_lease("dingtalk:c", "a")
+    assert await shared.acquire_lease("dingtalk:c", "b", 30) is True
 
 
 async def test_lease_of_a_dead_holder_expires(store: Store) -> None:
-    assert await store.acquire_lease("feishu:c", "dead", 0.3) is True
-    assert await store.acquire_lease("feishu:c", "alive", 30) is False
-    await eventually(lambda: store.acquire_lease("feishu:c", "alive", 30))
+    shared = leases(store)
+    assert await shared.acquire_lease("feishu:c", "dead", 0.3) is True
+    assert await shared.acquire_lease("feishu:c", "alive", 30) is False
+    await eventually(lambda: shared.acquire_lease("feishu:c", "alive", 30))
+
+
+def test_a_shared_store_without_leases_is_refused() -> None:
+    class Unleased(MemoryStore):
+        shared = True
+
+    with pytest.raises(TypeError, match="shared but has no leases"):
+        lease_store(Unleased())
 
 
 # -- availability ----------------------------------------------------------------------------------

@@ -5,17 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import StoreError
-from .base import Store, Turn, trim_turns
+from .base import LeaseStore, Store, Turn, lease_store, trim_turns
 from .memory import MemoryStore
 from .redis import RedisStore
 from .sqlite import SqliteStore
 
 __all__ = [
+    "LeaseStore",
     "MemoryStore",
     "RedisStore",
     "SqliteStore",
     "Store",
     "Turn",
+    "lease_store",
     "open_store",
     "sqlite_path",
     "trim_turns",

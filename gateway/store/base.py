@@ -1,4 +1,5 @@
-"""The store interface: inbox, dedup keys, conversation context, model cache, rate limits, leases.
+"""The store interface: inbox, dedup keys, conversation context, model cache, rate limits; and
+per-conversation leases for a store several instances share (`LeaseStore`).
 
 Backends: `memory://` (tests, single process), `sqlite:///PATH` (default), `redis://` (several
 instances). Every method may raise `StoreError`; callers decide whether that refuses the message.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import orjson
 
@@ -25,8 +26,9 @@ class Turn:
 
 class Store(Protocol):
     backend: str  # "memory" | "sqlite" | "redis"
-    # True when several gateway processes may use the store at once (Redis): then a conversation
-    # is answered under a lease and its pending inbox is re-read. SQLite is locked to one process.
+    # True when several gateway processes may use the store at once (Redis): then it is a
+    # `LeaseStore`, a conversation is answered under its lease and its pending inbox is re-read.
+    # SQLite is locked to one process.
     shared: bool
 
     async def open(self) -> None: ...
@@ -73,12 +75,26 @@ class Store(Protocol):
     async def take_token(self, bucket: str, per_minute: int) -> bool:
         """Token bucket of `per_minute` capacity refilling continuously; False when empty."""
 
-    # -- per-conversation lease (several instances) -------------------------------------------
+
+@runtime_checkable
+class LeaseStore(Store, Protocol):
+    """A shared store: per-conversation leases, so one instance at a time answers a conversation.
+    An unshared store has none: the one process's per-conversation worker already orders it."""
+
     async def acquire_lease(self, conversation: str, owner: str, ttl: float) -> bool:
         """Take or renew the lease for `ttl` seconds; False while another owner holds it."""
 
     async def release_lease(self, conversation: str, owner: str) -> None:
         """Give the lease up if `owner` still holds it (never someone else's)."""
+
+
+def lease_store(store: Store) -> LeaseStore | None:
+    """`store` with its leases when it is shared; None when only this process uses it."""
+    if not store.shared:
+        return None
+    if not isinstance(store, LeaseStore):
+        raise TypeError(f"the {store.backend} store is shared but has no leases")
+    return store
 
 
 def trim_turns(turns: list[Turn], max_turns: int, max_chars: int) -> list[Turn]:

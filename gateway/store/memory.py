@@ -9,30 +9,6 @@ from ..messages import InboundMessage
 from .base import Turn, trim_turns
 
 
-class LocalLeases:
-    """Per-conversation leases within one process.
-
-    The memory and SQLite backends serve a single gateway process (SQLite locks its file to one),
-    so their leases need no persistence; a restart after a crash starts with none held.
-    """
-
-    def __init__(self) -> None:
-        self._held: dict[str, tuple[str, float]] = {}
-
-    def acquire(self, conversation: str, owner: str, ttl: float) -> bool:
-        now = time.monotonic()
-        holder = self._held.get(conversation)
-        if holder is not None and holder[0] != owner and holder[1] > now:
-            return False
-        self._held[conversation] = (owner, now + ttl)
-        return True
-
-    def release(self, conversation: str, owner: str) -> None:
-        holder = self._held.get(conversation)
-        if holder is not None and holder[0] == owner:
-            del self._held[conversation]
-
-
 class MemoryStore:
     backend = "memory"
     shared = False
@@ -43,7 +19,6 @@ class MemoryStore:
         self._context: dict[str, tuple[float, list[Turn]]] = {}
         self._cache: dict[str, tuple[float, str]] = {}
         self._buckets: dict[str, tuple[float, float]] = {}
-        self._leases = LocalLeases()
         self._next_sweep = 0.0
 
     async def open(self) -> None:
@@ -125,9 +100,3 @@ class MemoryStore:
             return False
         self._buckets[bucket] = (tokens - 1.0, now)
         return True
-
-    async def acquire_lease(self, conversation: str, owner: str, ttl: float) -> bool:
-        return self._leases.acquire(conversation, owner, ttl)
-
-    async def release_lease(self, conversation: str, owner: str) -> None:
-        self._leases.release(conversation, owner)

@@ -34,8 +34,7 @@ META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT RO
 class SqliteFile:
     def __init__(self, path: Path, schema: str, version: int, window: float = 0.001) -> None:
         self.path = path
-        self.commits = 0  # write transactions committed; far fewer than `writes` under load
-        self.writes = 0  # write operations committed
+        self.commits = 0  # write transactions committed; under load far fewer than writes
         self._schema = schema
         self._version = version
         self._window = window
@@ -209,7 +208,6 @@ class SqliteFile:
             log.info("sqlite writes work again", extra={"path": str(self.path)})
         self._failure = None
         self.commits += 1
-        self.writes += len(ops)
         return results
 
     async def read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:

@@ -3,7 +3,7 @@
 Every write (dedup claim, inbox entry, context, cache, bucket) joins a group commit on the file's
 writer thread (see `sqlfile`), so the event loop never blocks and a burst costs one fsync. Times
 are wall-clock (`time.time()`) because they outlive the process. One gateway process owns the file:
-several instances need the Redis backend. That is also why leases live in memory here.
+several instances need the Redis backend, so no leases here.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import orjson
 
 from ..errors import StoreError
 from ..messages import InboundMessage
+from ..tasks import stop_task
 from .base import Turn, decode_messages, encode_message, trim_turns
-from .memory import LocalLeases
 from .sqlfile import SqliteFile
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,6 @@ class SqliteStore:
         self.db = SqliteFile(path, SCHEMA, SCHEMA_VERSION, window)
         self._sweep_interval = sweep_interval
         self._sweeper: asyncio.Task[None] | None = None
-        self._leases = LocalLeases()
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def open(self) -> None:
@@ -63,8 +62,7 @@ class SqliteStore:
 
     async def close(self) -> None:
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
+            await stop_task(self._sweeper)
             self._sweeper = None
         await self.db.close()
 
@@ -201,13 +199,6 @@ class SqliteStore:
             return allowed
 
         return bool(await self.db.write(op))
-
-    # -- leases (one process per file, see the module docstring) -------------------------------
-    async def acquire_lease(self, conversation: str, owner: str, ttl: float) -> bool:
-        return self._leases.acquire(conversation, owner, ttl)
-
-    async def release_lease(self, conversation: str, owner: str) -> None:
-        self._leases.release(conversation, owner)
 
 
 def _claim(conn: sqlite3.Connection, now: float, key: str, ttl: float) -> bool:

@@ -1,0 +1,163 @@
+"""The responder's steps from the answer on: the cache, the model, the summary, remembering."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from contextlib import aclosing
+
+import orjson
+
+from .errors import ModelError, StoreError
+from .exchange import Delivery, Exchange, Flow, fields, log
+from .messages import Reply
+from .metrics import Metrics, Outcome
+from .store import Store, Turn
+
+MODEL_DOWN = (
+    "Sorry, the AI model is not answering right now ({reason}). Please try again later. "
+    "(ref {request_id})"
+)
+EMPTY_ANSWER = (
+    "Sorry, the AI model returned an empty answer. Please rephrase or try again. (ref {request_id})"
+)
+
+
+class CachedAnswer:
+    """An identical earlier question's answer (`[cache]`); prompts with images are not cached."""
+
+    def __init__(self, delivery: Delivery, store: Store, metrics: Metrics) -> None:
+        self._delivery = delivery
+        self._store = store
+        self._metrics = metrics
+
+    async def __call__(self, exchange: Exchange) -> Flow:
+        if not exchange.cfg.cache.enabled or exchange.parts:
+            return Flow.CONTINUE
+        exchange.cache_key = key = cache_key(exchange)
+        try:
+            answer = await self._store.cache_get(key)
+        except StoreError:
+            answer = None
+        self._metrics.cache_lookup(answer is not None)
+        if answer is not None:
+            await self._delivery.send(Reply(exchange.message, exchange.prefix + answer), Outcome.OK)
+            exchange.answer, exchange.cached = answer, True
+        return Flow.CONTINUE
+
+
+def cache_key(exchange: Exchange) -> str:
+    # The endpoint is part of the key: after switching providers (same model name), answers
+    # of the old one must not be served.
+    endpoint = exchange.cfg.model.base_url
+    digest = hashlib.sha256(orjson.dumps([endpoint, exchange.model.name, exchange.prompt])).hexdigest()
+    return f"cache:{digest}"
+
+
+class ModelAnswer:
+    """Unless answered already: the model's answer, streamed into the channel's `ReplyStream`
+    when it has one, else sent whole. A model failure or an empty answer gets a notice instead."""
+
+    def __init__(self, delivery: Delivery, metrics: Metrics) -> None:
+        self._delivery = delivery
+        self._metrics = metrics
+
+    async def __call__(self, exchange: Exchange) -> Flow:
+        if exchange.answer is not None:
+            return Flow.CONTINUE
+        message, prefix = exchange.message, exchange.prefix
+        stream = await self._delivery.channel(message).open_stream(message)
+        parts: list[str] = []
+        try:
+            # aclosing: if delivery fails mid-answer, the model's HTTP response is released now,
+            # not whenever the abandoned generator is garbage-collected.
+            async with aclosing(exchange.model.stream(exchange.prompt, exchange.completion)) as deltas:
+                async for delta in deltas:
+                    parts.append(delta)
+                    if stream is not None:
+                        await stream.update(prefix + "".join(parts))
+        except ModelError as e:
+            log.error("model failed: %s", e, extra={**fields(message), "reason": e.reason})
+            reason = e.reason.replace("_", " ")
+            notice = MODEL_DOWN.format(reason=reason, request_id=message.request_id)
+            await self._delivery.fail(message, stream, notice)
+            return Flow.DONE
+        except BaseException:
+            if stream is not None:
+                self._delivery.cut_off(message, stream)
+            raise
+        answer = "".join(parts).strip()
+        if not answer:
+            # Not cached and not kept as context: asking again may well work.
+            log.warning("model returned an empty answer", extra=fields(message))
+            self._metrics.model_errors.labels("empty").inc()
+            await self._delivery.fail(message, stream, EMPTY_ANSWER.format(request_id=message.request_id))
+            return Flow.DONE
+        if stream is not None:
+            await self._delivery.finish(stream, message, prefix + answer, Outcome.OK)
+        else:
+            await self._delivery.send(Reply(message, prefix + answer), Outcome.OK)
+        exchange.answer = answer
+        return Flow.CONTINUE
+
+
+class Summary:
+    """Metrics and the one summary log line of an answered message."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def __call__(self, exchange: Exchange) -> Flow:
+        message, completion = exchange.message, exchange.completion
+        elapsed = max(0.0, time.time() - exchange.ready_at)
+        requested, last_byte = completion.requested_at, completion.last_byte_at
+        if requested is None or last_byte is None:  # cache hit: no model time at all
+            model_s = None
+            overhead = elapsed
+        else:
+            # Overhead: ready -> model request sent, plus model's last byte -> reply delivered.
+            model_s = last_byte - requested
+            overhead = max(0.0, elapsed - model_s)
+        self._metrics.gateway_overhead(overhead)
+        self._metrics.model_usage(completion.usage.prompt_tokens, completion.usage.completion_tokens)
+        log.info(
+            "answered",
+            extra={
+                **fields(message),
+                "platform": message.platform,
+                "message_id": message.message_id,
+                "latency_ms": round((time.time() - message.created_at) * 1000, 1),
+                "overhead_ms": round(overhead * 1000, 2),
+                "model_ms": None if model_s is None else round(model_s * 1000, 1),
+                "model_version": completion.model,
+                "cached": exchange.cached,
+                "prompt_tokens": completion.usage.prompt_tokens,
+                "completion_tokens": completion.usage.completion_tokens,
+            },
+        )
+        return Flow.CONTINUE
+
+
+class Remember:
+    """Cache the answer and extend the context. The user already has the answer, so a store
+    failure here costs only memory: log it, never apologise for a delivered answer."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def __call__(self, exchange: Exchange) -> Flow:
+        answer, cfg = exchange.answer, exchange.cfg
+        assert answer is not None, "the answer steps end the exchange unless they delivered one"
+        try:
+            if exchange.cache_key and not exchange.cached:
+                await self._store.cache_put(exchange.cache_key, answer, cfg.cache.ttl)
+            await self._store.append_turns(
+                exchange.message.conversation_key,
+                [Turn("user", exchange.text or "(image)"), Turn("assistant", answer)],
+                cfg.context.max_turns,
+                cfg.context.max_chars,
+                cfg.context.idle_ttl,
+            )
+        except StoreError as e:
+            log.warning("answer delivered but not remembered: %s", e, extra=fields(exchange.message))
+        return Flow.DONE

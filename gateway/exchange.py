@@ -1,0 +1,119 @@
+"""One message being answered (`Exchange`), the `Step` the responder runs it through, and the
+reply delivery every step shares (`Delivery`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+from .channel import Channel, ReplyStream
+from .config import Config
+from .errors import PlatformError
+from .messages import Attachment, InboundMessage, Reply, ReplyKind
+from .metrics import Metrics, Outcome
+from .model import Completion, Message, ModelClient
+from .store import Turn
+
+# Every step logs as the responder, so log queries by logger keep working whichever step it is.
+log = logging.getLogger("gateway.responder")
+
+
+class Flow(Enum):
+    CONTINUE = "continue"  # on to the next step
+    DONE = "done"  # the user has been answered or told why not: no further step runs
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One message being answered, filled in by the steps in turn."""
+
+    message: InboundMessage
+    ready_at: float  # see the dispatcher's `Responder.handle`
+    # As at the message's start: a reload applies from the next message on.
+    cfg: Config
+    model: ModelClient
+    text: str  # what the user wrote, stripped: their remembered turn
+    question: str  # the text the model is asked
+    completion: Completion
+    history: list[Turn] = field(default_factory=list)
+    parts: list[dict[str, object]] = field(default_factory=list)  # non-text content for the model
+    prefix: str = ""  # a note in front of the answer
+    prompt: list[Message] = field(default_factory=list)
+    cache_key: str | None = None  # None: not cached
+    answer: str | None = None  # set by the step that delivered it
+    cached: bool = False
+
+    @classmethod
+    def start(cls, message: InboundMessage, ready_at: float, cfg: Config, model: ModelClient) -> Exchange:
+        text = message.text.strip()
+        return cls(message, ready_at, cfg, model, text, text, Completion(model=model.name))
+
+    @property
+    def command(self) -> str:
+        """`/name` (lower case) when the text starts with one, else ""."""
+        return self.text.split(maxsplit=1)[0].lower() if self.text.startswith("/") else ""
+
+    @property
+    def images(self) -> list[Attachment]:
+        return [a for a in self.message.attachments if a.kind == "image"]
+
+
+class Step(Protocol):
+    async def __call__(self, exchange: Exchange) -> Flow: ...
+
+
+class Delivery:
+    """Replies through the message's channel, each counted in the reply metrics.
+
+    Keeps the streams cut off mid-answer (deadline, failure), by request id: a later notice for
+    that message then finishes the stream instead of arriving as a second message next to a stuck
+    card. Only streams cut off by shutdown stay here, and they go with the process."""
+
+    def __init__(self, channels: Mapping[str, Channel], metrics: Metrics) -> None:
+        self._channels = channels
+        self._metrics = metrics
+        self._interrupted: dict[str, ReplyStream] = {}
+
+    def channel(self, message: InboundMessage) -> Channel:
+        return self._channels[message.platform]
+
+    def cut_off(self, message: InboundMessage, stream: ReplyStream) -> None:
+        self._interrupted[message.request_id] = stream
+
+    async def notify(self, message: InboundMessage, text: str, outcome: Outcome = Outcome.NOTICE) -> None:
+        stream = self._interrupted.pop(message.request_id, None)
+        if stream is not None:
+            await self.finish(stream, message, text, outcome)
+        else:
+            await self.send(Reply(message, text, ReplyKind.NOTICE), outcome)
+
+    async def fail(self, message: InboundMessage, stream: ReplyStream | None, notice: str) -> None:
+        """Tell the user the answer failed. An open stream (a card already shown) gets the notice
+        as its final text, so the user sees one message, not a stuck card plus a second one."""
+        if stream is not None:
+            await self.finish(stream, message, notice, Outcome.MODEL_ERROR)
+        else:
+            await self.send(Reply(message, notice, ReplyKind.NOTICE), Outcome.MODEL_ERROR)
+
+    async def send(self, reply: Reply, outcome: Outcome) -> None:
+        try:
+            await self.channel(reply.to).send(reply)
+        except PlatformError:
+            self._metrics.reply(reply.to.platform, Outcome.FAILED)
+            raise
+        self._metrics.reply(reply.to.platform, outcome)
+
+    async def finish(self, stream: ReplyStream, message: InboundMessage, text: str, outcome: Outcome) -> None:
+        try:
+            await stream.finish(text)
+        except PlatformError:
+            self._metrics.reply(message.platform, Outcome.FAILED)
+            raise
+        self._metrics.reply(message.platform, outcome)
+
+
+def fields(message: InboundMessage) -> dict[str, object]:
+    return {"request_id": message.request_id, "user_id": message.user_key}
