@@ -187,6 +187,14 @@ def reach_fix(url: str) -> str:
     return f"make sure this host can reach {host} (DNS, firewall egress rules, HTTPS_PROXY)"
 
 
+def refused(error: PlatformError, unreachable: str, base_url: str, rejected: str, fix: str) -> Result:
+    """A platform call that failed: the network's fault (`unreachable`, retryable errors) or the
+    app's setup (`rejected`, with its `fix`)."""
+    if error.retryable:
+        return failed(f"{unreachable}: {error}", reach_fix(base_url))
+    return failed(f"{rejected}: {error}", fix)
+
+
 async def endpoint_reachable(url: str, got: str, answered: str) -> Result:
     """The long-connection check's last step, once the platform handed out `url`: only a TCP/TLS
     connection, no websocket, since a second client of the app would be handed events meant for

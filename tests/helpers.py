@@ -1,16 +1,22 @@
 """Helpers shared by the test modules, so that no test module imports from another: the web chat,
-readiness, metrics, store messages. (A gateway against the DingTalk double: tests/dingtalk_support.py.)"""
+readiness, metrics, store messages, and a gateway whose DingTalk channel points at the DingTalk double."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.test_utils import TestClient
 
-from gateway.keys import METRICS
+from gateway.keys import CHANNELS, METRICS
 from gateway.messages import ConversationKind, InboundMessage
+from handlers.dingtalk import DingTalkAdapter
+from tests.conftest import make_config
+from tests.doubles.dingtalk import DingTalkDouble
 
 
 # -- the web chat and the HTTP endpoints -----------------------------------------------------------
@@ -60,3 +66,92 @@ def msg(n: int, conversation: str = "c1", **extra: Any) -> InboundMessage:
         message_id=f"m{n}",
         **extra,
     )
+
+
+# -- a gateway against the DingTalk double ----------------------------------------------------------
+@dataclass
+class DingTalkEnv:
+    double: DingTalkDouble
+    client: TestClient[web.Request, web.Application]
+
+    @property
+    def adapter(self) -> DingTalkAdapter:
+        adapter = self.client.app[CHANNELS]["dingtalk"]
+        assert isinstance(adapter, DingTalkAdapter)
+        return adapter
+
+    def sample(self, name: str, **labels: str) -> float:
+        """A sample of the gateway's metrics registry (e.g. `botgate_reconnects_total`); 0 if absent."""
+        return sample(self.client.app, name, **labels)
+
+    def dropped(self, reason: str) -> float:
+        return self.sample("botgate_messages_dropped_total", platform="dingtalk", reason=reason)
+
+    def api_calls(self, endpoint: str) -> float:
+        return self.sample("botgate_platform_api_calls_total", platform="dingtalk", endpoint=endpoint)
+
+    async def connected(self) -> None:
+        """Both ends agree the stream is up: the double has the socket, the loop said connected()."""
+        await self.double.wait_for(lambda: self.double.connected)
+        async with asyncio.timeout(10):
+            await self.adapter.wait_connected()
+
+    async def answers(self, count: int) -> list[dict[str, Any]]:
+        """Wait until `count` sessionWebhook messages arrived; returns them all."""
+        await self.double.wait_for(lambda: len(self.double.session_posts) >= count)
+        return self.double.session_posts
+
+
+async def serve(aiohttp_server: Callable[..., Any], double: DingTalkDouble) -> None:
+    """Serve the double on a random loopback port; its sessionWebhooks point there."""
+    server = await aiohttp_server(double.app(), host="127.0.0.1")
+    double.base = str(server.make_url("")).rstrip("/")
+
+
+def dingtalk_section(double: DingTalkDouble) -> dict[str, Any]:
+    """The `[dingtalk]` settings of a gateway talking to the (served) double."""
+    return {
+        "enabled": True,
+        "client_id": double.client_id,
+        "client_secret": double.client_secret,
+        "api_base": double.base,
+        "oapi_base": double.base,
+        "reconnect_delay": 0.05,
+    }
+
+
+async def start(
+    aiohttp_server: Callable[..., Any],
+    gateway: Callable[..., Any],
+    *,
+    model_url: str = "",
+    double: DingTalkDouble | None = None,
+    sections: dict[str, dict[str, Any]] | None = None,
+    connect: bool = True,
+    **dingtalk: Any,
+) -> DingTalkEnv:
+    """A double on a random port and a gateway configured against it (model: the OpenAI double or echo)."""
+    double = double or DingTalkDouble()
+    sections = dict(sections or {})
+    model = {"base_url": model_url} if model_url else {}
+    model.update(sections.pop("model", {}))
+    await serve(aiohttp_server, double)
+    config = make_config(
+        dingtalk={**dingtalk_section(double), **dingtalk},
+        model=model,
+        cache={"enabled": False},
+        **sections,
+    )
+    env = DingTalkEnv(double, await gateway(config))
+    if connect and config.dingtalk.mode != "webhook":
+        await env.connected()
+    return env
+
+
+async def ping_round_trip(env: DingTalkEnv) -> None:
+    """Frames are read in order, so once a later ping is ACKed every earlier frame was read; once
+    the session has settled, every message among them was submitted (and ACKed if accepted)."""
+    frame_id = await env.double.system("ping", {"opaque": "barrier"})
+    await env.double.wait_for(lambda: env.double.acked(frame_id) is not None)
+    async with asyncio.timeout(10):
+        await env.adapter.settled()

@@ -21,9 +21,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from gateway.store import RedisStore, SqliteStore, Store
-from tests.dingtalk_support import dingtalk_section, serve
 from tests.doubles.dingtalk import DingTalkDouble
 from tests.doubles.openai import OpenAIDouble
+from tests.helpers import dingtalk_section, serve
 from tests.process import GatewayProcess, env_for
 
 CONVERSATIONS = 5

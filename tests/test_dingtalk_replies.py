@@ -9,8 +9,8 @@ from typing import Any
 
 from gateway.keys import DISPATCHER
 from gateway.responder import NO_VISION
-from tests.dingtalk_support import ping_round_trip, start
 from tests.doubles.dingtalk import DingTalkDouble
+from tests.helpers import ping_round_trip, start
 
 BATCH_SEND = "/v1.0/robot/oToMessages/batchSend"
 GROUP_SEND = "/v1.0/robot/groupMessages/send"

@@ -10,8 +10,8 @@ import pytest
 
 from gateway.channel import ChannelState
 from gateway.keys import DISPATCHER
-from tests.dingtalk_support import ping_round_trip, start
 from tests.doubles.dingtalk import DingTalkDouble
+from tests.helpers import ping_round_trip, start
 
 
 def lost_errors(caplog: pytest.LogCaptureFixture) -> list[str]:

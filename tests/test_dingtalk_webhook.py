@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from handlers.dingtalk.webhook import sign
-from tests.dingtalk_support import DingTalkEnv, start
+from tests.helpers import DingTalkEnv, start
 
 
 def signed(env: DingTalkEnv, ts_ms: int | None = None, secret: str | None = None) -> dict[str, str]:

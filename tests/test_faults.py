@@ -27,11 +27,11 @@ from gateway.dispatcher import TIMEOUT_NOTICE
 from gateway.keys import DISPATCHER, METRICS, RESOLVER, STORE
 from gateway.store import SqliteStore
 from tests.conftest import make_config
-from tests.dingtalk_support import DingTalkEnv, ping_round_trip, start
 from tests.doubles import feishu as fd
 from tests.doubles.dingtalk import DingTalkDouble
 from tests.doubles.feishu_events import message_event
 from tests.doubles.openai import OpenAIDouble
+from tests.helpers import DingTalkEnv, ping_round_trip, start
 from tests.redisd import listen_port
 
 MODEL_DOWN = "the AI model is not answering right now"

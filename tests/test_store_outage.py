@@ -14,9 +14,8 @@ import pytest
 
 from gateway.keys import DISPATCHER, STORE
 from gateway.store import SqliteStore
-from tests.dingtalk_support import DingTalkEnv, ping_round_trip, start
 from tests.doubles.openai import OpenAIDouble
-from tests.helpers import readiness
+from tests.helpers import DingTalkEnv, ping_round_trip, readiness, start
 from tests.redisd import RedisServer
 
 

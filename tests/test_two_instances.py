@@ -16,10 +16,9 @@ import orjson
 import pytest
 
 from handlers.dingtalk.webhook import sign
-from tests.dingtalk_support import dingtalk_section, serve
 from tests.doubles.dingtalk import DingTalkDouble
 from tests.doubles.openai import OpenAIDouble
-from tests.helpers import metric
+from tests.helpers import dingtalk_section, metric, serve
 from tests.process import GatewayProcess, env_for
 
 pytestmark = pytest.mark.redis

@@ -15,6 +15,7 @@ from gateway.doctor import (
     failed,
     passed,
     reach_fix,
+    refused,
     warned,
 )
 from gateway.errors import PlatformError
@@ -72,9 +73,8 @@ def checks(config: Config, http: aiohttp.ClientSession) -> list[Check]:
                     "grant the permission to check it here; otherwise make sure [dingtalk] robot_code is "
                     "empty (internal-app robots use client_id) or the robot's RobotCode",
                 )
-            if e.retryable:
-                return failed(f"cannot query robot {robot_code}: {e}", reach_fix(cfg.api_base))
-            return failed(f"DingTalk does not know robot code {robot_code} for this app: {e}", ROBOT_FIX)
+            unknown = f"DingTalk does not know robot code {robot_code} for this app"
+            return refused(e, f"cannot query robot {robot_code}", cfg.api_base, unknown, ROBOT_FIX)
         return passed(f"robot code {robot_code} belongs to this app")
 
     async def clock() -> Result:

@@ -6,7 +6,17 @@ import aiohttp
 
 from gateway.budget import ApiBudget
 from gateway.config import Config
-from gateway.doctor import Check, CredentialsCheck, Result, check_clock, endpoint_reachable, failed, passed, reach_fix
+from gateway.doctor import (
+    Check,
+    CredentialsCheck,
+    Result,
+    check_clock,
+    endpoint_reachable,
+    failed,
+    passed,
+    reach_fix,
+    refused,
+)
 from gateway.errors import PlatformError
 from gateway.metrics import Metrics
 
@@ -47,9 +57,7 @@ def checks(config: Config, http: aiohttp.ClientSession) -> list[Check]:
         try:
             open_id = await api.bot_open_id()
         except PlatformError as e:
-            if e.retryable:
-                return failed(f"cannot ask for the bot's identity: {e}", reach_fix(cfg.domain))
-            return failed(f"the app has no bot identity: {e}", BOT_FIX)
+            return refused(e, "cannot ask for the bot's identity", cfg.domain, "the app has no bot identity", BOT_FIX)
         return passed(f"bot open_id {open_id}")
 
     async def clock() -> Result:
