@@ -1,10 +1,13 @@
 """Start botgate: `python run.py [--config PATH] [--check-config]`, or check its surroundings:
-`python run.py doctor [--config PATH]`."""
+`python run.py doctor [--config PATH]`, or manage the admin login token (used while no admin
+password is set): `python run.py login-link` prints the login link, `python run.py rotate-login-token`
+replaces the token (every session made with the old one ends)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import logging
 import sys
 from pathlib import Path
@@ -12,9 +15,10 @@ from pathlib import Path
 import handlers
 from gateway import __version__, doctor
 from gateway.app import create_app
+from gateway.auth import LOGIN_TOKEN_FILE, LoginToken, audit, login_url
 from gateway.config import Config, ConfigError, load
 from gateway.errors import StoreError
-from gateway.logs import setup_logging
+from gateway.logs import JsonFormatter, setup_logging
 from gateway.model import uses_echo
 from gateway.sdnotify import Notifier
 from gateway.server import Service, ssl_context
@@ -28,9 +32,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "command",
         nargs="?",
-        choices=["serve", "doctor"],
+        choices=["serve", "doctor", "login-link", "rotate-login-token"],
         default="serve",
-        help="serve (default), or doctor: check credentials, endpoints, clock, model and store, then exit",
+        help="serve (default); doctor: check credentials, endpoints, clock, model and store, then exit; "
+        "login-link: print the admin login link; rotate-login-token: replace the admin login token",
     )
     parser.add_argument("--config", help="path to config.toml (default: the one next to run.py)")
     parser.add_argument("--check-config", action="store_true", help="validate the config and exit")
@@ -42,6 +47,32 @@ def load_config(path: str | None) -> Config:
     if path is not None:
         return load(path)
     return load(DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+
+
+def login_token_command(config: Config, rotate: bool) -> int:
+    """Print (after replacing it, for `rotate`) the login link of the token in the state directory."""
+    if config.store.url.startswith("memory://"):
+        print("store.url is memory://: the login token is kept in the running process only (its log has the link);"
+              " a restart makes a new one", file=sys.stderr)  # fmt: skip
+        return 2
+    token, path = LoginToken(config.state_dir), (config.state_dir / LOGIN_TOKEN_FILE).absolute()
+    try:
+        value = token.rotate() if rotate else token.current()
+    except OSError as e:
+        print(f"cannot replace {path}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    if not token.stored:  # current() could not read or create the file (and said why)
+        return 2
+    if rotate:
+        handler = logging.StreamHandler(sys.stderr)  # stdout carries only the link
+        handler.setFormatter(JsonFormatter(config.secrets()))
+        logging.getLogger().handlers[:] = [handler]
+        audit("login_token.rotate", "ok", actor="local command", user=getpass.getuser(), path=str(path))
+        print("login token replaced: the old one and every session made with it no longer work", file=sys.stderr)
+    if config.admin.password:
+        print("note: [admin] password is set, so log in with the password; the token is not accepted", file=sys.stderr)
+    print(login_url(config.server, value))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "doctor":
         return asyncio.run(doctor.run(config, [handlers.doctor]))
+    if args.command in ("login-link", "rotate-login-token"):
+        return login_token_command(config, rotate=args.command == "rotate-login-token")
     setup_logging(config.log.level, config.secrets())
     app = create_app(config, [handlers.setup])
     service = Service(app, config, notifier=Notifier(), tls=tls)

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from . import findings, ingress, latency, micro, recovery, resources, stream
+from . import cards, findings, ingress, latency, micro, recovery, resources, stream
 from .context import BenchError, Context
 from .env import ROOT, load_average, machine_facts, pin_self, plan_cores, raise_fd_limit
 from .report import Row, as_json, markdown, table
@@ -29,6 +29,7 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "6": ("recovery", recovery.run),
     "7": ("startup + idle memory (7, 5)", resources.startup),
     "8": ("hot-path costs", micro.run),
+    "9": ("card streaming", cards.run),
 }
 
 
@@ -41,7 +42,8 @@ def setup_lines(ctx: Context) -> list[str]:
         'variables, `[log] level = "INFO"` (JSON lines to a file), host 127.0.0.1. Differences from the '
         "shipped defaults: `[dispatcher] max_concurrency = 4096` (default 64: a 2,000-message burst "
         "would take 2000/64 model-times), `max_queue = 1000000` (throughput runs never answer busy), "
-        "`drain_timeout = 1`, `[model] max_retries = 0`.",
+        "`drain_timeout = 1`, `[model] max_retries = 0`, `[limits] per_user_per_minute = 0`, "
+        "`per_conversation_per_minute = 0` (a benchmark floods on purpose).",
         f"Webhook load: wrk, {threads} thread{'s' if threads > 1 else ''}, {ingress.CONNECTIONS} "
         "connections, a Lua script signing every request with the DingTalk `timestamp`/`sign` headers "
         "and giving each a distinct msgId (1,000 conversations)",

@@ -74,6 +74,7 @@ class DingTalkDouble:
         self._ack_waiters: dict[str, asyncio.Future[float]] = {}
         self._reply_waiters: dict[str, asyncio.Future[float]] = {}
         self._backlog: deque[str] = deque()  # frames to push once (re)connected
+        self.card_calls: list[tuple[float, str, dict[str, object]]] = []  # (monotonic, path, body)
 
     # -- servers ----------------------------------------------------------------------------
     async def start(self) -> DingTalkDouble:
@@ -86,6 +87,10 @@ class DingTalkDouble:
         # OpenAPI sends, used when a sessionWebhook is no longer valid: counted like replies.
         app.router.add_post("/v1.0/robot/oToMessages/batchSend", self._openapi_send)
         app.router.add_post("/v1.0/robot/groupMessages/send", self._openapi_send)
+        # AI cards (§A.9): every call recorded with its arrival time (scenario 9).
+        app.router.add_post("/v1.0/card/instances/createAndDeliver", self._card)
+        app.router.add_put("/v1.0/card/streaming", self._card)
+        app.router.add_put("/v1.0/card/instances", self._card)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, HOST, 0)
@@ -120,6 +125,15 @@ class DingTalkDouble:
                 "errcode": 0,
             }
         )
+
+    async def _card(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.card_calls.append((time.monotonic(), request.path, body))
+        if request.path.endswith("/createAndDeliver"):
+            space = {"spaceType": "IM_ROBOT", "spaceId": body.get("openSpaceId", ""), "success": True}
+            result = {"outTrackId": body.get("outTrackId"), "deliverResults": [space]}
+            return web.json_response({"success": True, "result": result})
+        return web.json_response({"success": True})
 
     async def _openapi_send(self, request: web.Request) -> web.Response:
         await request.read()

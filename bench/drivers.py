@@ -40,12 +40,14 @@ class Driver(Protocol):
 class WebChatDriver:
     path = "web chat websocket (/chat/ws)"
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, headers: dict[str, str] | None = None) -> None:
         self._url = base_url.replace("http://", "ws://") + "/chat/ws"
-        self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        # `headers`: the gateway's admin credential (its web chat is an admin surface)
+        self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=headers)
         self._sockets: dict[str, aiohttp.ClientWebSocketResponse] = {}
         self._readers: dict[str, asyncio.Task[None]] = {}
         self._pending: dict[str, asyncio.Future[float]] = {}
+        self._session_ids: dict[str, str] = {}  # conversation name -> the server's session id
         self._ids = itertools.count()
 
     async def open(self, conversations: Iterable[str]) -> None:
@@ -54,10 +56,14 @@ class WebChatDriver:
             await asyncio.gather(*(self._open_one(n) for n in names[i : i + 256]))
 
     async def _open_one(self, conversation: str) -> None:
+        # The gateway issues a session of its own (`<id>.<mac>`) for a name it did not issue; the
+        # reference relay keeps the name. Either way the id before any dot prefixes the message ids.
         ws = await self._http.ws_connect(self._url, params={"session": conversation}, heartbeat=None)
         hello = orjson.loads((await ws.receive(timeout=10)).data)
-        if hello.get("session") != conversation:
-            raise DriverError(f"web chat kept no session id: {hello}")
+        session = hello.get("session")
+        if not isinstance(session, str) or not session:
+            raise DriverError(f"web chat issued no session: {hello}")
+        self._session_ids[conversation] = session.partition(".")[0]
         self._sockets[conversation] = ws
         self._readers[conversation] = asyncio.create_task(self._read(ws))
 
@@ -80,7 +86,7 @@ class WebChatDriver:
     async def send(self, conversation: str, text: str) -> tuple[float, asyncio.Future[float]]:
         message_id = f"m{next(self._ids)}"
         future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        self._pending[f"{conversation}:{message_id}"] = future
+        self._pending[f"{self._session_ids[conversation]}:{message_id}"] = future
         sent = time.monotonic()
         await self._sockets[conversation].send_str(
             orjson.dumps({"type": "message", "id": message_id, "text": text}).decode()

@@ -36,7 +36,8 @@ class LoadResult:
 
 
 def signed_headers() -> dict[str, str]:
-    """A timestamp is valid for an hour, so one timestamp + sign serves a whole run."""
+    """A timestamp is valid for `[dingtalk] max_message_age` (600 s), so one timestamp + sign serves a
+    whole run (the body's createAt is as old: runs are far shorter)."""
     ts = str(int(time.time() * 1000))
     return {"Content-Type": "application/json", "timestamp": ts, "sign": sign(ts)}
 

@@ -76,7 +76,7 @@ async def memory(ctx: Context) -> list[Row]:
                     idle = proc.rss_mb()
                     # Web chat, not DingTalk Stream: 200 web chat sockets are 200 independent senders
                     # with their own flow control; scenario 2 measures the Stream path.
-                    driver = WebChatDriver(proc.url)
+                    driver = WebChatDriver(proc.url, proc.admin_headers())
                     try:
                         done, messages, elapsed = await converse(driver, total, turns, concurrency, budget)
                     finally:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 
 from .env import HOST, PYTHON, ROOT, Cores, cpu_seconds, free_port, rss_mb, sched_wait_seconds
 
@@ -131,6 +132,15 @@ class ServerProcess:
                     raise ServerError(f"{self.name} not ready after {within:.0f} s: {self.tail()}")
                 await asyncio.sleep(0.005)
 
+    def admin_headers(self) -> dict[str, str]:
+        """The gateway's admin login token (no password is set), from the login link it logs at start:
+        the web chat needs it like every admin surface."""
+        for line in reversed(self.log_path.read_text(errors="replace").splitlines()):
+            if '"login_url"' in line:
+                url = str(orjson.loads(line)["login_url"])
+                return {"Authorization": f"Bearer {url.partition('?token=')[2]}"}
+        raise ServerError(f"{self.name} logged no login link: {self.tail()}")
+
     def tail(self, lines: int = 15) -> str:
         try:
             text = self.log_path.read_text(errors="replace").splitlines()
@@ -165,7 +175,8 @@ def gateway_sections(
 ) -> dict[str, dict[str, Any]]:
     """The bench's gateway config. Deliberate differences from the shipped defaults are listed in
     BENCHMARKS.md: loopback host, a raised `max_concurrency` (so a burst is not capped at 64 model
-    calls at once) and a larger `max_queue` (so throughput runs never answer "busy")."""
+    calls at once), a larger `max_queue` (so throughput runs never answer "busy") and no rate
+    limits (a benchmark floods on purpose: it would measure the notices)."""
     sections: dict[str, dict[str, Any]] = {
         "server": {"host": HOST, "port": port},
         "model": (
@@ -174,6 +185,7 @@ def gateway_sections(
             else {"provider": "echo"}
         ),
         "dispatcher": {"max_concurrency": 4096, "max_queue": 1_000_000, "drain_timeout": 1.0},
+        "limits": {"per_user_per_minute": 0, "per_conversation_per_minute": 0},
         "store": {"url": store},
         "log": {"level": "INFO"},
     }
@@ -183,18 +195,24 @@ def gateway_sections(
 
 
 def dingtalk_section(api_base: str, oapi_base: str, mode: str = "stream") -> dict[str, Any]:
-    """`oapi_base` is where sessionWebhooks live: the adapter only trusts webhook URLs under it."""
+    """`oapi_base` is where sessionWebhooks live: the adapter only trusts webhook URLs under it.
+    No API rate limits (`api_qps`, `card_qps` = 0): the doubles do not throttle, and the bench
+    measures the gateway, not DingTalk's 20 calls a second."""
     return {
         "enabled": True,
         "mode": mode,
         "client_id": CLIENT_ID,
         "api_base": api_base,
         "oapi_base": oapi_base,
+        "api_qps": 0,
+        "card_qps": 0,
     }
 
 
 def feishu_section(domain: str) -> dict[str, Any]:
-    return {"enabled": True, "mode": "ws", "app_id": FEISHU_APP_ID, "domain": domain}
+    """No API rate limits either (see `dingtalk_section`)."""
+    limits = {"api_qps": 0, "api_qpm": 0, "chat_qps": 0}
+    return {"enabled": True, "mode": "ws", "app_id": FEISHU_APP_ID, "domain": domain, **limits}
 
 
 def gateway(

@@ -1,7 +1,7 @@
 """`Adapter`: the one skeleton every platform adapter (DingTalk, Feishu, and those to come) follows.
 
-An adapter is one bot: one app's credentials, API client, token cache, API budget, long
-connection, webhook route and status. It is built from its config alone (`Adapter(cfg, metrics,
+An adapter is one bot: one app's credentials, API client, token cache, API budget, API rate
+limiter, long connection, webhook route and status. It is built from its config alone (`Adapter(cfg, metrics,
 name)`), so a process may hold several of one platform; what exists only once the app runs (the
 HTTP session, the dispatcher) arrives in `ctx` as one `Runtime`.
 
@@ -18,7 +18,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import ClassVar, Generic, Protocol, TypeVar
 
@@ -33,9 +33,12 @@ from .channel import ChannelState, ChannelStatus, ReplyStream, StatusTracker
 from .connection import ConnectionLoop
 from .dispatcher import Dispatcher
 from .errors import PlatformError
-from .keys import DISPATCHER, HTTP
+from .keys import DISPATCHER, HTTP, STORE
 from .messages import Attachment, InboundMessage, Reply
 from .metrics import Metrics
+from .ratelimit import RateLimiter
+from .store import CardRecord
+from .streaming import CardBook
 from .tasks import stop_task
 
 log = logging.getLogger(__name__)
@@ -92,11 +95,16 @@ class Adapter(ABC, Generic[CfgT, ApiT]):
         self.name = name
         self.cfg = cfg
         self.metrics = metrics
-        self.budget = ApiBudget(self.platform, cfg.monthly_api_budget, metrics)
+        self.budget = ApiBudget(self.platform, cfg.monthly_api_budget, metrics, name)
+        # This bot's own limits: every instance is one app with a quota of its own.
+        self.limiter = self.make_limiter()
         self.tracker = StatusTracker(
             ChannelStatus(self.platform, ChannelState.CONNECTING, transports=self.modes()[cfg.mode])
         )
         self._runtime: Runtime[ApiT] | None = None
+        # An adapter whose answers stream into cards that outlive the process sets this (and
+        # `settle_card`): its open cards are recorded, and finished after a crash or restart.
+        self.cards: CardBook | None = None
         self._client: SessionClient | None = None
         self._loop: ConnectionLoop | None = None
 
@@ -104,6 +112,11 @@ class Adapter(ABC, Generic[CfgT, ApiT]):
     @abstractmethod
     def make_api(self, http: aiohttp.ClientSession) -> ApiT:
         """The platform's API client for this bot, on the app's HTTP session."""
+
+    def make_limiter(self) -> RateLimiter:
+        """The app-wide rate limits in front of this bot's API calls (`gateway.ratelimit`), from
+        `self.cfg`. A channel whose platform has no API (web chat) keeps this: no limits."""
+        return RateLimiter()
 
     def make_client(self, runtime: Runtime[ApiT]) -> SessionClient:
         """The long connection's client; it hands each event's payload to `prepare_payload`.
@@ -124,6 +137,11 @@ class Adapter(ABC, Generic[CfgT, ApiT]):
     @abstractmethod
     async def fetch(self, message: InboundMessage, attachment: Attachment) -> tuple[bytes, str]: ...
 
+    async def settle_card(self, record: CardRecord) -> None:
+        """Close a card a previous process left open with its recorded text (or the "interrupted"
+        notice); raises `PlatformError`. Only an adapter that sets `cards` is asked."""
+        raise NotImplementedError(f"{self.platform} keeps no cards")
+
     # -- lifecycle -------------------------------------------------------------------------------
     @property
     def runtime(self) -> Runtime[ApiT]:
@@ -141,10 +159,18 @@ class Adapter(ABC, Generic[CfgT, ApiT]):
         return transport in self.tracker.status.transports
 
     async def ctx(self, app: web.Application) -> AsyncIterator[None]:
-        """cleanup_ctx: bind the runtime, run the long connection if this mode has one."""
+        """cleanup_ctx: bind the runtime, take over the cards a previous process left open, run
+        the long connection if this mode has one."""
         runtime = Runtime(self.make_api(app[HTTP]), app[HTTP], app[DISPATCHER])
         self._runtime = runtime
         task: asyncio.Task[None] | None = None
+        sweeper: asyncio.Task[None] | None = None
+        if self.cards is not None:  # before the inbox is resumed: its answers take their cards over
+            cfg = runtime.dispatcher.cfg
+            older_than = cfg.deadline + 2 * cfg.lease_ttl  # on a shared store: surely nobody's any more
+            left = await self.cards.start(app[STORE], older_than)
+            sweep = self.cards.sweep(self.settle_card, left, older_than)
+            sweeper = asyncio.create_task(sweep, name=f"{self.platform}:{self.name}:cards")
         if self.runs(self.long_transport):
             self._client = client = self.make_client(runtime)
             self._loop = ConnectionLoop(self.platform, self.tracker, self.metrics, client.session, client.backoff)
@@ -154,12 +180,13 @@ class Adapter(ABC, Generic[CfgT, ApiT]):
         try:
             yield
         finally:
+            await stop_task(sweeper)
             await stop_task(task)
             self._loop = self._client = None
             self.tracker.set(state=ChannelState.STOPPED)
 
     def status(self) -> ChannelStatus:
-        return self.tracker.snapshot()
+        return replace(self.tracker.snapshot(), budget=self.budget.status())
 
     async def reconnect(self) -> None:
         if self._loop is not None:

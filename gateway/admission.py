@@ -21,11 +21,15 @@ class Admission(StrEnum):
     DROPPED = "dropped"  # deliberately not answered (filtered, not addressed, our own); ACK
     MALFORMED = "malformed"  # not a message at all: a redelivery would be just as broken; ACK (webhooks: 400)
     UNAVAILABLE = "unavailable"  # store or platform lookup down: do NOT ACK, let the platform redeliver
+    # The store refused it: held in this process's memory and answered once the store takes it
+    # (gateway/spill.py). Not ACKed all the same: a crash before then loses it, and a platform
+    # redelivery (if one comes) is then its second chance; one arriving earlier is recognised.
+    SPILLED = "spilled"
     CLOSED = "closed"  # shutting down: do NOT ACK (webhooks answer 503)
 
     @property
     def acknowledge(self) -> bool:
-        return self not in (Admission.UNAVAILABLE, Admission.CLOSED)
+        return self not in (Admission.UNAVAILABLE, Admission.SPILLED, Admission.CLOSED)
 
 
 @dataclass(frozen=True, slots=True)

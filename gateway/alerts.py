@@ -1,10 +1,11 @@
 """Built-in alert notifier: watches the gateway's health and tells a group robot once per incident,
 then once more when it clears.
 
-Conditions (thresholds from `[alerts]`): a channel connecting/reconnecting for longer than
+Conditions (thresholds from `[alerts]`): a channel connecting/reconnecting/refused for longer than
 `channel_down_after`; more than `error_ratio` of the replies of the last 5 minutes were errors
 (with at least `MIN_REPLIES` replies, so one failure out of two is not an incident); `model_failures`
-model calls failed in a row. An incident is posted once (de-duplicated), a flapping one at most once
+model calls failed in a row; a channel's monthly API budget spent (or its quota refused by the
+platform). An incident is posted once (de-duplicated), a flapping one at most once
 per `min_interval`, and a "resolved" follows when it clears. Where to post is the sinks' business
 (`handlers/robots.py` signs for DingTalk and Feishu); the core knows no platform.
 """
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from .budget import BudgetState, BudgetStatus
 from .channel import ChannelState, ChannelStatus
 from .config import AlertsConfig
 from .stats import Stats
@@ -33,7 +35,7 @@ RETRY_AFTER = 30.0  # a post that failed is retried no sooner than this
 POST_TIMEOUT = 10.0
 MAX_TICK = 5.0  # re-check at least this often (channel-down needs time to pass, not events)
 MIN_TICK = 0.1
-DOWN_STATES = (ChannelState.CONNECTING, ChannelState.RECONNECTING)
+DOWN_STATES = (ChannelState.CONNECTING, ChannelState.RECONNECTING, ChannelState.REFUSED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,16 @@ class Incident:
     notified: bool = False  # a FIRING notification went out
     cleared_at: float | None = None  # the condition ended; a RESOLVED is still owed
     retry_at: float = 0.0
+
+
+def quota_detail(budget: BudgetStatus) -> str:
+    """What a spent API budget means, for an alert and the status page."""
+    why = (
+        f"the platform refused a call: {budget.refused}"
+        if budget.refused
+        else f"{budget.used:,} of the monthly_api_budget of {budget.budget:,} calls used"
+    )
+    return f"{why}; no cards, replies take the cheapest path until the quota renews ({budget.month} ends)"
 
 
 def _duration(seconds: float) -> str:
@@ -113,6 +125,10 @@ class Monitor:
                 )
         for platform in set(self._down_since) - down:
             del self._down_since[platform]
+        for status in self._channels():
+            budget = status.budget
+            if budget is not None and budget.state is BudgetState.SPENT:
+                out[f"api_quota:{status.platform}"] = (f"{status.platform} API quota spent", quota_detail(budget))
         ratio, replies = self._stats.error_ratio(ERROR_WINDOW_MINUTES)
         if ratio is not None and replies >= MIN_REPLIES and ratio > cfg.error_ratio:
             out["error_ratio"] = (

@@ -12,6 +12,7 @@ from .errors import ModelError, StoreError
 from .exchange import Delivery, Exchange, Flow, fields, log
 from .messages import Reply
 from .metrics import Metrics, Outcome
+from .sanitize import safe_markdown
 from .store import Store, Turn
 
 MODEL_DOWN = (
@@ -24,7 +25,9 @@ EMPTY_ANSWER = (
 
 
 class CachedAnswer:
-    """An identical earlier question's answer (`[cache]`); prompts with images are not cached."""
+    """The answer to an identical earlier request in the same conversation (`[cache]`): the same
+    context and question, from the same model. Never another conversation's: a hit would tell one
+    user what another asked. Prompts with images are not cached."""
 
     def __init__(self, delivery: Delivery, store: Store, metrics: Metrics) -> None:
         self._delivery = delivery
@@ -41,6 +44,7 @@ class CachedAnswer:
             answer = None
         self._metrics.cache_lookup(answer is not None)
         if answer is not None:
+            answer = safe(exchange, answer)
             await self._delivery.send(Reply(exchange.message, exchange.prefix + answer), Outcome.OK)
             exchange.answer, exchange.cached = answer, True
         return Flow.CONTINUE
@@ -48,10 +52,16 @@ class CachedAnswer:
 
 def cache_key(exchange: Exchange) -> str:
     # The endpoint is part of the key: after switching providers (same model name), answers
-    # of the old one must not be served.
+    # of the old one must not be served. The conversation is too: see `CachedAnswer`.
     endpoint = exchange.cfg.model.base_url
-    digest = hashlib.sha256(orjson.dumps([endpoint, exchange.model.name, exchange.prompt])).hexdigest()
+    scope = exchange.message.conversation_key
+    digest = hashlib.sha256(orjson.dumps([scope, endpoint, exchange.model.name, exchange.prompt])).hexdigest()
     return f"cache:{digest}"
+
+
+def safe(exchange: Exchange, text: str) -> str:
+    """Model text as it may be shown: no remote images, no @all (`gateway.sanitize`)."""
+    return safe_markdown(text, exchange.cfg.content.image_hosts)
 
 
 class ModelAnswer:
@@ -75,7 +85,7 @@ class ModelAnswer:
                 async for delta in deltas:
                     parts.append(delta)
                     if stream is not None:
-                        await stream.update(prefix + "".join(parts))
+                        await stream.update(prefix + safe(exchange, "".join(parts)))
         except ModelError as e:
             log.error("model failed: %s", e, extra={**fields(message), "reason": e.reason})
             reason = e.reason.replace("_", " ")
@@ -86,7 +96,7 @@ class ModelAnswer:
             if stream is not None:
                 self._delivery.cut_off(message, stream)
             raise
-        answer = "".join(parts).strip()
+        answer = safe(exchange, "".join(parts).strip())
         if not answer:
             # Not cached and not kept as context: asking again may well work.
             log.warning("model returned an empty answer", extra=fields(message))
@@ -120,6 +130,9 @@ class Summary:
             overhead = max(0.0, elapsed - model_s)
         self._metrics.gateway_overhead(overhead)
         self._metrics.model_usage(completion.usage.prompt_tokens, completion.usage.completion_tokens)
+        # Billable calls so far: the answer is delivered, nothing after this step calls the platform.
+        api_calls = exchange.api_calls.calls
+        self._metrics.answer_api_calls(message.platform, api_calls)
         log.info(
             "answered",
             extra={
@@ -133,6 +146,7 @@ class Summary:
                 "cached": exchange.cached,
                 "prompt_tokens": completion.usage.prompt_tokens,
                 "completion_tokens": completion.usage.completion_tokens,
+                "api_calls": api_calls,
             },
         )
         return Flow.CONTINUE
@@ -153,7 +167,7 @@ class Remember:
                 await self._store.cache_put(exchange.cache_key, answer, cfg.cache.ttl)
             await self._store.append_turns(
                 exchange.message.conversation_key,
-                [Turn("user", exchange.text or "(image)"), Turn("assistant", answer)],
+                [Turn("user", exchange.user_turn(exchange.text or "(image)")), Turn("assistant", answer)],
                 cfg.context.max_turns,
                 cfg.context.max_chars,
                 cfg.context.idle_ttl,

@@ -22,6 +22,7 @@ from .auth import AdminAuth
 from .channel import Channel
 from .config import Config
 from .dispatcher import Dispatcher
+from .egress import client_session, proxy_policy
 from .errors import StoreError
 from .keys import (
     CHANNELS,
@@ -58,8 +59,12 @@ async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(
         limit=limit, limit_per_host=0, ttl_dns_cache=300, resolver=app.get(RESOLVER)
     )
-    async with aiohttp.ClientSession(
-        connector=connector, headers={"User-Agent": f"botgate/{__version__}"}
+    # Every outbound call, websockets included, honours the proxy settings (gateway/egress.py).
+    proxy = proxy_policy(app[CONFIG]).describe()
+    if proxy:
+        log.info("outbound calls go through a proxy", extra={"proxy": proxy})
+    async with client_session(
+        app[CONFIG], connector=connector, headers={"User-Agent": f"botgate/{__version__}"}
     ) as session:
         app[HTTP] = session
         yield

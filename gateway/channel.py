@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Protocol
 
+from .budget import BudgetStatus
 from .messages import Attachment, InboundMessage, Reply
 
 
@@ -15,6 +18,7 @@ class ChannelState(StrEnum):
     CONNECTING = "connecting"
     CONNECTED = "connected"
     RECONNECTING = "reconnecting"
+    REFUSED = "refused"  # the platform refused us in a way retrying soon cannot fix
     STOPPED = "stopped"
 
 
@@ -31,6 +35,7 @@ class ChannelStatus:
     last_error: str = ""
     last_event_at: float | None = None
     detail: str = ""  # e.g. "not configured: set BOTGATE_DINGTALK__ENABLED=true ..."
+    budget: BudgetStatus | None = None  # the bot's monthly API budget (None: the channel has none)
 
     @property
     def ready(self) -> bool:
@@ -46,9 +51,18 @@ class StatusTracker:
     # Kept apart from `status`: event_seen runs per frame, a dataclasses.replace each time cost
     # more than the rest of the frame's bookkeeping; snapshot() merges it in.
     _last_event_at: float | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)  # replaced on every set()
 
     def set(self, **changes: object) -> None:
         self.status = replace(self.status, **changes)  # type: ignore[arg-type]
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_for(self, predicate: Callable[[ChannelStatus], bool]) -> ChannelStatus:
+        """Until the status satisfies `predicate` (checked on every `set`); bound it yourself."""
+        while not predicate(status := self.snapshot()):
+            await self._changed.wait()
+        return status
 
     def event_seen(self) -> None:
         self._last_event_at = time.time()

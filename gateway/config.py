@@ -7,6 +7,7 @@ at load time and raises `ConfigError` naming the offending key (and file), never
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import typing
@@ -14,9 +15,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 ENV_PREFIX = "BOTGATE_"
+# The proxy variables outbound calls honour (gateway/egress.py); their credentials are secrets.
+PROXY_ENV = tuple(
+    case(name) for name in ("https_proxy", "http_proxy", "wss_proxy", "ws_proxy") for case in (str.lower, str.upper)
+)
+MIN_PASSWORD_CHARS = 12
+MIN_JWT_SECRET_BYTES = 32
 
 
 class ConfigError(Exception):
@@ -31,6 +38,11 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     state_dir: str = ""  # "" = $STATE_DIRECTORY (systemd) or ./state
+    keepalive_timeout: float = 75.0  # seconds an idle HTTP connection stays open (gateway/server.py)
+    header_timeout: float = 10.0  # seconds from a request's first byte to the end of its headers
+    body_timeout: float = 15.0  # seconds from the end of the headers to the end of the body
+    trusted_proxies: list[str] = field(default_factory=list)  # CIDRs whose X-Forwarded-For is believed
+    proxy: str = ""  # outbound HTTP(S) proxy URL for every call; "" = HTTPS_PROXY / HTTP_PROXY (gateway/egress.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +71,7 @@ class DispatcherConfig:
     deadline: float = 180.0
     drain_timeout: float = 20.0
     lease_ttl: float = 15.0  # seconds a dead instance's conversation lease outlives it
+    spill_max: int = 2_000  # messages held in memory while the store refuses them; 0 = none
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +91,13 @@ class DingTalkConfig:
     api_base: str = "https://api.dingtalk.com"
     oapi_base: str = "https://oapi.dingtalk.com"
     card_template_id: str = ""
-    stale_after: float = 90.0
+    stale_after: float = 40.0  # seconds without a frame or pong: the stream is dead (pings every half of it, <= 20 s)
     reconnect_delay: float = 1.0  # first reconnect delay; doubles per failure up to 60 s
-    stream_interval: float = 0.3
+    stream_interval: float = 1.0  # seconds between card updates (the first goes out at once)
+    max_message_age: float = 600.0  # seconds; older messages (by createAt) are dropped as stale
     monthly_api_budget: int = 0
+    api_qps: int = 20  # calls a second to each API, whole app (standard org); 0 = no limit
+    card_qps: int = 50  # card streaming calls a second, whole robot; 0 = no limit
     allow_senders: list[str] = field(default_factory=list)
     deny_senders: list[str] = field(default_factory=list)
     allow_conversations: list[str] = field(default_factory=list)
@@ -97,9 +113,13 @@ class FeishuConfig:
     encrypt_key: str = ""
     verification_token: str = ""
     domain: str = "https://open.feishu.cn"
-    stream_interval: float = 0.2
+    stream_interval: float = 1.0  # seconds between card updates (the first goes out at once)
     max_message_age: float = 600.0
+    stale_after: float = 40.0  # seconds without anything heard: the ws link is dead (as for DingTalk)
     monthly_api_budget: int = 0
+    api_qps: int = 50  # calls a second to each API, whole app; 0 = no limit
+    api_qpm: int = 1000  # calls a minute to each API, whole app; 0 = no limit
+    chat_qps: int = 5  # messages a second into one chat; 0 = no limit
     allow_users: list[str] = field(default_factory=list)
     deny_users: list[str] = field(default_factory=list)
     allow_chats: list[str] = field(default_factory=list)
@@ -119,7 +139,19 @@ class CacheConfig:
 
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
-    per_user_per_minute: int = 0  # 0 = unlimited
+    per_user_per_minute: int = 20  # 0 = unlimited
+    per_conversation_per_minute: int = 30  # 0 = unlimited
+    max_message_chars: int = 8000  # longer messages are cut (with a note); 0 = no cap
+
+
+@dataclass(frozen=True, slots=True)
+class ChatConfig:
+    admins: list[str] = field(default_factory=list)  # sender ids allowed to /reset a group
+
+
+@dataclass(frozen=True, slots=True)
+class ContentConfig:
+    image_hosts: list[str] = field(default_factory=list)  # hosts whose images answers may show
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +190,8 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
+    content: ContentConfig = field(default_factory=ContentConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -171,11 +205,35 @@ class Config:
             value = getattr(getattr(self, section), name)
             values += value if isinstance(value, list) else [value]
         values.append(urlsplit(self.store.url).password or "")
+        # Credentials inside URL settings: Redis' `?password=`, userinfo in the model's base_url.
+        values += [v for k, v in parse_qsl(urlsplit(self.store.url).query) if k == "password"]
+        values.append(url_password(self.model.base_url))
+        # A proxy's credentials, from [server] proxy or the proxy variables (gateway/egress.py).
+        for url in (self.server.proxy, *(os.environ.get(name, "") for name in PROXY_ENV)):
+            password = url_password(url)
+            values += [password, unquote(password)]
         return [v for v in values if v]
 
     @property
     def state_dir(self) -> Path:
         return Path(self.server.state_dir or os.environ.get("STATE_DIRECTORY", "") or "state")
+
+
+def url_password(url: str) -> str:
+    """The password in a URL's user info ("" if none, or if the URL does not parse)."""
+    try:
+        return urlsplit(url).password or ""
+    except ValueError:
+        return ""
+
+
+def is_proxy_url(url: str) -> bool:
+    """An outbound proxy botgate can use: plain http:// to the proxy (CONNECT inside for https)."""
+    try:
+        parts = urlsplit(url)
+        return parts.scheme == "http" and bool(parts.hostname) and (parts.port or 1) > 0
+    except ValueError:  # a bad port or IPv6 literal
+        return False
 
 
 SECRET_KEYS = frozenset(
@@ -291,6 +349,9 @@ def _validate(cfg: Config, from_env: frozenset[str] = frozenset()) -> None:
         fail("server.port", f"must be between 1 and 65535, got {cfg.server.port}")
     if bool(cfg.server.tls_cert) != bool(cfg.server.tls_key):
         fail("server.tls_cert", "tls_cert and tls_key must be set together")
+    for key in ("keepalive_timeout", "header_timeout", "body_timeout"):
+        if not 0 < getattr(cfg.server, key) <= 3600:
+            fail(f"server.{key}", "must be between 0 and 3600 seconds")
     for key in ("max_queue", "max_concurrency"):
         if getattr(cfg.dispatcher, key) < 1:
             fail(f"dispatcher.{key}", "must be at least 1")
@@ -302,10 +363,29 @@ def _validate(cfg: Config, from_env: frozenset[str] = frozenset()) -> None:
             fail(f"model.{key}", "must be positive")
     if cfg.model.max_retries < 0:
         fail("model.max_retries", "must be 0 or more")
+    if cfg.dispatcher.spill_max < 0:
+        fail("dispatcher.spill_max", "must be 0 or more")
+    if cfg.server.proxy and not is_proxy_url(cfg.server.proxy):
+        # The value may hold credentials: it is not echoed.
+        fail("server.proxy", "must be an http:// URL with a host, e.g. http://proxy.example.com:3128")
     if not 0 < cfg.dingtalk.reconnect_delay <= 60:
         fail("dingtalk.reconnect_delay", f"must be between 0 and 60 seconds, got {cfg.dingtalk.reconnect_delay}")
     if cfg.dingtalk.stale_after <= 0:
         fail("dingtalk.stale_after", "must be positive")
+    if cfg.feishu.stale_after <= 0:
+        fail("feishu.stale_after", "must be positive")
+    for key in (
+        "dingtalk.monthly_api_budget",
+        "dingtalk.api_qps",
+        "dingtalk.card_qps",
+        "feishu.monthly_api_budget",
+        "feishu.api_qps",
+        "feishu.api_qpm",
+        "feishu.chat_qps",
+    ):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 0:
+            fail(key, "must be 0 (none) or more")
     if cfg.model.provider == "openai" and not cfg.model.base_url:
         fail("model.base_url", "is required when model.provider = \"openai\"")
     for key in ("model.base_url", "dingtalk.api_base", "dingtalk.oapi_base", "feishu.domain"):
@@ -330,6 +410,37 @@ def _validate(cfg: Config, from_env: frozenset[str] = frozenset()) -> None:
     if cfg.feishu.enabled and cfg.feishu.mode != "ws" and not cfg.feishu.verification_token:
         # Without it anyone who finds the URL could inject events (docs/protocols/feishu.md §C.1).
         fail("feishu.verification_token", "is required when feishu.mode is webhook or both")
+    if cfg.feishu.enabled and cfg.feishu.mode != "ws" and not cfg.feishu.encrypt_key:
+        # The token is the same in every delivery: alone it authenticates nothing (docs/security.md).
+        fail("feishu.encrypt_key", "is required when feishu.mode is webhook or both (it signs each delivery)")
+    for key in ("dingtalk.max_message_age", "feishu.max_message_age"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) <= 0:
+            fail(key, "must be positive")
+        # A replayed webhook request is refused as a duplicate until it is refused as stale.
+        platform = getattr(cfg, section)
+        webhook = platform.enabled and platform.mode in ("webhook", "both")
+        if webhook and cfg.dispatcher.dedup_ttl < platform.max_message_age:
+            fail(
+                "dispatcher.dedup_ttl",
+                f"must be at least {key} ({platform.max_message_age:g} s) when {section}.mode is webhook or both",
+            )
+    for key in ("per_user_per_minute", "per_conversation_per_minute", "max_message_chars"):
+        if getattr(cfg.limits, key) < 0:
+            fail(f"limits.{key}", "must be 0 (no limit) or more")
+    for cidr in cfg.server.trusted_proxies:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            fail("server.trusted_proxies", f"not an IP address or CIDR: {cidr!r}")
+    # Guessable admin credentials are refused outright (the value itself is never echoed).
+    if cfg.admin.password and len(cfg.admin.password) < MIN_PASSWORD_CHARS:
+        fail("admin.password", f"must be at least {MIN_PASSWORD_CHARS} characters")
+    if cfg.admin.jwt_secret and len(cfg.admin.jwt_secret.encode("utf-8")) < MIN_JWT_SECRET_BYTES:
+        fail(
+            "admin.jwt_secret",
+            f"must be at least {MIN_JWT_SECRET_BYTES} bytes (e.g. openssl rand -hex 32)",
+        )
     if not cfg.store.url.startswith(("memory://", "sqlite://", "redis://", "rediss://", "unix://")):
         fail("store.url", f"must start with memory://, sqlite:/// or redis://, got {cfg.store.url!r}")
 
@@ -366,9 +477,35 @@ def build(data: Mapping[str, Any], env: Mapping[str, str], source: str = "<defau
     return cfg
 
 
+def with_credentials(env: Mapping[str, str]) -> Mapping[str, str]:
+    """`env` plus systemd's credentials (`LoadCredential=`, docs/deploy.md): each file in
+    `$CREDENTIALS_DIRECTORY` named like a variable, e.g. `BOTGATE_MODEL__API_KEYS`, supplies that
+    variable (one trailing newline dropped). Other files are left alone; a name that is also set in
+    the environment is an error, so it is never a guess which one is in force."""
+    directory = env.get("CREDENTIALS_DIRECTORY", "")
+    if not directory:
+        return env
+    try:
+        files = sorted(p for p in Path(directory).iterdir() if p.name.startswith(ENV_PREFIX))
+    except OSError as e:
+        raise ConfigError(f"$CREDENTIALS_DIRECTORY {directory}: cannot read: {e.strerror or e}") from None
+    merged = dict(env)
+    for path in files:
+        if path.name in env:
+            raise ConfigError(f"credential {path.name}: also set in the environment; keep only one")
+        try:
+            value = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else "not UTF-8"
+            raise ConfigError(f"credential {path.name}: cannot read: {why or e}") from None
+        merged[path.name] = value.removesuffix("\n").removesuffix("\r")
+    return merged
+
+
 def load(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:
-    """Load `path` (None = defaults only) with overrides from `env` (default: os.environ)."""
-    env = os.environ if env is None else env
+    """Load `path` (None = defaults only) with overrides from `env` (default: os.environ) and from
+    the credential files of `$CREDENTIALS_DIRECTORY`."""
+    env = with_credentials(os.environ if env is None else env)
     if path is None:
         return build({}, env)
     source = str(path)
@@ -400,4 +537,7 @@ def masked(cfg: Config) -> dict[str, dict[str, Any]]:
     password = urlsplit(cfg.store.url).password
     if password:
         out["store"]["url"] = cfg.store.url.replace(password, "***")
+    password = url_password(cfg.server.proxy)
+    if password:
+        out["server"]["proxy"] = cfg.server.proxy.replace(password, "***")
     return out

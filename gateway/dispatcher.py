@@ -7,6 +7,11 @@ platform right then; the answer is produced later by a worker. One worker task e
 conversation that has queued messages (so order is strict and idle conversations cost nothing); a
 semaphore bounds how many messages are being answered at once.
 
+While the store refuses messages, `submit()` holds them in memory (`Spill`, bounded by
+`spill_max`) and answers `SPILLED`, which the platform is not acknowledged for; a background task
+moves them into the inbox once the store takes writes, each conversation oldest first, and a later
+message of a conversation with held messages goes in only behind them (docs/state.md).
+
 Several instances may share one store (Redis). A worker answers only while holding the store's
 lease on its conversation, and under it answers every still-pending message of that conversation up
 to its own, oldest first, whichever instance accepted them. So consecutive messages landing on
@@ -22,9 +27,9 @@ import os
 import secrets
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Protocol
 
 from .admission import Admission
@@ -33,6 +38,7 @@ from .config import DispatcherConfig
 from .errors import StoreError
 from .messages import InboundMessage
 from .metrics import Metrics, Outcome
+from .spill import Spill
 from .store import LeaseStore, Store, lease_store
 from .tasks import stop_task
 
@@ -81,11 +87,17 @@ class Dispatcher:
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(cfg.max_concurrency)
         self._depth = 0
+        self._queued_by: Counter[str] = Counter()  # sender (user_key) -> its messages in `_queues`
         self._inflight = 0
         self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
         self._started_at = time.time()
+        # Messages the store refused, until it takes them (gateway/spill.py); `_unspill` moves them.
+        self._spill = Spill(cfg.spill_max)
+        self._unspiller: asyncio.Task[None] | None = None
+        self._store_back = asyncio.Event()  # an admit just worked: the unspiller retries at once
+        self._moving = asyncio.Lock()  # one mover of held messages at a time keeps their order
 
     # -- intake ------------------------------------------------------------------------------
     @property
@@ -108,7 +120,16 @@ class Dispatcher:
     async def submit(self, message: InboundMessage) -> Admission:
         if self._closing:
             return Admission.CLOSED
-        full = self._depth >= self.cfg.max_queue
+        if self._spill.holds_conversation(message.conversation_key):
+            # Its conversation's held messages go into the inbox first, or it would overtake them
+            # (a redelivery of one of them then meets its dedup key there: ACKed as a duplicate).
+            error = await self._move(message.conversation_key)
+            if error is not None and self._spill.holds(message):  # a redelivery: nothing new
+                self._metrics.dedup_dropped.labels(message.platform).inc()
+                return Admission.SPILLED
+            if error is not None:
+                return self._hold(message, str(error))
+        full = self._depth >= self.cfg.max_queue or self._over_share(message.user_key)
         try:
             # A full queue only claims the id: the sender is told to send again, so a platform
             # redelivery of this message must not bring a second notice.
@@ -117,14 +138,19 @@ class Dispatcher:
             else:
                 fresh = await self._store.admit(message, self.cfg.dedup_ttl)
         except StoreError as e:
-            log.error("store unavailable, message not accepted: %s", e, extra=_fields(message))
-            return Admission.UNAVAILABLE
+            if full:
+                log.error("store unavailable, message not accepted: %s", e, extra=_fields(message))
+                return Admission.UNAVAILABLE
+            return self._hold(message, str(e))
+        if self._spill:
+            self._store_back.set()  # the store takes writes again: held messages go first
         if not fresh:
             self._metrics.dedup_dropped.labels(message.platform).inc()
             log.info("duplicate dropped", extra=_fields(message))
             return Admission.DUPLICATE
         if full:
-            log.warning("queue full, sender told to retry", extra=_fields(message))
+            why = "queue full" if self._depth >= self.cfg.max_queue else "sender over its fair share"
+            log.warning(f"{why}, sender told to retry", extra=_fields(message))
             self._spawn(self._notify(message, BUSY_NOTICE, Outcome.BUSY))
             return Admission.BUSY
         self._metrics.message_received(
@@ -152,11 +178,100 @@ class Dispatcher:
         key = message.conversation_key
         self._queues.setdefault(key, deque()).append(message)
         self._depth += 1
+        self._queued_by[message.user_key] += 1
         self._metrics.queue_depth.set(self._depth)
         self._idle.clear()
         if key not in self._workers:
             task = asyncio.create_task(self._work(key), name=f"conversation:{key}")
             self._workers[key] = task
+
+    # -- while the store refuses messages ------------------------------------------------------
+    @property
+    def spilled(self) -> int:
+        """Messages held in memory because the store refused them (gateway/spill.py)."""
+        return len(self._spill)
+
+    def _hold(self, message: InboundMessage, why: str) -> Admission:
+        """The store cannot take `message` now: hold it in memory, answered once the store takes
+        it; or, when the spill is full (or `spill_max = 0`), refuse it."""
+        if not self._spill.limit:
+            log.error("store unavailable, message not accepted: %s", why, extra=_fields(message))
+            return Admission.UNAVAILABLE
+        if self._spill.full:
+            self._metrics.spill.labels("refused").inc()
+            log.error(
+                "store unavailable and the spill is full, sender told to retry: %s", why,
+                extra={**_fields(message), "spilled": len(self._spill)},
+            )
+            self._spawn(self._notify(message, BUSY_NOTICE, Outcome.BUSY))
+            return Admission.BUSY
+        self._spill.add(message)
+        self._metrics.spill.labels("spilled").inc()
+        self._metrics.spill_depth.set(len(self._spill))
+        self._idle.clear()
+        log.warning(
+            "store unavailable, message held in memory until it is back: %s", why,
+            extra={**_fields(message), "spilled": len(self._spill)},
+        )
+        if self._unspiller is None:
+            self._unspiller = asyncio.create_task(self._unspill(), name="unspill")
+        return Admission.SPILLED
+
+    async def _unspill(self) -> None:
+        """Move held messages into the inbox once the store takes them, conversation by
+        conversation, retrying with backoff (at once after any other admit worked)."""
+        backoff = Backoff(first=0.05, cap=1.0)
+        try:
+            while self._spill:
+                self._store_back.clear()
+                error = await self._move(self._spill.first_conversation())
+                if error is None:
+                    backoff = Backoff(first=0.05, cap=1.0)
+                    continue
+                if backoff.attempt == 0:
+                    log.warning("store still unavailable, held messages wait: %s", error,
+                                extra={"spilled": len(self._spill)})
+                with suppress(TimeoutError):
+                    async with asyncio.timeout(backoff.next()):
+                        await self._store_back.wait()
+        finally:
+            self._unspiller = None
+            if not self._workers and not self._spill:
+                self._idle.set()
+
+    async def _move(self, key: str) -> StoreError | None:
+        """Move conversation `key`'s held messages into the inbox, oldest first; each then queues
+        like a message just accepted. Stops at the first the store refuses (returns its error).
+        One mover at a time: the unspiller, or a submit whose conversation has messages held."""
+        async with self._moving:
+            while self._spill.holds_conversation(key):
+                message = self._spill.head(key)
+                fresh: bool | None
+                try:
+                    fresh = await self._store.admit(message, self.cfg.dedup_ttl)
+                except StoreError as e:
+                    return e
+                except Exception:  # a store bug must not hold every later message forever
+                    log.exception("held message could not be admitted", extra=_fields(message))
+                    fresh = None
+                self._spill.pop(key)
+                self._metrics.spill_depth.set(len(self._spill))
+                if not self._spill:
+                    self._store_back.set()  # a sleeping unspiller has nothing left: it ends
+                if fresh is None:
+                    self._metrics.spill.labels("refused").inc()
+                    self._spawn(self._notify(message, APOLOGY.format(request_id=message.request_id), Outcome.ERROR))
+                elif not fresh:  # admitted elsewhere: another instance, or an admit whose reply was lost
+                    self._metrics.dedup_dropped.labels(message.platform).inc()
+                    log.info("held message already in the inbox, dropped", extra=_fields(message))
+                else:
+                    self._metrics.spill.labels("recovered").inc()
+                    self._metrics.message_received(
+                        message.platform, message.transport, message.conversation_kind.value
+                    )
+                    log.info("held message accepted into the inbox", extra=_fields(message))
+                    self._enqueue(message)
+        return None
 
     # -- workers -----------------------------------------------------------------------------
     async def _work(self, key: str) -> None:
@@ -169,7 +284,7 @@ class Dispatcher:
             del self._workers[key]
             if not queue:
                 del self._queues[key]
-            if not self._workers:
+            if not self._workers and not self._spill:
                 self._idle.set()
 
     async def _answer_head(self, key: str, queue: deque[InboundMessage], ready_at: float) -> float:
@@ -204,9 +319,22 @@ class Dispatcher:
         await self._settle(message)
 
     def _dequeue(self, queue: deque[InboundMessage]) -> None:
-        queue.popleft()
+        sender = queue.popleft().user_key
         self._depth -= 1
+        self._queued_by[sender] -= 1
+        if self._queued_by[sender] <= 0:
+            del self._queued_by[sender]
         self._metrics.queue_depth.set(self._depth)
+
+    def _over_share(self, sender: str) -> bool:
+        """Fair share: once the queue is half full, the sender with the most queued messages (ties
+        included) is the one told "busy", not whoever comes next. So one sender filling the queue
+        stops at half of it and everyone else still gets in; a sender with nothing queued is only
+        refused when the queue is really full."""
+        if self._depth * 2 < self.cfg.max_queue:
+            return False
+        mine = self._queued_by.get(sender, 0)
+        return mine > 0 and mine >= max(self._queued_by.values())
 
     @asynccontextmanager
     async def _lease(self, key: str) -> AsyncIterator[None]:
@@ -321,7 +449,9 @@ class Dispatcher:
         """Stop intake and wait up to `timeout` for queued and in-flight messages.
 
         Whatever is still running after that is cancelled; it stays in the inbox and is resumed
-        by the next start. Returns True when everything finished.
+        by the next start. Messages held in memory (the store refused them) get into the inbox
+        meanwhile if the store takes them; those it never took are lost, and logged.
+        Returns True when everything finished.
         """
         self.stop_intake()
         try:
@@ -329,13 +459,21 @@ class Dispatcher:
                 await self._idle.wait()
                 if self._side_tasks:
                     await asyncio.gather(*self._side_tasks, return_exceptions=True)
+            await stop_task(self._unspiller)  # nothing left to move once idle
             return True
         except TimeoutError:
             log.warning(
                 "drain timeout, unfinished messages stay in the inbox",
                 extra={"queued": self._depth, "inflight": self._inflight},
             )
-            tasks = [*self._workers.values(), *self._side_tasks]
+            if self._spill:
+                self._metrics.spill.labels("lost").inc(len(self._spill))
+                log.error(
+                    "messages held in memory are lost: the store did not take them before shutdown",
+                    extra={"count": len(self._spill), "request_ids": [m.request_id for m in self._spill]},
+                )
+            unspiller = [self._unspiller] if self._unspiller is not None else []
+            tasks = [*self._workers.values(), *self._side_tasks, *unspiller]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

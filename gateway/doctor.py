@@ -1,5 +1,5 @@
 """`python run.py doctor`: one pass/fail line per check of what users otherwise learn from opaque
-errors (credentials, endpoints, identity, clock, model, store), each failure with its fix.
+errors (credentials, endpoints, identity, clock, API budget, model, store), each failure with its fix.
 
 The runner knows no platform: each enabled platform contributes its `Check`s from its handler
 package (`handlers/<platform>/doctor.py`), built on that adapter's own API client. The model and
@@ -27,7 +27,9 @@ import aiohttp
 
 from . import __version__
 from .config import Config
+from .egress import client_session
 from .errors import ModelError, PlatformError, StoreError, StoreInUse
+from .logs import redact
 from .metrics import Metrics
 from .model import Completion, OpenAIModel, uses_echo
 from .store import SqliteStore, open_store
@@ -92,12 +94,12 @@ async def run(
     def out(line: str) -> None:
         for secret in secrets:  # no check prints a secret on purpose; this makes sure of it
             line = line.replace(secret, "***")
-        write(line)
+        write(redact(line))  # and no token, ticket or password inside a URL either
 
     out(f"botgate {__version__} doctor, config {config.source}")
     counts = dict.fromkeys(Status, 0)
     headers = {"User-Agent": f"botgate/{__version__} doctor"}
-    async with aiohttp.ClientSession(headers=headers, timeout=TIMEOUT) as http:
+    async with client_session(config, headers=headers, timeout=TIMEOUT) as http:  # the proxy too
         checks = [check for contribute in contributors for check in contribute(config, http)]
         checks.append(Check("model", lambda: check_model(config, http)))
         checks.append(Check("store", lambda: check_store(config)))
@@ -204,6 +206,67 @@ async def endpoint_reachable(url: str, got: str, answered: str) -> Result:
     except OSError as e:
         return failed(f"{got}, but cannot connect to it: {e}", reach_fix(url))
     return passed(f"{answered}; {url.split('?')[0]} accepts connections")
+
+
+TYPICAL_ANSWER_S = 10.0  # seconds a streamed answer takes, for the cost of a card answer
+MIN_ANSWERS_A_MONTH = 1000  # fewer answers than this from a budget is worth a warning
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerCost:
+    """What one answer costs in billable API calls, the way this config answers."""
+
+    calls: float
+    how: str  # e.g. "an AI card updated every 0.3 s"
+
+
+Probe = Callable[[], Awaitable[Result]]
+
+
+def platform_checks(
+    platform: str,
+    credentials: Probe,
+    connection: tuple[str, Probe] | None,
+    identity: tuple[str, Probe],
+    clock: Probe,
+    budget: Probe,
+) -> list[Check]:
+    """A platform's checks, in the order every platform runs them: credentials first (the later
+    ones that need a token are skipped when it fails), the long connection when the mode has one,
+    then the app's identity, the clock and the API budget."""
+    named = [("credentials", credentials), connection, identity, ("clock", clock), ("api budget", budget)]
+    return [Check(f"{platform} {name}", probe) for name, probe in (n for n in named if n is not None)]
+
+
+def card_answer_cost(card: str, stream_interval: float) -> AnswerCost:
+    """A streamed answer in a card: created, delivered, updated every `stream_interval` over a
+    typical answer, and finished."""
+    updates = math.ceil(TYPICAL_ANSWER_S / max(stream_interval, 0.05))
+    return AnswerCost(3 + updates, f"{card} updated every {stream_interval:g} s over a {TYPICAL_ANSWER_S:g} s answer")
+
+
+def check_budget(platform: str, budget: int, cost: AnswerCost, plan: str, plan_calls: int) -> Result:
+    """Is `[platform] monthly_api_budget` set, and does it last a month at `cost` an answer? `plan`
+    names the quota it is for ("a standard DingTalk org"), `plan_calls` is that quota."""
+    key = f"[{platform}] monthly_api_budget"
+    per_answer = f"an answer costs about {cost.calls:.0f} API calls ({cost.how})"
+    if budget <= 0:
+        return warned(
+            f"{key} is not set, so botgate cannot see the platform's quota coming; {per_answer}",
+            f"set it to your plan's monthly API calls ({plan}: {plan_calls:,}); botgate then updates cards "
+            "only at the end from 80 % and replies the cheapest way at 100 % (a plan without a quota may leave it 0)",
+        )
+    if cost.calls <= 0:
+        return passed(f"{budget:,} calls a month; {per_answer}, so answers do not use it up")
+    answers = budget / cost.calls
+    detail = f"{budget:,} calls a month; {per_answer}: about {answers:,.0f} answers a month ({answers / 30:,.0f} a day)"
+    if answers < MIN_ANSWERS_A_MONTH:
+        return warned(
+            f"{detail}, then cards update only at the end (80 %) and at 100 % replies take the cheapest path",
+            f"update cards less often ([{platform}] stream_interval), answer without cards, or move to a plan "
+            "with a larger quota and raise the budget",
+        )
+    return passed(detail)
 
 
 class CredentialsCheck:

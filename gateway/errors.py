@@ -24,11 +24,30 @@ class ModelError(GatewayError):
 
 
 class PlatformError(GatewayError):
-    """A platform API refused or failed a call."""
+    """A platform API refused or failed a call. `retryable`: repeating the same call is safe and
+    may work (it was not accepted, or repeating it cannot deliver anything twice)."""
 
     def __init__(self, message: str, *, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class Throttled(PlatformError):
+    """The platform refused the call for its rate limit: it was not accepted, so repeating it is
+    safe even for a send without an idempotency key, after `retry_after` seconds (the platform's
+    own suggestion, or its documented wait)."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message, retryable=True)
+        self.retry_after = retry_after
+
+
+class QuotaExhausted(PlatformError):
+    """The platform refused the call because the monthly API quota is used up: nothing helps
+    before the quota is renewed, so it is never retried."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
 
 
 class TokenRejected(PlatformError):

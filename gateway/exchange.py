@@ -4,21 +4,38 @@ reply delivery every step shares (`Delivery`)."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
+from .budget import CallCount
 from .channel import Channel, ReplyStream
 from .config import Config
 from .errors import PlatformError
-from .messages import Attachment, InboundMessage, Reply, ReplyKind
+from .messages import Attachment, ConversationKind, InboundMessage, Reply, ReplyKind
 from .metrics import Metrics, Outcome
 from .model import Completion, Message, ModelClient
 from .store import Turn
 
 # Every step logs as the responder, so log queries by logger keep working whichever step it is.
 log = logging.getLogger("gateway.responder")
+
+MEMBER = "成员"  # "member": a group speaker whose display name the platform did not send
+SPEAKER_CHARS = 32
+# Whatever could make a name look like the end of the speaker prefix or a new line of the turn.
+_NOT_IN_NAME = re.compile(r"[\s:：\x00-\x1f\x7f\u2028\u2029]+")
+
+
+def speaker(message: InboundMessage) -> str:
+    """Who wrote a group message, as the model sees it: the display name when the platform sent
+    one (DingTalk's senderNick), else "成员" plus the end of the sender id (Feishu sends no name)."""
+    name = _NOT_IN_NAME.sub(" ", message.sender_name).strip()[:SPEAKER_CHARS].strip()
+    if name:
+        return name
+    short = _NOT_IN_NAME.sub("", message.sender_id)[-6:]
+    return f"{MEMBER}-{short}" if short else MEMBER
 
 
 class Flow(Enum):
@@ -45,11 +62,23 @@ class Exchange:
     cache_key: str | None = None  # None: not cached
     answer: str | None = None  # set by the step that delivered it
     cached: bool = False
+    # The billable platform API calls answering it cost (`gateway.budget.counting`).
+    api_calls: CallCount = field(default_factory=CallCount)
+    # "" in a DM; in a group, who wrote it: every user turn there is "<speaker>: <text>".
+    speaker: str = ""
 
     @classmethod
     def start(cls, message: InboundMessage, ready_at: float, cfg: Config, model: ModelClient) -> Exchange:
         text = message.text.strip()
-        return cls(message, ready_at, cfg, model, text, text, Completion(model=model.name))
+        exchange = cls(message, ready_at, cfg, model, text, text, Completion(model=model.name))
+        if message.conversation_kind is ConversationKind.GROUP:
+            exchange.speaker = speaker(message)
+        return exchange
+
+    def user_turn(self, text: str) -> str:
+        """A user turn as the model sees and the context keeps it: in a group, with its speaker,
+        so one member's words are never taken for another's (or for the operator's)."""
+        return f"{self.speaker}: {text}" if self.speaker else text
 
     @property
     def command(self) -> str:

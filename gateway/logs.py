@@ -1,11 +1,18 @@
-"""JSON log lines on stdout, with every configured secret masked before it is written."""
+"""JSON log lines on stdout, with every secret masked before it is written: the configured ones,
+the credentials obtained at run time (`register_secret`), and credentials inside URLs (`redact`)."""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 from aiohttp.http_exceptions import HttpProcessingError
@@ -15,6 +22,125 @@ from aiohttp.web_protocol import RequestPayloadError
 STANDARD_FIELDS = ("request_id", "user_id", "latency_ms", "model_version")
 _RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
+MASK = "***"
+MIN_SECRET = 4  # shorter values would mask ordinary words
+
+# -- credentials in output ------------------------------------------------------------------------
+# A query parameter (or `name=value` in any text) whose name ends in one of these words carries a
+# credential: DingTalk's stream `ticket` and sessionWebhook `session`, Feishu's ws URL
+# `access_key`/`ticket`, `access_token`, Redis' `password`, signatures. The name must start at a word
+# boundary: `fpid=`, `service_id=` and `design=` are left alone, `tenant_access_token=` and
+# `x-amz-signature=` are not.
+_CREDENTIAL_NAME = (
+    r"(?:[\w-]*[_-])?(?:access_?key|api_?key|secret|token|ticket|session|password|passwd|pwd|sign"
+    r"|signature|sig|credentials?|auth)"
+)
+# The value stops where a URL part, a quote, a space or a JSON escape does.
+_CREDENTIAL_PARAM = re.compile(rf"(?i)(?<![\w-])({_CREDENTIAL_NAME})=[^&#;\s\"'<>\\]+")
+# `scheme://user:password@host`: the whole userinfo goes.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#@\s\"'<>\\]+@")
+_PARAM_NAME = re.compile(rf"(?i){_CREDENTIAL_NAME}")
+
+T = TypeVar("T")
+
+# `extra=SHOWS_CREDENTIAL` marks the rare record whose reader needs the credential in it (the admin
+# login link with its token): configured and registered secrets are still masked there, credentials
+# inside URLs are not.
+SHOWS_CREDENTIAL = {"_shows_credential": True}
+
+
+def _forms(secrets: Iterable[str]) -> list[str]:
+    """Each secret as written and as JSON spells it (masking may run on an encoded line, where a
+    quote or backslash in a secret is escaped), longest first."""
+    forms = {f for s in secrets if len(s) >= MIN_SECRET for f in (s, orjson.dumps(s).decode()[1:-1])}
+    return sorted(forms, key=len, reverse=True)
+
+
+class RuntimeSecrets:
+    """Credentials the gateway obtains while running (access tokens, connection tickets, the keys
+    in a websocket URL): masked in every log line and in what the HTTP routes show, like configured
+    secrets. The newest `limit` are kept; an older token or ticket has long expired."""
+
+    def __init__(self, limit: int = 64) -> None:
+        self._limit = limit
+        self._values: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()  # log records are formatted on other threads too
+        self.forms: tuple[str, ...] = ()
+
+    def add(self, value: str) -> None:
+        if len(value) < MIN_SECRET:
+            return
+        with self._lock:
+            if value in self._values:
+                self._values.move_to_end(value)
+                return
+            self._values[value] = None
+            while len(self._values) > self._limit:
+                self._values.popitem(last=False)
+            self.forms = tuple(_forms(self._values))
+
+
+RUNTIME = RuntimeSecrets()
+
+
+def register_secret(value: str) -> None:
+    """Mask `value` in all output from now on (call it where a token or ticket is obtained)."""
+    RUNTIME.add(value)
+
+
+def register_url_secrets(url: str) -> None:
+    """Register the credentials inside `url`: its userinfo password and every query value whose
+    parameter name says it is a credential (e.g. Feishu's ws URL `access_key` and `ticket`)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a malformed IPv6 host; `redact` still masks its query by name
+        return
+    if parts.password:
+        register_secret(parts.password)
+    for name, value in parse_qsl(parts.query):
+        if _PARAM_NAME.fullmatch(name):
+            register_secret(value)
+
+
+def _replace(text: str, forms: Iterable[str]) -> str:
+    for secret in forms:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    return text
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` without credentials: the given (configured) secrets, the registered runtime ones,
+    URL userinfo and credential-named `name=value` pairs, each replaced by `***`."""
+    return _redact(text, _forms(secrets))
+
+
+def _redact(text: str, forms: Iterable[str]) -> str:
+    text = _replace(_replace(text, forms), RUNTIME.forms)
+    if "=" in text:
+        text = _CREDENTIAL_PARAM.sub(rf"\1={MASK}", text)
+    if "@" in text:
+        text = _USERINFO.sub(rf"\1{MASK}@", text)
+    return text
+
+
+def redacted(value: T, secrets: Iterable[str] = ()) -> T:
+    """`value` (JSON-like data: dicts, lists, strings, numbers) with every string `redact`ed; for
+    what /readyz, the status page and the admin API show."""
+    forms = _forms(secrets)
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, str):
+            return _redact(v, forms)
+        if isinstance(v, dict):
+            return {k: walk(item) for k, item in v.items()}
+        if isinstance(v, list | tuple):
+            return [walk(item) for item in v]
+        return v
+
+    result: T = walk(value)
+    return result
+
 
 class JsonFormatter(logging.Formatter):
     def __init__(self, secrets: list[str] | None = None) -> None:
@@ -23,16 +149,8 @@ class JsonFormatter(logging.Formatter):
 
     def set_secrets(self, secrets: list[str]) -> None:
         """Mask these from now on (a config reload may bring new ones)."""
-        # Masking runs on the encoded line, so also look for each secret as JSON spells it
-        # (a secret with a quote or backslash in it is escaped there).
-        forms = {f for s in secrets if len(s) >= 4 for f in (s, orjson.dumps(s).decode()[1:-1])}
-        self._secrets = sorted(forms, key=len, reverse=True)
-
-    def _mask(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, "***")
-        return text
+        # Masking runs on the encoded line, so also look for each secret as JSON spells it.
+        self._secrets = _forms(secrets)
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -49,7 +167,9 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         text = orjson.dumps(line, default=str).decode()
-        return self._mask(text) if self._secrets else text
+        if getattr(record, "_shows_credential", False):
+            return _replace(_replace(text, self._secrets), RUNTIME.forms)
+        return _redact(text, self._secrets)
 
 
 class ClientProtocolErrors(logging.Filter):
@@ -73,6 +193,42 @@ class ClientProtocolErrors(logging.Filter):
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
+class RepeatLimit(logging.Filter):
+    """At most one record per `interval` seconds for each listed message; the next one let through
+    carries `suppressed`, how many were dropped meanwhile.
+
+    Out of file descriptors (EMFILE), asyncio's accept loop logs "socket.accept() out of system
+    resource" with a traceback for every failed accept, retrying each second, and the retries pile
+    up: 100,000 lines in half a minute, which buries the log and costs the CPU the gateway needs to
+    recover."""
+
+    def __init__(self, prefixes: Iterable[str], interval: float = 10.0) -> None:
+        super().__init__()
+        self._prefixes = tuple(prefixes)
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._dropped: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        prefix = next((p for p in self._prefixes if message.startswith(p)), None)
+        if prefix is None:
+            return True
+        now = time.monotonic()
+        if now - self._last.get(prefix, -self._interval) < self._interval:
+            self._dropped[prefix] = self._dropped.get(prefix, 0) + 1
+            return False
+        self._last[prefix] = now
+        dropped = self._dropped.pop(prefix, 0)
+        if dropped:
+            record.suppressed = dropped
+        return True
+
+
+# asyncio's messages for a listening socket that cannot accept (EMFILE, ENFILE, ENOBUFS, ENOMEM).
+ACCEPT_EXHAUSTED = ("socket.accept() out of system resource",)
+
+
 def setup_logging(level: str = "INFO", secrets: list[str] | None = None) -> None:
     """Configure the root logger (called by run.py only)."""
     handler = logging.StreamHandler(sys.stdout)
@@ -82,3 +238,4 @@ def setup_logging(level: str = "INFO", secrets: list[str] | None = None) -> None
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.server").addFilter(ClientProtocolErrors())
+    logging.getLogger("asyncio").addFilter(RepeatLimit(ACCEPT_EXHAUSTED))

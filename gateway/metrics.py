@@ -24,6 +24,7 @@ from .stats import Stats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 MODEL_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0)
+API_CALL_BUCKETS = (0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89)
 
 
 class Outcome(StrEnum):
@@ -100,6 +101,16 @@ class Metrics:
         self.dedup_dropped = Counter(
             "botgate_dedup_dropped", "Duplicate deliveries dropped.", ["platform"], registry=r
         )
+        self.spill = Counter(
+            "botgate_spill",
+            "Messages the store refused, by what became of them: spilled (held in memory), "
+            "recovered (in the inbox later), refused (memory full, sender told busy), lost (shutdown).",
+            ["event"],
+            registry=r,
+        )
+        self.spill_depth = Gauge(
+            "botgate_spill_depth", "Messages held in memory until the store takes them.", registry=r
+        )
         self.dropped = Counter(
             "botgate_messages_dropped",
             "Inbound events dropped on purpose (stale replay, self message, filtered).",
@@ -119,6 +130,38 @@ class Metrics:
             "botgate_send_retries",
             "Platform sends that failed transiently and were retried (see botgate_replies for outcomes).",
             ["platform"],
+            registry=r,
+        )
+        self.platform_throttled = Counter(
+            "botgate_platform_throttled",
+            "Platform API calls refused for a rate limit (each is waited out and retried).",
+            ["platform", "endpoint"],
+            registry=r,
+        )
+        self.api_calls_per_answer = Histogram(
+            "botgate_platform_api_calls_per_answer",
+            "Billable platform API calls (the ones the monthly quota counts) per answered message.",
+            ["platform"],
+            buckets=API_CALL_BUCKETS,
+            registry=r,
+        )
+        self.api_budget_used = Gauge(
+            "botgate_platform_api_budget_used",
+            "Billable platform API calls counted this month (since the process started).",
+            ["platform", "bot"],
+            registry=r,
+        )
+        self.api_budget_ratio = Gauge(
+            "botgate_platform_api_budget_ratio",
+            "Share of monthly_api_budget used this month (0 without a budget): 0.8 = cards "
+            "update only at the end, 1 = replies take the cheapest path.",
+            ["platform", "bot"],
+            registry=r,
+        )
+        self.api_quota_spent = Gauge(
+            "botgate_platform_api_quota_spent",
+            "1 while the monthly API budget is spent or the platform said its quota is exhausted.",
+            ["platform", "bot"],
             registry=r,
         )
         self.http_requests = Counter(
@@ -164,6 +207,10 @@ class Metrics:
     def gateway_overhead(self, seconds: float) -> None:
         self.overhead.observe(seconds)
         self.stats.gateway_overhead(seconds)
+
+    def answer_api_calls(self, platform: str, calls: int) -> None:
+        """The billable platform calls one answered message cost."""
+        self.api_calls_per_answer.labels(platform).observe(calls)
 
     def cache_lookup(self, hit: bool) -> None:
         self.cache_requests.labels("hit" if hit else "miss").inc()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .answer import EMPTY_ANSWER, MODEL_DOWN, CachedAnswer, ModelAnswer, Remember, Summary
+from .budget import counting
 from .channel import Channel
 from .config import Config
 from .exchange import Delivery, Exchange, Flow, Step, fields, log
@@ -18,15 +19,19 @@ from .messages import InboundMessage
 from .metrics import Metrics, Outcome
 from .model import ModelClient
 from .steps import (
+    CONVERSATION_LIMITED,
     GREETING,
     HELP,
     IMAGE_NOTE,
     NO_VISION,
     RATE_LIMITED,
+    RESET_ADMINS_ONLY,
     RESET_DONE,
+    TRUNCATED_NOTE,
     Help,
     History,
     Images,
+    LongMessage,
     NothingToRead,
     Prompt,
     RateLimit,
@@ -36,6 +41,7 @@ from .steps import (
 from .store import Store
 
 __all__ = [
+    "CONVERSATION_LIMITED",
     "EMPTY_ANSWER",
     "GREETING",
     "HELP",
@@ -43,7 +49,9 @@ __all__ = [
     "MODEL_DOWN",
     "NO_VISION",
     "RATE_LIMITED",
+    "RESET_ADMINS_ONLY",
     "RESET_DONE",
+    "TRUNCATED_NOTE",
     "Responder",
 ]
 
@@ -68,6 +76,7 @@ class Responder:
             # access
             RateLimit(self._delivery, store),
             # content preparation
+            LongMessage(),
             NothingToRead(self._delivery),
             History(store),
             Images(self._delivery),
@@ -91,9 +100,11 @@ class Responder:
 
     async def handle(self, message: InboundMessage, ready_at: float) -> None:
         exchange = Exchange.start(message, ready_at, self.cfg, self._model)
-        for step in self.steps:
-            if await step(exchange) is Flow.DONE:
-                return
+        # Every billable platform call made while answering it is charged to it (`Summary`).
+        with counting(exchange.api_calls):
+            for step in self.steps:
+                if await step(exchange) is Flow.DONE:
+                    return
 
     async def notice(
         self, message: InboundMessage, text: str, outcome: Outcome = Outcome.NOTICE

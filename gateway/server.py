@@ -5,6 +5,11 @@ return (run.py exits 0). SIGHUP: RELOADING=1, `gateway.app.reload_config` (re-re
 apply what can change live — see `gateway.reload` — plus the TLS certificate, name the keys that need
 a restart), READY=1. aiohttp's `run_app` is not used because it binds only after start-up hooks
 have run, and READY=1 must follow the bind.
+
+Every connection has deadlines (`[server] keepalive_timeout`, `header_timeout`, `body_timeout`;
+`GuardedRequestHandler`): a hand-built `AppRunner` would otherwise keep an idle connection for
+aiohttp's default of 3,630 s, and a client trickling its headers or body would hold a descriptor
+(and the body's memory) for as long as it likes.
 """
 
 from __future__ import annotations
@@ -13,15 +18,138 @@ import asyncio
 import logging
 import signal
 import ssl
+from typing import Any
 
 from aiohttp import web
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_server import Server
 
 from .app import reload_config
-from .config import Config, ConfigError
+from .config import Config, ConfigError, ServerConfig
 from .keys import LIVE
 from .sdnotify import Notifier
 
 log = logging.getLogger(__name__)
+
+
+# -- connection deadlines -------------------------------------------------------------------------
+class BodyTimeout(TimeoutError):
+    """The client did not send the whole request body within `[server] body_timeout`. Raised by the
+    handler's body read (handlers/http.py answers 408). A TimeoutError, so that aiohttp's lingering
+    read of an unread body after the response ends quietly on it too."""
+
+
+class GuardedRequestHandler(RequestHandler):
+    """aiohttp's per-connection protocol plus the two deadlines it lacks. Its own keep-alive timer
+    closes a connection idle for `keepalive_timeout` (counted from the connection's start and from
+    each response), but a client trickling a request in gets all of that time per request, and a
+    body may trickle forever. Here:
+
+    * the headers must be complete within `header_timeout` of the first byte of a request, or the
+      connection is closed (slowloris);
+    * the body must be complete within `body_timeout` of the headers, or its read fails with
+      `BodyTimeout` (the handler answers 408 and the connection is closed after the response).
+
+    Nothing changes once a connection is upgraded to a websocket (its heartbeat covers it)."""
+
+    def __init__(self, manager: Server, *, limits: ServerConfig, **kwargs: Any) -> None:
+        super().__init__(manager, keepalive_timeout=limits.keepalive_timeout, **kwargs)
+        self._header_limit = limits.header_timeout
+        self._body_limit = limits.body_timeout
+        self._header_clock: asyncio.TimerHandle | None = None
+        self._body_clock: asyncio.TimerHandle | None = None
+        self._body: StreamReader | None = None  # the body still arriving, if any
+
+    def data_received(self, data: bytes) -> None:
+        parsed = self._request_count
+        in_body = self._body is not None and not self._body.is_eof()
+        super().data_received(data)
+        if self._upgraded or self._force_close:
+            self._stop_clocks()
+            return
+        new = self._request_count - parsed
+        if new:  # headers complete: the clock for the next request starts with its first byte
+            self._stop(self._header_clock)
+            self._header_clock = None
+            for _, payload in list(self._messages)[-new:]:
+                if not payload.is_eof():
+                    self._start_body_clock(payload)
+        elif data and not in_body and self._header_clock is None:
+            # The first bytes of a request (when a body ends within this chunk and the next
+            # request starts in it too, its clock starts with the following chunk).
+            self._header_clock = self._loop.call_later(self._header_limit, self._headers_late)
+
+    def _start_body_clock(self, payload: StreamReader) -> None:
+        self._stop(self._body_clock)
+        self._body = payload
+        self._body_clock = self._loop.call_later(self._body_limit, self._body_late, payload)
+        payload.on_eof(self._body_clock.cancel)
+
+    def _headers_late(self) -> None:
+        self._header_clock = None
+        log.debug("request headers not received in time, connection closed",
+                  extra={"timeout": self._header_limit, "client": _peer(self)})  # fmt: skip
+        self.force_close()
+
+    def _body_late(self, payload: StreamReader) -> None:
+        self._body_clock = None
+        if payload.is_eof() or payload.exception() is not None:
+            return
+        log.debug("request body not received in time",
+                  extra={"timeout": self._body_limit, "client": _peer(self)})  # fmt: skip
+        payload.set_exception(BodyTimeout(f"request body not received within {self._body_limit:g} s"))
+
+    @staticmethod
+    def _stop(clock: asyncio.TimerHandle | None) -> None:
+        if clock is not None:
+            clock.cancel()
+
+    def _stop_clocks(self) -> None:
+        self._stop(self._header_clock)
+        self._stop(self._body_clock)
+        self._header_clock = self._body_clock = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_clocks()
+        self._body = None
+        super().connection_lost(exc)
+
+
+def _peer(handler: RequestHandler) -> str:
+    peer = handler.peername
+    return str(peer[0]) if isinstance(peer, tuple) else ""
+
+
+class GuardedServer(Server):
+    """aiohttp's server, making a `GuardedRequestHandler` per connection."""
+
+    def __init__(self, *args: Any, limits: ServerConfig, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._limits = limits
+
+    def __call__(self) -> RequestHandler:
+        return GuardedRequestHandler(self, loop=self._loop, limits=self._limits, **self._kwargs)
+
+
+class GuardedRunner(web.AppRunner):
+    """`web.AppRunner` serving through `GuardedServer`: the app's start-up runs as usual, then its
+    request handler is served with our connection deadlines."""
+
+    def __init__(self, app: web.Application, limits: ServerConfig, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._limits = limits
+
+    async def _make_server(self) -> Server:
+        plain = await super()._make_server()  # the app's on_startup/cleanup_ctx, then freezes it
+        return GuardedServer(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            loop=asyncio.get_running_loop(),
+            limits=self._limits,
+            **self._kwargs,
+        )
 
 # A reload re-reads the certificate files (renewals) while serving TLS; switching TLS on or off
 # needs a restart.
@@ -80,7 +208,9 @@ class Service:
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, stop gracefully. Start-up errors propagate."""
         cfg = self._config
-        runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=cfg.dispatcher.drain_timeout + 5)
+        runner = GuardedRunner(
+            self._app, cfg.server, access_log=None, shutdown_timeout=cfg.dispatcher.drain_timeout + 5
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop, sig)

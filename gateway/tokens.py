@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from .errors import TokenRejected
+from .logs import register_secret
 
 T = TypeVar("T")
 
@@ -32,6 +33,7 @@ class TokenCache:
             if self._token and time.monotonic() < self._expires_at:
                 return self._token
             token, lifetime = await self._fetch()
+            register_secret(token)  # never shown in logs or on the status pages
             # Refresh `margin` early, but never treat a short-lived token as already expired.
             margin = min(self._margin, lifetime / 2)
             self._token, self._expires_at = token, time.monotonic() + lifetime - margin

@@ -1,4 +1,5 @@
-"""HTTP plumbing shared by every route: JSON errors (never a bare 500), request metrics, body limit."""
+"""HTTP plumbing shared by every route: JSON errors (never a bare 500), request metrics, body limits
+(per route, checked before the body is read) and the 408 for a body that does not arrive in time."""
 
 from __future__ import annotations
 
@@ -8,8 +9,24 @@ from typing import Any
 from aiohttp import web
 
 from gateway.keys import CONFIG, METRICS
+from gateway.server import BodyTimeout
 
 log = logging.getLogger(__name__)
+
+# Routes whose bodies are small by nature (a password, a conversation key, nothing at all): a larger
+# one is refused with 413 before a byte of it is read, whoever sends it, since the login answers
+# anyone. Every other route takes up to `[server] max_body_bytes`; the webhooks cap theirs lower
+# themselves (handlers/webhook.py).
+SMALL_BODY = 4096
+
+
+def body_limit(request: web.Request) -> int:
+    """The most this request's body may hold."""
+    limit = request.app[CONFIG].server.max_body_bytes
+    route = _route_label(request)
+    if route in ("/login", "/logout") or route.startswith("/api/"):
+        return min(limit, SMALL_BODY)
+    return limit
 
 
 def json_error(status: int, message: str, **extra: Any) -> web.Response:
@@ -33,11 +50,15 @@ async def errors_and_metrics(request: web.Request, handler: Any) -> web.StreamRe
     is counted by route template. (One middleware, not three: each layer costs every request.)"""
     status = 500
     try:
-        # A declared body over `[server] max_body_bytes` gets 413 before any handler runs, on
-        # every route (also those that never read a body); chunked bodies hit `client_max_size`.
-        size, limit = request.content_length, request.app[CONFIG].server.max_body_bytes
-        if size is not None and size > limit and request.match_info.http_exception is None:
-            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+        # A declared body over the route's limit gets 413 before any handler runs, on every route
+        # (also those that never read a body); a chunked one is cut off where it passes the limit
+        # (`client_max_size`, which request.read()/post()/json() enforce).
+        if request.match_info.http_exception is None:
+            size, limit = request.content_length, body_limit(request)
+            if size is not None and size > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+            if size is None and request.body_exists and limit < request.app[CONFIG].server.max_body_bytes:
+                request = request.clone(client_max_size=limit)
         response: web.StreamResponse = await handler(request)
         status = response.status
         return response
@@ -48,6 +69,12 @@ async def errors_and_metrics(request: web.Request, handler: Any) -> web.StreamRe
         message = "request body too large" if status == 413 else (e.reason or "error").lower()
         headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
         return web.json_response({"error": message}, status=status, headers=headers)
+    except BodyTimeout as e:
+        # The body trickled in too slowly ([server] body_timeout): answer, then close.
+        status = 408
+        response = json_error(408, str(e))
+        response.force_close()
+        return response
     except web.RequestPayloadError as e:
         # The body itself is broken (e.g. "Content-Encoding: gzip" on bytes that are not gzip):
         # the client's fault, found only when a handler reads it.

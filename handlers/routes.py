@@ -12,7 +12,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from gateway.channel import ChannelState
 from gateway.errors import StoreError
 from gateway.keys import CHANNELS, CONFIG, DISPATCHER, METRICS, STORE
+from gateway.logs import redacted
 
+from .auth import authenticated
 from .http import errors_and_metrics
 
 
@@ -38,7 +40,11 @@ def unconfigured_platforms(request: web.Request) -> dict[str, str]:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Open to everyone, so it says only states and short reasons ("store unavailable", "dingtalk
+    reconnecting"); error texts (hosts, URLs, platform messages) are added for a caller with an admin
+    credential and are on the status page (docs/security.md)."""
     app = request.app
+    detailed = authenticated(request)
     reasons: list[str] = []
     if DISPATCHER in app and not app[DISPATCHER].accepting:
         reasons.append("shutting down")
@@ -46,14 +52,14 @@ async def readyz(request: web.Request) -> web.Response:
         await app[STORE].ping()
         store = "ok"
     except StoreError as e:
-        store = f"unavailable: {e}"
+        store = f"unavailable: {e}" if detailed else "unavailable"
         reasons.append(f"store {store}")
     channels = {}
     for platform, channel in app[CHANNELS].items():
         status = channel.status()
         channels[platform] = status.state.value
         if not status.ready:
-            detail = f" ({status.last_error})" if status.last_error else ""
+            detail = f" ({status.last_error})" if status.last_error and detailed else ""
             reasons.append(f"{platform} {status.state.value}{detail}")
     body = {
         "ready": not reasons,
@@ -63,7 +69,8 @@ async def readyz(request: web.Request) -> web.Response:
     }
     if reasons:
         body["reason"] = "; ".join(reasons)
-    return web.json_response(body, status=200 if not reasons else 503)
+    # No credential in what it shows, for an admin either (tickets in URLs, tokens: gateway/logs.py).
+    return web.json_response(redacted(body, app[CONFIG].secrets()), status=200 if not reasons else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -21,12 +21,16 @@ import orjson
 from aiohttp import web
 
 from gateway import __version__
+from gateway.alerts import quota_detail
+from gateway.budget import BudgetState
+from gateway.channel import ChannelStatus
 from gateway.config import masked
 from gateway.errors import StoreError
 from gateway.keys import ALERTS, CHANNELS, DISPATCHER, LIVE, METRICS, RESPONDER, STARTED_AT, STORE
+from gateway.logs import redacted
 from gateway.stats import Percentiles
 
-from .auth import SESSION_EXPIRES
+from .auth import SESSION_EXPIRES, still_logged_in
 from .robots import configured_sinks
 from .routes import unconfigured_platforms
 
@@ -52,6 +56,27 @@ async def _store_health(app: web.Application) -> dict[str, Any]:
     return {"backend": store.backend, "healthy": True, "error": ""}
 
 
+def _budget(request: web.Request, s: ChannelStatus) -> dict[str, Any] | None:
+    """The channel's monthly API budget, once there is anything to say about it (a budget set, a
+    call counted or a refusal); with the billable calls an answered message cost on average."""
+    b = s.budget
+    if b is None or not (b.budget or b.used or b.state is not BudgetState.OK):
+        return None
+    registry = request.app[METRICS].registry
+    answers = registry.get_sample_value("botgate_platform_api_calls_per_answer_count", {"platform": s.platform})
+    calls = registry.get_sample_value("botgate_platform_api_calls_per_answer_sum", {"platform": s.platform})
+    return {
+        "month": b.month,
+        "used": b.used,
+        "budget": b.budget,
+        "ratio": b.ratio,
+        "state": b.state.value,
+        "refused": b.refused,
+        "detail": quota_detail(b) if b.state is BudgetState.SPENT else "",
+        "per_answer": calls / answers if answers and calls is not None else None,
+    }
+
+
 def _channels(request: web.Request, now: float) -> list[dict[str, Any]]:
     out = []
     for channel in request.app[CHANNELS].values():
@@ -69,6 +94,7 @@ def _channels(request: web.Request, now: float) -> list[dict[str, Any]]:
                 else max(0.0, now - s.last_event_at),
                 "last_error": s.last_error,
                 "detail": s.detail,
+                "budget": _budget(request, s),
             }
         )
     for platform, detail in unconfigured_platforms(request).items():
@@ -84,6 +110,7 @@ def _channels(request: web.Request, now: float) -> list[dict[str, Any]]:
                     "last_event_age": None,
                     "last_error": "",
                     "detail": detail,
+                    "budget": None,
                 }
             )
     return out
@@ -101,7 +128,8 @@ async def snapshot(request: web.Request) -> dict[str, Any]:
     ratio_5m, replies_5m = stats.error_ratio(5)
     ratio_60m, replies_60m = stats.error_ratio(60)
     monitor = app.get(ALERTS)
-    return {
+    # No credential in anything shown: tickets or keys in error texts, passwords in URLs.
+    return redacted({
         "version": __version__,
         "now": now,
         "started_at": app[STARTED_AT],
@@ -120,6 +148,8 @@ async def snapshot(request: web.Request) -> dict[str, Any]:
             "max_queue": dispatcher.cfg.max_queue,
             "inflight": dispatcher.inflight,
             "max_concurrency": dispatcher.cfg.max_concurrency,
+            "spilled": dispatcher.spilled,  # held in memory while the store refuses messages
+            "spill_max": dispatcher.cfg.spill_max,
             "accepting": dispatcher.accepting,
         },
         "latency": {
@@ -172,7 +202,7 @@ async def snapshot(request: web.Request) -> dict[str, Any]:
             "needs_restart": list(live.needs_restart),
             "settings": masked(cfg),
         },
-    }
+    }, cfg.secrets())  # fmt: skip
 
 
 # -- presentation ---------------------------------------------------------------------------------
@@ -268,7 +298,7 @@ class StatusFeed:
         ends = request.get(SESSION_EXPIRES, math.inf)
         try:
             await response.write(b"retry: 2000\n\n")
-            while not self._closing and time.time() < ends:
+            while not self._closing and time.time() < ends and still_logged_in(request):
                 wakeup.clear()
                 snap = await snapshot(request)
                 html = aiohttp_jinja2.render_string("status_body.html", request, context(snap))

@@ -1,15 +1,28 @@
 """Web chat: `/chat` page plus a browser websocket, through the same dispatcher as every channel.
 
 Browser -> server: `{"type": "message", "id": "<client uuid>", "text": "..."}`.
-Server -> browser: `accepted` / `busy` / `error`, then `delta` (new text), `done` (full text), or
-`notice` (a short non-model reply). A browser tab is one conversation, keyed by a session id the page
-keeps in localStorage, so a reload keeps the context.
+Server -> browser: `hello` (the session), `accepted` / `busy` / `error`, then `delta` (new text),
+`done` (full text), or `notice` (a short non-model reply). A browser keeps one conversation, keyed by
+the session the server issued in `hello`; the page keeps it in localStorage and hands it back as
+`?session=`, so a reload keeps the context.
+
+A session is `<id>.<mac>`: a random id and the server's HMAC of it, so it cannot be chosen or
+guessed by a client, only handed back (a value the server did not issue starts a new session). The
+id alone names the conversation in logs, metrics and message ids; the mac never leaves the hello
+frame. The key is derived from the secret that signs admin sessions (`[admin] jwt_secret`, or the
+login token when no password is set: sessions then outlive a restart), else random per process.
+The sender, for rate limits and the dispatcher's fair share, is the client's address, not the
+session: a new session per message gains nothing.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import logging
 import re
+import secrets
 import uuid
 from collections import defaultdict
 from collections.abc import Mapping
@@ -23,15 +36,47 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from gateway.adapter import DEFAULT_BOT, Adapter
 from gateway.admission import Admission, Dropped
 from gateway.errors import PlatformError
-from gateway.keys import CHANNELS, METRICS
+from gateway.keys import AUTH, CHANNELS, LIVE, METRICS
 from gateway.messages import Attachment, ConversationKind, InboundMessage, Reply, ReplyKind
 from gateway.metrics import Metrics
+
+from .auth import client_address
 
 log = logging.getLogger(__name__)
 
 PLATFORM = "web"
 MAX_TEXT = 16_000
-_SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_SESSION_RE = re.compile(r"^([0-9a-f]{16})\.([A-Za-z0-9_-]{22})$")
+_SESSION_CONTEXT = b"botgate web chat session:"
+
+
+class Sessions:
+    """Issues and checks web chat sessions (`<id>.<mac>`, see the module doc)."""
+
+    def __init__(self) -> None:
+        self._process_key = secrets.token_bytes(32)
+
+    def _key(self, secret: bytes) -> bytes:
+        if not secret:
+            return self._process_key
+        return hmac.new(secret, b"botgate web chat sessions", hashlib.sha256).digest()
+
+    def _mac(self, key: bytes, session_id: str) -> str:
+        digest = hmac.new(key, _SESSION_CONTEXT + session_id.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest[:16]).rstrip(b"=").decode()
+
+    def issue(self, secret: bytes) -> tuple[str, str]:
+        """A new session: (its id, the value the page keeps)."""
+        session_id = secrets.token_hex(8)
+        return session_id, f"{session_id}.{self._mac(self._key(secret), session_id)}"
+
+    def check(self, value: str, secret: bytes) -> str | None:
+        """The id of a session this server issued, else None."""
+        match = _SESSION_RE.match(value)
+        if match is None:
+            return None
+        session_id, mac = match.groups()
+        return session_id if hmac.compare_digest(mac, self._mac(self._key(secret), session_id)) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +146,7 @@ class WebChatAdapter(Adapter[WebChatConfig, BrowserSockets]):
     def __init__(self, cfg: WebChatConfig, metrics: Metrics, name: str = DEFAULT_BOT) -> None:
         super().__init__(cfg, metrics, name)
         self.sockets = BrowserSockets()
+        self.sessions = Sessions()
 
     def make_api(self, http: aiohttp.ClientSession) -> BrowserSockets:
         return self.sockets
@@ -130,25 +176,29 @@ class WebChatAdapter(Adapter[WebChatConfig, BrowserSockets]):
         return {}
 
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
-        session = request.query.get("session", "")
-        if not _SESSION_RE.match(session):
-            session = uuid.uuid4().hex
+        auth = request.app.get(AUTH)
+        secret = auth.secret(request.app[LIVE].config.admin) if auth is not None else b""
+        value = request.query.get("session", "")
+        session = self.sessions.check(value, secret)
+        if session is None:
+            session, value = self.sessions.issue(secret)
+        sender = client_of(request)
         ws = web.WebSocketResponse(heartbeat=30, max_msg_size=64 * 1024)
         await ws.prepare(request)
         self.sockets.add(session, ws)
-        await ws.send_str(orjson.dumps({"type": "hello", "session": session}).decode())
+        await ws.send_str(orjson.dumps({"type": "hello", "session": value}).decode())
         try:
             async for frame in ws:
                 if frame.type is WSMsgType.TEXT:
-                    await self._on_text(ws, session, frame.data)
+                    await self._on_text(ws, session, sender, frame.data)
                 elif frame.type is WSMsgType.ERROR:
                     break
         finally:
             self.sockets.discard(session, ws)
         return ws
 
-    async def _on_text(self, ws: web.WebSocketResponse, session: str, data: str) -> None:
-        message = parse_frame(data, session)
+    async def _on_text(self, ws: web.WebSocketResponse, session: str, sender: str, data: str) -> None:
+        message = parse_frame(data, session, sender)
         if isinstance(message, str):
             await ws.send_str(orjson.dumps({"type": "error", "error": message}).decode())
             return
@@ -160,8 +210,16 @@ class WebChatAdapter(Adapter[WebChatConfig, BrowserSockets]):
         await ws.send_str(orjson.dumps(frame).decode())
 
 
-def parse_frame(data: str, session: str) -> InboundMessage | str:
-    """A browser frame -> `InboundMessage`, or an error string for the browser."""
+def client_of(request: web.Request) -> str:
+    """Who is chatting, for the per-user limits: the client's address (the peer, or behind one of
+    `[server] trusted_proxies` the address it forwarded), so every tab and session of one client is
+    one sender."""
+    return client_address(request) or "unknown"
+
+
+def parse_frame(data: str, session: str, sender: str = "") -> InboundMessage | str:
+    """A browser frame -> `InboundMessage`, or an error string for the browser. `session` is the
+    session id (the conversation), `sender` the client (`client_of`; "" = the session)."""
     try:
         body = orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -181,7 +239,7 @@ def parse_frame(data: str, session: str) -> InboundMessage | str:
         transport="websocket",
         conversation_id=session,
         conversation_kind=ConversationKind.DM,
-        sender_id=session,
+        sender_id=sender or session,
         sender_name="web",
         text=text,
         mentioned=True,

@@ -8,10 +8,17 @@
    otherwise the platform's "accepted" answer, at once (the reply is sent later).
 
 So a stopping gateway answers an unsigned request 401 and a signed one 503, on every route.
+
+Every refusal of an unauthenticated request is the same 401 body (`refuse`), whatever was wrong
+(signature, timestamp, token, missing headers, an undecryptable body): a prober learns nothing about
+which check failed. The reason goes to the log instead, at most one line per route every
+`REFUSAL_LOG_INTERVAL` seconds, so a flood of forged requests cannot flood the log.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +31,34 @@ from gateway.keys import CHANNELS, CONFIG
 
 from .http import json_error
 
+log = logging.getLogger(__name__)
+
 # Checks and decodes a request body: the event (decoded JSON), or the answer to give right away.
 Opener = Callable[[web.Request, bytes], object]
+
+UNAUTHORIZED = "unauthorized"
+REFUSAL_LOG_INTERVAL = 10.0  # seconds between two "refused" log lines of one route
+
+
+class Refusals:
+    """The one answer to every unauthenticated request of a route, and its throttled log line."""
+
+    def __init__(self, platform: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.platform = platform
+        self._clock = clock
+        self._logged_at: float | None = None
+        self._unlogged = 0
+
+    def __call__(self, reason: str) -> web.Response:
+        now = self._clock()
+        self._unlogged += 1
+        if self._logged_at is None or now - self._logged_at >= REFUSAL_LOG_INTERVAL:
+            log.info(
+                "webhook request refused",
+                extra={"platform": self.platform, "reason": reason, "refused": self._unlogged},
+            )
+            self._logged_at, self._unlogged = now, 0
+        return json_error(401, UNAUTHORIZED)
 
 
 async def read_capped(request: web.Request, limit: int) -> bytes | None:

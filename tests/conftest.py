@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 import handlers
 from gateway.app import create_app
 from gateway.config import Config, build
+from gateway.keys import AUTH
 from tests.doubles.openai import OpenAIDouble
 from tests.process import GatewayProcess
 from tests.redisd import RedisServer
@@ -44,12 +45,23 @@ async def openai_double(
 
 
 @pytest.fixture
-def gateway(aiohttp_client: Callable[..., Any]) -> Callable[..., Any]:
-    """Start a full gateway (core + handlers) for a config; returns its test client."""
+def gateway(
+    aiohttp_client: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Any]:
+    """Start a full gateway (core + handlers) for a config; returns its test client.
+
+    Without an admin password the client sends the gateway's login token (`Authorization: Bearer`),
+    as a script on the gateway's machine would; tests of refusals make a client of their own. A
+    config without `[server] state_dir` keeps its state (the login token) under the test's tmp_path."""
+    if not os.environ.get("STATE_DIRECTORY"):
+        monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
 
     async def start(config: Config) -> TestClient[web.Request, web.Application]:
         app = create_app(config, [handlers.setup])
-        client: TestClient[web.Request, web.Application] = await aiohttp_client(TestServer(app, host="127.0.0.1"))
+        headers = {} if config.admin.password else {"Authorization": f"Bearer {app[AUTH].login_token.current()}"}
+        client: TestClient[web.Request, web.Application] = await aiohttp_client(
+            TestServer(app, host="127.0.0.1"), headers=headers
+        )
         return client
 
     return start

@@ -39,18 +39,21 @@ ROUTES = (
     Route("/healthz", frozenset({"GET", "HEAD"}), frozenset({200})),
     Route("/readyz", frozenset({"GET", "HEAD"}), frozenset({200})),
     Route("/metrics", frozenset({"GET", "HEAD"}), frozenset({200})),
-    # Admin pages without a password: 403 unless plainly local (a fuzzed Origin or X-Forwarded-For
-    # is not); docs/status.md.
-    Route("/", frozenset({"GET", "HEAD"}), frozenset({200, 403})),
-    Route("/chat", frozenset({"GET", "HEAD"}), frozenset({200, 403})),
-    Route("/chat/ws", frozenset({"GET", "HEAD"}), frozenset({400, 403})),  # not an upgrade request
-    Route("/status/events", frozenset({"GET", "HEAD"}), frozenset({200, 403}), sample=False),
-    Route("/api/status", frozenset({"GET", "HEAD"}), frozenset({200, 403})),
-    Route("/api/reload", frozenset({"POST"}), frozenset({200, 400, 403})),
-    Route("/api/conversations/reset", frozenset({"POST"}), frozenset({200, 400, 403})),
-    # POST without a password set: 403, as the login page (HTML) a browser form expects.
-    Route("/login", frozenset({"GET", "HEAD", "POST"}), frozenset({200, 403}), json_errors=False),
-    Route("/logout", frozenset({"POST"}), frozenset({303})),
+    # Admin surfaces need the login token (no password is set; a random request has none): 302 to
+    # the login page for a browser's page request, else 401; 403 for a foreign Origin on a
+    # state-changing request or a cookie without one (docs/security.md).
+    Route("/", frozenset({"GET", "HEAD"}), frozenset({302, 401})),
+    Route("/chat", frozenset({"GET", "HEAD"}), frozenset({302, 401})),
+    Route("/chat/ws", frozenset({"GET", "HEAD"}), frozenset({302, 401})),  # not an upgrade request
+    Route("/status/events", frozenset({"GET", "HEAD"}), frozenset({401}), sample=False),
+    Route("/api/status", frozenset({"GET", "HEAD"}), frozenset({401})),
+    Route("/api/reload", frozenset({"POST"}), frozenset({401, 403})),
+    Route("/api/conversations/reset", frozenset({"POST"}), frozenset({401, 403})),
+    Route("/api/login-token/rotate", frozenset({"POST"}), frozenset({401, 403})),
+    # The login page (HTML for a form, JSON for JSON): a wrong or missing token is 401, then 429
+    # once the failures exceed the limit; an unreadable body 400; a foreign Origin 403.
+    Route("/login", frozenset({"GET", "HEAD", "POST"}), frozenset({200, 400, 401, 403, 429}), json_errors=False),
+    Route("/logout", frozenset({"POST"}), frozenset({303, 403})),
     Route("/static", frozenset({"GET", "HEAD"}), frozenset({200, 403, 404}), prefix=True, json_errors=False),
     # Unsigned, a random request never gets past the signature (DingTalk) or the verification
     # token (Feishu, which parses the body first: 400 for what is not a JSON object).
@@ -259,13 +262,15 @@ class WebSocket:
         self.sock.close()
 
 
-def ws_connect(port: int, path: str) -> WebSocket:
+def ws_connect(port: int, path: str, token: str = "") -> WebSocket:
+    """A raw websocket; `token`: the admin login token, which the web chat needs."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
     key = base64.b64encode(os.urandom(16)).decode()
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
     sock.sendall(
         (
             f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{auth}\r\n"
         ).encode()
     )
     reader = sock.makefile("rb")

@@ -32,6 +32,15 @@ async def chat(client: Any, ws: Any, text: str, msg_id: str) -> list[dict[str, A
                 return frames
 
 
+async def hello(ws: Any) -> tuple[str, str]:
+    """Read a web chat socket's `hello`: (the session value to hand back, the conversation id that
+    message ids, `reply_to` and conversation keys carry)."""
+    frame = orjson.loads((await ws.receive()).data)
+    assert frame["type"] == "hello", frame
+    session = str(frame["session"])
+    return session, session.partition(".")[0]
+
+
 async def readiness(client: Any) -> tuple[int, dict[str, Any]]:
     """`GET /readyz`: its status and JSON body."""
     resp = await client.get("/readyz")

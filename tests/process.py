@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
@@ -186,6 +187,17 @@ class GatewayProcess:
 
     def output(self) -> str:
         return self.stdout() + self.stderr()
+
+    def login_token(self) -> str:
+        """The admin login token (no password set), from the login link the gateway logs at start."""
+        urls = [line["login_url"] for line in self.log_lines() if isinstance(line.get("login_url"), str)]
+        if not urls:
+            raise AssertionError(f"no login link logged:\n{self.output()}")
+        return parse_qs(urlsplit(str(urls[-1])).query)["token"][0]
+
+    def admin_headers(self) -> dict[str, str]:
+        """What a script on the gateway's machine sends to use the admin API and the web chat."""
+        return {"Authorization": f"Bearer {self.login_token()}"}
 
     def log_lines(self) -> list[dict[str, object]]:
         """stdout parsed as JSON lines; a line that is not JSON fails the test. Lines end at "\n"

@@ -42,7 +42,7 @@ class RedisServer:
     empty, as after a crash without persistence, or with `persist` (AOF, fsync on every write, the
     configuration docs/state.md recommends against losing acknowledged messages) with its data."""
 
-    def __init__(self, workdir: Path, port: int | None = None, persist: bool = False) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, persist: bool = False, password: str = "") -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
@@ -50,6 +50,7 @@ class RedisServer:
         self.workdir = workdir
         self.port = port or listen_port()
         self.persist = persist
+        self.password = password  # requirepass: clients must AUTH with it
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -68,12 +69,13 @@ class RedisServer:
                 "--appendfsync", "always",
                 "--dir", str(self.workdir),
                 "--loglevel", "warning",
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5, password=self.password or None)
         try:
             deadline = time.monotonic() + 10
             while True:  # bounded: the server needs a few ms to listen

@@ -20,7 +20,7 @@ from gateway.keys import CHANNELS, LIVE
 from gateway.messages import Attachment, InboundMessage, Reply
 from tests.conftest import make_config
 from tests.doubles.openai import OpenAIDouble
-from tests.helpers import chat
+from tests.helpers import chat, hello
 from tests.process import GatewayProcess
 
 
@@ -60,13 +60,13 @@ async def post(client: Any, path: str, body: object = None, **headers: str) -> t
 async def test_reset_a_conversation(gateway: Any, openai_double: Any) -> None:
     double, url = openai_double
     client = await gateway(make_config(model={"base_url": url}, cache={"enabled": False}))
-    async with client.ws_connect("/chat/ws?session=resetsession1") as ws:
-        await ws.receive()
+    async with client.ws_connect("/chat/ws") as ws:
+        _, conversation = await hello(ws)
         await chat(client, ws, "remember 42", "a")
         status, body = await post(
-            client, "/api/conversations/reset", {"conversation": "web:resetsession1"}
+            client, "/api/conversations/reset", {"conversation": f"web:{conversation}"}
         )
-        assert (status, body) == (200, {"reset": "web:resetsession1"})
+        assert (status, body) == (200, {"reset": f"web:{conversation}"})
         await chat(client, ws, "what number?", "b")
     assert [m["content"] for m in double.requests[-1]["messages"][1:]] == ["what number?"]
     for bad in (
@@ -118,7 +118,7 @@ max_retries = 0
 enabled = false
 [admin]
 password = "{password}"
-jwt_secret = "reload-test-secret"
+jwt_secret = "reload-test-secret-of-at-least-32-bytes"
 [log]
 level = "{level}"
 {extra}
@@ -200,7 +200,7 @@ async def test_sighup_reloads_the_running_process(
     """`systemctl reload` on a real `python run.py`: the next answer comes from the new model."""
     first = f'[model]\nbase_url = "{two_models[0]}"\n[store]\nurl = "memory://"\n'
     gw = spawn_gateway(first)
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=gw.admin_headers()) as http:
         assert await webchat_answer(http, gw.url, "sighupsession1") == "from model A"
         gw.config_path.write_text(first.replace(two_models[0], two_models[1]))
         gw.signal(signal.SIGHUP)

@@ -71,16 +71,37 @@ async def test_model_failure_gets_a_notice_with_the_reason(gateway: Any, openai_
     assert sample(client, "botgate_gateway_overhead_seconds_count") == 0  # nothing was answered
 
 
-async def test_identical_request_is_answered_from_the_cache(gateway: Any, openai_double: Any) -> None:
+async def test_identical_request_in_the_same_conversation_is_answered_from_the_cache(
+    gateway: Any, openai_double: Any
+) -> None:
     double, url = openai_double
     client = await gateway(make_config(model={"base_url": url}))
-    for session in ("cacheone01", "cachetwo02"):  # two fresh conversations, same question
-        async with client.ws_connect(f"/chat/ws?session={session}") as ws:
-            await ws.receive_json()
-            frame = await send(ws, "what is 2+2", "m1")
-            assert frame["text"] == "echo: what is 2+2"
+    async with client.ws_connect("/chat/ws") as ws:
+        await ws.receive_json()
+        assert (await send(ws, "what is 2+2", "m1"))["text"] == "echo: what is 2+2"
+        await send(ws, "/reset", "m2")  # the same context again: empty
+        double.answer = "a different answer"
+        assert (await send(ws, "what is 2+2", "m3"))["text"] == "echo: what is 2+2"
     assert len(double.requests) == 1
     assert sample(client, "botgate_cache_requests_total", {"result": "hit"}) == 1
+
+
+async def test_another_conversation_never_gets_a_cached_answer(gateway: Any, openai_double: Any) -> None:
+    """User B asking what user A asked, in a conversation of their own (same context: none) or in
+    one with another context, gets the model's answer for B, never A's cached one: a hit would tell
+    B what A had asked."""
+    double, url = openai_double
+    client = await gateway(make_config(model={"base_url": url}))
+    answers = []
+    for user, earlier in (("A", ""), ("B", ""), ("C", "hello first")):
+        double.answer = f"answer for {user}"
+        async with client.ws_connect("/chat/ws") as ws:
+            await ws.receive_json()
+            if earlier:
+                await send(ws, earlier, "m0")
+            answers.append((await send(ws, "what did the board decide?", "m1"))["text"])
+    assert answers == ["answer for A", "answer for B", "answer for C"]
+    assert sample(client, "botgate_cache_requests_total", {"result": "hit"}) == 0
 
 
 async def test_overhead_excludes_model_time_and_waiting_behind_the_conversation(
@@ -92,8 +113,8 @@ async def test_overhead_excludes_model_time_and_waiting_behind_the_conversation(
     double.hold = True
     client = await gateway(make_config(model={"base_url": url}, cache={"enabled": False}))
     model_time = 0.5
-    async with client.ws_connect("/chat/ws?session=overhead01") as ws:
-        await ws.receive_json()
+    async with client.ws_connect("/chat/ws") as ws:
+        conversation = (await ws.receive_json())["session"].partition(".")[0]
         for msg_id in ("m1", "m2"):
             await ws.send_json({"type": "message", "id": msg_id, "text": f"question {msg_id}"})
         async with asyncio.timeout(10):
@@ -106,7 +127,7 @@ async def test_overhead_excludes_model_time_and_waiting_behind_the_conversation(
                 frame = await ws.receive_json()
                 if frame["type"] == "done":
                     done.append(frame["reply_to"])
-    assert done == ["overhead01:m1", "overhead01:m2"]
+    assert done == [f"{conversation}:m1", f"{conversation}:m2"]
     await client.server.app[DISPATCHER].wait_idle()
     assert sample(client, "botgate_gateway_overhead_seconds_count") == 2
     assert sample(client, "botgate_model_request_duration_seconds_sum") >= model_time

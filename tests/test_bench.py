@@ -25,6 +25,7 @@ SCENARIOS = (
     "6. Recovery",
     "7. Startup",
     "8. Hot-path costs",
+    "9. Card streaming",
 )
 
 

@@ -218,7 +218,7 @@ def test_masked_hides_every_secret_and_keeps_the_rest() -> None:
         {
             "model": {"api_keys": ["sk-aaaa", "sk-bbbb"], "base_url": "http://127.0.0.1:1/v1"},
             "feishu": {"enabled": True, "app_id": "cli_visible", "app_secret": "fs-secret"},
-            "admin": {"password": "hunter22", "jwt_secret": "jwt-secret"},
+            "admin": {"password": "hunter22-hunter22", "jwt_secret": "jwt-secret-jwt-secret-jwt-secret"},
             "alerts": {"dingtalk_webhook": "https://oapi.dingtalk.com/robot/send?access_token=t0k"},
         },
         {},
@@ -234,7 +234,14 @@ def test_masked_hides_every_secret_and_keeps_the_rest() -> None:
     for secret in cfg.secrets():
         assert secret not in text
     assert sorted(cfg.secrets()) == sorted(
-        ["sk-aaaa", "sk-bbbb", "fs-secret", "hunter22", "jwt-secret", cfg.alerts.dingtalk_webhook]
+        [
+            "sk-aaaa",
+            "sk-bbbb",
+            "fs-secret",
+            "hunter22-hunter22",
+            "jwt-secret-jwt-secret-jwt-secret",
+            cfg.alerts.dingtalk_webhook,
+        ]
     )
     # Every secret key is a real key (a typo here would leave a secret unmasked).
     for key in SECRET_KEYS:

@@ -51,6 +51,28 @@ def test_group_needs_mention_and_mention_text_is_stripped() -> None:
     assert parsed(double.message(" ask @Carol later", group=True)).text == "ask @Carol later"
 
 
+def test_only_the_robots_own_leading_mention_is_stripped() -> None:
+    def group(text: str, *others: str, robot_first: bool = True) -> InboundMessage:
+        body = double.message(text, group=True)
+        people = [{"dingtalkId": f"$:LWCP_v1:${who}", "staffId": who} for who in others]
+        robot = body["atUsers"]
+        body["atUsers"] = robot + people if robot_first else people + robot
+        return parsed(body)
+
+    # The robot's mention already removed by DingTalk: a leading "@Bob" is part of the question.
+    assert group("@Bob\u2005please check the release", "bob").text == "@Bob please check the release"
+    # Both mentions kept, the robot's first in atUsers: only the robot's goes.
+    assert group("@Botgate\u2005@Bob\u2005please check", "bob").text == "@Bob please check"
+    # Both kept, but atUsers does not say the leading one is the robot's: nothing is deleted.
+    assert group("@Bob\u2005@Botgate\u2005check", "bob", robot_first=False).text == "@Bob @Botgate check"
+    # An e-mail address is no mention.
+    assert group("mail bob@example.com", "bob").text == "mail bob@example.com"
+    # A message that @mentions the robot by no id the payload names: nothing is taken for ours.
+    body = double.message("@Bob\u2005hi", group=True)
+    body["atUsers"] = [{"dingtalkId": "$:LWCP_v1:$bob"}]
+    assert parsed(body).text == "@Bob hi"
+
+
 def test_own_messages_and_filtered_ids_are_dropped() -> None:
     body = double.message("loop?")
     body["senderId"] = body["chatbotUserId"]
@@ -91,8 +113,35 @@ def test_picture_audio_file_and_unknown() -> None:
     assert "can't read files" in file.unsupported
     video = parsed(double.message(msgtype="video", content={"downloadCode": "v"}))
     assert "can't read videos" in video.unsupported
-    other = parsed(double.message(msgtype="interactiveCard", content={}))
-    assert "interactiveCard messages" in other.unsupported
+    other = parsed(double.message(msgtype="unknownMsgType", content={}))
+    assert "unknownMsgType messages" in other.unsupported
+    for kind in ("markdown", "chatRecord", "interactiveCard"):  # known types, nothing readable in them
+        assert "can't read this" in parsed(double.message(msgtype=kind, content={})).unsupported, kind
+
+
+def test_markdown_chat_history_and_shared_documents_are_read() -> None:
+    markdown = parsed(double.message(msgtype="markdown", content={"title": "t", "text": "## Plan\n- ship it"}))
+    assert (markdown.text, markdown.unsupported) == ("## Plan\n- ship it", "")
+    records = [
+        {"senderNick": "Ann", "content": "the build is red"},
+        {"senderNick": "Bo", "msgType": "text", "content": {"text": "since 9:00"}},
+        {"senderNick": "Cy", "msgType": "picture"},  # nothing readable: left out
+    ]
+    content = {"summary": "Ann: the build…", "chatRecord": orjson.dumps(records).decode()}
+    history = parsed(double.message(msgtype="chatRecord", content=content))
+    assert history.text == "[Forwarded chat history]\nAnn: the build…\nAnn: the build is red\nBo: since 9:00"
+    assert not history.unsupported
+    summary_only = parsed(double.message(msgtype="chatRecord", content={"summary": "Ann: hi\nBo: hello"}))
+    assert summary_only.text == "[Forwarded chat history]\nAnn: hi\nBo: hello"
+    as_list = parsed(double.message(msgtype="chatRecord", content={"summary": "[]", "chatRecord": records[:1]}))
+    assert as_list.text == "[Forwarded chat history]\nAnn: the build is red"
+    url = "dingtalk://dingtalkclient/page/link?route=previewDentry&type=file&spaceId=1&fileId=2"
+    card = parsed(
+        double.message(msgtype="interactiveCard", content={"title": "Q3 report", "biz_custom_action_url": url})
+    )
+    assert card.text == f"[Shared document]\nQ3 report\n{url}" and not card.unsupported
+    untitled = parsed(double.message(msgtype="interactiveCard", content={"biz_custom_action_url": url}))
+    assert untitled.text == f"[Shared document]\n{url}"
 
 
 def test_malformed_bodies_never_raise() -> None:
@@ -124,7 +173,11 @@ def test_frames_and_acks() -> None:
         "message": "OK",
         "data": '{"opaque":"x"}',
     }
-    for bad in ("nope", "[]", '{"headers":{}}', '{"headers":{"messageId":"m"},"data":{"a":1}}'):
+    # DingTalk's documented disconnect has no messageId: honoured, with nothing to ACK.
+    bye = parse_frame('{"type":"SYSTEM","headers":{"topic":"disconnect"},"data":"{\\"reason\\":\\"x\\"}"}')
+    assert (bye.type, bye.topic, bye.message_id) == ("SYSTEM", "disconnect", "")
+    callback_without_id = '{"type":"CALLBACK","headers":{"topic":"/v1.0/im/bot/messages/get"},"data":"{}"}'
+    for bad in ("nope", "[]", '{"headers":{}}', '{"headers":{"messageId":"m"},"data":{"a":1}}', callback_without_id):
         try:
             parse_frame(bad)
         except FrameError:

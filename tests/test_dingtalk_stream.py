@@ -80,14 +80,29 @@ async def test_system_ping_is_acked_with_its_data(aiohttp_server: Any, gateway: 
     assert env.adapter.status().last_event_at is None  # a ping proves the link, it is no event
 
 
-async def test_silent_connection_is_detected_as_stale_and_replaced(
+async def test_quiet_connection_answering_pings_is_kept(
     aiohttp_server: Any, gateway: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="gateway.connection")
-    env = await start(aiohttp_server, gateway, stale_after=0.3)
-    # The double sends nothing and keeps the socket open: only the stale limit can notice.
-    await env.double.wait_for(lambda: env.double.connections >= 2)
-    assert any("StaleConnection" in e for e in lost_errors(caplog))
+    env = await start(aiohttp_server, gateway, stale_after=0.5)
+    # No frame at all, only pongs to our pings (every 0.25 s): as in DingTalk's SDKs, a pong proves
+    # the link. Six pings span three stale limits.
+    await env.double.wait_for(lambda: env.double.pings >= 6)
+    assert env.double.connections == 1 and lost_errors(caplog) == []
+    await env.double.push(env.double.message("still listening?"))
+    assert "still listening?" in (await env.answers(1))[0]["markdown"]["text"]
+
+
+async def test_connection_without_pongs_is_detected_as_stale_and_replaced(
+    aiohttp_server: Any, gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.connection")
+    double = DingTalkDouble(answer_pings=False)
+    env = await start(aiohttp_server, gateway, double=double, stale_after=0.3)
+    # The socket stays open but nothing comes back, not even a pong: only liveness can notice.
+    await double.wait_for(lambda: double.connections >= 2)
+    assert double.pings >= 1
+    assert any("StaleConnection" in e and "not even a pong" in e for e in lost_errors(caplog))
     assert env.sample("botgate_reconnects_total", platform="dingtalk") >= 1
 
 
@@ -106,20 +121,63 @@ async def test_dropped_socket_reconnects_and_next_message_is_answered(
     assert env.adapter.status().reconnects == 1
 
 
-async def test_system_disconnect_is_honoured_by_connecting_afresh(
-    aiohttp_server: Any, gateway: Any, caplog: pytest.LogCaptureFixture
+async def test_disconnect_swaps_in_a_new_connection_before_leaving_the_old(
+    aiohttp_server: Any, gateway: Any, openai_double: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """DingTalk's `disconnect` as documented (no messageId), then a frame still on its way on the
+    old socket, then the server's close some time later: the new connection is open while the old
+    one still is, nothing sent around the swap is lost, and the channel never stopped being connected."""
     caplog.set_level(logging.WARNING, logger="gateway.connection")
+    env = await start(aiohttp_server, gateway, model_url=openai_double[1])
+    double = env.double
+    since = env.adapter.status().connected_since
+    before = await double.push(double.message("before", staff_id="u1"))
+    old = await double.rotate(close_after=None)
+    late = await double.push(double.message("on its way", staff_id="u1"), to=old)  # raced the rotation
+    await double.wait_acked(late)  # read and ACKed on the socket it came on
+    await double.wait_for(lambda: double.open_connections == [old, 2])  # warm: both open at once
+    after = await double.push(double.message("after", staff_id="u1"))  # the old socket gets nothing new
+    answers = await env.answers(3)
+    assert [a["markdown"]["text"] for a in answers] == ["echo: before", "echo: on its way", "echo: after"]
+    acks = {f: double.acked(f) for f in (before, late, after)}
+    assert [a.connection if a else None for a in acks.values()] == [old, old, 2]  # each on its own socket
+    await double.close(old)  # the server ends the old socket
+    await double.wait_for(lambda: double.open_connections == [2])
+    status = env.adapter.status()
+    assert status.state is ChannelState.CONNECTED and status.connected_since == since
+    assert status.reconnects == 0 and env.sample("botgate_reconnects_total", platform="dingtalk") == 0
+    assert lost_errors(caplog) == [] and len(double.opens) == 2 and double.ack_errors == []
+    await double.push(double.message("and later", staff_id="u1"))
+    assert (await env.answers(4))[3]["markdown"]["text"] == "echo: and later"
+
+
+async def test_disconnect_with_a_message_id_is_acked_and_swapped(aiohttp_server: Any, gateway: Any) -> None:
     env = await start(aiohttp_server, gateway)
-    frame_id = await env.double.system("disconnect", {"reason": "server upgrade"})
-    await env.double.wait_for(lambda: env.double.connections == 2)
-    await env.connected()
-    ack = env.double.acked(frame_id)
-    assert ack is not None and ack.code == 200
-    assert lost_errors(caplog) == ["server asked to reconnect"]
-    assert len(env.double.opens) == 2  # a fresh ticket, not a reused socket
-    await env.double.push(env.double.message("after the move"))
-    assert "after the move" in (await env.answers(1))[0]["markdown"]["text"]
+    double = env.double
+    old = await double.rotate(close_after=0.2, with_id=True)  # the server closes it itself
+    await double.wait_for(lambda: double.open_connections == [2])
+    disconnect = next(a for a in double.acks if a.connection == old)
+    assert disconnect.code == 200 and disconnect.data == {"reason": "rotate"}
+    assert env.adapter.status().reconnects == 0
+
+
+async def test_frames_on_both_sockets_during_a_swap_are_all_answered(
+    aiohttp_server: Any, gateway: Any, openai_double: Any
+) -> None:
+    """A server that keeps delivering on a socket it asked us to leave, to either of the app's
+    sockets at random: every message is answered once and ACKed where it came."""
+    env = await start(aiohttp_server, gateway, model_url=openai_double[1])
+    double = env.double
+    old = await double.rotate(close_after=None, stop=False)
+    await double.wait_for(lambda: len(double.open_connections) == 2)
+    double.spread = True
+    frames = [await double.push(double.message(f"m{i}", staff_id=f"u{i}")) for i in range(12)]
+    acks = [await double.wait_acked(f) for f in frames]
+    sent_on = [n for _, _, n in double.deliveries]
+    assert set(sent_on) == {old, 2}  # the spread reached both
+    assert [a.connection for a in acks] == sent_on  # each ACKed on the socket it came on
+    answers = await env.answers(12)
+    assert sorted(a["markdown"]["text"] for a in answers) == sorted(f"echo: m{i}" for i in range(12))
 
 
 async def test_open_connection_failing_backs_off_then_connects(
@@ -184,7 +242,8 @@ async def test_many_conversations_at_once_all_acked_and_answered_in_order(
     SQLite group commit): every frame ACKed once, every message answered, each conversation's
     answers in the order its messages arrived."""
     sections = {"store": {"url": f"sqlite:///{tmp_path}/s.sqlite3"}}
-    env = await start(aiohttp_server, gateway, model_url=openai_double[1], sections=sections)
+    # 200 replies at DingTalk's 20 a second would take 11 s; the limiter is tests/test_api_quota.py's.
+    env = await start(aiohttp_server, gateway, model_url=openai_double[1], sections=sections, api_qps=0)
     frames = []
     for i in range(10):
         for c in range(20):

@@ -33,7 +33,7 @@ async def test_good_signature_is_answered(aiohttp_server: Any, gateway: Any, ope
     status, answer = await post(env, orjson.dumps(body), signed(env))
     assert (status, answer) == (200, {"msgtype": "empty"})
     [reply] = await env.answers(1)
-    assert reply["markdown"]["text"] == "@u1 echo: via webhook"
+    assert reply["markdown"]["text"] == "@u1 echo: Alice: via webhook"  # a group turn names its speaker
     ready = await env.client.get("/readyz")
     assert ready.status == 200  # nothing to connect in webhook mode
 

@@ -367,14 +367,92 @@ async def test_ready_at_excludes_waiting_behind_the_same_conversation(make: Any)
     responder.release("m2")
 
 
-async def test_refused_while_the_disk_is_full_and_admitted_when_redelivered(tmp_path: Path) -> None:
-    """A real SQLITE_FULL (the file capped at its size, as a full disk): the message is not
-    acknowledged, and the platform's redelivery, once there is room, is admitted and answered
-    rather than dropped as a duplicate of a message that never reached the inbox."""
+async def full_disk(store: SqliteStore) -> None:
+    """A real SQLITE_FULL from now on: the file capped at its size, as a full disk."""
+    pages = await store.db.write(lambda conn, now: conn.execute("PRAGMA page_count").fetchone()[0])
+    await store.db.write(lambda conn, now: conn.execute(f"PRAGMA max_page_count = {pages}"))
+
+
+async def disk_has_room(store: SqliteStore) -> None:
+    await store.db.write(lambda conn, now: conn.execute("PRAGMA max_page_count = 1073741823"))
+
+
+def big(conversation: str, message_id: str) -> InboundMessage:
+    """A message the full file cannot take (its dedup claim alone would fit)."""
+    return dataclasses.replace(msg(conversation, message_id), text="x" * 20_000)
+
+
+def spill_events(metrics: Metrics) -> dict[str, float]:
+    events = ("spilled", "recovered", "refused", "lost")
+    return {e: metrics.registry.get_sample_value("botgate_spill_total", {"event": e}) or 0.0 for e in events}
+
+
+async def test_held_in_memory_while_the_disk_is_full_and_answered_in_order_once_it_has_room(
+    tmp_path: Path,
+) -> None:
+    """The store refuses messages: they are held in memory (not acknowledged, since a crash would
+    lose them), a redelivery of one is recognised, and once the store has room each is answered
+    once, with no redelivery needed, in its conversation's order: a message arriving then for a
+    conversation with held messages goes into the inbox behind them."""
     store = SqliteStore(tmp_path / "full.sqlite3")
     await store.open()
     responder = RecordingResponder(hold=False)
-    dispatcher = Dispatcher(DispatcherConfig(), store, Metrics(), responder)
+    metrics = Metrics()
+    dispatcher = Dispatcher(DispatcherConfig(), store, metrics, responder)
+    try:
+        await full_disk(store)
+        first, second, other = big("c1", "m1"), big("c1", "m2"), big("c2", "o1")
+        for message in (first, second, other):
+            admission = await dispatcher.submit(message)
+            assert admission is Admission.SPILLED and not admission.acknowledge
+        redelivered = dataclasses.replace(first, request_id="redelivery")
+        assert await dispatcher.submit(redelivered) is Admission.SPILLED  # the same message, not a 4th
+        assert dispatcher.spilled == 3 and responder.events == [] and dispatcher.depth == 0
+
+        await disk_has_room(store)
+        assert await dispatcher.submit(msg("c1", "m3")) is Admission.ACCEPTED  # behind m1 and m2
+        async with asyncio.timeout(5):
+            await dispatcher.wait_idle()
+        assert [m for m in responder.ended() if m.startswith("m")] == ["m1", "m2", "m3"]
+        assert sorted(responder.ended()) == ["m1", "m2", "m3", "o1"]  # each once
+        assert await store.inbox_pending() == [] and dispatcher.spilled == 0
+        assert spill_events(metrics) == {"spilled": 3, "recovered": 3, "refused": 0, "lost": 0}
+        assert metrics.registry.get_sample_value("botgate_dedup_dropped_total", {"platform": "dingtalk"}) == 1
+    finally:
+        await dispatcher.drain(5.0)
+        await store.close()
+
+
+async def test_a_full_spill_tells_the_sender_and_what_shutdown_cannot_store_is_counted_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SqliteStore(tmp_path / "full.sqlite3")
+    await store.open()
+    responder = RecordingResponder(hold=False)
+    metrics = Metrics()
+    dispatcher = Dispatcher(DispatcherConfig(spill_max=1), store, metrics, responder)
+    try:
+        await full_disk(store)
+        assert await dispatcher.submit(big("c1", "m1")) is Admission.SPILLED
+        refused = await dispatcher.submit(big("c2", "o1"))  # the newest is refused, the oldest kept
+        assert refused is Admission.BUSY and refused.acknowledge
+        await responder.wait_for(lambda: responder.notices == [("o1", BUSY_NOTICE)])
+        assert not await dispatcher.drain(0.2)  # the store never came back
+        assert spill_events(metrics) == {"spilled": 1, "recovered": 0, "refused": 1, "lost": 1}
+        assert any("held in memory are lost" in r.getMessage() for r in caplog.records)
+        assert responder.events == []
+    finally:
+        await store.close()
+
+
+async def test_refused_while_the_disk_is_full_and_admitted_when_redelivered(tmp_path: Path) -> None:
+    """Without a spill (`spill_max = 0`), a real SQLITE_FULL: the message is not acknowledged, and
+    the platform's redelivery, once there is room, is admitted and answered rather than dropped as
+    a duplicate of a message that never reached the inbox."""
+    store = SqliteStore(tmp_path / "full.sqlite3")
+    await store.open()
+    responder = RecordingResponder(hold=False)
+    dispatcher = Dispatcher(DispatcherConfig(spill_max=0), store, Metrics(), responder)
     try:
         pages = await store.db.write(lambda conn, now: conn.execute("PRAGMA page_count").fetchone()[0])
         await store.db.write(lambda conn, now: conn.execute(f"PRAGMA max_page_count = {pages}"))

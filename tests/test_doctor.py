@@ -37,6 +37,7 @@ class Setup:
             "client_secret": SECRET,
             "api_base": self.double.base,
             "oapi_base": self.double.base,
+            "monthly_api_budget": 5000,  # a standard org's quota (the budget check)
             **sections.pop("dingtalk", {}),
         }
         model = {"base_url": self.model_url, "api_keys": [KEY], **sections.pop("model", {})}
@@ -79,6 +80,7 @@ async def test_a_healthy_setup_passes_every_check(setup: Setup) -> None:
         "dingtalk stream endpoint",
         "dingtalk robot identity",
         "dingtalk clock",
+        "dingtalk api budget",
         "model",
         "store",
     ]
@@ -219,14 +221,14 @@ async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, s
 async def test_doctor_command_exits_0_healthy_1_failing_2_without_config(setup: Setup, tmp_path: Path) -> None:
     config = tmp_path / "botgate.toml"
     config.write_text(
-        f'[dingtalk]\nenabled = true\nclient_id = "{setup.double.client_id}"\n'
+        f'[dingtalk]\nenabled = true\nclient_id = "{setup.double.client_id}"\nmonthly_api_budget = 5000\n'
         f'api_base = "{setup.double.base}"\n[model]\nbase_url = "{setup.model_url}"\n'
         f'[store]\nurl = "sqlite:///{setup.state}/cli.sqlite3"\n'
     )
     env = {"BOTGATE_DINGTALK__CLIENT_SECRET": SECRET, "BOTGATE_MODEL__API_KEYS": KEY}
     code, out, err = await run_cli("doctor", "--config", str(config), env=env)
     assert code == 0, out + err
-    assert out.splitlines()[-1] == "6 passed" and SECRET not in out and err == ""
+    assert out.splitlines()[-1] == "7 passed" and SECRET not in out and err == ""
     # --config may come before the command too.
     env["BOTGATE_DINGTALK__CLIENT_SECRET"] = "wrong"
     code, out, _ = await run_cli("--config", str(config), "doctor", env=env)
@@ -248,13 +250,16 @@ def feishu_config(domain: str, model_url: str, tmp_path: Path, **feishu: Any) ->
 
 async def test_feishu_healthy(feishu: tuple[FeishuDouble, str], setup: Setup, tmp_path: Path) -> None:
     double, domain = feishu
-    code, checks = await diagnose(feishu_config(domain, setup.model_url, tmp_path))
+    # A paid plan has no quota; a budget far above what answers cost keeps the budget check quiet.
+    config = feishu_config(domain, setup.model_url, tmp_path, monthly_api_budget=1_000_000)
+    code, checks = await diagnose(config)
     assert code == 0, checks
     names = [
         "feishu credentials",
         "feishu ws endpoint",
         "feishu bot identity",
         "feishu clock",
+        "feishu api budget",
         "model",
         "store",
     ]
@@ -297,3 +302,33 @@ async def test_feishu_clock_skew(
     assert status(line) == expected, line
     if expected == "FAIL":
         assert "more than 600 s" in line and "dropped as replays" in line
+
+
+# -- the monthly API budget ---------------------------------------------------------------------------
+async def test_unset_api_budget_warns_with_the_plans_quota(
+    feishu: tuple[FeishuDouble, str], setup: Setup, tmp_path: Path
+) -> None:
+    code, checks = await diagnose(setup.config(dingtalk={"monthly_api_budget": 0}))
+    line = checks["dingtalk api budget"]
+    assert code == 0 and status(line) == "WARN", line
+    assert "monthly_api_budget is not set" in line and "a standard DingTalk org: 5,000" in line
+    _, domain = feishu
+    _, checks = await diagnose(feishu_config(domain, setup.model_url, tmp_path))
+    line = checks["feishu api budget"]
+    assert status(line) == "WARN" and "Feishu's free plan: 10,000" in line, line
+
+
+async def test_api_budget_card_streaming_would_use_up_warns(setup: Setup) -> None:
+    cards = {"card_template_id": "tpl", "stream_interval": 0.5}
+    # A card answer: create, one update every 0.5 s of a 10 s answer, final update, finish = 23 calls.
+    _, checks = await diagnose(setup.config(dingtalk={**cards, "monthly_api_budget": 5000}))
+    line = checks["dingtalk api budget"]
+    assert status(line) == "WARN", line
+    assert "about 23 API calls" in line and "about 217 answers a month" in line and "stream_interval" in line
+    _, checks = await diagnose(setup.config(dingtalk={**cards, "monthly_api_budget": 100_000}))
+    line = checks["dingtalk api budget"]
+    assert status(line) == "PASS" and "about 4,348 answers a month" in line, line
+    # Without a card, answers go through the sessionWebhook, which the API quota does not count.
+    _, checks = await diagnose(setup.config(dingtalk={"monthly_api_budget": 50}))
+    line = checks["dingtalk api budget"]
+    assert status(line) == "PASS" and "sessionWebhook" in line, line

@@ -24,7 +24,7 @@ from aiohttp.test_utils import TestServer
 import handlers
 from gateway.app import create_app
 from gateway.dispatcher import TIMEOUT_NOTICE
-from gateway.keys import DISPATCHER, METRICS, RESOLVER, STORE
+from gateway.keys import AUTH, DISPATCHER, METRICS, RESOLVER, STORE
 from gateway.store import SqliteStore
 from tests.conftest import make_config
 from tests.doubles import feishu as fd
@@ -252,7 +252,8 @@ async def test_dns_failure_for_the_platform_and_the_model(
     )
     app = create_app(config, [handlers.setup])
     app[RESOLVER] = resolver
-    env = DingTalkEnv(double, await aiohttp_client(TestServer(app, host="127.0.0.1")))
+    admin = {"Authorization": f"Bearer {app[AUTH].login_token.current()}"}  # /readyz details: the admin's
+    env = DingTalkEnv(double, await aiohttp_client(TestServer(app, host="127.0.0.1"), headers=admin))
 
     await resolver.wait_lookups(dingtalk_name, 2)  # it keeps trying (with backoff)
     status, body = await readyz(env)
@@ -280,7 +281,7 @@ async def fill_the_disk(env: DingTalkEnv) -> tuple[SqliteStore, dict[str, Any]]:
     body = env.double.message("long question " + "x" * 8000)
     frame_id = await env.double.push(body)
     await ping_round_trip(env)
-    assert env.double.acked(frame_id) is None  # not ACKed: DingTalk will deliver it again
+    assert env.double.acked(frame_id) is None  # held in memory, not ACKed (a redelivery may come)
     status, ready = await readyz(env)
     assert status == 503 and "database or disk is full" in ready["reason"]
     await store.db.write(lambda conn, now: conn.execute("PRAGMA max_page_count = 1073741823"))  # room again
@@ -288,20 +289,32 @@ async def fill_the_disk(env: DingTalkEnv) -> tuple[SqliteStore, dict[str, Any]]:
     return store, body
 
 
-async def test_disk_full_refuses_messages_until_there_is_room(
+async def test_disk_full_message_is_held_and_answered_once_there_is_room(
     aiohttp_server: Any, gateway: Any, tmp_path: Path, loop_errors: Any
 ) -> None:
-    sections = {"store": {"url": f"sqlite:///{tmp_path}/bot.sqlite3"}}
-    env = await start(aiohttp_server, gateway, sections=sections)
-    await fill_the_disk(env)
+    """No redelivery comes (DingTalk's robot messages are fire-and-forget): the message held in
+    memory while the disk was full is answered once there is room, before the next one."""
+    sections: dict[str, dict[str, Any]] = {
+        "store": {"url": f"sqlite:///{tmp_path}/bot.sqlite3"},
+        "limits": {"max_message_chars": 0},
+    }
+    env = await start(aiohttp_server, gateway, sections=sections)  # no cap: fill_the_disk sends a big message
+    _, body = await fill_the_disk(env)
+    await env.double.wait_for(lambda: env.double.session_posts)
+    await env.client.app[DISPATCHER].wait_idle()
+    posts = env.double.session_posts  # a long echo, so several parts, all of one answer
+    assert {p["session"] for p in posts} == {body["sessionWebhook"].partition("session=")[2]}
     assert "after the cleanup" in await ask(env, "after the cleanup")
 
 
 async def test_disk_full_message_is_answered_when_redelivered(
     aiohttp_server: Any, gateway: Any, tmp_path: Path, loop_errors: Any
 ) -> None:
-    sections = {"store": {"url": f"sqlite:///{tmp_path}/bot.sqlite3"}}
-    env = await start(aiohttp_server, gateway, sections=sections)
+    sections: dict[str, dict[str, Any]] = {
+        "store": {"url": f"sqlite:///{tmp_path}/bot.sqlite3"},
+        "limits": {"max_message_chars": 0},
+    }
+    env = await start(aiohttp_server, gateway, sections=sections)  # no cap: fill_the_disk sends a big message
     _, body = await fill_the_disk(env)
     redelivery = await env.double.push(body)  # DingTalk's redelivery: same msgId, new frame id
     await env.double.wait_for(lambda: env.double.acked(redelivery) is not None)

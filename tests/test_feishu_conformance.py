@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from handlers.feishu.api import SDK_USER_AGENT
 from tests.doubles import feishu as fd
 from tests.doubles.feishu_events import message_event
 
@@ -44,3 +45,7 @@ async def test_lark_oapi_client_receives_events_and_answers_them(aiohttp_server:
     frames = [f for f in double.response_frames if f.header("message_id") == split]
     assert len(frames) == 1 and frames[0].header("seq") == "0" and frames[0].header("biz_rt") is not None
     assert double.endpoint_calls == 1 and double.connections == 1
+    # The endpoint call's headers botgate copies (handlers/feishu/api.py): `locale` and the SDK's
+    # agent, whose version token is the protocol version botgate names.
+    [sdk] = double.endpoint_headers
+    assert sdk["locale"] == "zh" and sdk["User-Agent"] == SDK_USER_AGENT.split()[0]

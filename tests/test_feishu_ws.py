@@ -3,6 +3,8 @@ response frames, liveness, reconnects, and the pieces behind them."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -11,12 +13,16 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.channel import ChannelState
+from gateway.config import FeishuConfig
 from gateway.keys import CHANNELS, DISPATCHER, METRICS
-from handlers.feishu.ws import ClientConfig, Reassembler, ServerPacedBackoff
+from handlers.feishu import FeishuAdapter
+from handlers.feishu.api import SDK_USER_AGENT
+from handlers.feishu.ws import REFUSED_RETRY, ClientConfig, Reassembler, ServerPacedBackoff
 from tests.doubles import feishu as fd
 from tests.doubles.feishu import FeishuDouble
 from tests.doubles.feishu_events import message_event
 from tests.doubles.openai import OpenAIDouble
+from tests.helpers import readiness
 
 Client = TestClient[web.Request, web.Application]
 
@@ -108,6 +114,27 @@ async def test_stale_connection_detected_and_replaced(start: Any, feishu: Any) -
     assert client.app[METRICS].registry.get_sample_value("botgate_reconnects_total", {"platform": "feishu"}) == 1
 
 
+async def test_socket_without_any_pong_replaced_within_a_minute(start: Any, feishu: Any) -> None:
+    """The server's ping interval stays at its default 120 s, so ping frames alone would need 240 s
+    to notice; websocket pings notice in `stale_after` (40 s by default, 0.3 s here)."""
+    double, _ = feishu
+    assert FeishuConfig().stale_after <= 60
+    client = await start(feishu={"stale_after": 0.3})
+    double.pong, double.ws_pong = False, False  # open, but nothing comes back at all
+    await double.wait_for(lambda: double.connections == 2)
+    status = client.app[CHANNELS]["feishu"].status()
+    assert "StaleConnection" in status.last_error and "not even a pong" in status.last_error
+    assert double.ws_pings >= 1 and double.pings == 1  # the one ping frame sent on connecting
+
+
+async def test_websocket_pongs_keep_a_quiet_socket(start: Any, feishu: Any) -> None:
+    double, _ = feishu
+    client = await start(feishu={"stale_after": 0.5})
+    # No event, no ping frame due for 120 s: only websocket pongs (pings every 0.25 s) prove the link.
+    await double.wait_for(lambda: double.ws_pings >= 6)
+    assert double.connections == 1 and client.app[CHANNELS]["feishu"].status().reconnects == 0
+
+
 async def test_closed_socket_reconnects_and_next_message_answered(start: Any, feishu: Any) -> None:
     double, _ = feishu
     client = await start()
@@ -129,16 +156,62 @@ async def test_refused_credentials_reported_and_retried(feishu: Any, gateway: An
     assert resp.status == 503 and "feishu reconnecting" in (await resp.json())["reason"]
 
 
-async def test_refused_upgrade_reported(feishu: Any, gateway: Any) -> None:
+async def test_transient_refused_upgrade_reported_and_retried(feishu: Any, gateway: Any) -> None:
     double, domain = feishu
-    double.refuse_ws = "exceed conn limit"
+    double.refuse_ws, double.refuse_ws_status, double.refuse_ws_autherrcode = "auth busy", 514, "1000040343"
     double.client_config["ReconnectInterval"] = 0  # retries as fast as the backoff allows
     client: Client = await gateway(fd.config(domain))
     channel = client.app[CHANNELS]["feishu"]
-    await double.wait_for(lambda: "exceed conn limit" in channel.status().last_error)
-    assert "handshake refused: HTTP 403" in channel.status().last_error
+    await double.wait_for(lambda: double.refusals >= 2)  # retried without anyone asking
+    status = channel.status()
+    assert status.state is ChannelState.RECONNECTING
+    assert "handshake refused: HTTP 514, handshake-status 514 auth busy, autherrcode 1000040343" in status.last_error
     double.refuse_ws = ""
     await double.wait_for(lambda: channel.status().state is ChannelState.CONNECTED and double.sockets)
+
+
+@pytest.mark.parametrize(
+    ("status", "autherrcode", "why"),
+    [(514, "1000040350", "too many connections"), (403, "", "the app is banned")],
+)
+async def test_final_refusal_stops_retrying_and_says_so(
+    feishu: Any, gateway: Any, caplog: pytest.LogCaptureFixture, status: int, autherrcode: str, why: str
+) -> None:
+    """What the SDK gives up on (docs/protocols/feishu.md §B.8): no tight retry loop, a plain
+    `refused` on /readyz and the status page, an ERROR line, and a retry at once on Reconnect."""
+    caplog.set_level(logging.WARNING, logger="gateway.connection")
+    double, domain = feishu
+    double.refuse_ws, double.refuse_ws_status, double.refuse_ws_autherrcode = "refused", status, autherrcode
+    client: Client = await gateway(fd.config(domain))
+    channel = client.app[CHANNELS]["feishu"]
+    assert isinstance(channel, FeishuAdapter)
+    async with asyncio.timeout(10):
+        await channel.tracker.wait_for(lambda s: s.state is ChannelState.REFUSED)
+    [line] = [r for r in caplog.records if r.getMessage() == "connection refused"]
+    fields = vars(line)
+    assert line.levelno == logging.ERROR and fields["retry_in_s"] == REFUSED_RETRY >= 600
+    assert why in fields["error"] and "or on an admin reconnect" in fields["error"]
+    ready_status, ready = await readiness(client)
+    assert ready_status == 503 and ready["channels"]["feishu"] == "refused"
+    assert f"feishu refused (feishu refused the connection, {why}" in ready["reason"]
+    page = await (await client.get("/")).text()
+    assert ">refused<" in page and why in page
+    assert double.refusals == 1 and double.endpoint_calls == 1
+    await channel.reconnect()  # an admin fixed it, or wants to know: one attempt at once
+    await double.wait_for(lambda: double.refusals == 2)
+    double.refuse_ws = ""
+    await channel.reconnect()
+    await double.wait_for(lambda: channel.status().state is ChannelState.CONNECTED and double.sockets)
+    assert channel.status().last_error == ""
+
+
+async def test_endpoint_call_and_upgrade_carry_the_sdk_headers(start: Any, feishu: Any) -> None:
+    double, _ = feishu
+    await start()
+    [endpoint], [upgrade] = double.endpoint_headers, double.ws_headers
+    assert endpoint["locale"] == "zh" and endpoint["User-Agent"] == SDK_USER_AGENT
+    assert upgrade["User-Agent"] == SDK_USER_AGENT
+    assert SDK_USER_AGENT.startswith("oapi-sdk-python/v")  # the SDK's form (lark_oapi/core/utils/user_agent.py)
 
 
 async def test_admin_reconnect(start: Any, feishu: Any) -> None:

@@ -140,7 +140,7 @@ def test_random_websocket_frames_never_break_the_server(live: Live) -> None:
         masked=st.sampled_from([True, True, True, False]),
     )
     def one(opcode: int, payload: bytes, fin: bool, rsv: int, masked: bool) -> None:
-        ws = chat_session(live.port, "framefuzz01")
+        ws = chat_session(live, "framefuzz01")
         try:
             ws.send(frame(opcode, payload, fin=fin, rsv=rsv, masked=masked))
             ws.send_text(PROBE)  # answered at once, unless the fuzzed frame made the server hang up
@@ -192,7 +192,7 @@ def test_random_chat_messages_are_answered_or_refused_clearly(live: Live) -> Non
             and bool(text.strip())
             and len(text) <= MAX_TEXT
         )
-        ws = chat_session(live.port, "msgfuzz01")
+        ws = chat_session(live, "msgfuzz01")
         try:
             ws.send(frame(OP_TEXT, data))
             first = read_json_until(ws, ("accepted", *FINAL))

@@ -144,18 +144,17 @@ def test_dingtalk_stale_or_forged_signatures_are_401(live: Live) -> None:
     )
     def one(skew: int, forged: str | None, timestamp: str | None) -> None:
         body = orjson.dumps(live.dingtalk.message("forged?"))
-        why: tuple[str, ...]
         if timestamp is not None:
-            headers, why = [("timestamp", timestamp), ("sign", "x")], ("malformed timestamp", "missing")
+            headers = [("timestamp", timestamp), ("sign", "x")]
         elif forged is None:  # correctly signed, but long ago (or far ahead)
-            headers, why = live.dingtalk_headers(int(time.time() * 1000) + skew), ("timestamp too old",)
+            headers = live.dingtalk_headers(int(time.time() * 1000) + skew)
         elif forged == "wrong-secret":
-            headers, why = live.dingtalk_headers(secret="not-the-secret"), ("bad signature",)
+            headers = live.dingtalk_headers(secret="not-the-secret")
         else:
             headers = [("timestamp", str(int(time.time() * 1000))), ("sign", forged)]
-            why = ("bad signature", "missing timestamp or sign header")
         status, answer = post(live, "/dingtalk/webhook", body, headers)
-        assert status == 401 and answer["error"].startswith(why), (status, answer)
+        # One answer whatever was wrong (docs/security.md): no oracle for which check failed.
+        assert (status, answer) == (401, {"error": "unauthorized"})
 
     one()
     live.assert_healthy()
@@ -172,7 +171,7 @@ def test_odd_signature_headers_are_401(live: Live) -> None:
     assert post(live, "/feishu/webhook", body, headers)[0] == 401
     # Nor may a timestamp of thousands of digits (int() refuses those) get past the check.
     status, answer = post(live, "/dingtalk/webhook", body, [("timestamp", "9" * 5000), ("sign", "x")])
-    assert (status, answer["error"]) == (401, "malformed timestamp")
+    assert (status, answer["error"]) == (401, "unauthorized")
     headers = live.feishu_headers(body, timestamp="9" * 5000)
     assert post(live, "/feishu/webhook", body, headers)[0] == 401
 
@@ -265,12 +264,11 @@ def test_feishu_stale_or_forged_signatures_are_401(live: Live) -> None:
     def one(skew: int, forged: str | None) -> None:
         body = orjson.dumps(message_event("replayed", message_id=f"om_{uuid.uuid4().hex}"))
         if forged is None:
-            headers, why = live.feishu_headers(body, int(time.time()) + skew), "timestamp too old"
+            headers = live.feishu_headers(body, int(time.time()) + skew)
         else:
             headers = [*live.feishu_headers(body)[:2], ("X-Lark-Signature", forged)]
-            why = "bad signature"
         status, answer = post(live, "/feishu/webhook", body, headers)
-        assert status == 401 and answer["error"].startswith(why), (status, answer)
+        assert (status, answer) == (401, {"error": "unauthorized"})
 
     one()
     live.assert_healthy()

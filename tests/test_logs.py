@@ -19,7 +19,7 @@ from tests.conftest import make_config
 
 SECRETS: dict[str, dict[str, Any]] = {
     "model": {"api_keys": ["sk-log-secret-0001", "sk-log-secret-0002"]},
-    "admin": {"password": "hunter2-admin-pass", "jwt_secret": 'jwt"with\\quote'},
+    "admin": {"password": "hunter2-admin-pass", "jwt_secret": 'jwt"with\\quote-and-enough-bytes-for-32'},
 }
 
 
@@ -75,8 +75,9 @@ async def test_answered_line_has_the_fields_ops_query(
     assert stamp.utcoffset() == timedelta(0)  # ISO-8601, UTC
     assert line["level"] == "INFO"
     assert re.fullmatch(r"[0-9a-f]{16}", line["request_id"])
-    assert line["user_id"] == "web:logsession1"
-    assert line["platform"] == "web" and line["message_id"] == "logsession1:m1"
+    assert line["user_id"] == "web:127.0.0.1"  # a web chat user is its client address
+    # The server-issued session's id names the message (never the whole session: docs/security.md).
+    assert line["platform"] == "web" and re.fullmatch(r"[0-9a-f]{16}:m1", line["message_id"])
     assert line["model_version"] == "gpt-4o-mini-0613"  # as the server reported it
     assert isinstance(line["latency_ms"], float) and line["latency_ms"] > 0
     assert 0 <= line["overhead_ms"] <= line["latency_ms"]
@@ -100,7 +101,7 @@ async def test_secrets_never_reach_the_log(gateway: Any, openai_double: Any, cap
     client = await gateway(config)
     notice = await chat(client, "logsession2", "trigger the error")
     assert notice["type"] == "done" and "not answering" in notice["text"]
-    logging.getLogger("gateway.test").warning("quoted %s", 'jwt"with\\quote')
+    logging.getLogger("gateway.test").warning("quoted %s", SECRETS["admin"]["jwt_secret"])
 
     text = stream.getvalue()
     assert "model failed" in text

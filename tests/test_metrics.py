@@ -20,11 +20,11 @@ from gateway.app import create_app
 from gateway.budget import ApiBudget
 from gateway.channel import ChannelState, ChannelStatus, StatusTracker
 from gateway.connection import ConnectionLoop
-from gateway.keys import CHANNELS, DISPATCHER, METRICS
+from gateway.keys import AUTH, CHANNELS, DISPATCHER, METRICS
 from gateway.messages import Attachment, ConversationKind, InboundMessage, Reply
 from gateway.tasks import stop_task
 from tests.conftest import make_config
-from tests.helpers import chat
+from tests.helpers import chat, hello
 
 FAMILIES = {
     "botgate_messages_received": ("counter", {"platform", "transport", "kind"}),
@@ -40,6 +40,11 @@ FAMILIES = {
     "botgate_dedup_dropped": ("counter", {"platform"}),
     "botgate_cache_requests": ("counter", {"result"}),
     "botgate_platform_api_calls": ("counter", {"platform", "endpoint"}),
+    "botgate_platform_throttled": ("counter", {"platform", "endpoint"}),
+    "botgate_platform_api_calls_per_answer": ("histogram", {"platform"}),
+    "botgate_platform_api_budget_used": ("gauge", {"platform", "bot"}),
+    "botgate_platform_api_budget_ratio": ("gauge", {"platform", "bot"}),
+    "botgate_platform_api_quota_spent": ("gauge", {"platform", "bot"}),
     "botgate_http_requests": ("counter", {"route", "status"}),
 }
 Sample = tuple[str, frozenset[tuple[str, str]]]
@@ -113,15 +118,16 @@ async def test_families_move_with_traffic(
     client = await gateway(make_config(model={"base_url": model_url, "max_retries": 0}))
     _, before = await scrape(client)
 
-    async with client.ws_connect("/chat/ws?session=metricsuser1") as ws:
-        await ws.receive()
+    async with client.ws_connect("/chat/ws") as ws:
+        session, conversation = await hello(ws)
         await chat(client, ws, "what is the answer", "a")
         await chat(client, ws, "status:500 please fail", "b")
         await ws.send_str(orjson.dumps({"type": "message", "id": "a", "text": "again"}).decode())
-        assert (await ws.receive_json()) == {"type": "duplicate", "id": "metricsuser1:a"}
-    async with client.ws_connect("/chat/ws?session=metricsuser2") as ws:
+        assert (await ws.receive_json()) == {"type": "duplicate", "id": f"{conversation}:a"}
+    async with client.ws_connect("/chat/ws", params={"session": session}) as ws:
         await ws.receive()
-        await chat(client, ws, "what is the answer", "a")  # same prompt, fresh context: cache hit
+        await chat(client, ws, "/reset", "r")
+        await chat(client, ws, "what is the answer", "c")  # same prompt, same (empty) context: cache hit
     await client.get("/no/such/page")
 
     _, after = await scrape(client)
@@ -131,7 +137,7 @@ async def test_families_move_with_traffic(
 
     assert (
         moved("botgate_messages_received_total", platform="web", transport="websocket", kind="dm")
-        == 3
+        == 4
     )
     assert moved("botgate_replies_total", platform="web", outcome="ok") == 2
     assert moved("botgate_replies_total", platform="web", outcome="model_error") == 1
@@ -176,7 +182,8 @@ async def test_families_move_with_traffic(
 
 
 async def test_label_cardinality_does_not_grow_with_users(gateway: Any) -> None:
-    client = await gateway(make_config())
+    # A thousand users, all from this test's one address: the per-user limit would count them as one.
+    client = await gateway(make_config(limits={"per_user_per_minute": 0}))
 
     async def user(n: int) -> None:
         session = f"cardinality-user-{n:05d}"
@@ -297,7 +304,8 @@ async def test_channel_families_move_with_a_long_connection(
         app.cleanup_ctx.append(run)
 
     app = create_app(make_config(), [handlers.setup, setup_loopy])
-    client = await aiohttp_client(TestServer(app, host="127.0.0.1"))
+    admin = {"Authorization": f"Bearer {app[AUTH].login_token.current()}"}  # no password: the login token
+    client = await aiohttp_client(TestServer(app, host="127.0.0.1"), headers=admin)
     channel = app[CHANNELS]["loopy"]
     assert isinstance(channel, LoopChannel)
 

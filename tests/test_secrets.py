@@ -26,7 +26,7 @@ BAD_KEY, GOOD_KEY = "sk-live-AAAA1111bad", "sk-live-BBBB2222good"
 SECRETS = {
     "BOTGATE_MODEL__API_KEYS": f"{BAD_KEY},{GOOD_KEY}",
     "BOTGATE_ADMIN__PASSWORD": "admin-pw-C3C3C3",
-    "BOTGATE_ADMIN__JWT_SECRET": "jwt-secret-D4D4D4",
+    "BOTGATE_ADMIN__JWT_SECRET": "jwt-secret-D4D4D4-of-at-least-32-bytes",
     "BOTGATE_ADMIN__METRICS_TOKEN": "metrics-token-E5E5E5",
     # Platforms stay disabled, but their secrets are configured and must not leak either.
     "BOTGATE_DINGTALK__CLIENT_ID": "ding-client-id",
@@ -147,7 +147,7 @@ def test_masked_dump_hides_every_secret_key() -> None:
     values: dict[str, dict[str, Any]] = {}
     for key in SECRET_KEYS:
         section, name = key.split(".")
-        secret = f"s3cret-{section}-{name}"
+        secret = f"s3cret-{section}-{name}-padded-to-32-bytes"
         values.setdefault(section, {})[name] = [secret] if hints[section][name] == list[str] else secret
     values["store"] = {"url": "redis://:s3cret-store-password@127.0.0.1:6379/0"}
     cfg = make_config(**values)
@@ -155,9 +155,9 @@ def test_masked_dump_hides_every_secret_key() -> None:
     assert "s3cret-store-password" not in dump and "s3cret-store-password" in cfg.secrets()
     for key in SECRET_KEYS:
         section, name = key.split(".")
-        assert f"s3cret-{section}-{name}" not in dump
+        assert f"s3cret-{section}-{name}-padded-to-32-bytes" not in dump
         assert masked(cfg)[section][name] == "***"
-        assert f"s3cret-{section}-{name}" in cfg.secrets()  # so the log formatter masks it too
+        assert f"s3cret-{section}-{name}-padded-to-32-bytes" in cfg.secrets()  # so the log formatter masks it too
 
 
 def test_every_secret_looking_key_is_a_secret_key() -> None:

@@ -88,6 +88,11 @@ class GatewayProcess:
     def logs(self) -> list[dict[str, Any]]:
         return [orjson.loads(line) for line in self.stdout.read_text().splitlines() if line]
 
+    def admin_headers(self) -> dict[str, str]:
+        """The login token from the login link logged at start (no admin password is set)."""
+        [url] = [line["login_url"] for line in self.logs() if "login_url" in line]
+        return {"Authorization": f"Bearer {url.partition('?token=')[2]}"}
+
     async def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
@@ -147,7 +152,7 @@ async def test_sigterm_during_work_drains_the_answer_and_exits_0(
     drain_timeout = 15.0
     config = write_config(gateway_process.tmp_path, gateway_process.port, url, drain_timeout)
     await gateway_process.start("--config", str(config))
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=gateway_process.admin_headers()) as http:
         async with http.get(f"{gateway_process.url}/healthz") as resp:
             assert resp.status == 200
         async with http.get(f"{gateway_process.url}/readyz") as resp:
@@ -155,7 +160,7 @@ async def test_sigterm_during_work_drains_the_answer_and_exits_0(
             ready = await resp.json()
         assert ready["ready"] is True and ready["store"] == "ok"
         assert ready["channels"] == {"web": "connected"}
-        async with http.ws_connect(f"{gateway_process.url}/chat/ws?session=shutdown01") as ws:
+        async with http.ws_connect(f"{gateway_process.url}/chat/ws") as ws:
             await send_chat(ws, "finish me please")
             async with asyncio.timeout(10):
                 await double.received.wait()  # the gateway is now waiting for the model
@@ -164,7 +169,8 @@ async def test_sigterm_during_work_drains_the_answer_and_exits_0(
             await gateway_process.wait_port_closed()  # intake stopped; the answer is in flight
             double.release()
             frames = await frames_until_closed(ws)
-        assert frames[-1] == {"type": "done", "text": "echo: finish me please", "reply_to": "shutdown01:m1"}
+        assert frames[-1]["type"] == "done" and frames[-1]["text"] == "echo: finish me please"
+        assert frames[-1]["reply_to"].endswith(":m1")
         assert ws.close_code == aiohttp.WSCloseCode.GOING_AWAY
     assert gateway_process.proc is not None
     async with asyncio.timeout(drain_timeout):
@@ -187,7 +193,7 @@ async def test_work_beyond_drain_timeout_is_cut_off_and_exit_is_still_0(
     double.hold = True  # never released while the gateway runs
     config = write_config(gateway_process.tmp_path, gateway_process.port, url, drain_timeout=0.5)
     await gateway_process.start("--config", str(config))
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=gateway_process.admin_headers()) as http:
         async with http.ws_connect(f"{gateway_process.url}/chat/ws?session=shutdown02") as ws:
             await send_chat(ws, "this will not finish")
             async with asyncio.timeout(10):
@@ -207,7 +213,7 @@ async def test_fresh_start_with_shipped_config_answers_by_echo(gateway_process: 
     await gateway_process.start(
         env={"BOTGATE_SERVER__HOST": "127.0.0.1", "BOTGATE_SERVER__PORT": str(port)}
     )
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=gateway_process.admin_headers()) as http:
         async with http.get(f"{gateway_process.url}/healthz") as resp:
             assert (resp.status, await resp.json()) == (200, {"status": "alive"})
         async with http.get(f"{gateway_process.url}/readyz") as resp:

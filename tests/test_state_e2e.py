@@ -12,7 +12,7 @@ import pytest
 from gateway.keys import DISPATCHER
 from gateway.responder import HELP, RATE_LIMITED
 from tests.conftest import make_config
-from tests.helpers import chat, metric, readiness
+from tests.helpers import chat, hello, metric, readiness
 from tests.redisd import RedisServer
 
 
@@ -29,10 +29,11 @@ async def test_identical_request_within_ttl_is_served_from_cache(
     double, url = openai_double
     client = await gateway(make_config(model={"base_url": url}, store=store_section))
     answers = []
-    for session in ("cachesession1", "cachesession2"):  # two fresh conversations, same question
-        async with client.ws_connect(f"/chat/ws?session={session}") as ws:
-            await ws.receive()
-            answers.append((await chat(client, ws, "what is botgate?", "q"))[-1])
+    async with client.ws_connect("/chat/ws") as ws:
+        await ws.receive()
+        answers.append((await chat(client, ws, "what is botgate?", "q1"))[-1])
+        await chat(client, ws, "/reset", "r")  # the same (empty) context in the same conversation
+        answers.append((await chat(client, ws, "what is botgate?", "q2"))[-1])
     assert [a["text"] for a in answers] == ["echo: what is botgate?"] * 2
     assert len(double.requests) == 1  # the second answer came from the cache
     metrics = await (await client.get("/metrics")).text()
@@ -52,15 +53,15 @@ async def test_over_the_rate_limit_one_notice_and_no_model_call(
             cache={"enabled": False},
         )
     )
-    async with client.ws_connect("/chat/ws?session=ratesession1") as ws:
-        await ws.receive()
+    async with client.ws_connect("/chat/ws") as ws:
+        _, conversation = await hello(ws)
         assert (await chat(client, ws, "one", "1"))[-1]["type"] == "done"
         assert (await chat(client, ws, "two", "2"))[-1]["type"] == "done"
         third = await chat(client, ws, "three", "3")
-        assert third[-1] == {"type": "notice", "text": RATE_LIMITED, "reply_to": "ratesession1:3"}
+        assert third[-1] == {"type": "notice", "text": RATE_LIMITED, "reply_to": f"{conversation}:3"}
         # The fourth is accepted but silently skipped: one notice per minute, not one per message.
         await ws.send_str(orjson.dumps({"type": "message", "id": "4", "text": "four"}).decode())
-        assert orjson.loads((await ws.receive()).data) == {"type": "accepted", "id": "ratesession1:4"}
+        assert orjson.loads((await ws.receive()).data) == {"type": "accepted", "id": f"{conversation}:4"}
         async with asyncio.timeout(10):
             await client.app[DISPATCHER].wait_idle()
         help_frames = await chat(client, ws, "/help", "5")  # whatever came before shows up first
@@ -70,7 +71,7 @@ async def test_over_the_rate_limit_one_notice_and_no_model_call(
 
 
 @pytest.mark.redis
-async def test_redis_outage_flips_readiness_refuses_messages_and_recovers(
+async def test_redis_outage_flips_readiness_holds_messages_and_recovers(
     gateway: Any, openai_double: Any, tmp_path: Path
 ) -> None:
     _, url = openai_double
@@ -79,8 +80,8 @@ async def test_redis_outage_flips_readiness_refuses_messages_and_recovers(
     try:
         client = await gateway(make_config(model={"base_url": url}, store={"url": server.url}))
         assert (await readiness(client))[0] == 200
-        async with client.ws_connect("/chat/ws?session=outagesession") as ws:
-            await ws.receive()
+        async with client.ws_connect("/chat/ws") as ws:
+            _, conversation = await hello(ws)
             assert (await chat(client, ws, "before", "1"))[-1]["text"] == "echo: before"
             async with asyncio.timeout(10):
                 await client.app[DISPATCHER].wait_idle()  # its context and inbox writes are done
@@ -89,15 +90,16 @@ async def test_redis_outage_flips_readiness_refuses_messages_and_recovers(
             status, body = await readiness(client)
             assert status == 503
             assert body["reason"].startswith(f"store unavailable: redis {server.url}: unreachable")
-            # Not acknowledged, so not lost: the sender is told to retry.
-            assert await chat(client, ws, "during", "2") == [
-                {"type": "error", "id": "outagesession:2", "error": "not accepted (unavailable), please retry"}
-            ]
+            # Held in memory (docs/state.md): answered once Redis is back, without being sent again.
+            await ws.send_str(orjson.dumps({"type": "message", "id": "2", "text": "during"}).decode())
+            assert orjson.loads((await ws.receive()).data) == {"type": "spilled", "id": f"{conversation}:2"}
 
             await asyncio.to_thread(server.start)
             async with asyncio.timeout(10):
-                while (await readiness(client))[0] != 200:  # noqa: ASYNC110 - polling another process
-                    await asyncio.sleep(0.05)
-            assert (await chat(client, ws, "during", "2"))[-1]["text"] == "echo: during"
+                answer = orjson.loads((await ws.receive()).data)
+                while answer["type"] != "done":
+                    answer = orjson.loads((await ws.receive()).data)
+            assert answer["text"] == "echo: during"
+            assert (await readiness(client))[0] == 200
     finally:
         server.stop()

@@ -40,7 +40,7 @@ def wait_for(condition: str) -> str:
 
 
 async def test_live_counter_after_web_chat_message(gateway: Any) -> None:
-    config = make_config(admin={"password": PASSWORD, "jwt_secret": "browser-test-secret"})
+    config = make_config(admin={"password": PASSWORD, "jwt_secret": "browser-test-secret-of-32-bytes-min"})
     client = await gateway(config)
     base = str(client.make_url("")).rstrip("/")
 
@@ -89,7 +89,9 @@ async def test_live_counter_after_web_chat_message(gateway: Any) -> None:
 
 
 async def test_expired_login_sends_the_page_to_the_login_form(gateway: Any) -> None:
-    config = make_config(admin={"password": PASSWORD, "jwt_secret": "expiry-secret", "token_ttl": 3.0})
+    config = make_config(
+        admin={"password": PASSWORD, "jwt_secret": "expiry-secret-of-at-least-32-bytes", "token_ttl": 3.0}
+    )
     client = await gateway(config)
     base = str(client.make_url("")).rstrip("/")
     async with Chromium() as browser:

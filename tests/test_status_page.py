@@ -157,7 +157,7 @@ async def test_secrets_never_reach_the_page_or_the_api(gateway: Any) -> None:
         "model": {"api_keys": ["sk-live-abcdef123456"], "base_url": "http://127.0.0.1:9/v1"},
         "admin": {
             "password": "hunter2-but-longer",
-            "jwt_secret": "jwt-secret-value-xyz",
+            "jwt_secret": "jwt-secret-value-xyz-of-32-bytes-min",
             "metrics_token": "mt-0987654321",
         },
         "alerts": {

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from gateway.errors import StoreError
 from gateway.messages import Attachment
-from gateway.store import LeaseStore, MemoryStore, RedisStore, SqliteStore, Store, Turn, lease_store
+from gateway.store import CardRecord, LeaseStore, MemoryStore, RedisStore, SqliteStore, Store, Turn, lease_store
 from tests.helpers import msg
 
 BACKENDS = ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)]
@@ -236,6 +236,29 @@ async def test_token_bucket_refills(store: Store) -> None:
     else:
         pytest.fail("the bucket never ran empty")
     await eventually(lambda: store.take_token("rate:fast", 600))
+
+
+# -- open streaming cards ----------------------------------------------------------------------------
+async def test_open_cards_are_kept_updated_and_forgotten_when_done(backend: Backend) -> None:
+    store = await backend.open()
+    first = CardRecord("feishu", "default", "card_1", msg(1), sequence=100, opened_at=10.0)
+    second = CardRecord("dingtalk", "default", "track-2", msg(2, "c2"), opened_at=20.0)
+    await store.card_open(second)
+    await store.card_open(first)
+    assert await store.cards_open() == [first, second]  # oldest first
+    moved = dataclasses.replace(first, sequence=200, text="the complete answer")
+    await store.card_update(moved)
+    await store.card_done(second.key)
+    await store.card_update(dataclasses.replace(second, text="too late"))  # done: stays gone
+    if backend.name != "memory":  # what a restart finds
+        await store.close()
+        store = await backend.open()
+    assert await store.cards_open() == [moved]
+    [found] = await store.cards_open()
+    assert found.message.request_id == first.message.request_id and found.key == "feishu:default:card_1"
+    await store.card_done(moved.key)
+    await store.card_done(moved.key)  # twice is harmless
+    assert await store.cards_open() == []
 
 
 # -- leases: shared stores only ------------------------------------------------------------------

@@ -1,11 +1,14 @@
-"""The store fails while a gateway with a DingTalk Stream runs: readiness flips and recovers, what
-arrives meanwhile is not ACKed (DingTalk redelivers it) and is answered once when redelivered after
-recovery, and nothing ACKed before the outage is lost or answered twice."""
+"""The store fails while a gateway with a DingTalk Stream runs: readiness flips and recovers; what
+arrives meanwhile is held in memory and not ACKed; once the store is back it is answered, once and
+in its conversation's order, whether DingTalk redelivers it (the redelivery is then ACKed as a
+duplicate) or not (robot messages are fire-and-forget, per DingTalk's developer wiki); and nothing
+ACKed before the outage is lost or answered twice."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -119,11 +122,13 @@ async def test_full_disk_refuses_the_frame_and_answers_its_redelivery(
     aiohttp_server: Any, gateway: Any, openai_double: tuple[OpenAIDouble, str], tmp_path: Path
 ) -> None:
     """A real SQLITE_FULL while a message arrives: no ACK; DingTalk's redelivery once there is room
-    is admitted and answered, not dropped as a duplicate of a message that never reached the inbox."""
+    moves the held message into the inbox and is ACKed as its duplicate; the message is answered."""
     _, url = openai_double
-    env = await start(
-        aiohttp_server, gateway, model_url=url, sections={"store": {"url": f"sqlite:///{tmp_path}/s.sqlite3"}}
-    )
+    sections: dict[str, dict[str, Any]] = {
+        "store": {"url": f"sqlite:///{tmp_path}/s.sqlite3"},
+        "limits": {"max_message_chars": 0},
+    }
+    env = await start(aiohttp_server, gateway, model_url=url, sections=sections)  # no cap: a big message
     store = env.client.app[STORE]
     assert isinstance(store, SqliteStore)
     pages = await store.db.write(lambda conn, now: conn.execute("PRAGMA page_count").fetchone()[0])
@@ -141,3 +146,50 @@ async def test_full_disk_refuses_the_frame_and_answers_its_redelivery(
     await env.double.wait_for(lambda: env.double.acked_messages() == {big["msgId"]})
     [answer] = await env.answers(1)
     assert answer["markdown"]["text"].startswith("echo: long question x")
+
+
+@pytest.mark.redis
+async def test_redis_outage_without_any_redelivery_still_answers_in_order(
+    aiohttp_server: Any, gateway: Any, openai_double: tuple[OpenAIDouble, str], tmp_path: Path
+) -> None:
+    """DingTalk never redelivers here (fire-and-forget): the messages that arrived while Redis was
+    down are answered from memory once it is back, each conversation in order, and a message sent
+    after that is answered after them."""
+    _, url = openai_double
+    server = RedisServer(tmp_path / "redis", persist=True)
+    await asyncio.to_thread(server.start)
+    try:
+        env = await start(
+            aiohttp_server,
+            gateway,
+            model_url=url,
+            sections={"store": {"url": server.url}, "dispatcher": {"lease_ttl": 1.0}},
+        )
+        double, dispatcher = env.double, env.client.app[DISPATCHER]
+        await asyncio.to_thread(server.stop)
+        held = [("alice", "one"), ("bob", "two"), ("alice", "three")]
+        for who, text in held:
+            await double.push(double.message(text, staff_id=who))
+        await ping_round_trip(env)  # all three handled: held in memory, none ACKed
+        assert double.acked_messages() == set() and double.session_posts == []
+        assert dispatcher.spilled == 3
+        assert env.sample("botgate_spill_total", event="spilled") == 3
+        assert env.sample("botgate_spill_depth") == 3
+        assert (await readiness(env.client))[0] == 503
+        page = await (await env.client.get("/", headers={"Accept": "text/html"})).text()
+        assert re.search(r'id="spilled"><span class="state bad">3</span>', page), "status page line"
+
+        await asyncio.to_thread(server.start)
+        await double.wait_for(lambda: len(double.session_posts) == 3)  # no redelivery asked for
+        await double.push(double.message("four", staff_id="alice"))
+        await double.wait_for(lambda: len(double.session_posts) == 4)
+        texts = [post["markdown"]["text"] for post in double.session_posts]
+        assert [t for t in texts if t != "echo: two"] == ["echo: one", "echo: three", "echo: four"]
+        assert sorted(texts) == sorted(f"echo: {t}" for t in ("one", "two", "three", "four"))
+        async with asyncio.timeout(10):
+            await dispatcher.wait_idle()
+        assert await env.client.app[STORE].inbox_pending() == [] and dispatcher.spilled == 0
+        assert env.sample("botgate_spill_total", event="recovered") == 3
+        assert env.sample("botgate_spill_depth") == 0
+    finally:
+        server.stop()

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import StoreError
-from .base import LeaseStore, Store, Turn, lease_store, trim_turns
+from .base import CardRecord, LeaseStore, Store, Turn, lease_store, trim_turns
 from .memory import MemoryStore
 from .redis import RedisStore
 from .sqlite import SqliteStore
 
 __all__ = [
+    "CardRecord",
     "LeaseStore",
     "MemoryStore",
     "RedisStore",

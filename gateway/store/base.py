@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import orjson
 
@@ -22,6 +22,43 @@ log = logging.getLogger(__name__)
 class Turn:
     role: str  # "user" | "assistant"
     content: str
+
+
+@dataclass(frozen=True, slots=True)
+class CardRecord:
+    """A streaming card on the platform that may outlive the process filling it: recorded while
+    it is open, so the next start (or, on a shared store, another instance) can finish it."""
+
+    platform: str
+    bot: str
+    card_id: str  # DingTalk outTrackId, Feishu CardKit card_id
+    message: InboundMessage  # the message it answers
+    sequence: int = 0  # Feishu: every CardKit sequence number used on the card is at most this
+    text: str | None = None  # what the card is to end with, once known
+    opened_at: float = 0.0  # wall clock
+
+    @property
+    def key(self) -> str:
+        return f"{self.platform}:{self.bot}:{self.card_id}"
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {
+                "platform": self.platform,
+                "bot": self.bot,
+                "card_id": self.card_id,
+                "message": self.message.to_dict(),
+                "sequence": self.sequence,
+                "text": self.text,
+                "opened_at": self.opened_at,
+            }
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> CardRecord:
+        data: dict[str, Any] = orjson.loads(raw)
+        data["message"] = InboundMessage.from_dict(data["message"])
+        return cls(**data)
 
 
 class Store(Protocol):
@@ -75,6 +112,19 @@ class Store(Protocol):
     async def take_token(self, bucket: str, per_minute: int) -> bool:
         """Token bucket of `per_minute` capacity refilling continuously; False when empty."""
 
+    # -- streaming cards still open on a platform -------------------------------------------------
+    async def card_open(self, record: CardRecord) -> None:
+        """Record an open card (replacing a record with the same key)."""
+
+    async def card_update(self, record: CardRecord) -> None:
+        """Replace the record of a card still open; nothing for a card already done."""
+
+    async def card_done(self, key: str) -> None:
+        """The card is finished (or gone): forget it."""
+
+    async def cards_open(self) -> list[CardRecord]:
+        """Every card recorded open, oldest first (by any process using this store)."""
+
 
 @runtime_checkable
 class LeaseStore(Store, Protocol):
@@ -112,6 +162,17 @@ def trim_turns(turns: list[Turn], max_turns: int, max_chars: int) -> list[Turn]:
 
 def encode_message(message: InboundMessage) -> bytes:
     return orjson.dumps(message.to_dict())
+
+
+def decode_cards(rows: list[bytes]) -> list[CardRecord]:
+    """Card rows back to records, oldest first; an unreadable one is logged and left out."""
+    cards = []
+    for raw in rows:
+        try:
+            cards.append(CardRecord.decode(raw))
+        except (orjson.JSONDecodeError, TypeError, KeyError, ValueError) as e:
+            log.error("unreadable card record skipped: %s", e, extra={"entry": raw[:200].decode(errors="replace")})
+    return sorted(cards, key=lambda c: c.opened_at)
 
 
 def decode_messages(rows: list[bytes]) -> list[InboundMessage]:

@@ -6,7 +6,7 @@ import time
 from collections import OrderedDict
 
 from ..messages import InboundMessage
-from .base import Turn, trim_turns
+from .base import CardRecord, Turn, trim_turns
 
 
 class MemoryStore:
@@ -19,6 +19,7 @@ class MemoryStore:
         self._context: dict[str, tuple[float, list[Turn]]] = {}
         self._cache: dict[str, tuple[float, str]] = {}
         self._buckets: dict[str, tuple[float, float]] = {}
+        self._cards: dict[str, CardRecord] = {}
         self._next_sweep = 0.0
 
     async def open(self) -> None:
@@ -100,3 +101,16 @@ class MemoryStore:
             return False
         self._buckets[bucket] = (tokens - 1.0, now)
         return True
+
+    async def card_open(self, record: CardRecord) -> None:
+        self._cards[record.key] = record
+
+    async def card_update(self, record: CardRecord) -> None:
+        if record.key in self._cards:
+            self._cards[record.key] = record
+
+    async def card_done(self, key: str) -> None:
+        self._cards.pop(key, None)
+
+    async def cards_open(self) -> list[CardRecord]:
+        return sorted(self._cards.values(), key=lambda c: c.opened_at)

@@ -25,7 +25,7 @@ from redis.exceptions import RedisError, WatchError
 
 from ..errors import StoreError
 from ..messages import InboundMessage
-from .base import Turn, decode_messages, encode_message, trim_turns
+from .base import CardRecord, Turn, decode_cards, decode_messages, encode_message, trim_turns
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ INBOX = PREFIX + "{inbox}"  # hash: request_id -> message JSON
 INBOX_SEQ = INBOX + ":seq"  # counter giving the global arrival order
 INBOX_ORDER = INBOX + ":order"  # sorted set: request_id by seq
 DEDUP = INBOX + ":dedup:"  # + key: a claim's token, with the dedup TTL
+CARDS = PREFIX + "cards"  # hash: card key -> record JSON (streaming cards still open)
 CHUNK = 500  # ids per HMGET when reading the inbox
 
 _CLAIM = """
@@ -91,6 +92,12 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# Only a card still recorded is updated: a late update never brings back a finished card.
+_CARD_UPDATE = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 1
+"""
+
 _SCRIPTS = {
     "claim": _CLAIM,
     "admit": _ADMIT,
@@ -98,6 +105,7 @@ _SCRIPTS = {
     "take_token": _TAKE_TOKEN,
     "acquire": _ACQUIRE,
     "release": _RELEASE,
+    "card_update": _CARD_UPDATE,
 }
 
 
@@ -271,6 +279,24 @@ class RedisStore:
     async def release_lease(self, conversation: str, owner: str) -> None:
         with self._errors("lease release"):
             await self._script("release", [f"{PREFIX}lease:{conversation}"], [owner])
+
+    # -- open streaming cards -----------------------------------------------------------------------
+    async def card_open(self, record: CardRecord) -> None:
+        with self._errors("card record"):
+            await self._r.hset(CARDS, record.key, record.encode())
+
+    async def card_update(self, record: CardRecord) -> None:
+        with self._errors("card record"):
+            await self._script("card_update", [CARDS], [record.key, record.encode()])
+
+    async def card_done(self, key: str) -> None:
+        with self._errors("card record"):
+            await self._r.hdel(CARDS, key)
+
+    async def cards_open(self) -> list[CardRecord]:
+        with self._errors("card records"):
+            rows = await self._r.hvals(CARDS)
+        return decode_cards([row if isinstance(row, bytes) else row.encode() for row in rows])
 
 
 def _conversation_order(conversation: str) -> str:

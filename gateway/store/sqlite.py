@@ -19,7 +19,7 @@ import orjson
 from ..errors import StoreError
 from ..messages import InboundMessage
 from ..tasks import stop_task
-from .base import Turn, decode_messages, encode_message, trim_turns
+from .base import CardRecord, Turn, decode_cards, decode_messages, encode_message, trim_turns
 from .sqlfile import SqliteFile
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS cache (key TEXT PRIMARY KEY, value TEXT NOT NULL, exp
     WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS buckets (bucket TEXT PRIMARY KEY, tokens REAL NOT NULL, updated REAL NOT NULL)
     WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cards (key TEXT PRIMARY KEY, record BLOB NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -199,6 +200,28 @@ class SqliteStore:
             return allowed
 
         return bool(await self.db.write(op))
+
+    # -- open streaming cards -----------------------------------------------------------------
+    async def card_open(self, record: CardRecord) -> None:
+        row = (record.key, record.encode())
+        await self.db.write(
+            lambda conn, now: conn.execute(
+                "INSERT INTO cards (key, record) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET record = excluded.record",
+                row,
+            )
+        )
+
+    async def card_update(self, record: CardRecord) -> None:
+        row = (record.encode(), record.key)
+        await self.db.write(lambda conn, now: conn.execute("UPDATE cards SET record = ? WHERE key = ?", row))
+
+    async def card_done(self, key: str) -> None:
+        await self.db.write(lambda conn, now: conn.execute("DELETE FROM cards WHERE key = ?", (key,)))
+
+    async def cards_open(self) -> list[CardRecord]:
+        rows = await self.db.read(lambda conn: [row[0] for row in conn.execute("SELECT record FROM cards")])
+        return decode_cards(rows)
 
 
 def _claim(conn: sqlite3.Connection, now: float, key: str, ttl: float) -> bool:

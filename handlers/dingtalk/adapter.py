@@ -25,7 +25,10 @@ from gateway.errors import PlatformError
 from gateway.keys import CONFIG, METRICS
 from gateway.messages import Attachment, InboundMessage, Reply
 from gateway.metrics import Metrics
+from gateway.ratelimit import RateLimiter, per_second
 from gateway.retry import retry_transient
+from gateway.store import CardRecord
+from gateway.streaming import INTERRUPTED, CardBook
 
 from ..webhook import install
 from .api import DingTalkApi, SessionWebhookRejected
@@ -33,7 +36,7 @@ from .card import AICardStream, can_carry_card
 from .parse import PLATFORM, Filters, parse_message
 from .render import openapi_markdown, render, session_markdown, title_of
 from .stream import StreamClient
-from .webhook import webhook
+from .webhook import stale, webhook
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +56,31 @@ class DingTalkAdapter(Adapter[DingTalkConfig, DingTalkApi]):
             senders=AccessList.of(cfg.allow_senders, cfg.deny_senders),
             conversations=AccessList.of(cfg.allow_conversations, cfg.deny_conversations),
         )
+        self.cards = self.book = CardBook(PLATFORM, name)
 
     # -- the skeleton's hooks --------------------------------------------------------------------
     def make_api(self, http: aiohttp.ClientSession) -> DingTalkApi:
-        return DingTalkApi(http, self.cfg, self.budget)
+        return DingTalkApi(http, self.cfg, self.budget, self.limiter)
+
+    def make_limiter(self) -> RateLimiter:
+        # Standard orgs: 20 calls a second per app and API; card streaming: 50 a second per robot
+        # (docs/protocols/dingtalk.md §A.9).
+        return RateLimiter(
+            apis={"card_streaming": per_second(self.cfg.card_qps)}, default=per_second(self.cfg.api_qps)
+        )
 
     def make_client(self, runtime: Runtime[DingTalkApi]) -> StreamClient:
         backoff = Backoff(first=self.cfg.reconnect_delay, cap=RECONNECT_CAP)
         return StreamClient(runtime.http, self.cfg, self.budget, self.prepare_payload, backoff)
 
     async def parse(self, body: object, transport: str) -> InboundMessage | Dropped:
-        return parse_message(body, self._filters, transport)
+        message = parse_message(body, self._filters, transport)
+        if isinstance(message, InboundMessage):
+            # A webhook body is not signed, so there a missing createAt counts as stale too.
+            too_old = stale(body, self.cfg.max_message_age, time.time(), required=transport == "webhook")
+            if too_old:
+                return Dropped("stale", too_old)
+        return message
 
     # -- outbound --------------------------------------------------------------------------------
     def _session_webhook(self, handle: dict[str, Any]) -> str:
@@ -77,6 +94,10 @@ class DingTalkAdapter(Adapter[DingTalkConfig, DingTalkApi]):
         return url
 
     async def send(self, reply: Reply) -> None:
+        adopted = self.book.adopt(reply.to)
+        if adopted is not None:  # a card a previous process opened for this message ends with it
+            await self._card(reply.to, adopted).finish(reply.text)
+            return
         parts = render(reply.text)
         title = title_of(parts[0].text)
         url = self._session_webhook(reply.to.reply_handle)
@@ -127,27 +148,45 @@ class DingTalkAdapter(Adapter[DingTalkConfig, DingTalkApi]):
         await api.send_direct(robot_code, staff_id, msg_key, param)
 
     async def open_stream(self, message: InboundMessage) -> AICardStream | None:
+        adopted = self.book.adopt(message)
+        if adopted is not None:  # the card a previous process opened for this message
+            return self._card(message, adopted)
         if not self.cfg.card_template_id or not can_carry_card(message.reply_handle):
             return None
+        if self.budget.spent:  # no card: the sessionWebhook costs no API call
+            return None
+        return self._card(message)
 
+    def _card(self, message: InboundMessage, record: CardRecord | None = None) -> AICardStream:
         async def fallback(text: str) -> None:
             await self.send(Reply(message, text))
 
         return AICardStream(
             self.runtime.api,
-            message.reply_handle,
+            self.book,
+            message,
             self.cfg.card_template_id,
             self.cfg.stream_interval,
+            self.metrics,
             fallback,
             final_only=self.budget.degraded,
+            record=record,
         )
+
+    async def settle_card(self, record: CardRecord) -> None:
+        await self._card(record.message, record).settle(record.text or INTERRUPTED)
 
     async def fetch(self, message: InboundMessage, attachment: Attachment) -> tuple[bytes, str]:
         robot_code = message.reply_handle.get("robot_code") or self._filters.robot_code
-        return await self.runtime.api.download(robot_code, attachment.ref)
+        return await retry_transient(
+            partial(self.runtime.api.download, robot_code, attachment.ref),
+            platform=PLATFORM,
+            what="file download",
+            metrics=self.metrics,
+        )
 
 
 def setup(app: web.Application) -> None:
     """Register the DingTalk robot of `[dingtalk]`."""
     cfg = app[CONFIG].dingtalk
-    install(app, webhook(DingTalkAdapter(cfg, app[METRICS]), cfg.client_secret))
+    install(app, webhook(DingTalkAdapter(cfg, app[METRICS]), cfg.client_secret, cfg.max_message_age))

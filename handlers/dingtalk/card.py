@@ -1,19 +1,34 @@
 """AI-card streaming for DingTalk on the shared `CardStream`: create and deliver the card, stream the
-answer into it, then mark it finished (the flow of the SDK's `AIMarkdownCardInstance`, docs/protocols/dingtalk.md §A.9).
+answer into it, then mark it finished (the flow of the SDK's `AIMarkdownCardInstance`,
+docs/protocols/dingtalk.md §A.9).
 
 The card template must have a markdown variable `msgContent` (streamed) and `flowStatus` (the AI
 card states), like DingTalk's own AI card template.
+
+Idempotency: the card's `outTrackId` is chosen here and kept by every retry and by a restart; a
+streaming update keeps its `guid` across its retries. The complete answer reaches the card by
+either route: the final streaming update (`isFinalize`), or the card data update that also sets
+`flowStatus` finished. So a card whose streaming broke is still closed with the answer, and one
+that took the final streaming update is never answered a second time when the status update fails.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
-from gateway.streaming import CardStream
+from gateway.errors import PlatformError
+from gateway.messages import InboundMessage
+from gateway.metrics import Metrics
+from gateway.store import CardRecord
+from gateway.streaming import SENT_AS_MESSAGE, CardBook, CardNotShown, CardStream
 
 from .api import DingTalkApi
+
+log = logging.getLogger(__name__)
 
 CONTENT_KEY = "msgContent"
 # AICardStatus values of the SDK; they travel as strings.
@@ -51,41 +66,103 @@ def deliver_body(handle: dict[str, Any], template_id: str, out_track_id: str, te
     return body
 
 
+def delivered(answer: dict[str, Any]) -> bool:
+    """Whether createAndDeliver's answer says the card reached its space. An answer without
+    `deliverResults` is taken as delivered (the call itself succeeded)."""
+    result = answer.get("result")
+    results = result.get("deliverResults") if isinstance(result, dict) else None
+    if not isinstance(results, list) or not results:
+        return answer.get("success", True) is not False
+    return any(isinstance(r, dict) and r.get("success") is True for r in results)
+
+
 class AICardStream(CardStream):
     def __init__(
         self,
         api: DingTalkApi,
-        handle: dict[str, Any],
+        book: CardBook,
+        message: InboundMessage,
         template_id: str,
         interval: float,
+        metrics: Metrics,
         fallback: Callable[[str], Awaitable[None]],
-        final_only: bool,
+        final_only: bool = False,
+        record: CardRecord | None = None,
     ) -> None:
-        super().__init__(interval, fallback, final_only)
+        # A card taken over after a restart that already had its final text may have finalized
+        # its streaming: it is then only finished through its card data.
+        streaming = record is None or record.text is None
+        super().__init__(book, message, interval, metrics, final_only or not streaming, record)
         self._api = api
-        self._handle = handle
+        self._handle = message.reply_handle
         self._template_id = template_id
-        self.out_track_id = f"botgate-{uuid.uuid4().hex}"
+        self._fallback = fallback
+        self._streaming = streaming  # False once the streaming variable is finalized (or may be)
+        self.out_track_id = record.card_id if record else f"botgate-{uuid.uuid4().hex}"
 
-    async def _open(self, text: str) -> None:
-        await self._api.card_create(deliver_body(self._handle, self._template_id, self.out_track_id, text))
+    async def _create(self, text: str) -> None:
+        # Recorded first: a crash after the card was delivered must find it.
+        await self._opened(self._book.new(self.out_track_id, self._message))
+        body = deliver_body(self._handle, self._template_id, self.out_track_id, text)
+        answer = await self._retry("dingtalk card create", partial(self._api.card_create, body))
+        if not delivered(answer):
+            raise CardNotShown(f"dingtalk card_create: the card reached nobody: {answer.get('result')}")
+        self.shown = text
 
-    async def _push(self, text: str, final: bool) -> None:
-        await self._api.card_stream(
-            {
-                "outTrackId": self.out_track_id,
-                "guid": uuid.uuid4().hex,
-                "key": CONTENT_KEY,
-                "content": text,
-                "isFull": True,
-                "isFinalize": final,
-                "isError": False,
-            }
-        )
-        if final:
-            await self._api.card_update(
-                {
-                    "outTrackId": self.out_track_id,
-                    "cardData": {"cardParamMap": {"flowStatus": FINISHED, CONTENT_KEY: text}},
-                }
-            )
+    async def _stream(self, text: str, final: bool) -> None:
+        # One guid per update: a retry of it is the same update, not a second one.
+        body = {
+            "outTrackId": self.out_track_id,
+            "guid": uuid.uuid4().hex,
+            "key": CONTENT_KEY,
+            "content": text,
+            "isFull": True,
+            "isFinalize": final,
+            "isError": False,
+        }
+        await self._retry("dingtalk card update", partial(self._api.card_stream, body))
+        self.shown = text
+
+    async def _finish_data(self, text: str) -> None:
+        data = {"cardParamMap": {"flowStatus": FINISHED, CONTENT_KEY: text}}
+        body = {"outTrackId": self.out_track_id, "cardData": data}
+        await self._retry("dingtalk card finish", partial(self._api.card_update, body))
+
+    async def _update(self, text: str) -> None:
+        await self._stream(text, final=False)
+
+    async def _end(self, text: str) -> bool:
+        await self._recorded(text=text)  # from here on, a restart closes the card with the answer
+        holds_answer = False
+        if self._streaming:
+            try:
+                await self._stream(text, final=True)
+                holds_answer = True
+            except PlatformError as e:
+                log.warning("final streaming update failed, finishing by card data: %s", e, extra=self._fields())
+            self._streaming = False
+        try:
+            await self._finish_data(text)
+        except PlatformError as e:
+            if holds_answer:  # the user has the answer; only the card's state lags
+                log.warning("card not marked finished, trying later: %s", e, extra=self._fields())
+                await self._left(text)
+                return True
+            log.warning("card refused the answer, sending it as a message: %s", e, extra=self._fields())
+            await self._left(SENT_AS_MESSAGE)
+            return False
+        self.shown = text
+        await self._closed()
+        return True
+
+    async def _deliver(self, text: str) -> None:
+        await self._fallback(text)
+
+    async def settle(self, text: str) -> None:
+        if self._streaming:
+            try:  # a card whose streaming is finalized refuses this: the card data still works
+                await self._stream(text, final=True)
+            except PlatformError as e:
+                if e.retryable:
+                    raise
+        await self._finish_data(text)

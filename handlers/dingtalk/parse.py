@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from dingtalk_stream.chatbot import ChatbotMessage
 
 from gateway.access import AccessList
@@ -27,6 +28,11 @@ _UNSUPPORTED_NAMES = {"file": "files", "video": "videos"}
 
 # DingTalk writes a mention as "@Name" followed by U+2005 (four-per-em space) or a plain space.
 _LEADING_MENTION = re.compile(r"^\s*@[^\s\u2005]+[\s\u2005]*")
+_MENTION = re.compile(r"(?<![\w@])@[^\s\u2005@]+")  # any mention-like token, not an e-mail address
+
+# A forwarded chat history is bounded before it reaches the model's context.
+RECORDS_MAX = 100
+RECORD_CHARS = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +72,9 @@ def parse_message(body: Any, filters: Filters, transport: str) -> InboundMessage
         return Dropped("filtered", "conversation")
 
     text, attachments, unsupported = _content(msg, body)
-    if group:
-        text = strip_mentions(text, max(1, len(msg.at_users or ())))
+    if group and msg.message_type in ("text", "richText", "markdown"):  # what the sender typed
+        at_ids = [as_str(u.dingtalk_id) for u in msg.at_users or ()]
+        text = strip_own_mention(text, at_ids, as_str(msg.chatbot_user_id))
     robot_code = as_str(msg.robot_code) or filters.robot_code
     return InboundMessage(
         platform=PLATFORM,
@@ -93,13 +100,18 @@ def parse_message(body: Any, filters: Filters, transport: str) -> InboundMessage
     )
 
 
-def strip_mentions(text: str, at_most: int) -> str:
-    """Drop up to `at_most` leading "@Name" tokens (the robot's mention, when DingTalk keeps it)."""
-    for _ in range(at_most):
-        stripped = _LEADING_MENTION.sub("", text, count=1)
-        if stripped == text:
-            break
-        text = stripped
+def strip_own_mention(text: str, at_ids: list[str], robot_id: str) -> str:
+    """Drop the robot's own leading "@Name", and only that one: "@Bob please check" asks about Bob.
+
+    DingTalk removes the robot's mention from `text.content` in most payloads, and the payload
+    names mentioned people only by id (`atUsers[].dingtalkId`), never by the name in the text. So:
+    when the text holds fewer mentions than `atUsers` lists, the robot's is already gone; when it
+    holds them all, the robot's is the leading one only if the robot is first in `atUsers`."""
+    if robot_id and robot_id not in at_ids:
+        return text.replace("\u2005", " ")
+    ours_first = not at_ids or at_ids[0] == robot_id or not robot_id
+    if ours_first and len(_MENTION.findall(text)) >= max(1, len(at_ids)):
+        text = _LEADING_MENTION.sub("", text, count=1)
     return text.replace("\u2005", " ")
 
 
@@ -130,6 +142,64 @@ def _content(msg: ChatbotMessage, body: dict[str, Any]) -> tuple[str, tuple[Atta
     if kind == "audio":
         recognition = as_str(content.get("recognition")).strip()
         return (recognition, (), "") if recognition else ("", (), NO_RECOGNITION)
+    if kind == "markdown":  # sent from DingTalk's markdown editor: its text is plain markdown
+        text = as_str(content.get("text")).strip()
+        return (text, (), "") if text else ("", (), UNSUPPORTED.format(what="this message"))
+    if kind == "chatRecord":
+        text = _chat_record(content)
+        return (text, (), "") if text else ("", (), UNSUPPORTED.format(what="this chat history"))
+    if kind == "interactiveCard":
+        text = _shared_card(content, body)
+        return (text, (), "") if text else ("", (), UNSUPPORTED.format(what="this card"))
     what = _UNSUPPORTED_NAMES.get(str(kind), f"{kind} messages" if kind else "this kind of message")
     return "", (), UNSUPPORTED.format(what=what)
 
+
+
+def _chat_record(content: dict[str, Any]) -> str:
+    """A forwarded chat history: its `summary` and, when the payload carries them, the records
+    (`chatRecord`: a list, or a JSON string of one), each as "sender: text", bounded."""
+    summary = as_str(content.get("summary")).strip()
+    records = content.get("chatRecord")
+    if isinstance(records, str):
+        try:
+            records = orjson.loads(records)
+        except orjson.JSONDecodeError:
+            records = None
+    lines: list[str] = []
+    for record in records[:RECORDS_MAX] if isinstance(records, list) else ():
+        if not isinstance(record, dict):
+            continue
+        said = _first_text(record, "content", "text", "msgContent")
+        if not said:
+            continue
+        who = _first_text(record, "senderNick", "senderName", "nick", "name", "sender")
+        said = said[:RECORD_CHARS]
+        lines.append(f"{who}: {said}" if who else said)
+    if summary in ("", "[]") and not lines:
+        return ""
+    head = "[Forwarded chat history]"
+    return "\n".join([head, *([summary] if summary not in ("", "[]") else []), *lines])
+
+
+def _shared_card(content: dict[str, Any], body: dict[str, Any]) -> str:
+    """A shared DingTalk document arrives as an interactive card: say what it is and where."""
+    extra = body.get("text")
+    title = _first_text(content, "title", "text", "cardTitle") or (
+        _first_text(extra, "content") if isinstance(extra, dict) else ""
+    )
+    url = as_str(content.get("biz_custom_action_url")).strip()
+    if not title and not url:
+        return ""
+    return "\n".join(["[Shared document]", *(part for part in (title, url) if part)])
+
+
+def _first_text(values: dict[str, Any], *keys: str) -> str:
+    """The first of `keys` holding text; a value that is itself an object yields its "text"/"content"."""
+    for key in keys:
+        value = values.get(key)
+        if isinstance(value, dict):
+            value = value.get("text") or value.get("content")
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return ""

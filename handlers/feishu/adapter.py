@@ -22,22 +22,37 @@ from gateway.config import FeishuConfig
 from gateway.keys import CONFIG, METRICS
 from gateway.messages import Attachment, InboundMessage, Reply, ReplyKind
 from gateway.metrics import Metrics
+from gateway.ratelimit import Rate, RateLimiter, per_second
 from gateway.render import Part
 from gateway.retry import retry_transient
+from gateway.store import CardRecord
+from gateway.streaming import INTERRUPTED, CardBook
 
 from ..webhook import install
 from .api import FeishuApi
 from .card import FeishuCardStream
 from .parse import PLATFORM, Rules, parse_event
-from .render import render
+from .render import defuse, render
 from .webhook import webhook
 from .ws import FeishuWsClient
+
+# With the budget spent an answer is one reply whatever its length: a text message holds far more
+# than a card (150 KB against 30 KB), at the price of showing the markdown as it is written.
+TEXT_LIMIT_BYTES = 60_000
 
 
 def reply_uuid(message_id: str, kind: str, index: int) -> str:
     """Feishu's idempotency key for one reply part: a resend of the same part (a retry, a restart
     that answers again) is swallowed by Feishu instead of showing twice. At most 50 characters."""
     return hashlib.sha256(f"{message_id}|{kind}|{index}".encode()).hexdigest()[:40]
+
+
+def cheapest(text: str) -> list[Part]:
+    """The parts of `text` when every call counts: one text message if it would need several."""
+    parts = render(text)
+    if len(parts) > 1 and len(text.encode()) <= TEXT_LIMIT_BYTES:
+        return [Part(text, "text", {"text": defuse(text)})]
+    return parts
 
 
 class FeishuAdapter(Adapter[FeishuConfig, FeishuApi]):
@@ -48,13 +63,22 @@ class FeishuAdapter(Adapter[FeishuConfig, FeishuApi]):
         super().__init__(cfg, metrics, name)
         self._users = AccessList.of(cfg.allow_users, cfg.deny_users)
         self._chats = AccessList.of(cfg.allow_chats, cfg.deny_chats)
+        self.cards = self.book = CardBook(PLATFORM, name)
 
     # -- the skeleton's hooks --------------------------------------------------------------------
     def make_api(self, http: aiohttp.ClientSession) -> FeishuApi:
-        return FeishuApi(http, self.cfg.domain, self.cfg.app_id, self.cfg.app_secret, self.budget)
+        return FeishuApi(http, self.cfg.domain, self.cfg.app_id, self.cfg.app_secret, self.budget, self.limiter)
+
+    def make_limiter(self) -> RateLimiter:
+        # Per app and API: 1000 calls a minute and 50 a second; replies also 5 a second per chat,
+        # shared by every bot in it (docs/protocols/feishu.md §B.13).
+        qpm = (Rate(self.cfg.api_qpm, 60.0),) if self.cfg.api_qpm > 0 else ()
+        return RateLimiter(
+            default=per_second(self.cfg.api_qps) + qpm, scoped={"reply": per_second(self.cfg.chat_qps)}
+        )
 
     def make_client(self, runtime: Runtime[FeishuApi]) -> FeishuWsClient:
-        return FeishuWsClient(runtime.api, runtime.http, self.prepare_payload)
+        return FeishuWsClient(runtime.api, runtime.http, self.prepare_payload, self.cfg.stale_after)
 
     async def parse(self, body: object, transport: str) -> InboundMessage | Dropped:
         if not isinstance(body, dict):
@@ -66,31 +90,51 @@ class FeishuAdapter(Adapter[FeishuConfig, FeishuApi]):
 
     # -- outbound --------------------------------------------------------------------------------
     async def send(self, reply: Reply) -> None:
+        adopted = self.book.adopt(reply.to)
+        if adopted is not None:  # a card a previous process opened for this message ends with it
+            await self._card(reply.to, adopted).finish(reply.text)
+            return
         kind = "notice" if reply.kind is ReplyKind.NOTICE else "answer"
-        await self.reply_parts(reply.to, render(reply.text), kind)
+        parts = cheapest(reply.text) if self.budget.spent else render(reply.text)
+        await self.reply_parts(reply.to, parts, kind)
 
     async def open_stream(self, message: InboundMessage) -> FeishuCardStream | None:
+        adopted = self.book.adopt(message)
+        if adopted is not None:  # the card a previous process opened for this message
+            return self._card(message, adopted)
         if self.budget.degraded:
             return None  # one reply instead of card create + reply + updates + close
+        return self._card(message)
 
+    def _card(self, message: InboundMessage, record: CardRecord | None = None) -> FeishuCardStream:
         async def deliver(parts: Sequence[Part], kind: str, first: int) -> None:
             await self.reply_parts(message, parts, kind, first)
 
-        return FeishuCardStream(self.runtime.api, deliver, self.cfg.stream_interval)
+        api, interval = self.runtime.api, self.cfg.stream_interval
+        return FeishuCardStream(api, self.book, message, deliver, interval, self.metrics, record)
+
+    async def settle_card(self, record: CardRecord) -> None:
+        await self._card(record.message, record).settle(record.text or INTERRUPTED)
 
     async def fetch(self, message: InboundMessage, attachment: Attachment) -> tuple[bytes, str]:
         kind = "image" if attachment.kind == "image" else "file"
-        return await self.runtime.api.download(message.reply_handle["message_id"], attachment.ref, kind)
+        return await retry_transient(
+            partial(self.runtime.api.download, message.reply_handle["message_id"], attachment.ref, kind),
+            platform=PLATFORM,
+            what="file download",
+            metrics=self.metrics,
+        )
 
     async def reply_parts(self, message: InboundMessage, parts: Sequence[Part], kind: str, first: int = 0) -> None:
         """Send `parts` in order as replies to the message (in its thread if it came from one)."""
         handle, api = message.reply_handle, self.runtime.api
         in_thread = bool(handle.get("thread_id"))
+        chat_id = handle.get("chat_id", "")  # its rate limit: 5 messages a second per chat
         for index, part in enumerate(parts, first):
             uuid = reply_uuid(message.message_id, kind, index)
             # Retried part by part; the uuid makes a retry of a reply that did arrive a no-op.
             await retry_transient(
-                partial(api.reply, handle["message_id"], part, uuid, in_thread=in_thread),
+                partial(api.reply, handle["message_id"], part, uuid, in_thread=in_thread, chat_id=chat_id),
                 platform=PLATFORM,
                 what="reply",
                 metrics=self.metrics,

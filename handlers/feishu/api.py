@@ -1,9 +1,13 @@
 """The Feishu/Lark Open API calls botgate makes, on the app's aiohttp session.
 
-Every call is counted in `ApiBudget` under a short endpoint name. Authenticated calls carry a cached
-`tenant_access_token`; an invalid-token answer evicts it and the call is retried once
-(`TokenCache.call`). Responses are `{"code": 0, "msg": ..., ...}`; any other code is a
-`PlatformError` naming the endpoint, code and message.
+Every call waits for its turn in the bot's rate limiter (per API, and per chat for replies) and is
+counted in `ApiBudget` under a short endpoint name (billable once it succeeded, unless the quota
+exempts it). Authenticated calls carry a cached `tenant_access_token`; an invalid-token answer
+evicts it and the call is retried once (`TokenCache.call`). Responses are
+`{"code": 0, "msg": ..., ...}`; any other code is a `PlatformError` naming the endpoint, code and
+message, classified by its code (docs/protocols/feishu.md §B.13): a rate limit (HTTP 429, or a
+business code such as 230020 under HTTP 400) is `Throttled` for the `x-ogw-ratelimit-reset` the
+answer suggests; 99991403, the tenant's monthly quota, is `QuotaExhausted` (also under HTTP 429).
 """
 
 from __future__ import annotations
@@ -17,21 +21,35 @@ import aiohttp
 import orjson
 
 from gateway.budget import ApiBudget
-from gateway.errors import PlatformError, TokenRejected
+from gateway.errors import PlatformError, QuotaExhausted, Throttled, TokenRejected
+from gateway.ratelimit import RateLimiter
 from gateway.render import Part
 from gateway.tokens import TokenCache
 from gateway.upstream import API_TIMEOUT, read_capped, retryable_status
 
-from .render import ELEMENT_ID, summary
+from .render import ELEMENT_ID, defuse, summary
 
 log = logging.getLogger(__name__)
 
 # 99991661: token missing or malformed, 99991663: tenant token invalid, 99991668: token expired
 # (open.feishu.cn "通用错误码"). Each means "fetch a new token", not "give up".
 INVALID_TOKEN_CODES = frozenset({99991661, 99991663, 99991668})
+# Rate limits ("频控策略"): 99991400 with HTTP 429 (older APIs: 400), IM's 230020 and 11232 under
+# HTTP 400; the answer's x-ogw-ratelimit-reset says how many seconds to wait.
+THROTTLED_CODES = frozenset({99991400, 230020, 11232})
+QUOTA_CODE = 99991403  # "This month's API call quota has been exceeded" (HTTP 429)
+THROTTLE_WAIT = 1.0  # when the answer suggests no wait
+RESET_HEADER = "x-ogw-ratelimit-reset"
+# Calls the monthly quota does not count: authentication (the tenant token).
+UNBILLED = frozenset({"tenant_token"})
 TOKEN_PATH = "/open-apis/auth/v3/tenant_access_token/internal"
 WS_ENDPOINT_PATH = "/callback/ws/endpoint"
 JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
+# lark-oapi 1.7.5 sends `locale: zh` and its User-Agent on the endpoint call (`_get_conn_url`); ours has
+# the form the SDK builds for an integrator's `source`, naming the protocol version we follow
+# (docs/protocols/feishu.md §B.2). The long connection's websocket upgrade sends the same agent.
+SDK_USER_AGENT = "oapi-sdk-python/v1.7.5 source/botgate"
+ENDPOINT_HEADERS = {"locale": "zh", "User-Agent": SDK_USER_AGENT}
 
 
 def _q(segment: str) -> str:
@@ -46,12 +64,14 @@ class FeishuApi:
         app_id: str,
         app_secret: str,
         budget: ApiBudget,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self._http = http
         self.domain = domain.rstrip("/")
         self.app_id = app_id
         self._app_secret = app_secret
         self._budget = budget
+        self._limiter = limiter or RateLimiter()
         self.tokens = TokenCache(self._fetch_token)
         self._bot_open_id = ""
         self._bot_lock = asyncio.Lock()
@@ -66,9 +86,12 @@ class FeishuApi:
         body: object = None,
         params: dict[str, str] | None = None,
         token: str = "",
+        extra_headers: dict[str, str] | None = None,
+        scope: str = "",
     ) -> dict[str, Any]:
+        await self._limiter.acquire(endpoint, scope)
         self._budget.record(endpoint)
-        headers = dict(JSON_HEADERS)
+        headers = {**JSON_HEADERS, **(extra_headers or {})}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         try:
@@ -80,10 +103,26 @@ class FeishuApi:
                 headers=headers,
                 timeout=API_TIMEOUT,
             ) as resp:
-                status, raw = resp.status, await resp.read()
+                status, raw, reset = resp.status, await resp.read(), resp.headers.get(RESET_HEADER, "")
         except (aiohttp.ClientError, TimeoutError) as e:
             raise PlatformError(f"feishu {endpoint}: {type(e).__name__}: {e}") from e
-        return _check(endpoint, status, raw)
+        data = self._checked(endpoint, status, raw, reset, scope)
+        if endpoint not in UNBILLED:
+            self._budget.charge(endpoint)
+        return data
+
+    def _checked(self, endpoint: str, status: int, raw: bytes, reset: str, scope: str = "") -> dict[str, Any]:
+        """`_check`, and what a refusal means for this bot: a throttled API (in this chat) waits
+        for everyone, an exhausted quota spends the budget."""
+        try:
+            return _check(endpoint, status, raw, reset)
+        except Throttled as e:
+            self._limiter.hold(endpoint, e.retry_after, scope)
+            self._budget.throttled(endpoint)
+            raise
+        except QuotaExhausted as e:
+            self._budget.refuse(str(e))
+            raise
 
     async def call(
         self,
@@ -93,11 +132,13 @@ class FeishuApi:
         *,
         body: object = None,
         params: dict[str, str] | None = None,
+        scope: str = "",
     ) -> dict[str, Any]:
-        """An authenticated call; returns the decoded JSON answer (code 0)."""
+        """An authenticated call; returns the decoded JSON answer (code 0). `scope` (a chat id)
+        puts it under that chat's rate limit too."""
 
         async def attempt(token: str) -> dict[str, Any]:
-            return await self._send(method, path, endpoint, body=body, params=params, token=token)
+            return await self._send(method, path, endpoint, body=body, params=params, token=token, scope=scope)
 
         return await self.tokens.call(attempt)
 
@@ -105,7 +146,11 @@ class FeishuApi:
         """The long connection's endpoint call: `{"URL": ..., "ClientConfig": {...}}`. It takes
         the app credentials, not a token (lark_oapi/ws/client.py `_get_conn_url`)."""
         data = await self._send(
-            "POST", WS_ENDPOINT_PATH, "ws_endpoint", body={"AppID": self.app_id, "AppSecret": self._app_secret}
+            "POST",
+            WS_ENDPOINT_PATH,
+            "ws_endpoint",
+            body={"AppID": self.app_id, "AppSecret": self._app_secret},
+            extra_headers=ENDPOINT_HEADERS,
         )
         return _dict(data.get("data"))
 
@@ -135,9 +180,10 @@ class FeishuApi:
         return self._bot_open_id
 
     # -- messages ------------------------------------------------------------------------------
-    async def reply(self, message_id: str, part: Part, uuid: str, in_thread: bool) -> str:
+    async def reply(self, message_id: str, part: Part, uuid: str, in_thread: bool, chat_id: str = "") -> str:
         """Reply under `message_id`; `uuid` makes a repeated request (e.g. after a restart)
-        deliver nothing new (Feishu de-duplicates it for an hour). Returns the new message id."""
+        deliver nothing new (Feishu de-duplicates it for an hour), so a reply may be retried after
+        any failure. `chat_id` puts it under that chat's rate limit. Returns the new message id."""
         data = await self.call(
             "POST",
             f"/open-apis/im/v1/messages/{_q(message_id)}/reply",
@@ -148,6 +194,7 @@ class FeishuApi:
                 "uuid": uuid,
                 "reply_in_thread": in_thread,
             },
+            scope=chat_id,
         )
         new_id = _dict(data.get("data")).get("message_id")
         return new_id if isinstance(new_id, str) else ""
@@ -156,6 +203,7 @@ class FeishuApi:
         """A message's picture or file: (bytes, mime type)."""
 
         async def attempt(token: str) -> tuple[bytes, str]:
+            await self._limiter.acquire("message_resource")
             self._budget.record("message_resource")
             path = f"/open-apis/im/v1/messages/{_q(message_id)}/resources/{_q(file_key)}"
             try:
@@ -166,9 +214,11 @@ class FeishuApi:
                     timeout=API_TIMEOUT,
                 ) as resp:
                     if resp.status != 200 or resp.content_type == "application/json":
-                        _check("message_resource", resp.status, await resp.read())
+                        reset = resp.headers.get(RESET_HEADER, "")
+                        self._checked("message_resource", resp.status, await resp.read(), reset)
                         raise PlatformError(f"feishu message_resource: HTTP {resp.status}, no file")
                     data = await read_capped(resp, "feishu message_resource")
+                    self._budget.charge("message_resource")
                     return data, resp.content_type or "application/octet-stream"
             except (aiohttp.ClientError, TimeoutError) as e:
                 raise PlatformError(f"feishu message_resource: {type(e).__name__}: {e}") from e
@@ -189,12 +239,13 @@ class FeishuApi:
         return card_id
 
     async def set_card_text(self, card_id: str, text: str, sequence: int) -> None:
-        """Replace the streaming element's text; `sequence` must grow with every card operation."""
+        """Replace the streaming element's text; `sequence` must grow with every card operation.
+        Mentions in model text are defused, as in every card and post (`render.defuse`)."""
         await self.call(
             "PUT",
             f"/open-apis/cardkit/v1/cards/{_q(card_id)}/elements/{ELEMENT_ID}/content",
             "card_content",
-            body={"content": text, "sequence": sequence},
+            body={"content": defuse(text), "sequence": sequence},
         )
 
     async def close_card(self, card_id: str, text: str, sequence: int) -> None:
@@ -208,21 +259,44 @@ class FeishuApi:
         )
 
 
+# CardKit ends a card's streaming mode by itself about 10 minutes after it was turned on: 200850
+# ("card streaming timeout") answers the first call after that, 300309 ("streaming mode is closed")
+# every later one (docs/protocols/feishu.md §B.13).
+STREAMING_CLOSED_CODES = frozenset({200850, 300309})
+
+
+class StreamingClosed(PlatformError):
+    """The card's streaming mode is closed: the card takes no more text."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
+
+
 def _dict(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _check(endpoint: str, status: int, raw: bytes) -> dict[str, Any]:
-    """Decode a JSON answer; raise unless it is HTTP 200 with code 0."""
+def _check(endpoint: str, status: int, raw: bytes, reset: str = "") -> dict[str, Any]:
+    """Decode a JSON answer; raise unless it is HTTP 200 with code 0. `reset`: the answer's
+    x-ogw-ratelimit-reset header (seconds until the rate limit lets calls through again)."""
     try:
         data = orjson.loads(raw) if raw else {}
     except orjson.JSONDecodeError:
         data = None
+    code, msg = (data.get("code"), data.get("msg", "")) if isinstance(data, dict) else (None, "")
+    if not isinstance(code, int):  # a code must be a number to mean anything (and to be hashed)
+        code = None
+    if code == QUOTA_CODE:
+        raise QuotaExhausted(f"feishu {endpoint}: the tenant's monthly API quota is exhausted (code {code}: {msg})")
+    if code in THROTTLED_CODES or status == 429:
+        wait = float(reset) if reset.strip().isdigit() else THROTTLE_WAIT
+        raise Throttled(f"feishu {endpoint}: throttled (HTTP {status}, code {code}: {msg})", retry_after=wait)
     if not isinstance(data, dict):
         raise PlatformError(f"feishu {endpoint}: HTTP {status}, answer is not a JSON object")
-    code, msg = data.get("code"), data.get("msg", "")
     if code in INVALID_TOKEN_CODES:
         raise TokenRejected(f"feishu {endpoint}: token rejected (code {code}: {msg})")
+    if code in STREAMING_CLOSED_CODES:
+        raise StreamingClosed(f"feishu {endpoint}: the card's streaming mode is closed (code {code}: {msg})")
     if status != 200 or code != 0:
         raise PlatformError(f"feishu {endpoint}: HTTP {status}, code {code}: {msg}", retryable=retryable_status(status))
     return data

@@ -1,22 +1,35 @@
 """Answers streamed into a Feishu CardKit card, on the shared `CardStream`.
 
-The card is created and sent as a reply on the first text, then its markdown element replaced,
-each call with a higher `sequence`. The final text follows `render`: if it needs several parts,
-the card ends with the first and the rest follow as replies; if it needs a post (too many tables),
-the card ends with a pointer to it. Replies go out through `deliver` (the adapter's reply path,
-idempotent per part), never through the adapter itself.
+The card is created and sent as a reply on the first text, then its markdown element replaced. The
+final text follows `render`: if it needs several parts, the card ends with the first and the rest
+follow as replies; if it needs a post (too many tables), the card ends with a pointer to it.
+Replies go out through `deliver` (the adapter's reply path, idempotent per part by its `uuid`),
+never through the adapter itself.
+
+Sequence numbers: CardKit refuses an operation on a card whose `sequence` is not above every
+earlier one (300317). So a retry takes the next number: repeating a text or settings update that
+did arrive is harmless (it sets the same whole text again), while a reused number would be refused.
+The numbers handed out are recorded with the card, a block at a time, so after a restart they go
+on above every number used before.
+
+A card that takes no more text (Feishu closed its streaming after about 10 minutes, or refuses it
+for good) keeps what it shows; what it does not show follows as replies.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 
 from gateway.errors import PlatformError
+from gateway.messages import InboundMessage
+from gateway.metrics import Metrics
 from gateway.render import Part
-from gateway.streaming import CardStream
+from gateway.store import CardRecord
+from gateway.streaming import SENT_AS_MESSAGE, CardBook, CardStream
 
-from .api import FeishuApi
+from .api import FeishuApi, StreamingClosed
 from .render import MANY_TABLES_NOTE, render, stream_view, streaming_card
 
 log = logging.getLogger(__name__)
@@ -24,53 +37,130 @@ log = logging.getLogger(__name__)
 # Send these parts in order as replies to the message: (parts, idempotency kind, index of the first).
 Deliver = Callable[[Sequence[Part], str, int], Awaitable[None]]
 
+SEQUENCE_BLOCK = 100  # sequence numbers recorded ahead at a time (one store write per block)
+CONTINUED = "…"  # starts the reply that continues a card cut short
+
 
 class FeishuCardStream(CardStream):
-    def __init__(self, api: FeishuApi, deliver: Deliver, interval: float) -> None:
-        super().__init__(interval, fallback=self._deliver_rest)
-        self._api, self._deliver = api, deliver
-        self._card_id = ""
-        self._sequence = 0
-        self._shown = ""
-        self._rest: list[Part] | None = None  # set once the card holds its final text
-        self._rest_from = 0
+    def __init__(
+        self,
+        api: FeishuApi,
+        book: CardBook,
+        message: InboundMessage,
+        deliver: Deliver,
+        interval: float,
+        metrics: Metrics,
+        record: CardRecord | None = None,
+    ) -> None:
+        super().__init__(book, message, interval, metrics, record=record)
+        self._api, self._deliver_parts = api, deliver
+        self._card_id = record.card_id if record else ""
+        self._sequence = self._reserved = record.sequence if record else 0
+        self._streaming = True  # False once Feishu closed the card's streaming mode
+        self._rest: list[Part] | None = None  # the parts not delivered yet, once known
+        self._rest_kind, self._rest_from = "answer", 0
 
-    async def _open(self, text: str) -> None:
-        view = stream_view(text)
-        self._card_id = await self._api.create_card(streaming_card(view))
-        card = Part(view, "interactive", {"type": "card", "data": {"card_id": self._card_id}})
-        # Idempotent per card, not per message: a card made after a restart must still be shown.
-        await self._deliver([card], f"card:{self._card_id}", 0)
-        self._shown = view
+    # -- CardKit calls -----------------------------------------------------------------------------
+    async def _next_sequence(self) -> int:
+        self._sequence += 1
+        if self._sequence > self._reserved:  # recorded before it is used
+            self._reserved = self._sequence + SEQUENCE_BLOCK - 1
+            await self._recorded(sequence=self._reserved)
+        return self._sequence
+
+    async def _call(self, what: str, op: Callable[[int], Awaitable[None]]) -> None:
+        async def attempt() -> None:
+            await op(await self._next_sequence())
+
+        try:
+            await self._retry(what, attempt)
+        except StreamingClosed:
+            self._streaming = False
+            raise
 
     async def _set(self, text: str) -> None:
-        if text != self._shown:
-            self._sequence += 1
-            await self._api.set_card_text(self._card_id, text, self._sequence)
-            self._shown = text
+        if text != self.shown:
+            await self._call("feishu card update", partial(self._api.set_card_text, self._card_id, text))
+            self.shown = text
 
-    async def _push(self, text: str, final: bool) -> None:
-        if not final:
-            await self._set(stream_view(text))
-            return
+    async def _close(self, text: str) -> None:
+        await self._call("feishu card close", partial(self._api.close_card, self._card_id, text))
+
+    # -- the stream --------------------------------------------------------------------------------
+    async def _create(self, text: str) -> None:
+        view = stream_view(text)
+        self._card_id = await self._retry("feishu card create", partial(self._api.create_card, streaming_card(view)))
+        self._reserved = SEQUENCE_BLOCK
+        await self._opened(self._book.new(self._card_id, self._message, self._reserved))
+        card = Part(view, "interactive", {"type": "card", "data": {"card_id": self._card_id}})
+        # Idempotent per card, not per message: a card made after a restart must still be shown.
+        await self._deliver_parts([card], f"card:{self._card_id}", 0)
+        self.shown = view
+
+    async def _update(self, text: str) -> None:
+        await self._set(stream_view(text))
+
+    async def _end(self, text: str) -> bool:
         parts = render(text)
         in_card = parts[0].msg_type == "interactive"
-        await self._set(parts[0].text if in_card else MANY_TABLES_NOTE)
-        self._rest, self._rest_from = (parts[1:], 1) if in_card else (parts, 0)
-        self._sequence += 1
+        card_text = parts[0].text if in_card else MANY_TABLES_NOTE
+        await self._recorded(text=card_text)  # from here on, a restart closes the card with it
         try:
-            await self._api.close_card(self._card_id, text, self._sequence)
+            await self._set(card_text)
         except PlatformError as e:
-            # The text is complete; the card merely keeps its "generating" look until Feishu
-            # closes streaming itself (after 10 minutes). Not worth a second answer.
-            log.warning("could not close the streaming card: %s", e, extra={"platform": "feishu"})
-        await self._deliver_rest(text)
+            log.warning("card took no final text, the rest follows as replies: %s", e, extra=self._fields())
+            await self._keep_shown()
+            return False
+        try:
+            await self._close(text)
+        except StreamingClosed:
+            await self._closed()  # Feishu closed it itself, with the final text in it
+        except PlatformError as e:
+            # The text is complete; only the "generating" look remains: not worth a second answer.
+            log.warning("card holds the answer but is not closed, closing it later: %s", e, extra=self._fields())
+            await self._left(card_text)
+        else:
+            await self._closed()
+        self._rest, self._rest_from = (parts[1:], 1) if in_card else (parts, 0)
+        await self._send_rest()
+        return True
 
-    async def _deliver_rest(self, text: str) -> None:
-        """Send what the card does not show: all of `text` when the card broke before its final
-        text, else the parts not delivered yet (so a failure halfway never repeats a part)."""
+    async def _keep_shown(self) -> None:
+        """The card ends with what it shows: closed now unless Feishu closed it, else later."""
+        if not self._streaming:
+            await self._closed()
+            return
+        try:
+            await self._close(self.shown or "")
+        except StreamingClosed:
+            await self._closed()
+        except PlatformError as e:
+            log.warning("card not closed, closing it later: %s", e, extra=self._fields())
+            await self._left(self.shown if self.shown is not None else SENT_AS_MESSAGE)
+        else:
+            await self._closed()
+
+    async def _deliver(self, text: str) -> None:
+        """As replies, what the card does not show: the rest of the answer after the text the card
+        shows, or all of it (no card, or one showing something else); a failure halfway resumes
+        with the part that failed, never repeating one."""
         if self._rest is None:
-            self._rest, self._rest_from = render(text), 0
+            shown = self.shown if self.record is not None else None
+            if shown and text.startswith(shown) and len(text) > len(shown):
+                self._rest, self._rest_kind = render(CONTINUED + text[len(shown) :]), "rest"
+            else:
+                self._rest, self._rest_kind = render(text), "answer"
+            self._rest_from = 0
+        await self._send_rest()
+
+    async def _send_rest(self) -> None:
         while self._rest:
-            await self._deliver(self._rest[:1], "answer", self._rest_from)
+            await self._deliver_parts(self._rest[:1], self._rest_kind, self._rest_from)
             self._rest, self._rest_from = self._rest[1:], self._rest_from + 1
+
+    async def settle(self, text: str) -> None:
+        try:
+            await self._set(text)
+            await self._close(text)
+        except StreamingClosed:
+            return  # Feishu closed it: it takes nothing more, and shows nothing "generating"

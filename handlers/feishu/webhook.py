@@ -1,16 +1,21 @@
 """`POST /feishu/webhook`: Feishu's HTTP event delivery, the fallback (or twin) of the long
 connection, on the shared webhook pattern (`handlers.webhook`: read capped, verify, parse, submit).
 
-Checks, in lark-oapi's order (`EventDispatcherHandler.do`, docs/protocols/feishu.md §C.1) but stricter:
-1. With an encrypt key, `X-Lark-Signature` = hex SHA-256(timestamp + nonce + encrypt key + raw body)
-   is compared in constant time before the body is decoded; only Feishu's `url_verification` may
-   come unsigned. A signed request whose `X-Lark-Request-Timestamp` (seconds) is further than
-   `max(1 h, max_message_age)` from now is refused too: a replayed capture, and its message would be
-   dropped as stale anyway (the SDK checks no timestamp).
-2. `{"encrypt": ...}` bodies: AES-256-CBC, key = SHA-256(encrypt key), IV = the first 16 bytes of
+Checks, stricter than lark-oapi's (`EventDispatcherHandler.do`, docs/protocols/feishu.md §C.1):
+1. An encrypt key is required (config validation): the verification token is the same in every
+   delivery, so alone it authenticates nothing.
+2. `X-Lark-Signature` = hex SHA-256(timestamp + nonce + encrypt key + raw body) is compared in
+   constant time before anything else is done with the body: nothing is decrypted before it is
+   known to come from Feishu. A signed request whose `X-Lark-Request-Timestamp` (seconds) is further
+   than `max(1 h, max_message_age)` from now is refused too: a replayed capture, and its message
+   would be dropped as stale anyway (the SDK checks no timestamp).
+3. Only Feishu's `url_verification` may come unsigned (the docs exempt it): an unsigned body is
+   decoded only to see whether it is one, with the right token and a short string challenge.
+4. `{"encrypt": ...}` bodies: AES-256-CBC, key = SHA-256(encrypt key), IV = the first 16 bytes of
    the base64-decoded blob, PKCS#7 padding.
-3. The verification token (top-level `token`, or `header.token` in schema 2.0) must match.
-Errors are JSON: 400 unreadable, 401 unauthenticated, 413 too large, 503 while not accepting; never
+5. The verification token (top-level `token`, or `header.token` in schema 2.0) must match.
+Every refusal is the same 401 (`handlers.webhook.Refusals`: no oracle for which check failed).
+A correctly signed body that cannot be read is 400, too large 413, 503 while not accepting; never
 500. Everything else is answered 200 at once: the answer is produced later by the dispatcher
 (Feishu retries after 3 s without a 200).
 """
@@ -33,12 +38,14 @@ from gateway.jsonvalues import as_str
 from gateway.signing import same
 
 from ..http import json_error
-from ..webhook import Webhook
+from ..webhook import Refusals, Webhook
 
 # An event is a few KB; a text message may reach 150 KB, and encryption adds a third in base64.
 MAX_BODY = 256 * 1024
 TIMESTAMP, NONCE, SIGNATURE = "X-Lark-Request-Timestamp", "X-Lark-Request-Nonce", "X-Lark-Signature"
 MAX_SKEW = 3600.0  # seconds, as DingTalk allows for its webhook timestamps
+MAX_CHALLENGE = 256  # characters of a url_verification challenge echoed back
+MAX_UNSIGNED = 4096  # bytes: an unsigned body can only be a url_verification, a few hundred bytes
 
 
 class DecryptError(ValueError):
@@ -74,12 +81,10 @@ class FeishuOpener:
 
     def __init__(self, cfg: FeishuConfig) -> None:
         self._cfg = cfg
+        self._refuse = Refusals("feishu")
 
-    def _signature_problem(self, request: web.Request, raw: bytes) -> str | None:
-        """None when unsigned, "" when signed correctly and recently, else what is wrong."""
-        given = request.headers.get(SIGNATURE)
-        if given is None:
-            return None
+    def _signature_problem(self, request: web.Request, given: str, raw: bytes) -> str:
+        """"" when signed correctly and recently, else what is wrong."""
         timestamp = request.headers.get(TIMESTAMP, "")
         expected = signature(timestamp, request.headers.get(NONCE, ""), self._cfg.encrypt_key, raw)
         if not same(given, expected):
@@ -90,38 +95,65 @@ class FeishuOpener:
             return "timestamp too old or in the future"
         return ""
 
-    def _plain(self, raw: bytes) -> dict[str, Any] | web.Response:
+    def _plain(self, raw: bytes) -> dict[str, Any] | str:
+        """The event as a JSON object (decrypted if it came encrypted), or why it is none."""
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            return json_error(400, "body is not JSON")
+            return "body is not JSON"
         if not isinstance(body, dict):
-            return json_error(400, "body is not a JSON object")
+            return "body is not a JSON object"
         encrypted = body.get("encrypt")
         if encrypted is None:
             return body
-        if not self._cfg.encrypt_key:
-            return json_error(400, "encrypted body, but no encrypt_key is configured")
         try:
             body = orjson.loads(decrypt(str(encrypted), self._cfg.encrypt_key))
         except (DecryptError, orjson.JSONDecodeError):
-            return json_error(400, "encrypted body cannot be decrypted with the configured encrypt_key")
-        return body if isinstance(body, dict) else json_error(400, "decrypted body is not a JSON object")
+            return "encrypted body cannot be decrypted with the configured encrypt_key"
+        return body if isinstance(body, dict) else "decrypted body is not a JSON object"
+
+    def _token_ok(self, body: dict[str, Any]) -> bool:
+        # An unset token must not make a token-less body pass (config validation requires one).
+        return bool(self._cfg.verification_token) and same(_token(body), self._cfg.verification_token)
+
+    def _challenge(self, body: dict[str, Any]) -> web.Response | None:
+        """The answer to a well-formed url_verification, else None."""
+        challenge = body.get("challenge")
+        if body.get("type") != "url_verification" or not isinstance(challenge, str):
+            return None
+        if not challenge or len(challenge) > MAX_CHALLENGE:
+            return None
+        return web.json_response({"challenge": challenge})
+
+    def _unsigned(self, raw: bytes) -> web.Response:
+        """An unsigned request: Feishu's url_verification, or refused (the same 401 whatever is
+        wrong with it: undecryptable, not an object, wrong token, not a url_verification). A body
+        too large to be one is not even decrypted."""
+        if len(raw) > MAX_UNSIGNED:
+            return self._refuse("unsigned, too large for a url_verification")
+        body = self._plain(raw)
+        if isinstance(body, str):
+            return self._refuse(f"unsigned, {body}")
+        if not self._token_ok(body):
+            return self._refuse("unsigned, bad verification token")
+        return self._challenge(body) or self._refuse("missing signature")
 
     def __call__(self, request: web.Request, raw: bytes) -> object:
-        problem = self._signature_problem(request, raw) if self._cfg.encrypt_key else None
+        if not self._cfg.encrypt_key:
+            return self._refuse("no encrypt_key configured")  # config validation prevents this
+        given = request.headers.get(SIGNATURE)
+        if given is None:
+            return self._unsigned(raw)
+        problem = self._signature_problem(request, given, raw)
         if problem:
-            return json_error(401, problem)
+            return self._refuse(problem)
         body = self._plain(raw)
-        if isinstance(body, web.Response):
-            return body
-        # An unset token must not make a token-less body pass (config validation requires one).
-        if not self._cfg.verification_token or not same(_token(body), self._cfg.verification_token):
-            return json_error(401, "bad verification token")
+        if isinstance(body, str):
+            return json_error(400, body)  # Feishu's own delivery: not a forgery, a broken body
+        if not self._token_ok(body):
+            return self._refuse("bad verification token")
         if body.get("type") == "url_verification":
-            return web.json_response({"challenge": body.get("challenge", "")})
-        if self._cfg.encrypt_key and problem is None:
-            return json_error(401, "missing signature")
+            return self._challenge(body) or json_error(400, "malformed url_verification")
         return body
 
 

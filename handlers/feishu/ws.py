@@ -4,11 +4,16 @@ One session (run by `gateway.connection.ConnectionLoop`):
 1. `POST {domain}/callback/ws/endpoint` with AppID/AppSecret -> websocket URL + `ClientConfig`
    (PingInterval, ReconnectCount, ReconnectInterval, ReconnectNonce; seconds).
 2. Websocket with binary protobuf `Frame`s (frame.py). We ping (control frame, `type=ping`) at once
-   and every PingInterval; the server's `pong` may carry a new ClientConfig as JSON payload.
+   and every PingInterval; the server's `pong` may carry a new ClientConfig as JSON payload. A
+   refused upgrade explains itself in `handshake-*` headers; the two refusals the SDK gives up on
+   (app banned, too many connections) raise `Refused`: retried after `REFUSED_RETRY` or on demand.
 3. Data frames `type=event` carry event JSON, possibly split into `sum` parts (`seq` 0-based, by
    `message_id`); the frame completing an event is answered with itself plus a `biz_rt` header and
    payload `{"code": 200}` once the dispatcher accepted it (`{"code": 500}` asks for redelivery).
-4. Liveness that cannot lie: no pong and no data frame for 2 x PingInterval -> `StaleConnection`.
+4. Liveness, twice: the link (`LinkWatch`: websocket pings after `stale_after / 2` s of silence, at
+   most 20 s, as the SDK's websockets library sends them; nothing heard for `stale_after` s, 40 by
+   default) and the application (no pong frame and no data frame for 2 x PingInterval). Either
+   raises `StaleConnection`.
 Wire details: docs/protocols/feishu.md §B.2-B.6 and lark_oapi/ws/client.py.
 """
 
@@ -29,19 +34,25 @@ from aiohttp import WSMsgType
 
 from gateway.admission import Admission, Verdict
 from gateway.backoff import Backoff
-from gateway.connection import StaleConnection
+from gateway.connection import LinkWatch, Refused, StaleConnection
 from gateway.errors import PlatformError
 from gateway.intake import OrderedIntake
+from gateway.logs import register_url_secrets
 
-from .api import FeishuApi
+from .api import SDK_USER_AGENT, FeishuApi
 from .frame import Frame, FrameError, decode, encode
 
 log = logging.getLogger(__name__)
 
 CONTROL, DATA = 0, 1
 CONNECT_TIMEOUT = 10.0
+STALE_AFTER = 40.0  # the config's default
 # Closing a dead link must not delay the reconnect (aiohttp waits 10 s for the close frame).
 WS_TIMEOUT = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=2.0)
+# A refusal the SDK treats as final (§B.8) is retried this rarely: an admin must act first
+# (unban the app, close other connections), and can then press Reconnect instead of waiting.
+REFUSED_RETRY = 600.0
+FORBIDDEN, AUTH_FAILED, EXCEED_CONN_LIMIT = 403, 514, 1000040350
 PART_TTL = 10.0  # seconds the parts of one event may take to arrive (the SDK keeps them 5 s)
 PART_MAX_EVENTS = 64
 PART_MAX_COUNT = 256  # parts of one event; a larger `sum` header is not believed
@@ -135,11 +146,31 @@ def _ping(service: int) -> bytes:
     return encode(Frame(seq_id=0, log_id=0, service=service, method=CONTROL, headers=(("type", "ping"),)))
 
 
+def handshake_refusal(e: aiohttp.WSServerHandshakeError) -> Exception:
+    """What a refused websocket upgrade means, by its `handshake-*` headers (§B.8), as the SDK
+    reads them: 403 (the app is banned) and 514 with autherrcode 1000040350 (the app's connection
+    limit) are final, `Refused`; anything else, headers missing included, may pass."""
+    headers: Mapping[str, str] = e.headers or {}
+    status, why, auth = (headers.get(h, "") for h in ("handshake-status", "handshake-msg", "handshake-autherrcode"))
+    detail = f"HTTP {e.status}" + (f", handshake-status {status}" if status else "") + (f" {why}" if why else "")
+    detail += f", autherrcode {auth}" if auth else ""
+    if status == str(FORBIDDEN):
+        return Refused(f"feishu refused the connection, the app is banned ({detail})", REFUSED_RETRY)
+    if status == str(AUTH_FAILED) and auth == str(EXCEED_CONN_LIMIT):
+        return Refused(
+            f"feishu refused the connection, too many connections for this app, at most 50 ({detail})", REFUSED_RETRY
+        )
+    return PlatformError(f"feishu ws handshake refused: {detail}")
+
+
 class FeishuWsClient:
-    def __init__(self, api: FeishuApi, http: aiohttp.ClientSession, handler: EventHandler) -> None:
+    def __init__(
+        self, api: FeishuApi, http: aiohttp.ClientSession, handler: EventHandler, stale_after: float = STALE_AFTER
+    ) -> None:
         self._api = api
         self._http = http
         self._handler = handler
+        self._stale_after = stale_after
         self.config = ClientConfig()
         self.backoff = ServerPacedBackoff()
         self._parts = Reassembler()
@@ -161,6 +192,7 @@ class FeishuWsClient:
         url = body.get("URL")
         if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
             raise PlatformError("feishu ws_endpoint: answer without a websocket URL")
+        register_url_secrets(url)  # its access_key and ticket: errors naming the URL must not show them
         self._configure(self.config.updated(body.get("ClientConfig")))
         query = parse_qs(urlparse(url).query)
         try:
@@ -176,12 +208,15 @@ class FeishuWsClient:
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 ws = await self._http.ws_connect(
-                    url, autoping=True, heartbeat=None, max_msg_size=MAX_FRAME_BYTES, timeout=WS_TIMEOUT
+                    url,
+                    autoping=False,  # LinkWatch answers pings and counts pongs
+                    heartbeat=None,
+                    headers={"User-Agent": SDK_USER_AGENT},
+                    max_msg_size=MAX_FRAME_BYTES,
+                    timeout=WS_TIMEOUT,
                 )
         except aiohttp.WSServerHandshakeError as e:
-            # Feishu explains a refused upgrade in handshake-* headers (docs/protocols/feishu.md §B.8).
-            status, why = (e.headers.get(h, "") if e.headers else "" for h in ("handshake-status", "handshake-msg"))
-            raise PlatformError(f"feishu ws handshake refused: HTTP {e.status} {status} {why}".rstrip()) from e
+            raise handshake_refusal(e) from e
         async with ws:
             log.info("ws connected", extra={"platform": "feishu", "device_id": device_id})
             connected()
@@ -194,6 +229,7 @@ class FeishuWsClient:
 
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse, service: int) -> None:
         await ws.send_bytes(_ping(service))  # at once, as the SDK does: the pong proves the link
+        watch = LinkWatch(self._stale_after)
         last_ping = last_seen = time.monotonic()
         async with OrderedIntake() as intake:
             self._intake = intake
@@ -206,10 +242,9 @@ class FeishuWsClient:
                 next_ping = last_ping + self.config.ping_interval
                 stale_at = last_seen + 2 * self.config.ping_interval
                 if now >= stale_at:
-                    raise StaleConnection(f"no pong or event for {now - last_seen:.1f} s")
-                try:
-                    msg = await ws.receive(timeout=min(next_ping, stale_at) - now)
-                except TimeoutError:
+                    raise StaleConnection(f"no pong frame or event for {now - last_seen:.1f} s")
+                msg = await watch.receive_until(ws, min(next_ping, stale_at))
+                if msg is None:
                     continue
                 if msg.type is WSMsgType.BINARY:
                     try:

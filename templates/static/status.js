@@ -28,6 +28,11 @@
     };
   }
 
+  // Sensitive actions (reload, reset, rotate) want the credential confirmed within the last
+  // 5 minutes: the server says "re-authentication required", the page asks for it once, then retries.
+  const reauth = document.getElementById("reauth-form");
+  let pending = null;
+
   function post(url, body) {
     result.textContent = "…";
     return fetch(url, {
@@ -37,10 +42,36 @@
       body: JSON.stringify(body || {})
     }).then(function (r) {
       return r.json().then(function (data) {
+        if (r.status === 401 && data.error === "re-authentication required") {
+          pending = function () { return post(url, body); };
+          reauth.hidden = false;
+          reauth.elements.secret.focus();
+        }
         result.textContent = (r.ok ? "" : "HTTP " + r.status + ": ") + JSON.stringify(data, null, 2);
       });
     }).catch(function (e) { result.textContent = "request failed: " + e; });
   }
+
+  reauth.addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    const body = {};
+    body[reauth.dataset.field] = reauth.elements.secret.value;
+    fetch("/login", {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body)
+    }).then(function (r) {
+      return r.json().then(function (data) {
+        if (!r.ok) { result.textContent = "HTTP " + r.status + ": " + JSON.stringify(data, null, 2); return; }
+        reauth.hidden = true;
+        reauth.elements.secret.value = "";
+        const retry = pending;
+        pending = null;
+        if (retry) { retry(); }
+      });
+    }).catch(function (e) { result.textContent = "request failed: " + e; });
+  });
 
   // Delegated, because the buttons inside <main> are replaced on every update.
   document.addEventListener("click", function (ev) {

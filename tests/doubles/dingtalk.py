@@ -3,17 +3,30 @@
 Stream mode: `POST /v1.0/gateway/connections/open` hands out a one-time ticket for the websocket at
 `/connect`; the double pushes SYSTEM and CALLBACK frames there and checks every ACK the client sends.
 HTTP: the token endpoint, the robot send APIs, file download (a `downloadUrl` served here), the
-AI-card APIs, the robot query `python run.py doctor` uses, and sessionWebhook receivers. Scripted
+AI-card APIs, the robot query `python run.py doctor` uses, and sessionWebhook receivers. AI cards
+are held as DingTalk holds them (`cards`, `open_cards()`): a createAndDeliver answer says per space
+whether the card arrived (`undelivered` makes it reach nobody), a stream update after `isFinalize`
+is refused, a repeated `guid` changes nothing, and each card call can fail N times first
+(`card_faults`: throttled, 5xx, refused, or applied with the answer lost), for good
+(`card_refused`), or hang (`stall`). Scripted
 faults: open-connection failing N times, a token rejected once, card creation failing,
 sessionWebhooks answering "expired" (the refused posts are recorded too), sends answering 503 N
 times, dropping the socket (now, or right after each of the next N handshakes), raw frames of any
 shape, a robot query without the permission, a skewed clock in every answer's `Date` header.
-Silence needs no script: the double only sends what a test pushes.
+Rate limits and quota as DingTalk answers them (§A.9): more than `qps_limit` calls a second to an
+API, or the next `throttle_next` calls, get the QPS-limit refusal (HTTP 403 with its code; the
+sessionWebhook, an old API, errcode 90018); once `quota` billable calls are used, the v1.0 APIs
+answer `ApiCountLimitForOrg`. Every call's arrival is in `requests`. A token fetched again while
+valid is the same token, renewed; an expired one is refused.
+Silence needs no script: the double only sends what a test pushes. It answers the client's websocket
+pings (counted in `pings`) unless `answer_pings = False`: a socket that looks open but is dead.
 
 Several clients may be connected at once (several gateway instances); connections are numbered in
-the order they opened, and a frame goes to the newest one unless `to=` picks another, as DingTalk
-hands each event to one of the app's connections. Like DingTalk, the double redelivers a robot
-message nobody ACKed (`redeliver()`: same msgId, new frame id).
+the order they opened, and a frame goes to the newest one (`spread = True`: to any of them at
+random, as DingTalk hands each event to one of the app's connections) unless `to=` picks one.
+`rotate()` is DingTalk's `disconnect` (§A.7): the frame, without a messageId like the documented
+example, then no more deliveries on that socket and a close some seconds later. Like DingTalk, the
+double redelivers a robot message nobody ACKed (`redeliver()`: same msgId, new frame id).
 
 The SDK's own client must work against it (tests/test_dingtalk_conformance.py), which is what keeps
 the double honest. Tests wait with `wait_for(predicate)`, which wakes on every recorded event.
@@ -24,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -43,6 +57,42 @@ PERMISSION_ERROR = {
 # DingTalk does not document its answer for another app's robot code; any refusal will do.
 UNKNOWN_ROBOT = {"code": "InvalidParameter.RobotCode", "message": "robot not found"}
 BUSY = {"errcode": -1, "errmsg": "system busy"}
+# AI cards (§A.9). The calls by kind, and the answers of the scripted card faults: the documented
+# QPS limit (HTTP 403 + code), a 5xx, a refusal. DingTalk does not document its answer to a stream
+# update after `isFinalize`; the double refuses it with a code of its own.
+CARD_CALLS = {
+    "/v1.0/card/instances/createAndDeliver": "create",
+    "/v1.0/card/streaming": "streaming",
+    "/v1.0/card/instances": "update",
+}
+CARD_FAULTS = {
+    "busy": ({"code": "ServiceUnavailable", "message": "scripted"}, 503),
+    "throttled": ({"code": "Forbidden.AccessDenied.QpsLimitForAppkeyAndApi", "message": "QPS limit"}, 403),
+    "refused": ({"code": "InvalidParameter", "message": "scripted"}, 400),
+}
+FINALIZED = {"code": "InvalidParameter.double.StreamingFinalized", "message": "card streaming already finalized"}
+NO_CARD = {"code": "InvalidParameter.double.CardNotFound", "message": "no card with this outTrackId"}
+
+
+@dataclass
+class AICard:
+    """An AI card as the double holds it: its data (`msgContent`, `flowStatus`) as the user sees it."""
+
+    out_track_id: str
+    create: dict[str, Any]  # the createAndDeliver body
+    delivered: bool  # it reached its space
+    params: dict[str, Any]  # cardParamMap as it stands
+    streamed: list[dict[str, Any]] = field(default_factory=list)  # accepted streaming updates
+    repeated: list[str] = field(default_factory=list)  # guids of streaming updates received again
+    finalized: bool = False  # a streaming update with isFinalize was accepted
+
+    @property
+    def text(self) -> str:
+        return str(self.params.get("msgContent", ""))
+
+    @property
+    def finished(self) -> bool:
+        return self.params.get("flowStatus") == "3"
 
 
 @dataclass
@@ -51,6 +101,7 @@ class Ack:
     message_id: str
     message: str
     data: Any  # decoded from the JSON string
+    connection: int = 0  # the socket it came on
 
 
 @dataclass
@@ -62,14 +113,36 @@ class DingTalkDouble:
     open_failures: int = 0
     reject_token_once: bool = False
     card_create_fails: bool = False
+    # AI-card faults: kind ("create" | "streaming" | "update") -> faults for its next calls, in
+    # order: "busy" (503), "throttled" (403 QPS limit), "refused" (400), "lost" (applied, then 503:
+    # the answer was lost, so the retry must be idempotent); `card_refused`: kinds refused for good
+    card_faults: dict[str, list[str]] = field(default_factory=dict)
+    card_refused: set[str] = field(default_factory=set)
+    undelivered: bool = False  # createAndDeliver works, but the card reaches nobody (deliverResults)
+    stall: str = ""  # card calls of this kind wait until `release_stalled()`, then fail unapplied
     expired_sessions: bool = False
     send_failures: int = 0  # sessionWebhook posts and robot sends answering 503 before they work again
+    lost_answers: int = 0  # sessionWebhook posts delivered whose answer is lost (a proxy's 502 page)
     drop_on_connect: int = 0  # websockets cut right after the handshake, before any frame
+    refuse_upgrades: int = 0  # websocket upgrades refused (503) after the ticket was handed out
+    refused_tickets: list[str] = field(default_factory=list)  # the tickets of those upgrades
     robot_permission: bool = True  # False: the robot query is refused for lack of a permission
     clock_offset: float = 0.0  # seconds the double's clock (its Date headers) is ahead of ours
+    answer_pings: bool = True  # False: websocket pings go unanswered (a dead link that looks open)
+    spread: bool = False  # True: a frame without `to=` goes to any open connection, not the newest
+    # Rate limits and quota ("调用频次与限流", §A.9): `qps_limit` calls a second to each OpenAPI
+    # (the v1.0 APIs and the sessionWebhook alike), more are refused as throttled; `throttle_next`:
+    # the next N such calls are refused so whatever the rate; `quota`: billable calls left this month
+    # (None: no quota; token calls and refused calls are not counted, as DingTalk meters them).
+    qps_limit: int = 0
+    throttle_next: int = 0
+    throttle_code: str = "Forbidden.AccessDenied.QpsLimitForAppkeyAndApi"  # or "...QpsLimitForApi"
+    quota: int | None = None
+    token_lifetime: float = 7200.0  # seconds; a token fetched again within it is the same, renewed
     # what happened
     opens: list[dict[str, Any]] = field(default_factory=list)
     connections: int = 0
+    pings: int = 0  # websocket pings received
     acks: list[Ack] = field(default_factory=list)
     ack_errors: list[str] = field(default_factory=list)
     session_posts: list[dict[str, Any]] = field(default_factory=list)
@@ -79,10 +152,22 @@ class DingTalkDouble:
     files: dict[str, tuple[bytes, str]] = field(default_factory=dict)
     failed_sends: int = 0
     deliveries: list[tuple[str, str, int]] = field(default_factory=list)  # (frame id, msgId, connection)
+    requests: list[tuple[float, str]] = field(default_factory=list)  # (monotonic arrival, path) of API calls
+    throttled: list[str] = field(default_factory=list)  # paths of the calls refused as throttled
+    quota_refusals: int = 0  # calls refused because the quota was spent
+    cards: dict[str, AICard] = field(default_factory=dict)  # by outTrackId
+    card_attempts: list[tuple[str, dict[str, Any], str]] = field(default_factory=list)  # (kind, body, outcome)
+    stalled: int = 0  # card calls waiting in `stall`
+    _unstall: asyncio.Event = field(default_factory=asyncio.Event)
     _bodies: dict[str, dict[str, Any]] = field(default_factory=dict)  # msgId -> robot message
     _tickets: set[str] = field(default_factory=set)
     _revoked: set[str] = field(default_factory=set)
+    _token_expires: float = 0.0  # monotonic expiry of the newest token
+    _accepted: dict[str, list[float]] = field(default_factory=dict)  # path -> accepted call times (QPS)
     _sockets: dict[int, tuple[web.WebSocketResponse, web.Request]] = field(default_factory=dict)  # open ones
+    _draining: set[int] = field(default_factory=set)  # told to disconnect: no more deliveries there
+    _rng: random.Random = field(default_factory=lambda: random.Random(7))  # `spread`, reproducibly
+    _closers: set[asyncio.Future[None]] = field(default_factory=set)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -131,11 +216,23 @@ class DingTalkDouble:
         return [n for n, (ws, _) in self._sockets.items() if not ws.closed]
 
     def _target(self, to: int | None) -> int | None:
-        """Connection `to` if open, else None; without `to`, the newest open one."""
+        """Connection `to` if open, else None; without `to`, the newest open one not told to
+        disconnect (with `spread`, any of those)."""
         open_now = self.open_connections
-        if to is None:
-            return open_now[-1] if open_now else None
-        return to if to in open_now else None
+        if to is not None:
+            return to if to in open_now else None
+        serving = [n for n in open_now if n not in self._draining]
+        if not serving:
+            return None
+        return self._rng.choice(serving) if self.spread else serving[-1]
+
+    def open_cards(self) -> list[AICard]:
+        """Cards someone received that are not finished: still "typing" for the user."""
+        return [c for c in self.cards.values() if c.delivered and not c.finished]
+
+    def release_stalled(self) -> None:
+        self.stall = ""
+        self._unstall.set()
 
     def calls(self, path: str) -> list[dict[str, Any]]:
         return [body for _, p, body in self.api_calls if p == path]
@@ -234,6 +331,36 @@ class DingTalkDouble:
         ws = self._sockets[number][0]
         await (ws.send_str(data) if isinstance(data, str) else ws.send_bytes(data))
 
+    async def rotate(
+        self, to: int | None = None, close_after: float | None = 10.0, with_id: bool = False, stop: bool = True
+    ) -> int:
+        """DingTalk's `disconnect` on connection `to` (else the newest): the SYSTEM frame, without a
+        messageId unless `with_id`; from then on no frame goes there unless `to=` names it (`stop
+        = False`: it stays one of the app's sockets), and the double closes it after `close_after`
+        seconds (None: when the test calls `close`). Returns the connection's number."""
+        number = self._target(to)
+        assert number is not None
+        headers = {"contentType": "application/json", "time": str(int(time.time() * 1000)), "topic": "disconnect"}
+        if with_id:
+            headers["messageId"] = f"frame-{next(self._ids)}"
+        frame = {"specVersion": "1.0", "type": "SYSTEM", "headers": headers, "data": json.dumps({"reason": "rotate"})}
+        if stop:
+            self._draining.add(number)
+        await self._sockets[number][0].send_str(json.dumps(frame))
+        if close_after is not None:
+            asyncio.get_running_loop().call_later(close_after, self._close_later, number)
+        return number
+
+    def _close_later(self, number: int) -> None:
+        task = asyncio.ensure_future(self.close(number))
+        self._closers.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._closers.discard)
+
+    async def close(self, to: int) -> None:
+        """Close connection `to` normally (code 1000), as the server ends a rotated socket."""
+        if to in self._sockets:
+            await self._sockets[to][0].close()
+
     async def drop(self, to: int | None = None) -> None:
         """Cut the TCP connection under the websocket, no close frame."""
         number = self._target(to)
@@ -287,7 +414,12 @@ class DingTalkDouble:
         if ticket not in self._tickets:
             return web.json_response({"code": "InvalidTicket"}, status=403)
         self._tickets.discard(ticket)  # one connection per ticket
-        ws = web.WebSocketResponse()
+        if self.refuse_upgrades > 0:  # a valid ticket, and still no websocket (e.g. a busy gateway)
+            self.refuse_upgrades -= 1
+            self.refused_tickets.append(ticket)
+            self._record()
+            return web.json_response({"code": "ServiceUnavailable", "message": "scripted"}, status=503)
+        ws = web.WebSocketResponse(autoping=False)  # pings are answered (and counted) below
         await ws.prepare(request)
         self.connections += 1
         number = self.connections
@@ -299,18 +431,24 @@ class DingTalkDouble:
         try:
             async for msg in ws:
                 if msg.type is WSMsgType.TEXT:
-                    self._check_ack(msg.data)
+                    self._check_ack(msg.data, number)
+                elif msg.type is WSMsgType.PING:
+                    self.pings += 1
+                    if self.answer_pings:
+                        await ws.pong(msg.data)
+                    self._record()
         finally:
             del self._sockets[number]
+            self._draining.discard(number)
             self._record()
         return ws
 
-    def _check_ack(self, raw: str) -> None:
+    def _check_ack(self, raw: str, connection: int) -> None:
         """Record an ACK, noting anything the real server would not accept (§A.6)."""
         try:
             frame = json.loads(raw)
             headers = frame["headers"]
-            ack = Ack(frame["code"], headers["messageId"], frame["message"], json.loads(frame["data"]))
+            ack = Ack(frame["code"], headers["messageId"], frame["message"], json.loads(frame["data"]), connection)
             if not isinstance(ack.code, int) or headers.get("contentType") != "application/json":
                 self.ack_errors.append(f"bad code or contentType: {raw}")
         except (ValueError, KeyError, TypeError) as e:
@@ -324,29 +462,79 @@ class DingTalkDouble:
         body = await request.json()
         if body.get("appKey") != self.client_id or body.get("appSecret") != self.client_secret:
             return web.json_response({"code": "invalidClientIdOrSecret", "message": "bad"}, status=400)
-        token = f"AT-{len(self.tokens_issued) + 1}"
-        self.tokens_issued.append(token)
+        self.requests.append((time.monotonic(), request.path))
+        # Within its lifetime the same token comes back, its lifetime renewed ("有效期内重复获取
+        # 会返回相同结果并自动续期"); a revoked or expired one is replaced.
+        now = time.monotonic()
+        current = self.tokens_issued[-1] if self.tokens_issued else ""
+        if not current or current in self._revoked or now >= self._token_expires:
+            current = f"AT-{len(self.tokens_issued) + 1}"
+            self.tokens_issued.append(current)
+        self._token_expires = now + self.token_lifetime
         self._record()
-        return web.json_response({"accessToken": token, "expireIn": 7200})
+        return web.json_response({"accessToken": current, "expireIn": round(self.token_lifetime)})
+
+    def _valid(self, token: str) -> bool:
+        """Issued, not revoked, and (if it is the newest) not expired; older ones expired with it."""
+        return (
+            bool(self.tokens_issued)
+            and token == self.tokens_issued[-1]
+            and token not in self._revoked
+            and time.monotonic() < self._token_expires
+        )
+
+    def _limited(self, path: str) -> web.Response | None:
+        """The rate-limit or quota answer to this call, if it gets one (and then it is not counted)."""
+        now = time.monotonic()
+        self.requests.append((now, path))
+        session = path.endswith("/sendBySession")  # an old (oapi) API: errcode answers, HTTP 200
+        accepted = self._accepted.setdefault(path, [])
+        while accepted and accepted[0] <= now - 1.0:
+            accepted.pop(0)
+        if self.throttle_next > 0 or (self.qps_limit and len(accepted) >= self.qps_limit):
+            self.throttle_next = max(0, self.throttle_next - 1)
+            self.throttled.append(path)
+            self._record()
+            if session:
+                return web.json_response({"errcode": 90018, "errmsg": "QPS limit of the app for this API"})
+            return web.json_response({"code": self.throttle_code, "message": "QPS limit"}, status=403)
+        if self.quota is not None and self.quota <= 0 and not session:
+            self.quota_refusals += 1
+            self._record()
+            answer = {"code": "Forbidden.AccessDenied.ApiCountLimitForOrg", "message": "monthly API calls used up"}
+            return web.json_response(answer, status=403)
+        accepted.append(now)
+        return None
+
+    def _bill(self, response: web.Response) -> web.Response:
+        """A successful call uses up one call of the quota."""
+        if self.quota is not None and response.status < 400:
+            self.quota -= 1
+        return response
 
     def _api(self, *required: str) -> Callable[[web.Request], Any]:
         async def handle(request: web.Request) -> web.Response:
             token = request.headers.get("x-acs-dingtalk-access-token", "")
             body = await request.json()
-            if token not in self.tokens_issued or token in self._revoked:
+            if not self._valid(token):
                 return web.json_response(TOKEN_ERROR, status=401)
             if self.reject_token_once:
                 self.reject_token_once = False
                 self._revoked.add(token)
                 return web.json_response(TOKEN_ERROR, status=401)
+            if (limited := self._limited(request.path)) is not None:
+                return limited
             if self._failing(request.path):
                 return web.json_response(BUSY, status=503)
+            kind = CARD_CALLS.get(request.path, "")
+            if kind and (fault := await self._card_fault(kind, body)) is not None:
+                return fault
             missing = [k for k in required if k not in body]
             if missing:
                 return web.json_response({"code": "MissingParameter", "message": str(missing)}, status=400)
             self.api_calls.append((request.method, request.path, body))
             self._record()
-            return self._answer(request, body)
+            return self._bill(self._answer(request, body))
 
         return handle
 
@@ -359,6 +547,64 @@ class DingTalkDouble:
         self.failed_sends += 1
         self._record()
         return True
+
+    async def _card_fault(self, kind: str, body: dict[str, Any]) -> web.Response | None:
+        """The scripted answer to this card call, if it is to fail before it is applied."""
+        if kind == self.stall:
+            self.stalled += 1
+            self._record()
+            await self._unstall.wait()
+            self.card_attempts.append((kind, body, "stalled"))
+            self._record()
+            return web.json_response(CARD_FAULTS["busy"][0], status=503)
+        queue = self.card_faults.get(kind) or []
+        fault = "refused" if kind in self.card_refused else queue[0] if queue and queue[0] != "lost" else ""
+        if not fault:
+            return None
+        if kind not in self.card_refused:
+            queue.pop(0)
+        self.card_attempts.append((kind, body, fault))
+        self._record()
+        answer, status = CARD_FAULTS[fault]
+        return web.json_response(answer, status=status)
+
+    def _card_call(self, kind: str, body: dict[str, Any]) -> web.Response:
+        """Apply an AI-card call to the card it names, as DingTalk would."""
+        card = self.cards.get(body["outTrackId"])
+        if kind == "create":
+            if card is None:  # a retry with the same outTrackId gets the same card
+                params = dict(body["cardData"]["cardParamMap"])
+                card = self.cards[body["outTrackId"]] = AICard(body["outTrackId"], body, not self.undelivered, params)
+            space = {"spaceId": body["openSpaceId"], "spaceType": body["openSpaceId"].split(".")[1].split("/")[-1]}
+            result = {**space, "success": card.delivered, "errorMsg": "" if card.delivered else "robot not in chat"}
+            answer = {"success": True, "result": {"outTrackId": card.out_track_id, "deliverResults": [result]}}
+        elif card is None:
+            return web.json_response(NO_CARD, status=400)
+        elif kind == "streaming":
+            if card.finalized:
+                self.card_attempts.append((kind, body, "after finalize"))
+                return web.json_response(FINALIZED, status=400)
+            if any(s["guid"] == body["guid"] for s in card.streamed):
+                card.repeated.append(body["guid"])  # the same update again: nothing changes
+            else:
+                key = body["key"]
+                card.params[key] = body["content"] if body.get("isFull") else card.params.get(key, "") + body["content"]
+                card.streamed.append(body)
+                card.finalized = bool(body.get("isFinalize"))
+            answer = {"success": True}
+        else:
+            card.params = dict(body["cardData"]["cardParamMap"])  # the card's data, replaced
+            answer = {"success": True}
+        queue = self.card_faults.get(kind) or []
+        outcome = "ok"
+        if queue and queue[0] == "lost":
+            queue.pop(0)
+            outcome = "lost"
+        self.card_attempts.append((kind, body, outcome))
+        self._record()
+        if outcome == "lost":
+            return web.json_response(CARD_FAULTS["busy"][0], status=503)
+        return web.json_response(answer)
 
     def _answer(self, request: web.Request, body: dict[str, Any]) -> web.Response:
         path = request.path
@@ -378,12 +624,14 @@ class DingTalkDouble:
             return web.json_response(
                 {"processQueryKey": "q1", "invalidStaffIdList": [], "flowControlledStaffIdList": []}
             )
-        if path.endswith("/createAndDeliver"):
-            return web.json_response({"success": True, "result": {"outTrackId": body["outTrackId"]}})
+        if path in CARD_CALLS:
+            return self._card_call(CARD_CALLS[path], body)
         return web.json_response({"success": True, "processQueryKey": "q1"})
 
     async def _session_webhook(self, request: web.Request) -> web.Response:
         body = await request.json()
+        if (limited := self._limited(request.path)) is not None:
+            return limited
         if self._failing(request.path):
             return web.json_response(BUSY, status=503)
         post = {"session": request.query.get("session", ""), **body}
@@ -393,6 +641,9 @@ class DingTalkDouble:
             return web.json_response({"errcode": 300001, "errmsg": "session expired"})
         self.session_posts.append(post)
         self._record()
+        if self.lost_answers > 0:  # delivered, but the client cannot know: a send to never repeat
+            self.lost_answers -= 1
+            return web.Response(status=502, text="<html><body>502 Bad Gateway</body></html>", content_type="text/html")
         return web.json_response({"errcode": 0, "errmsg": "ok"})
 
     async def _file(self, request: web.Request) -> web.Response:

@@ -6,12 +6,22 @@ events are pushed as data frames (whole or split into parts), the client's respo
 recorded. REST: tenant token, bot info, reply (with Feishu's `uuid` idempotency), message
 resources, CardKit cards (create, element content with strictly increasing sequence, settings).
 It enforces the limits that make Feishu reject a card (more than 5 tables, more than 30 KB), so a
-test that passes proves botgate never sent a card Feishu would refuse.
+test that passes proves botgate never sent a card Feishu would refuse. Cards keep every text as it
+was sent (`Card.contents`); `open_cards()` lists the sent cards still "generating".
 
-Scripted faults: `pong = False` (stop answering pings), `close_sockets()`, `reject_token_once`,
-`fail_card` ("create" | "content" | "settings"), `fail_replies` (reply calls that answer 500),
-`refuse_ws` (the websocket upgrade refused with Feishu's handshake-* headers), `clock_offset`
-(seconds the double's clock, i.e. every answer's `Date` header, is ahead of ours).
+Scripted faults: `pong = False` (stop answering ping frames), `ws_pong = False` (stop answering
+websocket pings too: a socket that looks open but is dead), `close_sockets()`, `reject_token_once`,
+`fail_card` ("create" | "content" | "settings": every such call answers 500), `card_faults` (the
+next N calls of a kind throttled, 5xx, refused, or applied with the answer lost), `stall` (CardKit
+calls of a kind hang), `streaming_lifetime` (CardKit closes a card's streaming by itself: 200850,
+then 300309 on every later call), `fail_replies` (reply calls that answer 500),
+`refuse_ws` (the websocket upgrade refused with Feishu's handshake-* headers: `refuse_ws_status`
+403 for a banned app, 514 with `refuse_ws_autherrcode` "1000040350" for too many connections),
+`clock_offset` (seconds the double's clock, i.e. every answer's `Date` header, is ahead of ours).
+Rate limits and the monthly quota as Feishu answers them: `qps_limit`, `chat_qps_limit`,
+`throttle_next`, `quota` (see the fields); every Open API call's arrival is in `requests`. Tokens
+live `token_lifetime` and the same one is handed out while more than `token_reuse_above` of it
+remains, as Feishu does; a call with an expired one is refused (and counted in `expired_uses`).
 lark-oapi's own ws client runs against it in tests/test_feishu_conformance.py.
 """
 
@@ -20,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
@@ -61,15 +72,22 @@ class SentReply:
 @dataclass
 class Card:
     card: dict[str, Any]
-    contents: list[tuple[int, str]] = field(default_factory=list)  # (sequence, text)
+    contents: list[tuple[int, str]] = field(default_factory=list)  # (sequence, text) as sent
     settings: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     last_sequence: int = 0
+    created_at: float = field(default_factory=time.monotonic)
+    closed: str = ""  # "settings": streaming ended by a settings call; "timeout": by Feishu itself
+    timeout_told: bool = False  # 200850 was answered once; every later call gets 300309
 
     @property
     def text(self) -> str:
         if self.contents:
             return self.contents[-1][1]
         return str(self.card["body"]["elements"][0]["content"])
+
+    @property
+    def streaming(self) -> bool:
+        return self.card.get("config", {}).get("streaming_mode") is True and not self.closed
 
 
 @dataclass
@@ -80,17 +98,54 @@ class FeishuDouble:
         }
     )
     pong: bool = True
+    ws_pong: bool = True
     pong_config: dict[str, Any] | None = None
     reject_token_once: bool = False
     fail_card: str = ""
+    # CardKit faults: kind ("create" | "content" | "settings") -> faults for its next calls, in
+    # order: "busy" (500), "throttled" (429 with x-ogw-ratelimit-reset), "refused" (400), "lost"
+    # (applied, then 500: the answer was lost)
+    card_faults: dict[str, list[str]] = field(default_factory=dict)
+    streaming_lifetime: float = 600.0  # seconds after which CardKit closes a card's streaming itself
+    stall: str = ""  # CardKit calls of this kind wait until `release_stalled()`, then fail unapplied
+    stalled: int = 0
+    card_attempts: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, card id, outcome)
+    _unstall: asyncio.Event = field(default_factory=asyncio.Event)
     fail_replies: int = 0
-    refuse_ws: str = ""  # a handshake-msg: refuse the websocket upgrade as Feishu does (403)
+    refuse_ws: str = ""  # a handshake-msg: refuse the websocket upgrade as Feishu does
+    refuse_ws_status: int = 403  # handshake-status (and the HTTP status) of a refusal
+    refuse_ws_autherrcode: str = ""  # handshake-autherrcode, sent when set
     clock_offset: float = 0.0
     resources: dict[tuple[str, str], tuple[bytes, str]] = field(default_factory=dict)
+    ws_host: str = ""  # host:port the endpoint call's URL names instead of the double's own
+    ws_credentials: list[str] = field(default_factory=list)  # every access_key and ticket handed out
+    # Rate limits and quota ("频控策略", "自建应用 API 调用量上限调整说明"; docs/protocols/feishu.md
+    # §B.13): more than `qps_limit` calls a second to one Open API get HTTP 429 + 99991400 with
+    # x-ogw-ratelimit-reset; more than `chat_qps_limit` replies a second into one chat HTTP 400 +
+    # 230020; `throttle_next` refuses the next N Open API calls whatever the rate (`throttle_answer`:
+    # (HTTP status, code)); `quota`: billable calls left this month (None: none), after which every
+    # Open API call gets HTTP 429 + 99991403. The token call is not billable, failed calls not billed.
+    qps_limit: int = 0
+    chat_qps_limit: int = 0
+    throttle_next: int = 0
+    throttle_answer: tuple[int, int] = (429, 99991400)
+    throttle_only: str = ""  # `throttle_next` counts only calls whose path ends so ("/reply")
+    quota: int | None = None
+    token_lifetime: float = 7200.0  # seconds a tenant_access_token lives
+    token_reuse_above: float = 1800.0  # the same token is handed out while more than this remains
+    requests: list[tuple[float, str]] = field(default_factory=list)  # (monotonic arrival, path) of Open API calls
+    throttled: list[str] = field(default_factory=list)  # paths of the calls refused as throttled
+    quota_refusals: int = 0
+    tokens_issued: list[str] = field(default_factory=list)
+    expired_uses: int = 0  # calls made with a token past its expiry
 
     endpoint_calls: int = 0
     connections: int = 0
     pings: int = 0
+    ws_pings: int = 0  # websocket-level pings (not ping frames)
+    refusals: int = 0  # websocket upgrades refused
+    endpoint_headers: list[dict[str, str]] = field(default_factory=list)  # of each endpoint call
+    ws_headers: list[dict[str, str]] = field(default_factory=list)  # of each websocket upgrade
     token_calls: int = 0
     bot_info_calls: int = 0
     api_auth: list[str] = field(default_factory=list)
@@ -101,6 +156,9 @@ class FeishuDouble:
     rejected: list[str] = field(default_factory=list)  # what Feishu would have refused, and why
     sockets: list[web.WebSocketResponse] = field(default_factory=list)
     _tokens: set[str] = field(default_factory=set)
+    _token_expiry: dict[str, float] = field(default_factory=dict)  # token -> monotonic expiry
+    _chats: dict[str, str] = field(default_factory=dict)  # message_id of a pushed event -> chat_id
+    _accepted: dict[str, list[float]] = field(default_factory=dict)  # rate-limit key -> call times
     _uuids: dict[str, SentReply] = field(default_factory=dict)
     _seq: int = 0
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -113,7 +171,7 @@ class FeishuDouble:
             finally:
                 await self._notify()  # every request may be what a test waits for
 
-        app = web.Application(middlewares=[notify])
+        app = web.Application(middlewares=[notify, self._meter])
         r = app.router
         r.add_post("/callback/ws/endpoint", self.endpoint)
         r.add_get("/ws", self.websocket)
@@ -132,6 +190,61 @@ class FeishuDouble:
         if self.clock_offset:
             response.headers["Date"] = formatdate(time.time() + self.clock_offset, usegmt=True)
 
+    # -- rate limits and quota --------------------------------------------------------------------
+    @web.middleware
+    async def _meter(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Open API calls (not the token, not the long connection): throttled or refused for the
+        quota before anything else happens, and billed when they succeed."""
+        if not request.path.startswith("/open-apis/") or request.path.endswith("/tenant_access_token/internal"):
+            return await handler(request)  # type: ignore[no-any-return]
+        if (refusal := self._limited(request)) is not None:
+            return refusal
+        response: web.StreamResponse = await handler(request)
+        if self.quota is not None and response.status == 200 and self._succeeded(response):
+            self.quota -= 1
+        return response
+
+    def _limited(self, request: web.Request) -> web.Response | None:
+        now = time.monotonic()
+        path = request.path
+        self.requests.append((now, path))
+        if self.quota is not None and self.quota <= 0:
+            self.quota_refusals += 1
+            return fail(99991403, "This month's API call quota has been exceeded", 429)
+        api = request.match_info.route.resource.canonical if request.match_info.route.resource else path
+        chat = self._chats.get(request.match_info.get("message_id", ""), "") if path.endswith("/reply") else ""
+        status, code = self.throttle_answer
+        if self.throttle_next > 0 and path.endswith(self.throttle_only):
+            self.throttle_next -= 1
+        elif self.qps_limit and self._over(api, self.qps_limit, now):
+            status, code = 429, 99991400
+        elif chat and self.chat_qps_limit and self._over(f"chat:{chat}", self.chat_qps_limit, now):
+            status, code = 400, 230020
+        else:
+            self._accepted.setdefault(api, []).append(now)
+            if chat:
+                self._accepted.setdefault(f"chat:{chat}", []).append(now)
+            return None
+        self.throttled.append(path)
+        response = fail(code, "request trigger frequency limit", status)
+        response.headers["x-ogw-ratelimit-reset"] = "1"
+        return response
+
+    def _over(self, key: str, limit: int, now: float) -> bool:
+        """`limit` calls of `key` were accepted within the last second already."""
+        accepted = self._accepted.setdefault(key, [])
+        while accepted and accepted[0] <= now - 1.0:
+            accepted.pop(0)
+        return len(accepted) >= limit
+
+    @staticmethod
+    def _succeeded(response: web.StreamResponse) -> bool:
+        body = response.body if isinstance(response, web.Response) else None
+        try:
+            return isinstance(body, bytes) and orjson.loads(body).get("code") == 0
+        except orjson.JSONDecodeError:
+            return True  # a file (message resource)
+
     # -- synchronisation -------------------------------------------------------------------------
     async def _notify(self) -> None:
         async with self._changed:
@@ -145,16 +258,74 @@ class FeishuDouble:
         return [r for r in self.replies if r.to == message_id]
 
     def shown(self, reply: SentReply) -> str | None:
-        """The text a user sees in a reply; None while its streaming card is still open."""
+        """The text a user sees in a reply; None while its streaming card is still open (it shows
+        text, but "generating"; one Feishu closed itself shows what it had then)."""
         content = reply.content
         if reply.msg_type == "interactive" and content.get("type") == "card":
             card = self.cards[content["data"]["card_id"]]
-            return card.text if card.settings else None
+            return card.text if card.closed else None
         if reply.msg_type == "interactive":
             return "\n".join(str(e["content"]) for e in content["body"]["elements"])
         if reply.msg_type == "post":
             return "\n\n".join(p[0]["text"] for p in content["zh_cn"]["content"])
         return str(content.get("text", ""))
+
+    def open_cards(self) -> list[Card]:
+        """Cards sent to someone whose streaming is still on: "generating" for the user."""
+        sent = {r.content["data"]["card_id"] for r in self.replies if r.content.get("type") == "card"}
+        return [card for card_id, card in self.cards.items() if card_id in sent and not card.closed]
+
+    def card_of(self, reply: SentReply) -> Card:
+        return self.cards[reply.content["data"]["card_id"]]
+
+    def release_stalled(self) -> None:
+        self.stall = ""
+        self._unstall.set()
+
+    async def _card_fault(self, kind: str, card_id: str) -> web.Response | None:
+        """The scripted answer to this CardKit call, if it is to fail before it is applied."""
+        if kind == self.stall:
+            self.stalled += 1
+            await self._notify()
+            await self._unstall.wait()
+            self.card_attempts.append((kind, card_id, "stalled"))
+            return fail(200500, "scripted failure", 500)
+        if self.fail_card == kind:
+            self.card_attempts.append((kind, card_id, "failed"))
+            return fail(200500, "scripted failure", 500)
+        queue = self.card_faults.get(kind) or []
+        if not queue or queue[0] == "lost":
+            return None
+        fault = queue.pop(0)
+        self.card_attempts.append((kind, card_id, fault))
+        if fault == "throttled":
+            response = fail(99991400, "request trigger frequency limit", 429)
+            response.headers["x-ogw-ratelimit-reset"] = "1"
+            return response
+        if fault == "refused":
+            return fail(200220, "scripted refusal")
+        return fail(200500, "scripted failure", 500)
+
+    def _applied(self, kind: str, card_id: str) -> web.Response:
+        """Success, or a "lost" answer (the call did take effect)."""
+        queue = self.card_faults.get(kind) or []
+        outcome = queue.pop(0) if queue and queue[0] == "lost" else "ok"
+        self.card_attempts.append((kind, card_id, outcome))
+        if outcome == "lost":
+            return fail(200500, "scripted failure after the change", 500)
+        return ok(data={"card_id": card_id} if kind == "create" else {})
+
+    def _streaming_closed(self, kind: str, card_id: str, card: Card) -> web.Response | None:
+        """CardKit's answer once a card's streaming has ended: 200850 once when its lifetime ran
+        out, then 300309 for every call that needs streaming."""
+        if card.streaming and time.monotonic() - card.created_at >= self.streaming_lifetime:
+            card.closed = "timeout"
+        if not card.closed:
+            return None
+        code = 300309 if card.closed != "timeout" or card.timeout_told else 200850
+        card.timeout_told = card.closed == "timeout"
+        self.card_attempts.append((kind, card_id, str(code)))
+        return fail(code, "card streaming timeout" if code == 200850 else "streaming mode is closed")
 
     def answer(self, message_id: str) -> str | None:
         """Everything shown in reply to a message, in order; None until something complete is."""
@@ -165,24 +336,38 @@ class FeishuDouble:
 
     # -- long connection ---------------------------------------------------------------------------
     async def endpoint(self, request: web.Request) -> web.Response:
+        self.endpoint_headers.append(dict(request.headers))
         body = await request.json()
         if body != {"AppID": APP_ID, "AppSecret": APP_SECRET}:
             return fail(514, "auth failed", 200)
         self.endpoint_calls += 1
-        url = f"ws://{request.host}/ws?device_id=dev-{self.endpoint_calls}&service_id={SERVICE_ID}&ticket=t"
+        # Like Feishu's: the URL's query carries connection credentials (docs/protocols/feishu.md §B.2).
+        key, ticket = f"ak-{self.endpoint_calls}-{uuid.uuid4().hex}", f"tk-{self.endpoint_calls}-{uuid.uuid4().hex}"
+        self.ws_credentials += [key, ticket]
+        host = self.ws_host or request.host
+        url = f"ws://{host}/ws?device_id=dev-{self.endpoint_calls}&service_id={SERVICE_ID}&access_key={key}&ticket={ticket}"
         return ok(data={"URL": url, "ClientConfig": self.client_config})
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
+        self.ws_headers.append(dict(request.headers))
         if self.refuse_ws:
-            headers = {"handshake-status": "403", "handshake-msg": self.refuse_ws}
-            return web.Response(status=403, headers=headers)
-        ws = web.WebSocketResponse()
+            self.refusals += 1
+            headers = {"handshake-status": str(self.refuse_ws_status), "handshake-msg": self.refuse_ws}
+            if self.refuse_ws_autherrcode:
+                headers["handshake-autherrcode"] = self.refuse_ws_autherrcode
+            return web.Response(status=self.refuse_ws_status, headers=headers)
+        ws = web.WebSocketResponse(autoping=False)  # websocket pings are answered (and counted) below
         await ws.prepare(request)
         self.sockets.append(ws)
         self.connections += 1
         await self._notify()
         try:
             async for msg in ws:
+                if msg.type is WSMsgType.PING:
+                    self.ws_pings += 1
+                    if self.ws_pong:
+                        await ws.pong(msg.data)
+                    await self._notify()
                 if msg.type is not WSMsgType.BINARY:
                     continue
                 frame = decode(msg.data)
@@ -206,6 +391,9 @@ class FeishuDouble:
         """Send an event on the newest connection, split into `parts` frames sent in `order`.
         Returns the frame message_id its response frame will carry."""
         await self.wait_for(lambda: self.sockets)
+        message = body.get("event", {}).get("message", {}) if isinstance(body.get("event"), dict) else {}
+        if isinstance(message, dict) and message.get("message_id"):  # replies to it count in its chat
+            self._chats[str(message["message_id"])] = str(message.get("chat_id", ""))
         payload = orjson.dumps(body)
         size = -(-len(payload) // parts)
         chunks = [payload[i * size : (i + 1) * size] for i in range(parts)]
@@ -250,10 +438,19 @@ class FeishuDouble:
         if body != {"app_id": APP_ID, "app_secret": APP_SECRET}:
             return fail(10014, "app secret invalid")
         self.token_calls += 1
-        token = f"t-{self.token_calls}"
-        self._tokens.add(token)
+        # Feishu hands out the same token while more than 30 minutes of it remain, with `expire`
+        # the time left; after that a new one (the old stays valid until it expires).
+        now = time.monotonic()
+        current = self.tokens_issued[-1] if self.tokens_issued else ""
+        left = self._token_expiry.get(current, 0.0) - now
+        if current not in self._tokens or left <= self.token_reuse_above:
+            current = f"t-{len(self.tokens_issued) + 1}"
+            self.tokens_issued.append(current)
+            self._tokens.add(current)
+            self._token_expiry[current] = now + self.token_lifetime
+            left = self.token_lifetime
         await self._notify()
-        return web.json_response({"code": 0, "msg": "ok", "tenant_access_token": token, "expire": 7200})
+        return web.json_response({"code": 0, "msg": "ok", "tenant_access_token": current, "expire": int(left)})
 
     def _authorized(self, request: web.Request) -> web.Response | None:
         auth = request.headers.get("Authorization", "")
@@ -262,6 +459,9 @@ class FeishuDouble:
         if self.reject_token_once and token in self._tokens:
             self.reject_token_once = False
             self._tokens.discard(token)
+        if token in self._tokens and time.monotonic() >= self._token_expiry.get(token, 0.0):
+            self._tokens.discard(token)
+            self.expired_uses += 1
         if token not in self._tokens:
             return fail(99991663, "Invalid access token for authorization. Please make a request with token attached.")
         return None
@@ -285,9 +485,9 @@ class FeishuDouble:
         if denied := self._authorized(request):
             return denied
         body = await request.json()
-        if self.fail_replies:
+        if self.fail_replies:  # a server error (230020 is the rate limit: see `chat_qps_limit`)
             self.fail_replies -= 1
-            return fail(230020, "scripted failure", 500)
+            return fail(1, "internal error", 500)
         uuid = body.get("uuid", "")
         if uuid and uuid in self._uuids:  # Feishu: the same uuid within an hour sends nothing new
             return ok(data={"message_id": self._uuids[uuid].message_id})
@@ -326,8 +526,8 @@ class FeishuDouble:
         if denied := self._authorized(request):
             return denied
         body = await request.json()
-        if self.fail_card == "create":
-            return fail(200500, "scripted failure", 500)
+        if fault := await self._card_fault("create", ""):
+            return fault
         card = orjson.loads(body["data"])
         if body.get("type") != "card_json" or card.get("schema") != "2.0":
             return fail(200220, "bad card")
@@ -337,7 +537,7 @@ class FeishuDouble:
         card_id = f"card_{len(self.cards) + 1}"
         self.cards[card_id] = Card(card)
         await self._notify()
-        return ok(data={"card_id": card_id})
+        return self._applied("create", card_id)
 
     def _sequence(self, card: Card, sequence: object) -> web.Response | None:
         if not isinstance(sequence, int) or sequence <= card.last_sequence:
@@ -353,8 +553,10 @@ class FeishuDouble:
         if card is None:
             return fail(200740, "card not found")
         body = await request.json()
-        if self.fail_card == "content":
-            return fail(200500, "scripted failure", 500)
+        if fault := await self._card_fault("content", request.match_info["card_id"]):
+            return fault
+        if closed := self._streaming_closed("content", request.match_info["card_id"], card):
+            return closed
         if request.match_info["element_id"] != card.card["body"]["elements"][0]["element_id"]:
             return fail(300313, "element not found")
         if bad := self._sequence(card, body.get("sequence")):
@@ -364,7 +566,7 @@ class FeishuDouble:
             return fail(200220, why)
         card.contents.append((body["sequence"], body["content"]))
         await self._notify()
-        return ok(data={})
+        return self._applied("content", request.match_info["card_id"])
 
     async def card_settings(self, request: web.Request) -> web.Response:
         if denied := self._authorized(request):
@@ -373,13 +575,19 @@ class FeishuDouble:
         if card is None:
             return fail(200740, "card not found")
         body = await request.json()
-        if self.fail_card == "settings":
-            return fail(200500, "scripted failure", 500)
+        if fault := await self._card_fault("settings", request.match_info["card_id"]):
+            return fault
+        card_id = request.match_info["card_id"]
+        if card.closed != "settings" and (closed := self._streaming_closed("settings", card_id, card)):
+            return closed
         if bad := self._sequence(card, body.get("sequence")):
             return bad
-        card.settings.append((body["sequence"], orjson.loads(body["settings"])))
+        settings = orjson.loads(body["settings"])
+        card.settings.append((body["sequence"], settings))
+        if settings.get("config", {}).get("streaming_mode") is False:
+            card.closed = "settings"
         await self._notify()
-        return ok(data={})
+        return self._applied("settings", request.match_info["card_id"])
 
 
 async def start(aiohttp_server: Callable[..., Any]) -> tuple[FeishuDouble, str]:
