@@ -9,6 +9,10 @@ A platform supplies four things: its API client (`make_api`), its long-connectio
 (`make_client`), a parser from a delivered event to an `InboundMessage` (`parse`), and the
 `Channel` side (`send`, `open_stream`, `fetch`). Everything between the wire and the dispatcher is
 here, once: "event seen", drop accounting, the `Admission` that answers a stream frame or webhook.
+
+A reload may bring the bot new secrets (`follow_reloads`): `rekey` swaps them into `cfg`, which the
+webhook and the long connection read per use, and hands them to the API client (`use_secrets`), so
+the next token is fetched with them. Another app id is another app: that waits for a restart.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import Field, dataclass, replace
 from functools import partial
-from typing import ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import aiohttp
 import orjson
@@ -30,6 +34,7 @@ from .admission import Admission, Dropped, Submission, Verdict
 from .backoff import Backoff
 from .budget import ApiBudget
 from .channel import ChannelState, ChannelStatus, ReplyStream, StatusTracker
+from .config import SECRET_KEYS
 from .connection import ConnectionLoop
 from .dispatcher import Dispatcher
 from .errors import PlatformError
@@ -37,6 +42,7 @@ from .keys import DISPATCHER, HTTP, STORE
 from .messages import Attachment, InboundMessage, Reply
 from .metrics import Metrics
 from .ratelimit import RateLimiter
+from .reload import LiveConfig
 from .store import CardRecord
 from .streaming import CardBook
 from .tasks import stop_task
@@ -47,7 +53,9 @@ DEFAULT_BOT = "default"
 
 
 class PlatformConfig(Protocol):
-    """What the skeleton reads of a platform's config section."""
+    """What the skeleton reads of a platform's config section (a frozen dataclass)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
 
     @property
     def mode(self) -> str: ...
@@ -82,8 +90,9 @@ class SessionClient(Protocol):
 
 
 class Adapter(ABC, Generic[CfgT, ApiT]):
-    platform: ClassVar[str]
+    platform: ClassVar[str]  # also the name of its config section
     long_transport: ClassVar[str]  # the name of the long connection's transport ("stream", "ws")
+    identity: ClassVar[str] = ""  # the config field naming the app ("client_id"): another is another app
 
     @classmethod
     def modes(cls) -> Mapping[str, tuple[str, ...]]:
@@ -112,6 +121,10 @@ class Adapter(ABC, Generic[CfgT, ApiT]):
     @abstractmethod
     def make_api(self, http: aiohttp.ClientSession) -> ApiT:
         """The platform's API client for this bot, on the app's HTTP session."""
+
+    def use_secrets(self, api: ApiT) -> None:
+        """Hand the secrets of `self.cfg` (just replaced by a reload) to the API client, which
+        forgets its token. The webhook and the long connection read `self.cfg` themselves."""
 
     def make_limiter(self) -> RateLimiter:
         """The app-wide rate limits in front of this bot's API calls (`gateway.ratelimit`), from
@@ -155,6 +168,28 @@ class Adapter(ABC, Generic[CfgT, ApiT]):
         base = f"/{self.platform}/webhook"
         return base if self.name == DEFAULT_BOT else f"{base}/{self.name}"
 
+    def secret_keys(self) -> frozenset[str]:
+        """The `section.key` names of this bot's secrets (`SECRET_KEYS` of its config section)."""
+        return frozenset(k for k in SECRET_KEYS if k.partition(".")[0] == self.platform)
+
+    def follow_reloads(self, live: LiveConfig) -> None:
+        """Take this bot's secrets from every reload, without a restart (`rekey`). A reload that
+        also changes the app id (`identity`) leaves them for the restart that change needs."""
+        unless = frozenset({f"{self.platform}.{self.identity}"} if self.identity else ())
+        live.add_follower(self.secret_keys(), lambda new: self.rekey(getattr(new, self.platform)), unless)
+
+    def rekey(self, cfg: CfgT) -> None:
+        """Take the secrets of `cfg` (a reloaded config section); the rest of it waits for a
+        restart, so everything else stays as the bot started."""
+        names = sorted(key.partition(".")[2] for key in self.secret_keys())
+        changed = {name: getattr(cfg, name) for name in names if getattr(cfg, name) != getattr(self.cfg, name)}
+        if not changed:
+            return
+        self.cfg = replace(self.cfg, **changed)
+        if self._runtime is not None:
+            self.use_secrets(self._runtime.api)
+        log.info("new secrets in use", extra={"platform": self.platform, "bot": self.name, "keys": list(changed)})
+
     def runs(self, transport: str) -> bool:
         return transport in self.tracker.status.transports
 
@@ -171,13 +206,13 @@ class Adapter(ABC, Generic[CfgT, ApiT]):
             left = await self.cards.start(app[STORE], older_than)
             sweep = self.cards.sweep(self.settle_card, left, older_than)
             sweeper = asyncio.create_task(sweep, name=f"{self.platform}:{self.name}:cards")
-        if self.runs(self.long_transport):
-            self._client = client = self.make_client(runtime)
-            self._loop = ConnectionLoop(self.platform, self.tracker, self.metrics, client.session, client.backoff)
-            task = asyncio.create_task(self._loop.run(), name=f"{self.platform}:{self.name}")
-        else:  # webhook only: nothing to connect, ready while running
-            self.tracker.set(state=ChannelState.CONNECTED, connected_since=time.time())
-        try:
+        try:  # from here on, whatever fails still stops the sweeper
+            if self.runs(self.long_transport):
+                self._client = client = self.make_client(runtime)
+                self._loop = ConnectionLoop(self.platform, self.tracker, self.metrics, client.session, client.backoff)
+                task = asyncio.create_task(self._loop.run(), name=f"{self.platform}:{self.name}")
+            else:  # webhook only: nothing to connect, ready while running
+                self.tracker.set(state=ChannelState.CONNECTED, connected_since=time.time())
             yield
         finally:
             await stop_task(sweeper)
@@ -222,6 +257,9 @@ class Adapter(ABC, Generic[CfgT, ApiT]):
             result = await self.parse(body, transport)
         except PlatformError as e:
             log.error("event not checkable, left for redelivery: %s", e, extra=self._fields(transport))
+            return Admission.UNAVAILABLE
+        except Exception:  # a parser bug: this event is not acknowledged, the connection lives on
+            log.exception("event could not be parsed", extra=self._fields(transport))
             return Admission.UNAVAILABLE
         if isinstance(result, Dropped):
             return self._dropped(result, transport)

@@ -4,7 +4,8 @@ Up: HTTP client session -> store -> model client -> dispatcher (resumes the inbo
 `setup` functions add (the platform adapters and routes, from `handlers`). Down in reverse. Intake
 stops and the dispatcher drains in the first `on_shutdown` hook, i.e. while adapters can still
 deliver replies; adapters' own `on_shutdown` hooks (closing client sockets) run after it.
-`reload_config` (admin API, SIGHUP via `gateway.server`) applies a re-read config file.
+`reload_config` (admin API, SIGHUP via `gateway.server`) applies a re-read config file. At start
+and after every reload the configured secrets' first-seen dates are recorded (`gateway.keyage`).
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from .config import Config
 from .dispatcher import Dispatcher
 from .egress import client_session, proxy_policy
 from .errors import StoreError
+from .keyage import KEY_AGES_FILE, KeyAges
 from .keys import (
     CHANNELS,
     CONFIG,
     DISPATCHER,
     HTTP,
+    KEY_AGES,
     LIVE,
     METRICS,
     MODEL,
@@ -81,6 +84,11 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         await store.close()
 
 
+async def _key_ages_ctx(app: web.Application) -> AsyncIterator[None]:
+    await asyncio.to_thread(app[KEY_AGES].record, app[LIVE].config)
+    yield
+
+
 async def _model_ctx(app: web.Application) -> AsyncIterator[None]:
     app[MODEL] = create_model_client(app[CONFIG].model, app[HTTP], app[METRICS])
     yield
@@ -117,6 +125,8 @@ async def reload_config(app: web.Application) -> ReloadReport:
             apply_logging(new)
         if new.admin != live.config.admin:
             AdminAuth.warn_if_ephemeral(new.admin)
+        live.follow(new)  # the platform bots' secrets: nothing refuses the reload any more
+        await asyncio.to_thread(app[KEY_AGES].record, new)  # before the status pages refresh
         live.commit(new, report)
     return report
 
@@ -168,7 +178,10 @@ def create_app(config: Config, setup: Iterable[Setup] = ()) -> web.Application:
     app[CHANNELS] = {}
     app[STARTED_AT] = time.time()
     app[LIVE] = LiveConfig(config)
-    app.cleanup_ctx.extend([_http_ctx, _store_ctx, _model_ctx, _dispatcher_ctx])
+    # `memory://` keeps nothing on disk (as for the login token): the dates then last one run.
+    on_disk = not config.store.url.startswith("memory://")
+    app[KEY_AGES] = KeyAges(config.state_dir / KEY_AGES_FILE if on_disk else None)
+    app.cleanup_ctx.extend([_http_ctx, _store_ctx, _key_ages_ctx, _model_ctx, _dispatcher_ctx])
     app.on_shutdown.append(_drain)
     for fn in setup:
         fn(app)

@@ -156,7 +156,10 @@ class ConnectionLoop:
                     error = "server asked to reconnect"
                     delay = 0.0
                 except asyncio.CancelledError:
-                    if not self._reconnect_requested:
+                    # Our own session was cancelled for a reconnect; a cancellation of this loop
+                    # (shutdown) must win even when a reconnect was asked for just before.
+                    current = asyncio.current_task()
+                    if not self._reconnect_requested or (current is not None and current.cancelling()):
                         raise
                     self._reconnect_requested = False
                     error, delay = "reconnect requested", 0.0

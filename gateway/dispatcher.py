@@ -28,18 +28,19 @@ import secrets
 import socket
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Awaitable
+from contextlib import suppress
 from typing import Protocol
 
 from .admission import Admission
 from .backoff import Backoff
 from .config import DispatcherConfig
 from .errors import StoreError
+from .lease import Leases
 from .messages import InboundMessage
 from .metrics import Metrics, Outcome
 from .spill import Spill
-from .store import LeaseStore, Store, lease_store
+from .store import Store, lease_store
 from .tasks import stop_task
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class Dispatcher:
         # Names the lease holder; unique even for two processes with one pid in two containers.
         self.instance_id = instance_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._store = store
-        self._leases = lease_store(store)  # None: only this process uses the store
+        self._leases = Leases(lease_store(store), self.instance_id, cfg.lease_ttl)
         self._metrics = metrics
         self._responder = responder
         self._queues: dict[str, deque[InboundMessage]] = {}
@@ -293,7 +294,7 @@ class Dispatcher:
         head = queue[0]
         self._heads[key] = head
         try:
-            async with self._lease(key):
+            async with self._leases.hold(key):
                 for message in await self._due(head):
                     await self._answer_in_slot(message, head, queue, ready_at)
                     ready_at = time.time()
@@ -336,47 +337,10 @@ class Dispatcher:
         mine = self._queued_by.get(sender, 0)
         return mine > 0 and mine >= max(self._queued_by.values())
 
-    @asynccontextmanager
-    async def _lease(self, key: str) -> AsyncIterator[None]:
-        """Hold the conversation's lease (waiting while another instance has it), renewed. A store
-        only this process can use needs none: the per-conversation worker already orders it."""
-        leases = self._leases
-        if leases is None:
-            yield
-            return
-        backoff = Backoff(first=0.02, cap=1.0)
-        while True:
-            try:
-                if await leases.acquire_lease(key, self.instance_id, self.cfg.lease_ttl):
-                    break
-            except StoreError as e:
-                if backoff.attempt == 0:
-                    log.error("store unavailable, conversation waits: %s", e, extra={"conversation": key})
-            await asyncio.sleep(backoff.next())
-        renewer = asyncio.create_task(self._renew(leases, key), name=f"lease:{key}")
-        try:
-            yield
-        finally:
-            await stop_task(renewer)
-            try:
-                await leases.release_lease(key, self.instance_id)
-            except StoreError as e:
-                log.warning("lease not released, it expires by itself: %s", e, extra={"conversation": key})
-
-    async def _renew(self, leases: LeaseStore, key: str) -> None:
-        ttl = self.cfg.lease_ttl
-        while True:
-            await asyncio.sleep(ttl / 3)
-            try:
-                if not await leases.acquire_lease(key, self.instance_id, ttl):
-                    log.error("lease lost to another instance", extra={"conversation": key})
-            except StoreError as e:
-                log.warning("lease renewal failed: %s", e, extra={"conversation": key})
-
     async def _due(self, message: InboundMessage) -> list[InboundMessage]:
         """What to answer under the lease: the conversation's pending messages up to `message`.
         With an unshared store every pending message is queued here already, in order."""
-        if self._leases is None:
+        if not self._leases.shared:
             return [message]
         try:
             pending = await self._store.inbox_pending(message.conversation_key)

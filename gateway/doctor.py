@@ -1,9 +1,10 @@
 """`python run.py doctor`: one pass/fail line per check of what users otherwise learn from opaque
-errors (credentials, endpoints, identity, clock, API budget, model, store), each failure with its fix.
+errors (credentials, endpoints, identity, clock, API budget, model, store, key age), each failure
+with its fix.
 
 The runner knows no platform: each enabled platform contributes its `Check`s from its handler
-package (`handlers/<platform>/doctor.py`), built on that adapter's own API client. The model and
-store checks live here. Exit code 0 when nothing failed (warnings allowed), 1 otherwise.
+package (`handlers/<platform>/doctor.py`), built on that adapter's own API client. The model,
+store and key-age checks live here. Exit code 0 when nothing failed (warnings allowed), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass
+from datetime import date
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from urllib.parse import urlsplit
@@ -29,6 +31,7 @@ from . import __version__
 from .config import Config
 from .egress import client_session
 from .errors import ModelError, PlatformError, StoreError, StoreInUse
+from .keyage import KEY_AGES_FILE, MAX_AGE_DAYS, ages, configured_keys, parse, today, too_old
 from .logs import redact
 from .metrics import Metrics
 from .model import Completion, OpenAIModel, uses_echo
@@ -103,6 +106,7 @@ async def run(
         checks = [check for contribute in contributors for check in contribute(config, http)]
         checks.append(Check("model", lambda: check_model(config, http)))
         checks.append(Check("store", lambda: check_store(config)))
+        checks.append(Check("key age", lambda: check_key_age(config)))
         for check in checks:
             result = await _run_one(check)
             counts[result.status] += 1
@@ -367,3 +371,40 @@ async def check_store(config: Config) -> Result:
             return warned(detail, "free disk space: when the disk is full, messages are refused")
         return passed(detail)
     return passed(f"{store.backend} store writable")
+
+
+# -- key age --------------------------------------------------------------------------------------
+ROTATE_FIX = (
+    "rotate each: make a new key (the model provider's account, the platform's developer console, or a new "
+    "random value for an admin secret), set it, reload (systemctl reload botgate), then revoke the old one"
+)
+STATE_FIX = "run doctor as the service user, with its state directory (docs/deploy.md)"
+
+
+async def check_key_age(config: Config, on: date | None = None) -> Result:
+    """How long ago the gateway first saw each configured secret (`gateway.keyage`, read from the
+    state directory, never written here): WARN for every one older than `MAX_AGE_DAYS`."""
+    on = on or today()
+    names = configured_keys(config)
+    if not names:
+        return passed("no secrets configured")
+    if config.store.url.startswith("memory://"):
+        return passed(f"{len(names)} keys; store.url is memory://, so their first-seen dates last one run only")
+    path = config.state_dir / KEY_AGES_FILE
+    try:
+        text = await asyncio.to_thread(path.read_text, encoding="utf-8")
+    except FileNotFoundError:
+        return passed(f"{len(names)} keys; no first-seen dates yet (the gateway records them at start)")
+    except OSError as e:
+        return warned(f"cannot read {path}: {e.strerror or e}", STATE_FIX)
+    try:
+        keys = ages(config, parse(text))
+    except ValueError as e:
+        return warned(f"{path} is unreadable ({e})", "remove it: the gateway records the dates afresh at start")
+    old = too_old(keys, on)
+    if old:
+        return warned(f"older than {MAX_AGE_DAYS} days: " + "; ".join(k.describe(on) for k in old), ROTATE_FIX)
+    unseen = sum(k.first_seen is None for k in keys)
+    oldest = max(k.days(on) for k in keys)
+    detail = f"{len(keys)} keys, the oldest first seen {oldest} days ago (a warning after {MAX_AGE_DAYS})"
+    return passed(detail + (f"; {unseen} not seen by the gateway yet" if unseen else ""))

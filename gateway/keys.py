@@ -11,6 +11,7 @@ from .auth import AdminAuth
 from .channel import Channel
 from .config import Config
 from .dispatcher import Dispatcher
+from .keyage import KeyAges
 from .metrics import Metrics
 from .model import ModelClient
 from .reload import LiveConfig
@@ -29,6 +30,7 @@ STARTED_AT = web.AppKey("started_at", float)
 LIVE = web.AppKey("live", LiveConfig)
 AUTH = web.AppKey("auth", AdminAuth)
 ALERTS = web.AppKey("alerts", Monitor)
+KEY_AGES = web.AppKey("key_ages", KeyAges)  # when each configured secret was first seen
 # Optional: the DNS resolver of the HTTP client session (tests use it to make names fail to resolve
 # without asking a real DNS server); absent = aiohttp's default.
 RESOLVER = web.AppKey("resolver", AbstractResolver)

@@ -4,9 +4,10 @@ plainly what needs a restart.
 Applied live: `[model]` (a new model client; calls in flight finish on the old one), `[context]`,
 `[cache]`, `[limits]` (the responder reads them per message), `[admin]`, `[alerts]` (read per
 request / per check), `[log] level` and the secrets the log formatter masks, plus what components
-register as appliers (the server: the TLS certificate). Everything else — `[server]`, `[store]`,
-`[dispatcher]` and the platform sections — is only reported as needing a restart: those objects
-were built at start and are not rebuilt piecemeal.
+register: appliers (the server: the TLS certificate) and followers (each platform bot: its
+secrets, unless the reload names another app). Everything else — `[server]`, `[store]`,
+`[dispatcher]` and the rest of the platform sections — is only reported as needing a restart: those
+objects were built at start and are not rebuilt piecemeal.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,23 +57,70 @@ def changed_keys(old: Config, new: Config) -> list[str]:
     return out
 
 
+def merged(base: Config, new: Config, keys: Iterable[str]) -> Config:
+    """`base` with the values of `keys` (`section.key`) taken from `new`."""
+    sections: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = getattr(getattr(new, section), name)
+    return dataclasses.replace(
+        base, **{section: dataclasses.replace(getattr(base, section), **v) for section, v in sections.items()}
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Follower:
+    """A component that takes `keys` from every accepted reload and cannot refuse them. While a
+    key of `unless_changed` differs from what the process started with, `keys` wait for the
+    restart too (a platform secret belongs to its app id: with another id, both need a restart)."""
+
+    keys: frozenset[str]
+    apply: Applier
+    unless_changed: frozenset[str]
+
+    def follows(self, started: Config, new: Config) -> bool:
+        return not set(changed_keys(started, new)) & self.unless_changed
+
+
 class LiveConfig:
     """The config in force now. `started` is what the process was built with; `config` is the
-    latest loaded one (its live sections are applied, the rest waits for a restart)."""
+    latest loaded one (its live sections are applied, the rest waits for a restart); `in_force`
+    holds, key by key, the values the process runs with (what the next reload is compared with)."""
 
     def __init__(self, config: Config) -> None:
         self.started = config
         self.config = config
+        self.in_force = config
         self.needs_restart: tuple[str, ...] = ()
         self.reloaded_at: float | None = None
         self.lock = asyncio.Lock()
         self._listeners: set[asyncio.Event] = set()
         self.appliers: list[tuple[frozenset[str], Applier]] = []
+        self.followers: list[Follower] = []
 
     def add_applier(self, keys: frozenset[str], apply: Applier) -> None:
         """A component that applies `keys` itself on every reload (the server: its TLS
         certificate). `apply` runs before anything else changes and may refuse with `ConfigError`."""
         self.appliers.append((keys, apply))
+
+    def add_follower(
+        self, keys: frozenset[str], apply: Applier, unless_changed: frozenset[str] = frozenset()
+    ) -> None:
+        """A component that takes `keys` from every accepted reload (`Follower`); `apply` runs
+        once nothing can refuse the reload any more."""
+        self.followers.append(Follower(keys, apply, unless_changed))
+
+    def live_keys(self, new: Config) -> frozenset[str]:
+        """The keys outside `LIVE_SECTIONS` that `new` can change without a restart."""
+        keys = [k for keys, _ in self.appliers for k in keys]
+        keys += [k for f in self.followers if f.follows(self.started, new) for k in f.keys]
+        return frozenset(keys)
+
+    def follow(self, new: Config) -> None:
+        """Hand `new` to every follower that takes it (see `Follower`)."""
+        for follower in self.followers:
+            if follower.follows(self.started, new):
+                follower.apply(new)
 
     def add_listener(self, event: asyncio.Event) -> None:
         """`event` is set after every reload (open status pages refresh at once)."""
@@ -84,6 +132,7 @@ class LiveConfig:
     def commit(self, new: Config, report: ReloadReport) -> None:
         """`new` is in force (its live sections were applied by the caller)."""
         self.config = new
+        self.in_force = merged(self.in_force, new, report.applied)
         self.needs_restart = report.needs_restart
         self.reloaded_at = time.time()
         for event in self._listeners:
@@ -119,11 +168,13 @@ def apply_logging(config: Config) -> None:
 
 
 def plan(live: LiveConfig, new: Config) -> ReloadReport:
-    extra = frozenset().union(*(keys for keys, _ in live.appliers))
+    extra = live.live_keys(new)
 
     def is_live(key: str) -> bool:
         return key.split(".")[0] in LIVE_SECTIONS or key in extra
 
-    applied = [k for k in changed_keys(live.config, new) if is_live(k)]
+    # Compared with what runs, not with the last file: a secret held back with its app id's change
+    # is applied by the reload that brings the old id back.
+    applied = [k for k in changed_keys(live.in_force, new) if is_live(k)]
     restart = [k for k in changed_keys(live.started, new) if not is_live(k)]
     return ReloadReport(new.source, tuple(applied), tuple(restart))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .answer import EMPTY_ANSWER, MODEL_DOWN, CachedAnswer, ModelAnswer, Remember, Summary
+from .answer import CachedAnswer, ModelAnswer, Remember, Summary
 from .budget import counting
 from .channel import Channel
 from .config import Config
@@ -19,15 +19,6 @@ from .messages import InboundMessage
 from .metrics import Metrics, Outcome
 from .model import ModelClient
 from .steps import (
-    CONVERSATION_LIMITED,
-    GREETING,
-    HELP,
-    IMAGE_NOTE,
-    NO_VISION,
-    RATE_LIMITED,
-    RESET_ADMINS_ONLY,
-    RESET_DONE,
-    TRUNCATED_NOTE,
     Help,
     History,
     Images,
@@ -39,21 +30,6 @@ from .steps import (
     Unsupported,
 )
 from .store import Store
-
-__all__ = [
-    "CONVERSATION_LIMITED",
-    "EMPTY_ANSWER",
-    "GREETING",
-    "HELP",
-    "IMAGE_NOTE",
-    "MODEL_DOWN",
-    "NO_VISION",
-    "RATE_LIMITED",
-    "RESET_ADMINS_ONLY",
-    "RESET_DONE",
-    "TRUNCATED_NOTE",
-    "Responder",
-]
 
 
 class Responder:

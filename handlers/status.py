@@ -24,9 +24,10 @@ from gateway import __version__
 from gateway.alerts import quota_detail
 from gateway.budget import BudgetState
 from gateway.channel import ChannelStatus
-from gateway.config import masked
+from gateway.config import Config, masked
 from gateway.errors import StoreError
-from gateway.keys import ALERTS, CHANNELS, DISPATCHER, LIVE, METRICS, RESPONDER, STARTED_AT, STORE
+from gateway.keyage import MAX_AGE_DAYS, today, too_old
+from gateway.keys import ALERTS, CHANNELS, DISPATCHER, KEY_AGES, LIVE, METRICS, RESPONDER, STARTED_AT, STORE
 from gateway.logs import redacted
 from gateway.stats import Percentiles
 
@@ -116,6 +117,19 @@ def _channels(request: web.Request, now: float) -> list[dict[str, Any]]:
     return out
 
 
+def _key_age(app: web.Application, cfg: Config) -> dict[str, Any]:
+    """The configured secrets first seen more than `MAX_AGE_DAYS` ago: their config key, a few
+    digits of the fingerprint to tell them apart, and their age (never the key itself)."""
+    on = today()
+    old = too_old(app[KEY_AGES].ages(cfg), on)
+    return {
+        "max_age_days": MAX_AGE_DAYS,
+        "old": [
+            {"name": k.name, "hint": k.hint, "first_seen": str(k.first_seen), "age_days": k.days(on)} for k in old
+        ],
+    }
+
+
 async def snapshot(request: web.Request) -> dict[str, Any]:
     """Everything the status page shows, as JSON-able data (also `GET /api/status`)."""
     app = request.app
@@ -178,6 +192,7 @@ async def snapshot(request: web.Request) -> dict[str, Any]:
             "cache_hit_rate": stats.cache_hit_rate,
         },
         "store": await _store_health(app),
+        "key_age": _key_age(app, cfg),
         "admin": {
             "password_set": bool(cfg.admin.password),
             "ephemeral_secret": bool(cfg.admin.password and not cfg.admin.jwt_secret),

@@ -27,7 +27,7 @@ from aiohttp import web
 
 from gateway.adapter import Adapter
 from gateway.admission import Admission
-from gateway.keys import CHANNELS, CONFIG
+from gateway.keys import CHANNELS, CONFIG, LIVE
 
 from .http import json_error
 
@@ -97,9 +97,13 @@ class Webhook:
 
 
 def install(app: web.Application, webhook: Webhook) -> None:
-    """Register a bot: its channel, its webhook route when its mode has one, and its context."""
+    """Register a bot: its channel, its webhook route when its mode has one, its context, and its
+    secrets for reloads (`Adapter.follow_reloads`)."""
     adapter = webhook.adapter
+    if adapter.platform in app[CHANNELS]:  # replies are routed by platform: one bot each for now
+        raise ValueError(f"a {adapter.platform} channel is installed already")
     app[CHANNELS][adapter.platform] = adapter
     if adapter.runs("webhook"):
         app.router.add_post(adapter.webhook_path, webhook.handle)
     app.cleanup_ctx.append(adapter.ctx)
+    adapter.follow_reloads(app[LIVE])

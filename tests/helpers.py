@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -39,6 +40,17 @@ async def hello(ws: Any) -> tuple[str, str]:
     assert frame["type"] == "hello", frame
     session = str(frame["session"])
     return session, session.partition(".")[0]
+
+
+async def webchat_answer(http: aiohttp.ClientSession, url: str, session: str) -> str:
+    """One web chat message to a gateway at `url` (e.g. a `python run.py` process): its answer."""
+    async with http.ws_connect(f"{url}/chat/ws?session={session}") as ws:
+        await ws.receive()
+        await ws.send_json({"type": "message", "id": "1", "text": f"hi from {session}"})
+        async with asyncio.timeout(20):
+            while (frame := await ws.receive_json())["type"] not in ("done", "notice", "error"):
+                pass
+    return str(frame["text"])
 
 
 async def readiness(client: Any) -> tuple[int, dict[str, Any]]:

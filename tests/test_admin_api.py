@@ -20,7 +20,7 @@ from gateway.keys import CHANNELS, LIVE
 from gateway.messages import Attachment, InboundMessage, Reply
 from tests.conftest import make_config
 from tests.doubles.openai import OpenAIDouble
-from tests.helpers import chat, hello
+from tests.helpers import chat, hello, webchat_answer
 from tests.process import GatewayProcess
 
 
@@ -210,16 +210,6 @@ async def test_sighup_reloads_the_running_process(
         status = await (await http.get(f"{gw.url}/api/status")).json()
     assert status["config"]["settings"]["model"]["base_url"] == two_models[1]
     assert await asyncio.to_thread(gw.stop) == 0
-
-
-async def webchat_answer(http: aiohttp.ClientSession, url: str, session: str) -> str:
-    async with http.ws_connect(f"{url}/chat/ws?session={session}") as ws:
-        await ws.receive()
-        await ws.send_json({"type": "message", "id": "1", "text": f"hi from {session}"})
-        async with asyncio.timeout(20):
-            while (frame := await ws.receive_json())["type"] not in ("done", "notice", "error"):
-                pass
-    return str(frame["text"])
 
 
 async def test_reload_without_a_config_file_says_so(gateway: Any) -> None:

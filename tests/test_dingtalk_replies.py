@@ -8,7 +8,7 @@ import base64
 from typing import Any
 
 from gateway.keys import DISPATCHER
-from gateway.responder import NO_VISION
+from gateway.steps import NO_VISION
 from tests.doubles.dingtalk import DingTalkDouble
 from tests.helpers import ping_round_trip, start
 

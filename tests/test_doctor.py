@@ -83,6 +83,7 @@ async def test_a_healthy_setup_passes_every_check(setup: Setup) -> None:
         "dingtalk api budget",
         "model",
         "store",
+        "key age",
     ]
     assert all(status(line) == "PASS" for line in checks.values()), checks
     assert "robot code ding-app-key belongs to this app" in checks["dingtalk robot identity"]
@@ -228,7 +229,7 @@ async def test_doctor_command_exits_0_healthy_1_failing_2_without_config(setup: 
     env = {"BOTGATE_DINGTALK__CLIENT_SECRET": SECRET, "BOTGATE_MODEL__API_KEYS": KEY}
     code, out, err = await run_cli("doctor", "--config", str(config), env=env)
     assert code == 0, out + err
-    assert out.splitlines()[-1] == "7 passed" and SECRET not in out and err == ""
+    assert out.splitlines()[-1] == "8 passed" and SECRET not in out and err == ""
     # --config may come before the command too.
     env["BOTGATE_DINGTALK__CLIENT_SECRET"] = "wrong"
     code, out, _ = await run_cli("--config", str(config), "doctor", env=env)
@@ -262,6 +263,7 @@ async def test_feishu_healthy(feishu: tuple[FeishuDouble, str], setup: Setup, tm
         "feishu api budget",
         "model",
         "store",
+        "key age",
     ]
     assert list(checks) == names
     assert all(status(line) == "PASS" for line in checks.values()), checks

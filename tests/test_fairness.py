@@ -11,8 +11,7 @@ import orjson
 from gateway.config import LimitsConfig, build
 from gateway.dispatcher import BUSY_NOTICE
 from gateway.keys import DISPATCHER
-from gateway.responder import CONVERSATION_LIMITED, TRUNCATED_NOTE
-from gateway.steps import TRUNCATED_MARK
+from gateway.steps import CONVERSATION_LIMITED, TRUNCATED_MARK, TRUNCATED_NOTE
 from tests.helpers import hello, start
 
 

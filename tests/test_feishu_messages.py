@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.keys import CHANNELS, DISPATCHER, METRICS
 from gateway.messages import InboundMessage, Reply, ReplyKind
-from gateway.responder import GREETING, HELP, NO_VISION
+from gateway.steps import GREETING, HELP, NO_VISION
 from handlers.feishu.parse import Rules, parse_event
 from handlers.feishu.render import MANY_TABLES_NOTE, PART_LIMIT
 from tests.doubles import feishu as fd

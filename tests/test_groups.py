@@ -10,8 +10,7 @@ from typing import Any
 import orjson
 
 from gateway.keys import DISPATCHER
-from gateway.responder import RESET_ADMINS_ONLY, RESET_DONE
-from gateway.steps import GROUP_NOTE
+from gateway.steps import GROUP_NOTE, RESET_ADMINS_ONLY, RESET_DONE
 from tests.doubles import feishu as fd
 from tests.doubles.feishu_events import BOT_OPEN_ID, mention, message_event
 from tests.helpers import DingTalkEnv, start

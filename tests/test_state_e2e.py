@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from gateway.keys import DISPATCHER
-from gateway.responder import HELP, RATE_LIMITED
+from gateway.steps import HELP, RATE_LIMITED
 from tests.conftest import make_config
 from tests.helpers import chat, hello, metric, readiness
 from tests.redisd import RedisServer

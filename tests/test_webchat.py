@@ -9,7 +9,7 @@ import orjson
 
 from gateway.keys import DISPATCHER
 from gateway.logs import JsonFormatter
-from gateway.responder import RATE_LIMITED
+from gateway.steps import RATE_LIMITED
 from tests.conftest import make_config
 from tests.helpers import chat, hello
 

@@ -48,6 +48,8 @@ RECONNECT_CAP = 60.0
 class DingTalkAdapter(Adapter[DingTalkConfig, DingTalkApi]):
     platform = PLATFORM
     long_transport = "stream"
+    cards: CardBook
+    identity = "client_id"
 
     def __init__(self, cfg: DingTalkConfig, metrics: Metrics, name: str = DEFAULT_BOT) -> None:
         super().__init__(cfg, metrics, name)
@@ -56,11 +58,14 @@ class DingTalkAdapter(Adapter[DingTalkConfig, DingTalkApi]):
             senders=AccessList.of(cfg.allow_senders, cfg.deny_senders),
             conversations=AccessList.of(cfg.allow_conversations, cfg.deny_conversations),
         )
-        self.cards = self.book = CardBook(PLATFORM, name)
+        self.cards = CardBook(PLATFORM, name)
 
     # -- the skeleton's hooks --------------------------------------------------------------------
     def make_api(self, http: aiohttp.ClientSession) -> DingTalkApi:
         return DingTalkApi(http, self.cfg, self.budget, self.limiter)
+
+    def use_secrets(self, api: DingTalkApi) -> None:
+        api.use_secret(self.cfg.client_secret)
 
     def make_limiter(self) -> RateLimiter:
         # Standard orgs: 20 calls a second per app and API; card streaming: 50 a second per robot
@@ -71,7 +76,8 @@ class DingTalkAdapter(Adapter[DingTalkConfig, DingTalkApi]):
 
     def make_client(self, runtime: Runtime[DingTalkApi]) -> StreamClient:
         backoff = Backoff(first=self.cfg.reconnect_delay, cap=RECONNECT_CAP)
-        return StreamClient(runtime.http, self.cfg, self.budget, self.prepare_payload, backoff)
+        # The client reads the config per connection: a reload's new secret opens the next one.
+        return StreamClient(runtime.http, lambda: self.cfg, self.budget, self.prepare_payload, backoff)
 
     async def parse(self, body: object, transport: str) -> InboundMessage | Dropped:
         message = parse_message(body, self._filters, transport)
@@ -94,7 +100,7 @@ class DingTalkAdapter(Adapter[DingTalkConfig, DingTalkApi]):
         return url
 
     async def send(self, reply: Reply) -> None:
-        adopted = self.book.adopt(reply.to)
+        adopted = self.cards.adopt(reply.to)
         if adopted is not None:  # a card a previous process opened for this message ends with it
             await self._card(reply.to, adopted).finish(reply.text)
             return
@@ -148,7 +154,7 @@ class DingTalkAdapter(Adapter[DingTalkConfig, DingTalkApi]):
         await api.send_direct(robot_code, staff_id, msg_key, param)
 
     async def open_stream(self, message: InboundMessage) -> AICardStream | None:
-        adopted = self.book.adopt(message)
+        adopted = self.cards.adopt(message)
         if adopted is not None:  # the card a previous process opened for this message
             return self._card(message, adopted)
         if not self.cfg.card_template_id or not can_carry_card(message.reply_handle):
@@ -163,7 +169,7 @@ class DingTalkAdapter(Adapter[DingTalkConfig, DingTalkApi]):
 
         return AICardStream(
             self.runtime.api,
-            self.book,
+            self.cards,
             message,
             self.cfg.card_template_id,
             self.cfg.stream_interval,
@@ -188,5 +194,4 @@ class DingTalkAdapter(Adapter[DingTalkConfig, DingTalkApi]):
 
 def setup(app: web.Application) -> None:
     """Register the DingTalk robot of `[dingtalk]`."""
-    cfg = app[CONFIG].dingtalk
-    install(app, webhook(DingTalkAdapter(cfg, app[METRICS]), cfg.client_secret, cfg.max_message_age))
+    install(app, webhook(DingTalkAdapter(app[CONFIG].dingtalk, app[METRICS])))

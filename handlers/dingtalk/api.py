@@ -17,6 +17,7 @@ another way, since the user may already have it.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -71,6 +72,12 @@ class DingTalkApi:
         self._budget = budget
         self._limiter = limiter or RateLimiter()
         self.tokens = TokenCache(self._fetch_token)
+
+    def use_secret(self, client_secret: str) -> None:
+        """A reload's new app secret: the next token is fetched with it."""
+        if client_secret != self._cfg.client_secret:
+            self._cfg = replace(self._cfg, client_secret=client_secret)
+            self.tokens.forget()
 
     # -- plumbing ------------------------------------------------------------------------------
     async def _request(

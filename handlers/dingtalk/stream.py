@@ -133,16 +133,19 @@ async def open_connection(
 
 
 class StreamClient:
+    """`config()` is the bot's config in force, read for every connection it opens (a reload's
+    new app secret opens the next one; the open one stays up)."""
+
     def __init__(
         self,
         http: aiohttp.ClientSession,
-        cfg: DingTalkConfig,
+        config: Callable[[], DingTalkConfig],
         budget: ApiBudget,
         on_message: OnMessage,
         backoff: Backoff,
     ) -> None:
         self._http = http
-        self._cfg = cfg
+        self._config = config
         self._budget = budget
         self._on_message = on_message
         self.backoff = backoff
@@ -150,7 +153,7 @@ class StreamClient:
 
     async def _connect(self) -> aiohttp.ClientWebSocketResponse:
         """A fresh ticket and a websocket on it. Raises `PlatformError`."""
-        endpoint, ticket = await open_connection(self._http, self._cfg, self._budget)
+        endpoint, ticket = await open_connection(self._http, self._config(), self._budget)
         register_secret(ticket)  # it is in the URL that a refused handshake's error names
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
@@ -201,7 +204,7 @@ class StreamClient:
 
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse, intake: OrderedIntake) -> None:
         """Serve frames until the server asks us to move (return) or the connection fails (raise)."""
-        watch = LinkWatch(self._cfg.stale_after)
+        watch = LinkWatch(self._config().stale_after)
         while True:
             if await self._on_ws_message(ws, intake, await watch.receive(ws)):
                 log.info("server asked to reconnect", extra={"platform": "dingtalk"})

@@ -12,18 +12,22 @@ any body with it while the timestamp is accepted. So the timestamp is accepted f
 `[dingtalk] max_message_age` (if shorter than DingTalk's hour: DingTalk signs as it posts), the
 body's `createAt` must be as recent (`stale`, checked by the adapter, which drops the message), and
 the dedup keys outlive both (config validation). Every refusal is the same 401 (`Refusals`).
+The secret is read from the adapter's config on every request, so a reload's new one applies at
+once.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from gateway.adapter import Adapter
+from gateway.config import DingTalkConfig
 from gateway.signing import hmac_sha256_base64, same
 
 from ..http import json_error
@@ -76,17 +80,19 @@ def stale(body: object, max_age: float, now: float, required: bool) -> str:
     return ""
 
 
-def opener(secret: str, max_message_age: float = MAX_SKEW_MS / 1000) -> Opener:
+def opener(config: Callable[[], DingTalkConfig]) -> Opener:
+    """Checks requests against the app secret and `max_message_age` of `config()`, the bot's
+    config in force."""
     refuse = Refusals("dingtalk")
 
     def open_request(request: web.Request, raw: bytes) -> object:
-        headers = request.headers
+        headers, cfg = request.headers, config()
         problem = signature_problem(
             headers.get("timestamp", ""),
             headers.get("sign", ""),
-            secret,
+            cfg.client_secret,
             int(time.time() * 1000),
-            int(max_message_age * 1000),
+            int(cfg.max_message_age * 1000),
         )
         if problem:
             return refuse(problem)
@@ -102,5 +108,5 @@ def _accepted() -> web.Response:
     return web.Response(body=ACCEPTED, content_type="application/json")
 
 
-def webhook(adapter: Adapter[Any, Any], secret: str, max_message_age: float = MAX_SKEW_MS / 1000) -> Webhook:
-    return Webhook(adapter, opener(secret, max_message_age), _accepted, MAX_BODY)
+def webhook(adapter: Adapter[DingTalkConfig, Any]) -> Webhook:
+    return Webhook(adapter, opener(lambda: adapter.cfg), _accepted, MAX_BODY)

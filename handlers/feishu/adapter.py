@@ -58,16 +58,21 @@ def cheapest(text: str) -> list[Part]:
 class FeishuAdapter(Adapter[FeishuConfig, FeishuApi]):
     platform = PLATFORM
     long_transport = "ws"
+    cards: CardBook
+    identity = "app_id"
 
     def __init__(self, cfg: FeishuConfig, metrics: Metrics, name: str = DEFAULT_BOT) -> None:
         super().__init__(cfg, metrics, name)
         self._users = AccessList.of(cfg.allow_users, cfg.deny_users)
         self._chats = AccessList.of(cfg.allow_chats, cfg.deny_chats)
-        self.cards = self.book = CardBook(PLATFORM, name)
+        self.cards = CardBook(PLATFORM, name)
 
     # -- the skeleton's hooks --------------------------------------------------------------------
     def make_api(self, http: aiohttp.ClientSession) -> FeishuApi:
         return FeishuApi(http, self.cfg.domain, self.cfg.app_id, self.cfg.app_secret, self.budget, self.limiter)
+
+    def use_secrets(self, api: FeishuApi) -> None:
+        api.use_secret(self.cfg.app_secret)  # encrypt_key, verification_token: the webhook reads cfg
 
     def make_limiter(self) -> RateLimiter:
         # Per app and API: 1000 calls a minute and 50 a second; replies also 5 a second per chat,
@@ -90,7 +95,7 @@ class FeishuAdapter(Adapter[FeishuConfig, FeishuApi]):
 
     # -- outbound --------------------------------------------------------------------------------
     async def send(self, reply: Reply) -> None:
-        adopted = self.book.adopt(reply.to)
+        adopted = self.cards.adopt(reply.to)
         if adopted is not None:  # a card a previous process opened for this message ends with it
             await self._card(reply.to, adopted).finish(reply.text)
             return
@@ -99,7 +104,7 @@ class FeishuAdapter(Adapter[FeishuConfig, FeishuApi]):
         await self.reply_parts(reply.to, parts, kind)
 
     async def open_stream(self, message: InboundMessage) -> FeishuCardStream | None:
-        adopted = self.book.adopt(message)
+        adopted = self.cards.adopt(message)
         if adopted is not None:  # the card a previous process opened for this message
             return self._card(message, adopted)
         if self.budget.degraded:
@@ -111,7 +116,7 @@ class FeishuAdapter(Adapter[FeishuConfig, FeishuApi]):
             await self.reply_parts(message, parts, kind, first)
 
         api, interval = self.runtime.api, self.cfg.stream_interval
-        return FeishuCardStream(api, self.book, message, deliver, interval, self.metrics, record)
+        return FeishuCardStream(api, self.cards, message, deliver, interval, self.metrics, record)
 
     async def settle_card(self, record: CardRecord) -> None:
         await self._card(record.message, record).settle(record.text or INTERRUPTED)
@@ -143,5 +148,4 @@ class FeishuAdapter(Adapter[FeishuConfig, FeishuApi]):
 
 def setup(app: web.Application) -> None:
     """Register the Feishu/Lark app of `[feishu]`."""
-    cfg = app[CONFIG].feishu
-    install(app, webhook(FeishuAdapter(cfg, app[METRICS]), cfg))
+    install(app, webhook(FeishuAdapter(app[CONFIG].feishu, app[METRICS])))

@@ -76,6 +76,12 @@ class FeishuApi:
         self._bot_open_id = ""
         self._bot_lock = asyncio.Lock()
 
+    def use_secret(self, app_secret: str) -> None:
+        """A reload's new app secret: the next token (and long-connection endpoint) uses it."""
+        if app_secret != self._app_secret:
+            self._app_secret = app_secret
+            self.tokens.forget()
+
     # -- plumbing ------------------------------------------------------------------------------
     async def _send(
         self,

@@ -15,6 +15,8 @@ Checks, stricter than lark-oapi's (`EventDispatcherHandler.do`, docs/protocols/f
    the base64-decoded blob, PKCS#7 padding.
 5. The verification token (top-level `token`, or `header.token` in schema 2.0) must match.
 Every refusal is the same 401 (`handlers.webhook.Refusals`: no oracle for which check failed).
+The encrypt key and token are read from the adapter's config per request: a reload's new ones
+apply at once.
 A correctly signed body that cannot be read is 400, too large 413, 503 while not accepting; never
 500. Everything else is answered 200 at once: the answer is produced later by the dispatcher
 (Feishu retries after 3 s without a 200).
@@ -26,6 +28,7 @@ import base64
 import binascii
 import hashlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -77,11 +80,16 @@ def _token(body: dict[str, Any]) -> str:
 
 
 class FeishuOpener:
-    """Verifies and decodes one request body for the webhook pattern."""
+    """Verifies and decodes one request body for the webhook pattern, with the keys of
+    `config()`, the bot's config in force."""
 
-    def __init__(self, cfg: FeishuConfig) -> None:
-        self._cfg = cfg
+    def __init__(self, config: Callable[[], FeishuConfig]) -> None:
+        self._config = config
         self._refuse = Refusals("feishu")
+
+    @property
+    def _cfg(self) -> FeishuConfig:
+        return self._config()
 
     def _signature_problem(self, request: web.Request, given: str, raw: bytes) -> str:
         """"" when signed correctly and recently, else what is wrong."""
@@ -161,5 +169,5 @@ def _accepted() -> web.Response:
     return web.json_response({"msg": "success"})
 
 
-def webhook(adapter: Adapter[Any, Any], cfg: FeishuConfig) -> Webhook:
-    return Webhook(adapter, FeishuOpener(cfg), _accepted, MAX_BODY)
+def webhook(adapter: Adapter[FeishuConfig, Any]) -> Webhook:
+    return Webhook(adapter, FeishuOpener(lambda: adapter.cfg), _accepted, MAX_BODY)

@@ -17,7 +17,8 @@ calls of a kind hang), `streaming_lifetime` (CardKit closes a card's streaming b
 then 300309 on every later call), `fail_replies` (reply calls that answer 500),
 `refuse_ws` (the websocket upgrade refused with Feishu's handshake-* headers: `refuse_ws_status`
 403 for a banned app, 514 with `refuse_ws_autherrcode` "1000040350" for too many connections),
-`clock_offset` (seconds the double's clock, i.e. every answer's `Date` header, is ahead of ours).
+`clock_offset` (seconds the double's clock, i.e. every answer's `Date` header, is ahead of ours),
+`app_secret` (the app secret it accepts: set another to rotate it, as the developer console does).
 Rate limits and the monthly quota as Feishu answers them: `qps_limit`, `chat_qps_limit`,
 `throttle_next`, `quota` (see the fields); every Open API call's arrival is in `requests`. Tokens
 live `token_lifetime` and the same one is handed out while more than `token_reuse_above` of it
@@ -92,6 +93,7 @@ class Card:
 
 @dataclass
 class FeishuDouble:
+    app_secret: str = APP_SECRET  # the only secret the token and endpoint calls accept (a rotation sets another)
     client_config: dict[str, Any] = field(
         default_factory=lambda: {
             "PingInterval": 120, "ReconnectCount": -1, "ReconnectInterval": 120, "ReconnectNonce": 0
@@ -338,7 +340,7 @@ class FeishuDouble:
     async def endpoint(self, request: web.Request) -> web.Response:
         self.endpoint_headers.append(dict(request.headers))
         body = await request.json()
-        if body != {"AppID": APP_ID, "AppSecret": APP_SECRET}:
+        if body != {"AppID": APP_ID, "AppSecret": self.app_secret}:
             return fail(514, "auth failed", 200)
         self.endpoint_calls += 1
         # Like Feishu's: the URL's query carries connection credentials (docs/protocols/feishu.md §B.2).
@@ -435,7 +437,7 @@ class FeishuDouble:
     # -- REST ------------------------------------------------------------------------------------
     async def token(self, request: web.Request) -> web.Response:
         body = await request.json()
-        if body != {"app_id": APP_ID, "app_secret": APP_SECRET}:
+        if body != {"app_id": APP_ID, "app_secret": self.app_secret}:
             return fail(10014, "app secret invalid")
         self.token_calls += 1
         # Feishu hands out the same token while more than 30 minutes of it remain, with `expire`
