@@ -50,6 +50,10 @@ def changed_keys(old: Config, new: Config) -> list[str]:
         if f.name == "source":
             continue
         a, b = getattr(old, f.name), getattr(new, f.name)
+        if isinstance(a, tuple):  # agents, bots, routes: compared whole
+            if a != b:
+                out.append(f.name)
+            continue
         for key in dataclasses.fields(a):
             if getattr(a, key.name) != getattr(b, key.name):
                 out.append(f"{f.name}.{key.name}")
