@@ -99,7 +99,8 @@ class Webhook:
 def install(app: web.Application, webhook: Webhook) -> None:
     """Register a bot: its channel, its webhook route when its mode has one, and its context."""
     adapter = webhook.adapter
-    app[CHANNELS][adapter.platform] = adapter
+    app[CHANNELS][adapter.key] = adapter
     if adapter.runs("webhook"):
-        app.router.add_post(adapter.webhook_path, webhook.handle)
+        for path in adapter.webhook_paths:
+            app.router.add_post(path, webhook.handle)
     app.cleanup_ctx.append(adapter.ctx)

@@ -187,6 +187,9 @@ class DingTalkAdapter(Adapter[DingTalkConfig, DingTalkApi]):
 
 
 def setup(app: web.Application) -> None:
-    """Register the DingTalk robot of `[dingtalk]`."""
-    cfg = app[CONFIG].dingtalk
-    install(app, webhook(DingTalkAdapter(cfg, app[METRICS]), cfg.client_secret, cfg.max_message_age))
+    """Register every enabled DingTalk robot: `[dingtalk]` (the bot "default") and `[[dingtalk.bots]]`."""
+    for bot in app[CONFIG].enabled_bots(PLATFORM):
+        cfg = bot.settings
+        assert isinstance(cfg, DingTalkConfig)
+        adapter = DingTalkAdapter(cfg, app[METRICS], bot.name)
+        install(app, webhook(adapter, cfg.client_secret, cfg.max_message_age))
