@@ -204,7 +204,7 @@ async def test_readiness_follows_the_stream(aiohttp_server: Any, gateway: Any) -
     resp = await env.client.get("/readyz")
     body = await resp.json()
     assert resp.status == 503 and body["channels"]["dingtalk/default"] == "reconnecting"
-    assert "dingtalk reconnecting" in body["reason"] and "HTTP 503" in body["reason"]
+    assert "dingtalk/default reconnecting" in body["reason"] and "HTTP 503" in body["reason"]
     double.open_failures = 0
     await env.connected()
     resp = await env.client.get("/readyz")

@@ -153,7 +153,7 @@ async def test_refused_credentials_reported_and_retried(feishu: Any, gateway: An
     status = client.app[CHANNELS]["feishu/default"].status()
     assert status.state is ChannelState.RECONNECTING
     resp = await client.get("/readyz")
-    assert resp.status == 503 and "feishu reconnecting" in (await resp.json())["reason"]
+    assert resp.status == 503 and "feishu/default reconnecting" in (await resp.json())["reason"]
 
 
 async def test_transient_refused_upgrade_reported_and_retried(feishu: Any, gateway: Any) -> None:
@@ -193,7 +193,7 @@ async def test_final_refusal_stops_retrying_and_says_so(
     assert why in fields["error"] and "or on an admin reconnect" in fields["error"]
     ready_status, ready = await readiness(client)
     assert ready_status == 503 and ready["channels"]["feishu/default"] == "refused"
-    assert f"feishu refused (feishu refused the connection, {why}" in ready["reason"]
+    assert f"feishu/default refused (feishu refused the connection, {why}" in ready["reason"]
     page = await (await client.get("/")).text()
     assert ">refused<" in page and why in page
     assert double.refusals == 1 and double.endpoint_calls == 1
