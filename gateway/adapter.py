@@ -39,7 +39,7 @@ from .connection import ConnectionLoop
 from .dispatcher import Dispatcher
 from .errors import PlatformError
 from .keys import DISPATCHER, HTTP, STORE
-from .messages import Attachment, InboundMessage, Reply
+from .messages import DEFAULT_BOT, Attachment, InboundMessage, Reply
 from .metrics import Metrics
 from .ratelimit import RateLimiter
 from .reload import LiveConfig
@@ -49,7 +49,7 @@ from .tasks import stop_task
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BOT = "default"
+__all__ = ["DEFAULT_BOT", "Adapter", "Runtime"]
 
 
 class PlatformConfig(Protocol):
@@ -108,7 +108,7 @@ class Adapter(ABC, Generic[CfgT, ApiT]):
         # This bot's own limits: every instance is one app with a quota of its own.
         self.limiter = self.make_limiter()
         self.tracker = StatusTracker(
-            ChannelStatus(self.platform, ChannelState.CONNECTING, transports=self.modes()[cfg.mode])
+            ChannelStatus(self.platform, ChannelState.CONNECTING, transports=self.modes()[cfg.mode], bot=name)
         )
         self._runtime: Runtime[ApiT] | None = None
         # An adapter whose answers stream into cards that outlive the process sets this (and
@@ -163,6 +163,11 @@ class Adapter(ABC, Generic[CfgT, ApiT]):
         return self._runtime
 
     @property
+    def key(self) -> str:
+        """The channel's name in the core: "<platform>/<bot>"."""
+        return f"{self.platform}/{self.name}"
+
+    @property
     def webhook_path(self) -> str:
         """The default bot keeps the bare path; another bot's name follows it."""
         base = f"/{self.platform}/webhook"
@@ -174,7 +179,11 @@ class Adapter(ABC, Generic[CfgT, ApiT]):
 
     def follow_reloads(self, live: LiveConfig) -> None:
         """Take this bot's secrets from every reload, without a restart (`rekey`). A reload that
-        also changes the app id (`identity`) leaves them for the restart that change needs."""
+        also changes the app id (`identity`) leaves them for the restart that change needs. So
+        far only the single-app section's bot follows; a listed bot's changes wait for a restart
+        (the reload report says so)."""
+        if self.name != DEFAULT_BOT:
+            return
         unless = frozenset({f"{self.platform}.{self.identity}"} if self.identity else ())
         live.add_follower(self.secret_keys(), lambda new: self.rekey(getattr(new, self.platform)), unless)
 
@@ -189,6 +198,13 @@ class Adapter(ABC, Generic[CfgT, ApiT]):
         if self._runtime is not None:
             self.use_secrets(self._runtime.api)
         log.info("new secrets in use", extra={"platform": self.platform, "bot": self.name, "keys": list(changed)})
+
+    @property
+    def webhook_paths(self) -> tuple[str, ...]:
+        """Every path the bot's webhook answers at: the default bot also at `<bare>/default`."""
+        if self.name == DEFAULT_BOT:
+            return (self.webhook_path, f"{self.webhook_path}/{DEFAULT_BOT}")
+        return (self.webhook_path,)
 
     def runs(self, transport: str) -> bool:
         return transport in self.tracker.status.transports
@@ -263,6 +279,8 @@ class Adapter(ABC, Generic[CfgT, ApiT]):
             return Admission.UNAVAILABLE
         if isinstance(result, Dropped):
             return self._dropped(result, transport)
+        if self.name != DEFAULT_BOT:  # answered through this bot, in this bot's conversations
+            result = replace(result, bot=self.name)
         return Submission(result.conversation_key, partial(self.submit, result))
 
     async def admit(self, body: object, transport: str) -> Admission:

@@ -133,11 +133,14 @@ class Summary:
         # Billable calls so far: the answer is delivered, nothing after this step calls the platform.
         api_calls = exchange.api_calls.calls
         self._metrics.answer_api_calls(message.platform, api_calls)
+        self._metrics.agent_answered(exchange.agent)
         log.info(
             "answered",
             extra={
                 **fields(message),
                 "platform": message.platform,
+                "bot": message.bot,
+                "agent": exchange.agent,
                 "message_id": message.message_id,
                 "latency_ms": round((time.time() - message.created_at) * 1000, 1),
                 "overhead_ms": round(overhead * 1000, 2),
@@ -166,7 +169,7 @@ class Remember:
             if exchange.cache_key and not exchange.cached:
                 await self._store.cache_put(exchange.cache_key, answer, cfg.cache.ttl)
             await self._store.append_turns(
-                exchange.message.conversation_key,
+                exchange.context_key,
                 [Turn("user", exchange.user_turn(exchange.text or "(image)")), Turn("assistant", answer)],
                 cfg.context.max_turns,
                 cfg.context.max_chars,

@@ -97,7 +97,8 @@ async def _model_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     channels: dict[str, Channel] = app[CHANNELS]
-    responder = Responder(cfg, app[STORE], app[MODEL], channels, app[METRICS])
+    agents = {a.name: create_model_client(a.model, app[HTTP], app[METRICS]) for a in cfg.agents}
+    responder = Responder(cfg, app[STORE], app[MODEL], channels, app[METRICS], agents)
     dispatcher = Dispatcher(cfg.dispatcher, app[STORE], app[METRICS], responder)
     app[RESPONDER] = responder
     app[DISPATCHER] = dispatcher

@@ -36,6 +36,12 @@ class ChannelStatus:
     last_event_at: float | None = None
     detail: str = ""  # e.g. "not configured: set BOTGATE_DINGTALK__ENABLED=true ..."
     budget: BudgetStatus | None = None  # the bot's monthly API budget (None: the channel has none)
+    bot: str = "default"  # which app of its platform (config: [[<platform>.bots]] name)
+
+    @property
+    def key(self) -> str:
+        """"<platform>/<bot>": how /readyz, the status page and the core name the channel."""
+        return f"{self.platform}/{self.bot}"
 
     @property
     def ready(self) -> bool:

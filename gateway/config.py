@@ -179,6 +179,58 @@ class LogConfig:
     level: str = "INFO"
 
 
+DEFAULT_NAME = "default"  # the agent of [model]; the bot of a single-app [dingtalk] / [feishu] section
+GROUP_CONTEXTS = ("shared", "per_user")
+PLATFORM_SECTIONS = ("dingtalk", "feishu")
+# Credentials are a bot's own: a listed bot never inherits them from its platform's section.
+BOT_CREDENTIALS = {"dingtalk": ("client_id", "client_secret"), "feishu": ("app_id", "app_secret")}
+BOT_SECRETS = {"dingtalk": ("client_secret",), "feishu": ("app_secret", "encrypt_key", "verification_token")}
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """What answers: a persona and a model backend. `[model]` is the agent named "default"."""
+
+    name: str
+    model: ModelConfig
+    group_context: str = "shared"  # shared: one context per group | per_user: one per (group, user)
+
+
+@dataclass(frozen=True, slots=True)
+class BotConfig:
+    """One app (robot) of a platform: its platform section with the bot's own keys applied."""
+
+    platform: str  # "dingtalk" | "feishu"
+    name: str
+    agent: str
+    settings: DingTalkConfig | FeishuConfig
+
+    @property
+    def key(self) -> str:
+        return f"{self.platform}/{self.name}"
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.enabled
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """A `[[routes]]` entry: messages it matches go to `agent` (first match wins)."""
+
+    agent: str
+    platform: str = ""
+    bot: str = ""
+    conversation: str = ""
+
+    def matches(self, platform: str, bot: str, conversation: str) -> bool:
+        return (
+            (not self.platform or self.platform == platform)
+            and (not self.bot or self.bot == bot)
+            and (not self.conversation or self.conversation == conversation)
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -195,7 +247,32 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # `[[agents]]` (without the default one), every bot (the sections' own "default" bot when
+    # enabled, then `[[dingtalk.bots]]`, `[[feishu.bots]]`; disabled ones too), `[[routes]]`.
+    agents: tuple[AgentConfig, ...] = ()
+    bots: tuple[BotConfig, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
     source: str = "<defaults>"  # the file it came from, for messages
+
+    def agent(self, name: str) -> AgentConfig:
+        """The agent called `name`; "default" (or an unknown name) is `[model]`."""
+        for agent in self.agents:
+            if agent.name == name:
+                return agent
+        return AgentConfig(DEFAULT_NAME, self.model)
+
+    def enabled_bots(self, platform: str | None = None) -> list[BotConfig]:
+        return [b for b in self.bots if b.enabled and (platform is None or b.platform == platform)]
+
+    def agent_for(self, platform: str, bot: str, conversation: str) -> str:
+        """Which agent answers a message: the first matching `[[routes]]` entry, else its bot's."""
+        for route in self.routes:
+            if route.matches(platform, bot, conversation):
+                return route.agent
+        for b in self.bots:
+            if b.platform == platform and b.name == bot:
+                return b.agent
+        return DEFAULT_NAME
 
     def secrets(self) -> list[str]:
         """Every configured secret value, so logs and dumps can mask them."""
@@ -204,6 +281,12 @@ class Config:
             section, name = key.split(".")
             value = getattr(getattr(self, section), name)
             values += value if isinstance(value, list) else [value]
+        for bot in self.bots:
+            if bot.settings is not getattr(self, bot.platform):  # a section's own bot: counted above
+                values += [getattr(bot.settings, key) for key in BOT_SECRETS[bot.platform]]
+        for agent in self.agents:
+            values += agent.model.api_keys
+            values.append(url_password(agent.model.base_url))
         values.append(urlsplit(self.store.url).password or "")
         # Credentials inside URL settings: Redis' `?password=`, userinfo in the model's base_url.
         values += [v for k, v in parse_qsl(urlsplit(self.store.url).query) if k == "password"]
@@ -263,7 +346,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 
 def _sections() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
-    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if f.name != "source"}
+    lists = ("agents", "bots", "routes", "source")
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if f.name not in lists}
 
 
 def _describe(tp: Any) -> str:
@@ -307,10 +391,33 @@ def _parse_env(raw: str, tp: Any, where: str) -> Any:
     return [part.strip() for part in raw.split(",") if part.strip()]
 
 
+def env_token(name: str) -> str:
+    """A bot's or agent's name as it appears in an environment variable's name."""
+    return name.upper().replace("-", "_")
+
+
+def _listed_env(env: Mapping[str, str]) -> dict[tuple[str, str], dict[str, str]]:
+    """`BOTGATE_AGENTS__<NAME>__<KEY>` and `BOTGATE_<PLATFORM>__BOTS__<NAME>__<KEY>`:
+    ("agents" or "dingtalk.bots", NAME) -> {key: raw value}."""
+    out: dict[tuple[str, str], dict[str, str]] = {}
+    for name, raw in env.items():
+        parts = name[len(ENV_PREFIX) :].split("__") if name.startswith(ENV_PREFIX) else []
+        if len(parts) == 3 and parts[0] == "AGENTS":
+            out.setdefault(("agents", parts[1]), {})[parts[2].lower()] = raw
+        elif len(parts) == 4 and parts[1] == "BOTS" and parts[0].lower() in PLATFORM_SECTIONS:
+            out.setdefault((f"{parts[0].lower()}.bots", parts[2]), {})[parts[3].lower()] = raw
+    return out
+
+
+def _is_listed(name: str) -> bool:
+    parts = name[len(ENV_PREFIX) :].split("__")
+    return (parts[0] == "AGENTS") or (len(parts) > 1 and parts[1] == "BOTS")
+
+
 def _env_overrides(env: Mapping[str, str], sections: dict[str, type]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or _is_listed(name):
             continue
         section, sep, key = name[len(ENV_PREFIX) :].lower().partition("__")
         if not sep:
@@ -448,6 +555,12 @@ def _validate(cfg: Config, from_env: frozenset[str] = frozenset()) -> None:
 def build(data: Mapping[str, Any], env: Mapping[str, str], source: str = "<defaults>") -> Config:
     """Merge file data and env overrides onto the defaults, type-check and validate."""
     sections = _sections()
+    data = dict(data)
+    listed: dict[str, Any] = {"agents": data.pop("agents", []), "routes": data.pop("routes", [])}
+    for platform in PLATFORM_SECTIONS:
+        if isinstance(data.get(platform), dict) and "bots" in data[platform]:
+            data[platform] = dict(data[platform])
+            listed[f"{platform}.bots"] = data[platform].pop("bots")
     merged: dict[str, dict[str, Any]] = {}
     for section, values in data.items():
         if section not in sections:
@@ -474,7 +587,192 @@ def build(data: Mapping[str, Any], env: Mapping[str, str], source: str = "<defau
         kwargs[section] = cls(**values)
     cfg = Config(**kwargs, source=source)
     _validate(cfg, frozenset(from_env))
+    cfg = _with_listed(cfg, listed, _listed_env(env))
+    _validate_listed(cfg)
     return cfg
+
+
+def _tables(value: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(f"{where}: must be an array of tables ([[{where.split(': ')[-1]}]])")
+    return [dict(v) for v in value]
+
+
+def _entry_name(values: dict[str, Any], where: str) -> str:
+    name = values.pop("name", None)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}: name: is required (a unique name)")
+    if not name.replace("-", "").replace("_", "").isalnum() or not name.isascii():
+        raise ConfigError(f"{where}: name: must be letters, digits, - and _, got {name!r}")
+    return name
+
+
+def _apply_env(
+    values: dict[str, Any], env_values: dict[str, str], hints: dict[str, Any], prefix: str, where: str
+) -> None:
+    for key, raw in env_values.items():
+        if key not in hints or key == "name":
+            raise ConfigError(f"environment variable {prefix}{key.upper()}: unknown key {where}.{key}")
+        values[key] = _parse_env(raw, hints[key], f"environment variable {prefix}{key.upper()}")
+
+
+def _with_listed(cfg: Config, listed: dict[str, Any], env: dict[tuple[str, str], dict[str, str]]) -> Config:
+    """`cfg` with its agents, bots and routes: each entry's keys on top of its section's."""
+    source, seen_env = cfg.source, set()
+    agents: list[AgentConfig] = []
+    model_hints = typing.get_type_hints(ModelConfig)
+    agent_hints = {**model_hints, "group_context": str}
+    for values in _tables(listed["agents"], f"{source}: agents"):
+        where = f"agents[{values.get('name', '?')}]"
+        name = _entry_name(values, f"{source}: {where}")
+        token = env_token(name)
+        seen_env.add(("agents", token))
+        _apply_env(values, env.get(("agents", token), {}), agent_hints, f"{ENV_PREFIX}AGENTS__{token}__", where)
+        for key, value in values.items():
+            if key not in agent_hints:
+                raise ConfigError(f"{source}: {where}: unknown key {key}")
+            secret = key == "api_keys"
+            values[key] = _coerce(value, agent_hints[key], f"{source}: {where}.{key}", secret)
+        group_context = values.pop("group_context", "shared")
+        agents.append(AgentConfig(name, dataclasses.replace(cfg.model, **values), group_context))
+    bots: list[BotConfig] = [
+        BotConfig(platform, DEFAULT_NAME, DEFAULT_NAME, getattr(cfg, platform))
+        for platform in PLATFORM_SECTIONS
+        if getattr(cfg, platform).enabled
+    ]
+    for platform in PLATFORM_SECTIONS:
+        section = f"{platform}.bots"
+        hints = typing.get_type_hints(type(getattr(cfg, platform)))
+        bot_hints = {**hints, "agent": str}
+        for values in _tables(listed.get(section, []), f"{source}: {section}"):
+            where = f"{section}[{values.get('name', '?')}]"
+            name = _entry_name(values, f"{source}: {where}")
+            token = env_token(name)
+            seen_env.add((section, token))
+            prefix = f"{ENV_PREFIX}{platform.upper()}__BOTS__{token}__"
+            _apply_env(values, env.get((section, token), {}), bot_hints, prefix, where)
+            for key, value in values.items():
+                if key not in bot_hints:
+                    raise ConfigError(f"{source}: {where}: unknown key {key}")
+                secret = key in BOT_SECRETS[platform]
+                values[key] = _coerce(value, bot_hints[key], f"{source}: {where}.{key}", secret)
+            agent = values.pop("agent", DEFAULT_NAME)
+            own = {key: values.pop(key, "") for key in BOT_CREDENTIALS[platform]}
+            settings = dataclasses.replace(getattr(cfg, platform), **{"enabled": True, **values, **own})
+            bots.append(BotConfig(platform, name, agent, settings))
+    for kind, token in sorted(set(env) - seen_env):
+        names = kind if kind == "agents" else f"{kind.split('.')[0]}.bots"
+        variable = next(iter(env[(kind, token)]))
+        raise ConfigError(
+            f"environment variable {ENV_PREFIX}{kind.replace('.', '__').upper()}__{token}__{variable.upper()}: "
+            f"no [[{names}]] entry named {token.lower()!r} in {source}"
+        )
+    routes: list[RouteConfig] = []
+    for i, values in enumerate(_tables(listed["routes"], f"{source}: routes"), 1):
+        where = f"{source}: routes[{i}]"
+        for key, value in values.items():
+            if key not in ("agent", "platform", "bot", "conversation"):
+                raise ConfigError(f"{where}: unknown key {key}")
+            _coerce(value, str, f"{where}.{key}")
+        if not values.get("agent"):
+            raise ConfigError(f"{where}: agent: is required")
+        routes.append(RouteConfig(**values))
+    return dataclasses.replace(cfg, agents=tuple(agents), bots=tuple(bots), routes=tuple(routes))
+
+
+def _validate_listed(cfg: Config) -> None:
+    """Names unique and known, each bot's own settings as strict as its section's."""
+    source = cfg.source
+
+    def fail(where: str, why: str) -> None:
+        raise ConfigError(f"{source}: {where}: {why}")
+
+    names = [DEFAULT_NAME]
+    for agent in cfg.agents:
+        where = f"agents[{agent.name}]"
+        if agent.name in names:
+            taken = " (that is [model]'s name)" if agent.name == DEFAULT_NAME else ""
+            fail(f"{where}.name", f"duplicate agent name {agent.name!r}{taken}")
+        names.append(agent.name)
+        if agent.group_context not in GROUP_CONTEXTS:
+            fail(f"{where}.group_context", f"must be one of {', '.join(GROUP_CONTEXTS)}, got {agent.group_context!r}")
+        model = agent.model
+        if model.provider not in _CHOICES["model.provider"]:
+            fail(f"{where}.provider", f"must be one of {', '.join(_CHOICES['model.provider'])}, got {model.provider!r}")
+        if model.provider == "openai" and not model.base_url:
+            fail(f"{where}.base_url", 'is required when provider = "openai"')
+        if model.base_url and not model.base_url.startswith(("http://", "https://")):
+            fail(f"{where}.base_url", f"must be an http(s) URL, got {model.base_url!r}")
+        for key in ("connect_timeout", "first_token_timeout", "total_timeout"):
+            if getattr(model, key) <= 0:
+                fail(f"{where}.{key}", "must be positive")
+        if model.max_retries < 0:
+            fail(f"{where}.max_retries", "must be 0 or more")
+    known = ", ".join(names)
+    seen: set[str] = set()
+    for bot in cfg.bots:
+        where = f"{bot.platform}.bots[{bot.name}]"
+        if bot.key in seen:
+            taken = f" (the [{bot.platform}] section's bot is named so)" if bot.name == DEFAULT_NAME else ""
+            fail(f"{where}.name", f"duplicate {bot.platform} bot name {bot.name!r}{taken}")
+        seen.add(bot.key)
+        if bot.agent not in names:
+            fail(f"{where}.agent", f"no agent named {bot.agent!r} (agents: {known})")
+        if bot.name != DEFAULT_NAME or bot.settings is not getattr(cfg, bot.platform):
+            _validate_bot(cfg, bot, where)
+    for i, route in enumerate(cfg.routes, 1):
+        where = f"routes[{i}]"
+        if route.agent not in names:
+            fail(f"{where}.agent", f"no agent named {route.agent!r} (agents: {known})")
+        if route.platform and route.platform not in PLATFORM_SECTIONS:
+            fail(f"{where}.platform", f"must be one of {', '.join(PLATFORM_SECTIONS)}, got {route.platform!r}")
+        bots = [
+            b
+            for b in cfg.enabled_bots()
+            if (not route.platform or route.platform == b.platform) and (not route.bot or route.bot == b.name)
+        ]
+        if not bots:
+            what = " ".join(f"{k} = {v!r}" for k, v in (("platform", route.platform), ("bot", route.bot)) if v)
+            fail(where, f"matches no enabled bot ({what or 'no bot is enabled'})")
+
+
+def _validate_bot(cfg: Config, bot: BotConfig, where: str) -> None:
+    """A listed bot's settings: the checks of its platform section, named by the bot."""
+    s, platform = bot.settings, bot.platform
+
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"{cfg.source}: {where}.{key}: {why}")
+
+    def env(key: str) -> str:
+        return f"{ENV_PREFIX}{platform.upper()}__BOTS__{env_token(bot.name)}__{key.upper()}"
+
+    allowed = _CHOICES[f"{platform}.mode"]
+    if s.mode not in allowed:
+        fail("mode", f"must be one of {', '.join(allowed)}, got {s.mode!r}")
+    if not s.enabled:
+        return
+    for key in BOT_CREDENTIALS[platform]:
+        if not getattr(s, key):
+            fail(key, f"is required for {platform} bot {bot.name!r} (set {env(key)})")
+    urls = ("api_base", "oapi_base") if platform == "dingtalk" else ("domain",)
+    for key in urls:
+        value = getattr(s, key)
+        if not value.startswith(("http://", "https://")):
+            fail(key, f"must be an http(s) URL, got {value!r}")
+    for key in ("stale_after", "max_message_age"):
+        if getattr(s, key) <= 0:
+            fail(key, "must be positive")
+    if isinstance(s, DingTalkConfig) and not 0 < s.reconnect_delay <= 60:
+        fail("reconnect_delay", f"must be between 0 and 60 seconds, got {s.reconnect_delay}")
+    for key in ("monthly_api_budget", "api_qps", "card_qps", "api_qpm", "chat_qps"):
+        if getattr(s, key, 0) < 0:
+            fail(key, "must be 0 (none) or more")
+    if isinstance(s, FeishuConfig) and s.mode != "ws":
+        for key in ("verification_token", "encrypt_key"):
+            if not getattr(s, key):
+                fail(key, f"is required when mode is webhook or both (set {env(key)})")
+    if s.mode in ("webhook", "both") and cfg.dispatcher.dedup_ttl < s.max_message_age:
+        fail("mode", f"webhook needs dispatcher.dedup_ttl at least max_message_age ({s.max_message_age:g} s)")
 
 
 def with_credentials(env: Mapping[str, str]) -> Mapping[str, str]:

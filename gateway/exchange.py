@@ -12,7 +12,7 @@ from typing import Protocol
 
 from .budget import CallCount
 from .channel import Channel, ReplyStream
-from .config import Config
+from .config import DEFAULT_NAME, Config
 from .errors import PlatformError
 from .messages import Attachment, ConversationKind, InboundMessage, Reply, ReplyKind
 from .metrics import Metrics, Outcome
@@ -66,13 +66,27 @@ class Exchange:
     api_calls: CallCount = field(default_factory=CallCount)
     # "" in a DM; in a group, who wrote it: every user turn there is "<speaker>: <text>".
     speaker: str = ""
+    agent: str = DEFAULT_NAME  # the `[[agents]]` entry answering it (its model is `cfg.model`)
+    # Where its context is kept: the conversation's, or in a `per_user` agent's group the sender's own.
+    context_key: str = ""
 
     @classmethod
-    def start(cls, message: InboundMessage, ready_at: float, cfg: Config, model: ModelClient) -> Exchange:
+    def start(
+        cls,
+        message: InboundMessage,
+        ready_at: float,
+        cfg: Config,
+        model: ModelClient,
+        agent: str = DEFAULT_NAME,
+        per_user: bool = False,
+    ) -> Exchange:
         text = message.text.strip()
-        exchange = cls(message, ready_at, cfg, model, text, text, Completion(model=model.name))
+        exchange = cls(message, ready_at, cfg, model, text, text, Completion(model=model.name), agent=agent)
+        exchange.context_key = message.conversation_key
         if message.conversation_kind is ConversationKind.GROUP:
             exchange.speaker = speaker(message)
+            if per_user:
+                exchange.context_key = f"{message.conversation_key}:user:{message.sender_id}"
         return exchange
 
     def user_turn(self, text: str) -> str:
@@ -107,7 +121,7 @@ class Delivery:
         self._interrupted: dict[str, ReplyStream] = {}
 
     def channel(self, message: InboundMessage) -> Channel:
-        return self._channels[message.platform]
+        return self._channels[message.channel_key]
 
     def cut_off(self, message: InboundMessage, stream: ReplyStream) -> None:
         self._interrupted[message.request_id] = stream

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+DEFAULT_BOT = "default"  # a single-app platform section's bot; the web chat's
+
 
 class ConversationKind(StrEnum):
     DM = "dm"
@@ -45,10 +47,23 @@ class InboundMessage:
     # gateway overhead are measured from here.
     created_at: float = field(default_factory=time.time)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    # The bot (app) of its platform that received it: replies leave through that bot.
+    bot: str = DEFAULT_BOT
+
+    @property
+    def channel_key(self) -> str:
+        """The channel that received it and answers it: "<platform>/<bot>"."""
+        return f"{self.platform}/{self.bot}"
+
+    @property
+    def _scope(self) -> str:
+        # The default bot keeps the keys of a single-app gateway (stored state stays valid); another
+        # bot has its own: two bots in one group are two conversations, each with its own dedup.
+        return self.platform if self.bot == DEFAULT_BOT else self.channel_key
 
     @property
     def conversation_key(self) -> str:
-        return f"{self.platform}:{self.conversation_id}"
+        return f"{self._scope}:{self.conversation_id}"
 
     @property
     def user_key(self) -> str:
@@ -56,7 +71,7 @@ class InboundMessage:
 
     @property
     def dedup_key(self) -> str:
-        return f"{self.platform}:{self.message_id}"
+        return f"{self._scope}:{self.message_id}"
 
     def to_dict(self) -> dict[str, Any]:
         # By hand: dataclasses.asdict deep-copies recursively and took 24-34 µs per message, a
@@ -76,6 +91,7 @@ class InboundMessage:
             "unsupported": self.unsupported,
             "created_at": self.created_at,
             "request_id": self.request_id,
+            "bot": self.bot,
         }
 
     @classmethod

@@ -138,6 +138,9 @@ class Metrics:
             ["platform", "endpoint"],
             registry=r,
         )
+        self.agent_answers = Counter(
+            "botgate_agent_answers_total", "Answers given, by agent ([[agents]] name).", ["agent"], registry=r
+        )
         self.api_calls_per_answer = Histogram(
             "botgate_platform_api_calls_per_answer",
             "Billable platform API calls (the ones the monthly quota counts) per answered message.",
@@ -207,6 +210,10 @@ class Metrics:
     def gateway_overhead(self, seconds: float) -> None:
         self.overhead.observe(seconds)
         self.stats.gateway_overhead(seconds)
+
+    def agent_answered(self, agent: str) -> None:
+        """One answer by `agent` (a configured name: a bounded label)."""
+        self.agent_answers.labels(agent).inc()
 
     def answer_api_calls(self, platform: str, calls: int) -> None:
         """The billable platform calls one answered message cost."""

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Config, ConfigError, load
+from .config import DEFAULT_NAME, BotConfig, Config, ConfigError, load
 from .logs import JsonFormatter
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,20 @@ def changed_keys(old: Config, new: Config) -> list[str]:
         if f.name == "source":
             continue
         a, b = getattr(old, f.name), getattr(new, f.name)
+        if isinstance(a, tuple):  # agents, bots, routes: compared whole
+            if _listed(a) != _listed(b):
+                out.append(f.name)
+            continue
         for key in dataclasses.fields(a):
             if getattr(a, key.name) != getattr(b, key.name):
                 out.append(f"{f.name}.{key.name}")
     return out
+
+
+def _listed(entries: tuple[object, ...]) -> tuple[object, ...]:
+    """The entries of a list section, without the bot of a single-app section: that one mirrors
+    its `[dingtalk]` / `[feishu]` section, whose keys are compared one by one."""
+    return tuple(e for e in entries if not (isinstance(e, BotConfig) and e.name == DEFAULT_NAME))
 
 
 def merged(base: Config, new: Config, keys: Iterable[str]) -> Config:

@@ -9,11 +9,12 @@ in `Responder.steps`; see `gateway.steps` and `gateway.answer`.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from .answer import CachedAnswer, ModelAnswer, Remember, Summary
 from .budget import counting
 from .channel import Channel
-from .config import Config
+from .config import DEFAULT_NAME, Config
 from .exchange import Delivery, Exchange, Flow, Step, fields, log
 from .messages import InboundMessage
 from .metrics import Metrics, Outcome
@@ -40,9 +41,14 @@ class Responder:
         model: ModelClient,
         channels: Mapping[str, Channel],
         metrics: Metrics,
+        agents: Mapping[str, ModelClient] | None = None,
     ) -> None:
         self.cfg = cfg
         self._model = model
+        # The `[[agents]]` clients (not the default's: that is `model`). Agents, bots and routes
+        # change with a restart only: the config they came from is kept for routing.
+        self._agents = dict(agents or {})
+        self._routing = cfg
         self._delivery = Delivery(channels, metrics)
         self.steps: tuple[Step, ...] = (
             # commands
@@ -74,8 +80,20 @@ class Responder:
         self.cfg = cfg
         self._model = model
 
+    def agent_of(self, message: InboundMessage) -> str:
+        """The agent that answers `message`: the first matching route, else its bot's."""
+        return self._routing.agent_for(message.platform, message.bot, message.conversation_id)
+
     async def handle(self, message: InboundMessage, ready_at: float) -> None:
-        exchange = Exchange.start(message, ready_at, self.cfg, self._model)
+        name = self.agent_of(message)
+        client = self._agents.get(name)
+        cfg, model, per_user = self.cfg, self._model, False
+        if client is not None:  # a listed agent: its model settings in place of [model]'s
+            agent = self._routing.agent(name)
+            cfg, model, per_user = replace(cfg, model=agent.model), client, agent.group_context == "per_user"
+        else:
+            name = DEFAULT_NAME
+        exchange = Exchange.start(message, ready_at, cfg, model, name, per_user)
         # Every billable platform call made while answering it is charged to it (`Summary`).
         with counting(exchange.api_calls):
             for step in self.steps:

@@ -92,11 +92,12 @@ class Reset(Command):
 
     async def run(self, exchange: Exchange) -> str:
         message = exchange.message
-        if message.conversation_kind is ConversationKind.GROUP and not is_admin(exchange):
+        shared = exchange.context_key == message.conversation_key  # per_user: the member's own
+        if message.conversation_kind is ConversationKind.GROUP and shared and not is_admin(exchange):
             # The context is everyone's: one member must not wipe it for the rest.
             log.info("group reset refused: not an admin", extra=fields(message))
             return RESET_ADMINS_ONLY
-        await self._store.reset(message.conversation_key)
+        await self._store.reset(exchange.context_key)
         return RESET_DONE
 
 
@@ -176,7 +177,7 @@ class History:
         self._store = store
 
     async def __call__(self, exchange: Exchange) -> Flow:
-        exchange.history = await self._store.context(exchange.message.conversation_key)
+        exchange.history = await self._store.context(exchange.context_key)
         return Flow.CONTINUE
 
 

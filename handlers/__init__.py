@@ -3,12 +3,13 @@ the enabled platforms' `python run.py doctor` checks."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import aiohttp
 from aiohttp import web
 
-from gateway.config import Config
+from gateway.config import DEFAULT_NAME, Config, DingTalkConfig
 from gateway.doctor import Check
-from gateway.keys import CONFIG
 
 from . import admin, auth, dingtalk, feishu, robots, routes, status, webchat
 from .dingtalk import doctor as dingtalk_doctor
@@ -22,16 +23,23 @@ def setup(app: web.Application) -> None:
     admin.setup(app)
     robots.setup(app)  # the alert notifier
     webchat.setup(app)
-    if app[CONFIG].dingtalk.enabled:
-        dingtalk.setup(app)
-    if app[CONFIG].feishu.enabled:
-        feishu.setup(app)
+    dingtalk.setup(app)  # every enabled bot of each platform
+    feishu.setup(app)
 
 
 def doctor(config: Config, http: aiohttp.ClientSession) -> list[Check]:
+    """Every enabled bot's checks; a listed bot's are named by it ("dingtalk/hrbot credentials")."""
     checks: list[Check] = []
-    if config.dingtalk.enabled:
-        checks += dingtalk_doctor.checks(config, http)
-    if config.feishu.enabled:
-        checks += feishu_doctor.checks(config, http)
+    contributors = {"dingtalk": dingtalk_doctor.checks, "feishu": feishu_doctor.checks}
+    for bot in config.enabled_bots():
+        s = bot.settings
+        one = (
+            dataclasses.replace(config, dingtalk=s)
+            if isinstance(s, DingTalkConfig)
+            else dataclasses.replace(config, feishu=s)
+        )
+        own = contributors[bot.platform](one, http)
+        if bot.name != DEFAULT_NAME:
+            own = [dataclasses.replace(c, name=c.name.replace(bot.platform, bot.key, 1)) for c in own]
+        checks += own
     return checks

@@ -52,9 +52,10 @@ async def reset_conversation(request: web.Request) -> web.Response:
 
 async def reconnect_channel(request: web.Request) -> web.Response:
     platform = request.match_info["platform"]
-    request[AUDIT_DETAIL] = {"platform": platform}
+    bot = request.match_info.get("bot", "default")
+    request[AUDIT_DETAIL] = {"platform": platform, "bot": bot}
     channels = request.app[CHANNELS]
-    channel = channels.get(platform)
+    channel = channels.get(f"{platform}/{bot}") or (channels.get(platform) if bot == "default" else None)
     if channel is None:
         return json_error(404, f"no channel {platform!r}", channels=sorted(channels))
     try:
@@ -103,5 +104,6 @@ def setup(app: web.Application) -> None:
     app.router.add_get("/api/status", status)
     app.router.add_post("/api/conversations/reset", reset_conversation)
     app.router.add_post("/api/channels/{platform}/reconnect", reconnect_channel)
+    app.router.add_post("/api/channels/{platform}/{bot}/reconnect", reconnect_channel)
     app.router.add_post("/api/reload", reload)
     app.router.add_post("/api/login-token/rotate", rotate_login_token)

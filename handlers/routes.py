@@ -26,12 +26,12 @@ def unconfigured_platforms(request: web.Request) -> dict[str, str]:
     """Platforms the config leaves disabled, with what to set to enable them."""
     cfg = request.app[CONFIG]
     out = {}
-    if not cfg.dingtalk.enabled:
+    if not cfg.enabled_bots("dingtalk"):
         out["dingtalk"] = (
             "not configured: set [dingtalk] enabled = true, client_id and client_secret "
             "(BOTGATE_DINGTALK__ENABLED, BOTGATE_DINGTALK__CLIENT_ID, BOTGATE_DINGTALK__CLIENT_SECRET)"
         )
-    if not cfg.feishu.enabled:
+    if not cfg.enabled_bots("feishu"):
         out["feishu"] = (
             "not configured: set [feishu] enabled = true, app_id and app_secret "
             "(BOTGATE_FEISHU__ENABLED, BOTGATE_FEISHU__APP_ID, BOTGATE_FEISHU__APP_SECRET)"
@@ -55,12 +55,12 @@ async def readyz(request: web.Request) -> web.Response:
         store = f"unavailable: {e}" if detailed else "unavailable"
         reasons.append(f"store {store}")
     channels = {}
-    for platform, channel in app[CHANNELS].items():
+    for key, channel in app[CHANNELS].items():  # one per bot: "dingtalk/hrbot"
         status = channel.status()
-        channels[platform] = status.state.value
+        channels[key] = status.state.value
         if not status.ready:
             detail = f" ({status.last_error})" if status.last_error and detailed else ""
-            reasons.append(f"{platform} {status.state.value}{detail}")
+            reasons.append(f"{key} {status.state.value}{detail}")
     body = {
         "ready": not reasons,
         "store": store,
@@ -76,11 +76,16 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     app = request.app
     m = app[METRICS]
-    for platform, channel in app[CHANNELS].items():
+    # One series per platform (a bounded label): connected while every bot of it is.
+    connected: dict[str, bool] = {}
+    for channel in app[CHANNELS].values():
         status = channel.status()
         if status.state is ChannelState.DISABLED:
             continue  # not running on purpose: no series, so no "disconnected" alert
-        m.channel_connected.labels(platform).set(1 if status.ready else 0)
+        platform = status.platform
+        connected[platform] = connected.get(platform, True) and status.ready
+    for platform, ready in connected.items():
+        m.channel_connected.labels(platform).set(1 if ready else 0)
         # Start per-platform counters at 0 so rate() and alerts see them before the first event.
         m.reconnects.labels(platform)
         m.dedup_dropped.labels(platform)

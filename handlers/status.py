@@ -85,6 +85,8 @@ def _channels(request: web.Request, now: float) -> list[dict[str, Any]]:
         out.append(
             {
                 "platform": s.platform,
+                "bot": s.bot,
+                "name": s.platform if s.bot == "default" else s.key,
                 "state": s.state.value,
                 "ready": s.ready,
                 "transports": list(s.transports),
@@ -99,10 +101,12 @@ def _channels(request: web.Request, now: float) -> list[dict[str, Any]]:
             }
         )
     for platform, detail in unconfigured_platforms(request).items():
-        if platform not in request.app[CHANNELS]:
+        if not any(c.status().platform == platform for c in request.app[CHANNELS].values()):
             out.append(
                 {
                     "platform": platform,
+                    "bot": "default",
+                    "name": platform,
                     "state": "not configured",
                     "ready": False,
                     "transports": [],

@@ -249,7 +249,7 @@ def parse_frame(data: str, session: str, sender: str = "") -> InboundMessage | s
 
 def setup(app: web.Application) -> None:
     adapter = WebChatAdapter(WebChatConfig(), app[METRICS])
-    app[CHANNELS][PLATFORM] = adapter
+    app[CHANNELS][adapter.key] = adapter
     app.cleanup_ctx.append(adapter.ctx)
     app.router.add_get("/chat", adapter.page)
     app.router.add_get("/chat/ws", adapter.websocket)

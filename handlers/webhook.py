@@ -100,10 +100,11 @@ def install(app: web.Application, webhook: Webhook) -> None:
     """Register a bot: its channel, its webhook route when its mode has one, its context, and its
     secrets for reloads (`Adapter.follow_reloads`)."""
     adapter = webhook.adapter
-    if adapter.platform in app[CHANNELS]:  # replies are routed by platform: one bot each for now
-        raise ValueError(f"a {adapter.platform} channel is installed already")
-    app[CHANNELS][adapter.platform] = adapter
+    if adapter.key in app[CHANNELS]:
+        raise ValueError(f"the channel {adapter.key} is installed already")
+    app[CHANNELS][adapter.key] = adapter
     if adapter.runs("webhook"):
-        app.router.add_post(adapter.webhook_path, webhook.handle)
+        for path in adapter.webhook_paths:
+            app.router.add_post(path, webhook.handle)
     app.cleanup_ctx.append(adapter.ctx)
     adapter.follow_reloads(app[LIVE])

@@ -97,7 +97,7 @@ class DingTalkEnv:
 
     @property
     def adapter(self) -> DingTalkAdapter:
-        adapter = self.client.app[CHANNELS]["dingtalk"]
+        adapter = self.client.app[CHANNELS]["dingtalk/default"]
         assert isinstance(adapter, DingTalkAdapter)
         return adapter
 

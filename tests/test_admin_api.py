@@ -92,7 +92,7 @@ async def test_reconnect_a_channel(gateway: Any) -> None:
     assert (status, body) == (200, {"platform": "manual", "state": "connected"})
     assert channel.reconnects == 1
     status, body = await post(client, "/api/channels/nope/reconnect")
-    assert status == 404 and body["channels"] == ["manual", "web"]
+    assert status == 404 and body["channels"] == ["manual", "web/default"]
     snapshot = orjson.loads(await (await client.get("/api/status")).read())
     assert {c["platform"]: c["reconnects"] for c in snapshot["channels"]}["manual"] == 1
 

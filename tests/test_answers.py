@@ -179,7 +179,7 @@ class RecordingChannel:
 async def test_store_failure_after_delivery_is_not_an_apology(caplog: Any) -> None:
     channel = RecordingChannel()
     config = make_config()
-    responder = Responder(config, ForgetfulStore(), EchoModel(), {"web": channel}, Metrics())  # type: ignore[dict-item]
+    responder = Responder(config, ForgetfulStore(), EchoModel(), {"web/default": channel}, Metrics())  # type: ignore[dict-item]
     message = InboundMessage(
         platform="web",
         transport="websocket",
@@ -209,7 +209,7 @@ async def test_cache_is_per_endpoint(aiohttp_server: Any) -> None:
             metrics = Metrics()
             channel = RecordingChannel()
             model = create_model_client(config.model, session, metrics)
-            responder = Responder(config, store, model, {"web": channel}, metrics)  # type: ignore[dict-item]
+            responder = Responder(config, store, model, {"web/default": channel}, metrics)  # type: ignore[dict-item]
             message = InboundMessage(
                 platform="web",
                 transport="websocket",

@@ -459,8 +459,8 @@ async def test_readyz_tells_outsiders_states_and_the_admin_details(
     assert admin.status == 503 and "HTTP 503" in (await admin.json())["reason"]
     async with aiohttp.ClientSession() as anyone, anyone.get(env.client.make_url("/readyz")) as resp:
         body = await resp.json()
-    assert resp.status == 503 and body["channels"]["dingtalk"] == "reconnecting"
-    assert body["reason"] == "dingtalk reconnecting"  # no error text, URL or ticket
+    assert resp.status == 503 and body["channels"]["dingtalk/default"] == "reconnecting"
+    assert body["reason"] == "dingtalk/default reconnecting"  # no error text, URL or ticket
 
 
 async def test_an_unauthenticated_client_gets_nothing_without_a_password(gateway: Any) -> None:

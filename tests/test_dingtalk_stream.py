@@ -203,12 +203,12 @@ async def test_readiness_follows_the_stream(aiohttp_server: Any, gateway: Any) -
     await double.wait_for(lambda: len(double.opens) >= 2)
     resp = await env.client.get("/readyz")
     body = await resp.json()
-    assert resp.status == 503 and body["channels"]["dingtalk"] == "reconnecting"
-    assert "dingtalk reconnecting" in body["reason"] and "HTTP 503" in body["reason"]
+    assert resp.status == 503 and body["channels"]["dingtalk/default"] == "reconnecting"
+    assert "dingtalk/default reconnecting" in body["reason"] and "HTTP 503" in body["reason"]
     double.open_failures = 0
     await env.connected()
     resp = await env.client.get("/readyz")
-    assert resp.status == 200 and (await resp.json())["channels"]["dingtalk"] == "connected"
+    assert resp.status == 200 and (await resp.json())["channels"]["dingtalk/default"] == "connected"
 
 
 async def test_messages_are_not_acked_while_shutting_down(aiohttp_server: Any, gateway: Any) -> None:

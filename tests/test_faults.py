@@ -257,7 +257,7 @@ async def test_dns_failure_for_the_platform_and_the_model(
 
     await resolver.wait_lookups(dingtalk_name, 2)  # it keeps trying (with backoff)
     status, body = await readyz(env)
-    assert status == 503 and "dingtalk reconnecting" in body["reason"]
+    assert status == 503 and "dingtalk/default reconnecting" in body["reason"]
     assert "ClientConnectorDNSError" in body["reason"] and "Name or service not known" in body["reason"]
 
     resolver.broken.discard(dingtalk_name)  # the platform resolves again; the model does not yet

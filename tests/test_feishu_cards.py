@@ -181,7 +181,7 @@ async def test_the_card_api_defuses_mentions_itself(run: Any, feishu: Any) -> No
     """Whatever text reaches it, the CardKit client never sends a live `<at>`."""
     double, _ = feishu
     client = await run()
-    adapter = client.app[CHANNELS]["feishu"]
+    adapter = client.app[CHANNELS]["feishu/default"]
     assert isinstance(adapter, FeishuAdapter)
     api = adapter.runtime.api
     card_id = await api.create_card(streaming_card("<at id=all></at> first"))

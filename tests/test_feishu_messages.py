@@ -301,5 +301,5 @@ async def test_resent_reply_shows_once(start: Start, feishu: Any) -> None:
     parsed = parse_event(event, Rules(BOT_OPEN_ID), "ws", time.time())
     assert isinstance(parsed, InboundMessage)
     persisted = InboundMessage.from_dict(orjson.loads(orjson.dumps(parsed.to_dict())))
-    await client.app[CHANNELS]["feishu"].send(Reply(persisted, HELP, ReplyKind.NOTICE))
+    await client.app[CHANNELS]["feishu/default"].send(Reply(persisted, HELP, ReplyKind.NOTICE))
     assert len(double.replies_to("om_h")) == 1

@@ -52,10 +52,10 @@ async def answered(client: Client, double: FeishuDouble, message_id: str) -> str
 async def test_connected_and_ready(start: Any, feishu: Any) -> None:
     double, _ = feishu
     client = await start()
-    status = client.app[CHANNELS]["feishu"].status()
+    status = client.app[CHANNELS]["feishu/default"].status()
     assert status.state is ChannelState.CONNECTED and status.transports == ("ws",)
     resp = await client.get("/readyz")
-    assert resp.status == 200 and (await resp.json())["channels"]["feishu"] == "connected"
+    assert resp.status == 200 and (await resp.json())["channels"]["feishu/default"] == "connected"
     assert double.endpoint_calls == 1 and double.connections == 1
 
 
@@ -105,10 +105,10 @@ async def test_stale_connection_detected_and_replaced(start: Any, feishu: Any) -
     client = await start()
     double.pong = False  # the socket stays open, but nobody answers: "connected but deaf"
     await double.wait_for(lambda: double.connections == 2)
-    status = client.app[CHANNELS]["feishu"].status()
+    status = client.app[CHANNELS]["feishu/default"].status()
     assert "StaleConnection" in status.last_error and status.reconnects == 1
     double.pong = True
-    await double.wait_for(lambda: client.app[CHANNELS]["feishu"].status().state is ChannelState.CONNECTED)
+    await double.wait_for(lambda: client.app[CHANNELS]["feishu/default"].status().state is ChannelState.CONNECTED)
     await double.push_event(message_event("still there?", message_id="om_st"))
     assert await answered(client, double, "om_st") == "echo: still there?"
     assert client.app[METRICS].registry.get_sample_value("botgate_reconnects_total", {"platform": "feishu"}) == 1
@@ -122,7 +122,7 @@ async def test_socket_without_any_pong_replaced_within_a_minute(start: Any, feis
     client = await start(feishu={"stale_after": 0.3})
     double.pong, double.ws_pong = False, False  # open, but nothing comes back at all
     await double.wait_for(lambda: double.connections == 2)
-    status = client.app[CHANNELS]["feishu"].status()
+    status = client.app[CHANNELS]["feishu/default"].status()
     assert "StaleConnection" in status.last_error and "not even a pong" in status.last_error
     assert double.ws_pings >= 1 and double.pings == 1  # the one ping frame sent on connecting
 
@@ -132,7 +132,7 @@ async def test_websocket_pongs_keep_a_quiet_socket(start: Any, feishu: Any) -> N
     client = await start(feishu={"stale_after": 0.5})
     # No event, no ping frame due for 120 s: only websocket pongs (pings every 0.25 s) prove the link.
     await double.wait_for(lambda: double.ws_pings >= 6)
-    assert double.connections == 1 and client.app[CHANNELS]["feishu"].status().reconnects == 0
+    assert double.connections == 1 and client.app[CHANNELS]["feishu/default"].status().reconnects == 0
 
 
 async def test_closed_socket_reconnects_and_next_message_answered(start: Any, feishu: Any) -> None:
@@ -149,11 +149,11 @@ async def test_closed_socket_reconnects_and_next_message_answered(start: Any, fe
 async def test_refused_credentials_reported_and_retried(feishu: Any, gateway: Any) -> None:
     double, domain = feishu
     client: Client = await gateway(fd.config(domain, feishu={"app_secret": "wrong"}))
-    await double.wait_for(lambda: "app secret invalid" in client.app[CHANNELS]["feishu"].status().last_error)
-    status = client.app[CHANNELS]["feishu"].status()
+    await double.wait_for(lambda: "app secret invalid" in client.app[CHANNELS]["feishu/default"].status().last_error)
+    status = client.app[CHANNELS]["feishu/default"].status()
     assert status.state is ChannelState.RECONNECTING
     resp = await client.get("/readyz")
-    assert resp.status == 503 and "feishu reconnecting" in (await resp.json())["reason"]
+    assert resp.status == 503 and "feishu/default reconnecting" in (await resp.json())["reason"]
 
 
 async def test_transient_refused_upgrade_reported_and_retried(feishu: Any, gateway: Any) -> None:
@@ -161,7 +161,7 @@ async def test_transient_refused_upgrade_reported_and_retried(feishu: Any, gatew
     double.refuse_ws, double.refuse_ws_status, double.refuse_ws_autherrcode = "auth busy", 514, "1000040343"
     double.client_config["ReconnectInterval"] = 0  # retries as fast as the backoff allows
     client: Client = await gateway(fd.config(domain))
-    channel = client.app[CHANNELS]["feishu"]
+    channel = client.app[CHANNELS]["feishu/default"]
     await double.wait_for(lambda: double.refusals >= 2)  # retried without anyone asking
     status = channel.status()
     assert status.state is ChannelState.RECONNECTING
@@ -183,7 +183,7 @@ async def test_final_refusal_stops_retrying_and_says_so(
     double, domain = feishu
     double.refuse_ws, double.refuse_ws_status, double.refuse_ws_autherrcode = "refused", status, autherrcode
     client: Client = await gateway(fd.config(domain))
-    channel = client.app[CHANNELS]["feishu"]
+    channel = client.app[CHANNELS]["feishu/default"]
     assert isinstance(channel, FeishuAdapter)
     async with asyncio.timeout(10):
         await channel.tracker.wait_for(lambda s: s.state is ChannelState.REFUSED)
@@ -192,8 +192,8 @@ async def test_final_refusal_stops_retrying_and_says_so(
     assert line.levelno == logging.ERROR and fields["retry_in_s"] == REFUSED_RETRY >= 600
     assert why in fields["error"] and "or on an admin reconnect" in fields["error"]
     ready_status, ready = await readiness(client)
-    assert ready_status == 503 and ready["channels"]["feishu"] == "refused"
-    assert f"feishu refused (feishu refused the connection, {why}" in ready["reason"]
+    assert ready_status == 503 and ready["channels"]["feishu/default"] == "refused"
+    assert f"feishu/default refused (feishu refused the connection, {why}" in ready["reason"]
     page = await (await client.get("/")).text()
     assert ">refused<" in page and why in page
     assert double.refusals == 1 and double.endpoint_calls == 1
@@ -217,7 +217,7 @@ async def test_endpoint_call_and_upgrade_carry_the_sdk_headers(start: Any, feish
 async def test_admin_reconnect(start: Any, feishu: Any) -> None:
     double, _ = feishu
     client = await start()
-    await client.app[CHANNELS]["feishu"].reconnect()
+    await client.app[CHANNELS]["feishu/default"].reconnect()
     await double.wait_for(lambda: double.connections == 2 and double.sockets)
 
 

@@ -294,7 +294,7 @@ async def test_channel_families_move_with_a_long_connection(
 
     def setup_loopy(app: web.Application) -> None:
         channel = LoopChannel(str(server.make_url("/ws")), app[METRICS])
-        app[CHANNELS][channel.platform] = channel
+        app[CHANNELS][f"{channel.platform}/default"] = channel
 
         async def run(app: web.Application) -> Any:
             task = asyncio.create_task(channel.loop.run())
@@ -306,7 +306,7 @@ async def test_channel_families_move_with_a_long_connection(
     app = create_app(make_config(), [handlers.setup, setup_loopy])
     admin = {"Authorization": f"Bearer {app[AUTH].login_token.current()}"}  # no password: the login token
     client = await aiohttp_client(TestServer(app, host="127.0.0.1"), headers=admin)
-    channel = app[CHANNELS]["loopy"]
+    channel = app[CHANNELS]["loopy/default"]
     assert isinstance(channel, LoopChannel)
 
     first = await frames.connections.get()

@@ -159,7 +159,7 @@ async def test_sigterm_during_work_drains_the_answer_and_exits_0(
             assert resp.status == 200
             ready = await resp.json()
         assert ready["ready"] is True and ready["store"] == "ok"
-        assert ready["channels"] == {"web": "connected"}
+        assert ready["channels"] == {"web/default": "connected"}
         async with http.ws_connect(f"{gateway_process.url}/chat/ws") as ws:
             await send_chat(ws, "finish me please")
             async with asyncio.timeout(10):

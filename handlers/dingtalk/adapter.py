@@ -193,5 +193,8 @@ class DingTalkAdapter(Adapter[DingTalkConfig, DingTalkApi]):
 
 
 def setup(app: web.Application) -> None:
-    """Register the DingTalk robot of `[dingtalk]`."""
-    install(app, webhook(DingTalkAdapter(app[CONFIG].dingtalk, app[METRICS])))
+    """Register every enabled DingTalk robot: `[dingtalk]` (the bot "default") and `[[dingtalk.bots]]`."""
+    for bot in app[CONFIG].enabled_bots(PLATFORM):
+        cfg = bot.settings
+        assert isinstance(cfg, DingTalkConfig)
+        install(app, webhook(DingTalkAdapter(cfg, app[METRICS], bot.name)))

@@ -147,5 +147,8 @@ class FeishuAdapter(Adapter[FeishuConfig, FeishuApi]):
 
 
 def setup(app: web.Application) -> None:
-    """Register the Feishu/Lark app of `[feishu]`."""
-    install(app, webhook(FeishuAdapter(app[CONFIG].feishu, app[METRICS])))
+    """Register every enabled Feishu/Lark app: `[feishu]` (the bot "default") and `[[feishu.bots]]`."""
+    for bot in app[CONFIG].enabled_bots(PLATFORM):
+        cfg = bot.settings
+        assert isinstance(cfg, FeishuConfig)
+        install(app, webhook(FeishuAdapter(cfg, app[METRICS], bot.name)))
