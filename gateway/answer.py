@@ -84,7 +84,7 @@ class ModelAnswer:
             async with aclosing(exchange.model.stream(exchange.prompt, exchange.completion)) as deltas:
                 async for delta in deltas:
                     parts.append(delta)
-                    if stream is not None:
+                    if stream is not None and stream.wants_update():
                         await stream.update(prefix + safe(exchange, "".join(parts)))
         except ModelError as e:
             log.error("model failed: %s", e, extra={**fields(message), "reason": e.reason})

@@ -88,6 +88,10 @@ class ReplyStream(Protocol):
     message itself if streaming broke: the user gets one answer, never none and never two.
     """
 
+    def wants_update(self) -> bool:
+        """Would `update` push now? The caller then skips building the text for one that would not
+        (a throttled card takes about one update a second of the many deltas a model sends)."""
+
     async def update(self, text: str) -> None: ...
 
     async def finish(self, text: str) -> None: ...

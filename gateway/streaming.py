@@ -256,12 +256,15 @@ class CardStream(ABC):
             raise
 
     # -- ReplyStream -------------------------------------------------------------------------------
+    def wants_update(self) -> bool:
+        if self._broken or self._final_only:
+            return False
+        return self.record is None or time.monotonic() - self._last_push >= self._interval
+
     async def update(self, text: str) -> None:
-        if self._broken or self._final_only or text == self._last_text:
+        if text == self._last_text or not self.wants_update():
             return
         now = time.monotonic()
-        if self.record is not None and now - self._last_push < self._interval:
-            return
         self._last_push, self._last_text = now, text
         try:
             if self.record is None:

@@ -122,6 +122,9 @@ class WebChatStream:
         self._message = message
         self._sent = 0
 
+    def wants_update(self) -> bool:
+        return True  # every delta goes to the browser at once
+
     async def update(self, text: str) -> None:
         if len(text) > self._sent:
             await self._sockets.push(self._message.conversation_id, {"type": "delta", "text": text[self._sent :]})
