@@ -31,7 +31,7 @@ from tests.doubles import feishu as fd
 from tests.doubles.dingtalk import DingTalkDouble
 from tests.doubles.feishu_events import message_event
 from tests.doubles.openai import OpenAIDouble
-from tests.helpers import DingTalkEnv, ping_round_trip, start
+from tests.helpers import DingTalkEnv, dingtalk_section, ping_round_trip, start
 from tests.redisd import listen_port
 
 MODEL_DOWN = "the AI model is not answering right now"
@@ -240,14 +240,7 @@ async def test_dns_failure_for_the_platform_and_the_model(
     model_port = (await aiohttp_server(model.app(), host="127.0.0.1")).port
     double.base = f"http://{dingtalk_name}:{dingtalk_port}"  # its sessionWebhooks use the name too
     config = make_config(
-        dingtalk={
-            "enabled": True,
-            "client_id": double.client_id,
-            "client_secret": double.client_secret,
-            "api_base": double.base,
-            "oapi_base": double.base,
-            "reconnect_delay": 0.05,
-        },
+        dingtalk=dingtalk_section(double),
         model={"base_url": f"http://{model_name}:{model_port}/v1", "max_retries": 0},
     )
     app = create_app(config, [handlers.setup])
