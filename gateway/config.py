@@ -823,19 +823,53 @@ def load(path: str | Path | None, env: Mapping[str, str] | None = None) -> Confi
     return build(data, env, source)
 
 
-def masked(cfg: Config) -> dict[str, dict[str, Any]]:
-    """The config as plain data with every secret replaced by a marker (for dumps and the status page)."""
-    out: dict[str, dict[str, Any]] = {}
+def _masked_url(url: str) -> str:
+    """`url` with the password of its user info and of a `?password=` replaced by "***"."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    passwords = [parts.password or ""]
+    for pair in parts.query.split("&"):
+        key, _, value = pair.partition("=")
+        if unquote(key) == "password":
+            passwords.append(value)
+    for password in sorted(filter(None, passwords), key=len, reverse=True):
+        url = url.replace(password, "***")
+    return url
+
+
+def masked(cfg: Config) -> dict[str, Any]:
+    """The config as plain data with every secret replaced by a marker (for dumps and the status
+    page): a table per section, then `agents`, `bots` (every bot with its settings in force) and
+    `routes` as lists of tables."""
+    out: dict[str, Any] = {}
     for section in _sections():
         values = dataclasses.asdict(getattr(cfg, section))
         for key, value in values.items():
             if f"{section}.{key}" in SECRET_KEYS and value:
                 values[key] = "***"
         out[section] = values
-    password = urlsplit(cfg.store.url).password
-    if password:
-        out["store"]["url"] = cfg.store.url.replace(password, "***")
-    password = url_password(cfg.server.proxy)
-    if password:
-        out["server"]["proxy"] = cfg.server.proxy.replace(password, "***")
+    out["store"]["url"] = _masked_url(cfg.store.url)
+    out["server"]["proxy"] = _masked_url(cfg.server.proxy)
+    out["model"]["base_url"] = _masked_url(cfg.model.base_url)
+    agents = []
+    for agent in cfg.agents:
+        model = dataclasses.asdict(agent.model)
+        model["api_keys"] = "***" if agent.model.api_keys else []
+        model["base_url"] = _masked_url(agent.model.base_url)
+        agents.append({"name": agent.name, "group_context": agent.group_context, **model})
+    out["agents"] = agents
+    bots = []
+    for bot in cfg.bots:
+        settings = dataclasses.asdict(bot.settings)
+        for key in BOT_SECRETS[bot.platform]:
+            if settings[key]:
+                settings[key] = "***"
+        for key in ("api_base", "oapi_base", "domain"):
+            if key in settings:
+                settings[key] = _masked_url(settings[key])
+        bots.append({"platform": bot.platform, "name": bot.name, "agent": bot.agent, **settings})
+    out["bots"] = bots
+    out["routes"] = [dataclasses.asdict(route) for route in cfg.routes]
     return out

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError, load
+from gateway.keyage import configured_keys
 
 BOTS = """
 [model]
@@ -86,6 +87,17 @@ def test_bots_agents_and_routes(tmp_path: Path) -> None:
     assert cfg.agent_for("feishu", "itbot", "oc_1") == "it"
     assert {"s-hr", "s-it", "s-fs", "sk-1", "sk-2"} <= set(cfg.secrets())
     assert not cfg.dingtalk.enabled and not cfg.feishu.enabled  # a config of bots alone
+
+
+def test_key_age_tracks_every_bot_and_agent_secret(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, BOTS), SECRETS)
+    assert dict(configured_keys(cfg)) == {
+        "[[agents]] hr api_keys #1": "sk-1",
+        "[[agents]] hr api_keys #2": "sk-2",
+        "[[dingtalk.bots]] hrbot client_secret": "s-hr",
+        "[[dingtalk.bots]] it-bot client_secret": "s-it",
+        "[[feishu.bots]] itbot app_secret": "s-fs",
+    }
 
 
 def test_single_app_section_is_the_default_bot(tmp_path: Path) -> None:
