@@ -11,7 +11,7 @@ import ipaddress
 import os
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -693,6 +693,7 @@ def _validate_listed(cfg: Config) -> None:
         if agent.name in names:
             taken = " (that is [model]'s name)" if agent.name == DEFAULT_NAME else ""
             fail(f"{where}.name", f"duplicate agent name {agent.name!r}{taken}")
+        _unique_token(names, agent.name, f"{where}.name", "AGENTS", fail)
         names.append(agent.name)
         if agent.group_context not in GROUP_CONTEXTS:
             fail(f"{where}.group_context", f"must be one of {', '.join(GROUP_CONTEXTS)}, got {agent.group_context!r}")
@@ -715,6 +716,8 @@ def _validate_listed(cfg: Config) -> None:
         if bot.key in seen:
             taken = f" (the [{bot.platform}] section's bot is named so)" if bot.name == DEFAULT_NAME else ""
             fail(f"{where}.name", f"duplicate {bot.platform} bot name {bot.name!r}{taken}")
+        same_platform = [key.split("/", 1)[1] for key in seen if key.startswith(f"{bot.platform}/")]
+        _unique_token(same_platform, bot.name, f"{where}.name", f"{bot.platform.upper()}__BOTS", fail)
         seen.add(bot.key)
         if bot.agent not in names:
             fail(f"{where}.agent", f"no agent named {bot.agent!r} (agents: {known})")
@@ -734,6 +737,13 @@ def _validate_listed(cfg: Config) -> None:
         if not bots:
             what = " ".join(f"{k} = {v!r}" for k, v in (("platform", route.platform), ("bot", route.bot)) if v)
             fail(where, f"matches no enabled bot ({what or 'no bot is enabled'})")
+
+
+def _unique_token(taken: list[str], name: str, where: str, kind: str, fail: Callable[[str, str], None]) -> None:
+    """Two names that differ only in case or `-` / `_` would read the same environment variables."""
+    for other in taken:
+        if other != name and env_token(other) == env_token(name):
+            fail(where, f"{name!r} and {other!r} share the environment name {ENV_PREFIX}{kind}__{env_token(name)}__…")
 
 
 def _validate_bot(cfg: Config, bot: BotConfig, where: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -163,6 +164,25 @@ async def test_per_user_and_shared_group_context(aiohttp_server: Any, gateway: A
     # it (per_user): Bob's request starts afresh.
     it_second = world.it_model[0].requests[1]["messages"]
     assert [m["content"] for m in it_second[1:]] == ["Bob: q1"]
+
+
+async def test_a_user_over_the_limit_on_one_bot_still_talks_to_the_other(
+    aiohttp_server: Any, gateway: Any
+) -> None:
+    world = World()
+    await world.serve(aiohttp_server)
+    cfg = world.config()
+    await gateway(replace(cfg, limits=replace(cfg.limits, per_user_per_minute=1)))
+    await world.hr_ding.wait_for(lambda: world.hr_ding.connected)
+    await world.it_ding.wait_for(lambda: world.it_ding.connected)
+    for n, text in enumerate(("one", "two"), 1):
+        await world.hr_ding.push(world.hr_ding.message(text, staff_id="u1"))
+        await world.hr_ding.wait_for(lambda k=n: len(world.hr_ding.session_posts) >= k)  # type: ignore[misc]
+    await world.it_ding.push(world.it_ding.message("three", staff_id="u1"))
+    await world.it_ding.wait_for(lambda: len(world.it_ding.session_posts) >= 1)
+    hr_posts = orjson.dumps(world.hr_ding.session_posts).decode()
+    assert "HR answer" in hr_posts and "faster than I can answer" in hr_posts
+    assert "IT answer" in orjson.dumps(world.it_ding.session_posts).decode()
 
 
 async def test_one_bot_refused_the_others_answer(aiohttp_server: Any, gateway: Any) -> None:
