@@ -38,7 +38,8 @@ from .config import SECRET_KEYS
 from .connection import ConnectionLoop
 from .dispatcher import Dispatcher
 from .errors import PlatformError
-from .keys import DISPATCHER, HTTP, STORE
+from .i18n import AUTO, Locale, locale_for
+from .keys import DISPATCHER, HTTP, LIVE, STORE
 from .messages import DEFAULT_BOT, Attachment, InboundMessage, Reply
 from .metrics import Metrics
 from .ratelimit import RateLimiter
@@ -116,6 +117,7 @@ class Adapter(ABC, Generic[CfgT, ApiT]):
         self.cards: CardBook | None = None
         self._client: SessionClient | None = None
         self._loop: ConnectionLoop | None = None
+        self._live: LiveConfig | None = None  # for `[chat] locale`, once the app runs
 
     # -- what a platform supplies ----------------------------------------------------------------
     @abstractmethod
@@ -209,11 +211,19 @@ class Adapter(ABC, Generic[CfgT, ApiT]):
     def runs(self, transport: str) -> bool:
         return transport in self.tracker.status.transports
 
+    def locale(self, accept_language: str | None = None) -> Locale:
+        """The language of this bot's notices (`gateway.i18n.locale_for`): the bot's own `locale`,
+        else `[chat] locale` in force; by its platform, Feishu's domain, or a browser's header."""
+        chat = self._live.in_force.chat.locale if self._live is not None else AUTO
+        own, domain = getattr(self.cfg, "locale", ""), getattr(self.cfg, "domain", "")
+        return locale_for(chat, own, self.platform, domain, accept_language)
+
     async def ctx(self, app: web.Application) -> AsyncIterator[None]:
         """cleanup_ctx: bind the runtime, take over the cards a previous process left open, run
         the long connection if this mode has one."""
         runtime = Runtime(self.make_api(app[HTTP]), app[HTTP], app[DISPATCHER])
         self._runtime = runtime
+        self._live = app.get(LIVE)
         task: asyncio.Task[None] | None = None
         sweeper: asyncio.Task[None] | None = None
         if self.cards is not None:  # before the inbox is resumed: its answers take their cards over
@@ -281,6 +291,8 @@ class Adapter(ABC, Generic[CfgT, ApiT]):
             return self._dropped(result, transport)
         if self.name != DEFAULT_BOT:  # answered through this bot, in this bot's conversations
             result = replace(result, bot=self.name)
+        if result.locale is None:  # one the parser did not choose (it words no notice): the bot's
+            result = replace(result, locale=self.locale())
         return Submission(result.conversation_key, partial(self.submit, result))
 
     async def admit(self, body: object, transport: str) -> Admission:

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from .i18n import BOT_SETTINGS as BOT_LOCALE_SETTINGS
+from .i18n import SETTINGS as LOCALE_SETTINGS
+
 ENV_PREFIX = "BOTGATE_"
 # The proxy variables outbound calls honour (gateway/egress.py); their credentials are secrets.
 PROXY_ENV = tuple(
@@ -102,6 +105,7 @@ class DingTalkConfig:
     deny_senders: list[str] = field(default_factory=list)
     allow_conversations: list[str] = field(default_factory=list)
     deny_conversations: list[str] = field(default_factory=list)
+    locale: str = ""  # "" = [chat] locale | auto | zh-CN | en
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +128,7 @@ class FeishuConfig:
     deny_users: list[str] = field(default_factory=list)
     allow_chats: list[str] = field(default_factory=list)
     deny_chats: list[str] = field(default_factory=list)
+    locale: str = ""  # "" = [chat] locale | auto | zh-CN | en
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +152,7 @@ class LimitsConfig:
 @dataclass(frozen=True, slots=True)
 class ChatConfig:
     admins: list[str] = field(default_factory=list)  # sender ids allowed to /reset a group
+    locale: str = "auto"  # auto | zh-CN | en: the language of notices and help (gateway/i18n.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,7 +347,14 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "dingtalk.mode": ("stream", "webhook", "both"),
     "feishu.mode": ("ws", "webhook", "both"),
     "log.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+    "chat.locale": LOCALE_SETTINGS,
+    "dingtalk.locale": BOT_LOCALE_SETTINGS,
+    "feishu.locale": BOT_LOCALE_SETTINGS,
 }
+
+
+def _one_of(allowed: tuple[str, ...]) -> str:
+    return ", ".join(a or '""' for a in allowed)  # "" (inherit) must show
 
 
 def _sections() -> dict[str, type]:
@@ -451,7 +464,7 @@ def _validate(cfg: Config, from_env: frozenset[str] = frozenset()) -> None:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
-            fail(key, f"must be one of {', '.join(allowed)}, got {value!r}")
+            fail(key, f"must be one of {_one_of(allowed)}, got {value!r}")
     if not 0 < cfg.server.port < 65536:
         fail("server.port", f"must be between 1 and 65535, got {cfg.server.port}")
     if bool(cfg.server.tls_cert) != bool(cfg.server.tls_key):
@@ -759,6 +772,8 @@ def _validate_bot(cfg: Config, bot: BotConfig, where: str) -> None:
     allowed = _CHOICES[f"{platform}.mode"]
     if s.mode not in allowed:
         fail("mode", f"must be one of {', '.join(allowed)}, got {s.mode!r}")
+    if s.locale not in BOT_LOCALE_SETTINGS:
+        fail("locale", f"must be one of {_one_of(BOT_LOCALE_SETTINGS)}, got {s.locale!r}")
     if not s.enabled:
         return
     for key in BOT_CREDENTIALS[platform]:

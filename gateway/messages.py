@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from .i18n import Locale
+
 DEFAULT_BOT = "default"  # a single-app platform section's bot; the web chat's
 
 
@@ -49,6 +51,9 @@ class InboundMessage:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     # The bot (app) of its platform that received it: replies leave through that bot.
     bot: str = DEFAULT_BOT
+    # The language its notices are worded in (`gateway.i18n.locale_for`), chosen at intake by the
+    # adapter; None until then, and in entries stored before messages carried one: the default.
+    locale: Locale | None = None
 
     @property
     def channel_key(self) -> str:
@@ -92,6 +97,7 @@ class InboundMessage:
             "created_at": self.created_at,
             "request_id": self.request_id,
             "bot": self.bot,
+            "locale": self.locale,
         }
 
     @classmethod
@@ -99,6 +105,7 @@ class InboundMessage:
         data = dict(data)
         data["conversation_kind"] = ConversationKind(data["conversation_kind"])
         data["attachments"] = tuple(Attachment(**a) for a in data.get("attachments", ()))
+        data["locale"] = Locale.of(data["locale"]) if data.get("locale") else None
         return cls(**data)
 
 

@@ -32,6 +32,7 @@ from dataclasses import replace
 from typing import TypeVar
 
 from .errors import PlatformError, StoreError
+from .i18n import N_
 from .messages import InboundMessage
 from .metrics import Metrics
 from .retry import retry_transient
@@ -41,8 +42,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-INTERRUPTED = "回答被中断了，请重新提问。 / The answer was interrupted, please ask again."
-SENT_AS_MESSAGE = "回答已作为消息发送。 / The answer was sent as a message."
+# What a card is left showing, worded in its message's locale by the adapter (gateway/i18n.py).
+INTERRUPTED = N_("The answer was interrupted, please ask again.")
+SENT_AS_MESSAGE = N_("The answer was sent as a message.")
 SWEEP_INTERVAL = 30.0  # seconds between looks for cards left unfinished
 
 # Closes a recorded card with its text (or INTERRUPTED); raises `PlatformError` when it could not.

@@ -34,10 +34,12 @@ from gateway.auth import (
     login_url,
 )
 from gateway.config import Config
+from gateway.i18n import N_, Locale, translator
 from gateway.keys import AUTH, CONFIG, LIVE
 from gateway.logs import SHOWS_CREDENTIAL
 
 from .http import json_error
+from .pages import locale_of
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +319,13 @@ def _is_https(request: web.Request) -> bool:
     return request.secure or request.headers.get("X-Forwarded-Proto", "").lower() == "https"
 
 
+# The login's refusals: in English in JSON answers, in the page's language on the login page.
+PASSWORD_IS_SET = N_("a password is set: log in with it")
+TOO_MANY_LOGINS = N_("too many failed logins; try again in {seconds} s")
+WRONG_PASSWORD = N_("wrong password")
+WRONG_TOKEN = N_("wrong login token")
+
+
 def _field(cfg: Config) -> str:
     """The login form's field: the password, or the login token when no password is set."""
     return "password" if cfg.admin.password else "token"
@@ -327,13 +336,18 @@ async def login_page(request: web.Request) -> web.StreamResponse:
     token = request.query.get("token")
     if token is not None:  # the login link
         if request.app[LIVE].config.admin.password:  # never a password in a URL
-            return _render_login(request, next_, "a password is set: log in with it", status=400)
+            return _render_login(request, next_, PASSWORD_IS_SET, status=400)
         return await _attempt(request, token, next_, wants_json=False)
     return _render_login(request, next_=next_)
 
 
-def _render_login(request: web.Request, next_: str, error: str = "", status: int = 200) -> web.Response:
-    context = {"field": _field(request.app[LIVE].config), "error": error, "next": next_}
+def _render_login(
+    request: web.Request, next_: str, error: str = "", status: int = 200, **fields: object
+) -> web.Response:
+    """The login page; `error` is a catalog text (its `fields` filled in), shown in the page's language."""
+    locale = locale_of(request)
+    shown = translator(locale)(error, **fields) if error else ""
+    context = {"field": _field(request.app[LIVE].config), "error": shown, "next": next_, "locale": locale}
     return aiohttp_jinja2.render_template("login.html", request, context, status=status)
 
 
@@ -380,10 +394,13 @@ async def _attempt(request: web.Request, given: object, next_: str, wants_json: 
     client = client_address(request)
     credential = AdminAuth.credential(cfg)
 
-    def refuse(status: int, message: str, headers: dict[str, str] | None = None) -> web.StreamResponse:
+    def refuse(
+        status: int, message: str, headers: dict[str, str] | None = None, **fields: object
+    ) -> web.StreamResponse:
         if wants_json:
-            return web.json_response({"error": message}, status=status, headers=headers)
-        response = _render_login(request, next_, message, status)
+            error = translator(Locale.EN)(message, **fields)
+            return web.json_response({"error": error}, status=status, headers=headers)
+        response = _render_login(request, next_, message, status, **fields)
         response.headers.update(headers or {})
         return response
 
@@ -391,15 +408,11 @@ async def _attempt(request: web.Request, given: object, next_: str, wants_json: 
     if wait > 0:
         seconds = int(wait) + 1
         audit("login", "refused", reason="rate limited", credential=credential, **_who(request))
-        return refuse(
-            429,
-            f"too many failed logins; try again in {seconds} s",
-            {hdrs.RETRY_AFTER: str(seconds)},
-        )
+        return refuse(429, TOO_MANY_LOGINS, {hdrs.RETRY_AFTER: str(seconds)}, seconds=seconds)
     if not isinstance(given, str) or not auth.check(cfg, given):
         auth.limiter.failed(client)
         audit("login", "refused", reason=f"wrong {credential}", credential=credential, **_who(request))
-        return refuse(401, "wrong password" if cfg.password else "wrong login token")
+        return refuse(401, WRONG_PASSWORD if cfg.password else WRONG_TOKEN)
     auth.limiter.succeeded(client)
     token, expires = auth.issue(cfg)
     audit("login", "ok", **{**_who(request), "actor": "admin", "credential": credential})

@@ -11,9 +11,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.channel import ChannelState
 from gateway.errors import StoreError
+from gateway.i18n import N_
 from gateway.keys import CHANNELS, CONFIG, DISPATCHER, METRICS, STORE
 from gateway.logs import redacted
 
+from . import pages
 from .auth import authenticated
 from .http import errors_and_metrics
 
@@ -27,16 +29,16 @@ def unconfigured_platforms(request: web.Request) -> dict[str, str]:
     cfg = request.app[CONFIG]
     out = {}
     if not cfg.enabled_bots("dingtalk"):
-        out["dingtalk"] = (
+        out["dingtalk"] = N_(
             "not configured: set [dingtalk] enabled = true, client_id and client_secret "
             "(BOTGATE_DINGTALK__ENABLED, BOTGATE_DINGTALK__CLIENT_ID, BOTGATE_DINGTALK__CLIENT_SECRET)"
         )
     if not cfg.enabled_bots("feishu"):
-        out["feishu"] = (
+        out["feishu"] = N_(
             "not configured: set [feishu] enabled = true, app_id and app_secret "
             "(BOTGATE_FEISHU__ENABLED, BOTGATE_FEISHU__APP_ID, BOTGATE_FEISHU__APP_SECRET)"
         )
-    return out
+    return out  # English in /readyz; the status page shows them translated (its `translate` filter)
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -94,7 +96,7 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 
 def setup(app: web.Application) -> None:
-    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
+    pages.install(aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True))
     app.middlewares.append(errors_and_metrics)  # outermost
     app.router.add_static("/static", TEMPLATES / "static", append_version=True)
     app.router.add_get("/healthz", healthz)

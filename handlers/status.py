@@ -17,8 +17,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp_jinja2
+import jinja2
 import orjson
 from aiohttp import web
+from jinja2.runtime import Context
 
 from gateway import __version__
 from gateway.alerts import quota_detail
@@ -26,12 +28,14 @@ from gateway.budget import BudgetState
 from gateway.channel import ChannelStatus
 from gateway.config import Config, masked
 from gateway.errors import StoreError
+from gateway.i18n import DEFAULT_LOCALE, N_, Locale, Translator, translator
 from gateway.keyage import MAX_AGE_DAYS, today, too_old
 from gateway.keys import ALERTS, CHANNELS, DISPATCHER, KEY_AGES, LIVE, METRICS, RESPONDER, STARTED_AT, STORE
 from gateway.logs import redacted
 from gateway.stats import Percentiles
 
 from .auth import SESSION_EXPIRES, still_logged_in
+from .pages import locale_of
 from .robots import configured_sinks
 from .routes import unconfigured_platforms
 
@@ -41,6 +45,16 @@ REFRESH = 5.0  # seconds between pushes when nothing changes (ages and uptime mo
 MIN_GAP = 0.5  # seconds between pushes under traffic
 PING_TIMEOUT = 2.0
 CHART_W, CHART_H = 600, 120
+# The states a channel row shows, for the catalog (the page translates them with `translate`).
+STATES = (
+    N_("disabled"),
+    N_("connecting"),
+    N_("connected"),
+    N_("reconnecting"),
+    N_("refused"),
+    N_("stopped"),
+    N_("not configured"),
+)
 
 
 def _latency(p: Percentiles) -> dict[str, Any]:
@@ -262,17 +276,24 @@ def chart(per_minute: dict[str, list[int]]) -> dict[str, Any]:
     }
 
 
-def fmt_age(seconds: float | None) -> str:
+def fmt_age(seconds: float | None, t: Translator | None = None) -> str:
+    """At most two units ("1 min 1 s"); `t` words them (default: English)."""
     if seconds is None:
         return "—"
+    t = t or translator(Locale.EN)
     s = int(seconds)
     if s < 60:
-        return f"{s} s"
+        return t(N_("{s} s"), s=s)
     if s < 3600:
-        return f"{s // 60} min {s % 60} s"
+        return t(N_("{m} min {s} s"), m=s // 60, s=s % 60)
     if s < 86400:
-        return f"{s // 3600} h {s % 3600 // 60} min"
-    return f"{s // 86400} d {s % 86400 // 3600} h"
+        return t(N_("{h} h {m} min"), h=s // 3600, m=s % 3600 // 60)
+    return t(N_("{d} d {h} h"), d=s // 86400, h=s % 86400 // 3600)
+
+
+@jinja2.pass_context
+def _age(context: Context, seconds: float | None) -> str:
+    return fmt_age(seconds, translator(context.get("locale")))
 
 
 def fmt_ms(seconds: float | None) -> str:
@@ -296,8 +317,8 @@ def fmt_num(n: int | float) -> str:
     return f"{n:,}"
 
 
-def context(snap: dict[str, Any]) -> dict[str, Any]:
-    return {"s": snap, "chart": chart(snap["traffic"]["per_minute"])}
+def context(snap: dict[str, Any], locale: Locale = DEFAULT_LOCALE) -> dict[str, Any]:
+    return {"s": snap, "chart": chart(snap["traffic"]["per_minute"]), "locale": locale}
 
 
 # -- HTTP -----------------------------------------------------------------------------------------
@@ -310,7 +331,7 @@ class StatusFeed:
 
     async def page(self, request: web.Request) -> web.Response:
         return aiohttp_jinja2.render_template(
-            "status.html", request, context(await snapshot(request))
+            "status.html", request, context(await snapshot(request), locale_of(request))
         )
 
     async def events(self, request: web.Request) -> web.StreamResponse:
@@ -332,12 +353,13 @@ class StatusFeed:
         # The stream ends with the login, so an expired session stops seeing the page; the
         # browser reconnects, gets 401, and status.js sends it to the login page.
         ends = request.get(SESSION_EXPIRES, math.inf)
+        locale = locale_of(request)  # the page's: the browser asks for both alike
         try:
             await response.write(b"retry: 2000\n\n")
             while not self._closing and time.time() < ends and still_logged_in(request):
                 wakeup.clear()
                 snap = await snapshot(request)
-                html = aiohttp_jinja2.render_string("status_body.html", request, context(snap))
+                html = aiohttp_jinja2.render_string("status_body.html", request, context(snap, locale))
                 data = orjson.dumps({"at": snap["now"], "html": html})
                 await response.write(b"event: status\ndata: " + data + b"\n\n")
                 await asyncio.sleep(MIN_GAP)  # coalesce bursts: one render per MIN_GAP at most
@@ -363,7 +385,7 @@ class StatusFeed:
 
 def setup(app: web.Application) -> None:
     env = aiohttp_jinja2.get_env(app)
-    env.filters.update(age=fmt_age, ms=fmt_ms, pct=fmt_pct, time=fmt_time, num=fmt_num)
+    env.filters.update(age=_age, ms=fmt_ms, pct=fmt_pct, time=fmt_time, num=fmt_num)
     feed = StatusFeed()
     app.on_shutdown.append(feed.close)
     app.router.add_get("/", feed.page)

@@ -36,6 +36,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from gateway.adapter import DEFAULT_BOT, Adapter
 from gateway.admission import Admission, Dropped
 from gateway.errors import PlatformError
+from gateway.i18n import N_, Locale, translator
 from gateway.keys import AUTH, CHANNELS, LIVE, METRICS
 from gateway.messages import Attachment, ConversationKind, InboundMessage, Reply, ReplyKind
 from gateway.metrics import Metrics
@@ -176,7 +177,7 @@ class WebChatAdapter(Adapter[WebChatConfig, BrowserSockets]):
     # -- HTTP ---------------------------------------------------------------------------------
     @aiohttp_jinja2.template("chat.html")
     async def page(self, request: web.Request) -> dict[str, object]:
-        return {}
+        return {"locale": self.locale(request.headers.get("Accept-Language"))}
 
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
         auth = request.app.get(AUTH)
@@ -186,6 +187,7 @@ class WebChatAdapter(Adapter[WebChatConfig, BrowserSockets]):
         if session is None:
             session, value = self.sessions.issue(secret)
         sender = client_of(request)
+        locale = self.locale(request.headers.get("Accept-Language"))  # the page's, for its messages
         ws = web.WebSocketResponse(heartbeat=30, max_msg_size=64 * 1024)
         await ws.prepare(request)
         self.sockets.add(session, ws)
@@ -193,22 +195,24 @@ class WebChatAdapter(Adapter[WebChatConfig, BrowserSockets]):
         try:
             async for frame in ws:
                 if frame.type is WSMsgType.TEXT:
-                    await self._on_text(ws, session, sender, frame.data)
+                    await self._on_text(ws, session, sender, frame.data, locale)
                 elif frame.type is WSMsgType.ERROR:
                     break
         finally:
             self.sockets.discard(session, ws)
         return ws
 
-    async def _on_text(self, ws: web.WebSocketResponse, session: str, sender: str, data: str) -> None:
-        message = parse_frame(data, session, sender)
+    async def _on_text(
+        self, ws: web.WebSocketResponse, session: str, sender: str, data: str, locale: Locale | None = None
+    ) -> None:
+        message = parse_frame(data, session, sender, locale)
         if isinstance(message, str):
             await ws.send_str(orjson.dumps({"type": "error", "error": message}).decode())
             return
         admission = await self.admit(message, "websocket")
         frame: dict[str, object] = {"type": admission.value, "id": message.message_id}
         if admission in (Admission.UNAVAILABLE, Admission.CLOSED):
-            error = f"not accepted ({admission.value}), please retry"
+            error = translator(message.locale)(N_("not accepted ({reason}), please retry"), reason=admission.value)
             frame = {"type": "error", "id": message.message_id, "error": error}
         await ws.send_str(orjson.dumps(frame).decode())
 
@@ -220,20 +224,22 @@ def client_of(request: web.Request) -> str:
     return client_address(request) or "unknown"
 
 
-def parse_frame(data: str, session: str, sender: str = "") -> InboundMessage | str:
+def parse_frame(data: str, session: str, sender: str = "", locale: Locale | None = None) -> InboundMessage | str:
     """A browser frame -> `InboundMessage`, or an error string for the browser. `session` is the
-    session id (the conversation), `sender` the client (`client_of`; "" = the session)."""
+    session id (the conversation), `sender` the client (`client_of`; "" = the session), `locale`
+    the page's (errors are worded in it; None: English, and the adapter chooses the message's)."""
+    _ = translator(locale or Locale.EN)
     try:
         body = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return "malformed JSON"
+        return _("malformed JSON")
     if not isinstance(body, dict) or body.get("type") != "message":
-        return 'expected {"type": "message", "text": ...}'
+        return _('expected {"type": "message", "text": ...}')
     text = body.get("text")
     if not isinstance(text, str) or not text.strip():
-        return "text must be a non-empty string"
+        return _("text must be a non-empty string")
     if len(text) > MAX_TEXT:
-        return f"text longer than {MAX_TEXT} characters"
+        return _("text longer than {limit} characters", limit=MAX_TEXT)
     message_id = body.get("id")
     if not isinstance(message_id, str) or not 0 < len(message_id) <= 64:
         message_id = uuid.uuid4().hex
@@ -247,6 +253,7 @@ def parse_frame(data: str, session: str, sender: str = "") -> InboundMessage | s
         text=text,
         mentioned=True,
         message_id=f"{session}:{message_id}",
+        locale=locale,
     )
 
 

@@ -243,8 +243,10 @@ async def test_wrong_passwords_are_rate_limited(protected: Any) -> None:
         "/login", json={"password": "guess"}, headers={"X-Forwarded-For": "198.51.100.7"}
     )
     assert resp.status == 429
-    form = await client.post("/login", data={"password": "guess"})
+    form = await client.post("/login", data={"password": "guess"}, headers={"Accept-Language": "en"})
     assert form.status == 429 and "too many failed logins" in await form.text()
+    form = await client.post("/login", data={"password": "guess"})  # the page's default language
+    assert form.status == 429 and "登录失败次数太多" in await form.text()
 
 
 def test_login_limiter_counts_an_ipv6_64_as_one_client_and_has_a_global_budget() -> None:

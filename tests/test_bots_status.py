@@ -169,7 +169,7 @@ async def test_status_has_a_row_per_bot_with_its_agent_and_last_event(bots: Bots
     )
     assert (fs["platform"], fs["bot"], fs["state"], fs["agent"]) == ("feishu", "itbot", "connected", "it")
 
-    page = await (await client.get("/")).text()
+    page = await (await client.get("/", headers={"Accept-Language": "en"})).text()
     # Channel, state, agent (routes), connected since, reconnects, last event, note.
     since = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC"
     assert re.fullmatch(rf"dingtalk/hrbot \(stream\) connected hr \(cidFIN → it\) {since} 0 \d+ s ago — Reconnect",
@@ -410,7 +410,7 @@ def test_masked_dump_hides_the_secrets_of_bots_and_agents() -> None:
 async def test_status_page_shows_agents_bots_and_routes_as_tables(bots: Bots, gateway: Any) -> None:
     cfg = bots.config()
     client: Client = await gateway(cfg)
-    page = await (await client.get("/")).text()
+    page = await (await client.get("/", headers={"Accept-Language": "en"})).text()
     assert_no_secret(page, cfg)
     captions = re.findall(r"<caption>(.*?)</caption>", page)
     for caption in (

@@ -12,15 +12,17 @@ from typing import Any
 
 import pytest
 
+from gateway.i18n import translator
 from gateway.keys import DISPATCHER
 from gateway.store import CardRecord, RedisStore, SqliteStore
-from gateway.streaming import SENT_AS_MESSAGE
+from gateway.streaming import SENT_AS_MESSAGE as SENT
 from tests.doubles.dingtalk import AICard, DingTalkDouble
 from tests.doubles.openai import OpenAIDouble
 from tests.helpers import DingTalkEnv, msg, start
 
 ANSWER = " ".join(f"w{i}" for i in range(20))
-INTERRUPTED = "回答被中断了，请重新提问。 / The answer was interrupted, please ask again."
+INTERRUPTED = "回答被中断了，请重新提问。"  # on DingTalk, in Chinese by default
+SENT_AS_MESSAGE = translator("zh-CN")(SENT)
 
 
 def db(tmp_path: Path) -> Path:

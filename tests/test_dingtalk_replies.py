@@ -109,7 +109,7 @@ async def test_file_gets_a_polite_notice(aiohttp_server: Any, gateway: Any, open
         env.double.message(msgtype="file", content={"downloadCode": "f", "fileName": "q3.xlsx"})
     )
     [answer] = await env.answers(1)
-    assert "can't read files yet" in answer["markdown"]["text"]
+    assert "我还读不了文件" in answer["markdown"]["text"]  # Chinese on DingTalk by default
     assert model.requests == []
 
 

@@ -25,7 +25,7 @@ from tests.doubles.feishu_events import BOT_OPEN_ID, mention, message_event
 from tests.doubles.openai import OpenAIDouble
 
 ANSWER = " ".join(f"w{i}" for i in range(20))
-INTERRUPTED = "回答被中断了，请重新提问。 / The answer was interrupted, please ask again."
+INTERRUPTED = "回答被中断了，请重新提问。"  # on Feishu, in Chinese by default
 BOT = mention("@_user_1", BOT_OPEN_ID, "Bot")
 Client = TestClient[web.Request, web.Application]
 

@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway.i18n import translator
 from gateway.keys import CHANNELS, DISPATCHER, METRICS
 from gateway.messages import InboundMessage, Reply, ReplyKind
 from gateway.steps import GREETING, HELP, NO_VISION
@@ -155,7 +156,7 @@ async def test_file_gets_a_polite_notice(start: Start, feishu: Any, openai_doubl
     double, _ = feishu
     client = await start()
     await double.push_event(message_event(message_id="om_f", message_type="file", content={"file_key": "f1"}))
-    assert "can't read files yet" in await answer(client, double, "om_f")
+    assert "我还读不了文件" in await answer(client, double, "om_f")  # Chinese on Feishu by default
     assert openai_double[0].requests == []
 
 
@@ -238,9 +239,9 @@ async def test_six_tables_become_a_post(start: Start, feishu: Any, openai_double
     await double.push_event(message_event("tables please", message_id="om_t"))
     shown = await answer(client, double, "om_t")
     card_reply, post_reply = double.replies_to("om_t")
-    assert double.shown(card_reply) == MANY_TABLES_NOTE
+    assert double.shown(card_reply) == translator("zh-CN")(MANY_TABLES_NOTE)
     assert post_reply.msg_type == "post"
-    assert shown == MANY_TABLES_NOTE + "\n\n" + model.answer
+    assert shown == translator("zh-CN")(MANY_TABLES_NOTE) + "\n\n" + model.answer
     assert double.rejected == []  # no card with more than 5 tables was ever sent
 
 

@@ -194,7 +194,7 @@ async def test_final_refusal_stops_retrying_and_says_so(
     ready_status, ready = await readiness(client)
     assert ready_status == 503 and ready["channels"]["feishu/default"] == "refused"
     assert f"feishu/default refused (feishu refused the connection, {why}" in ready["reason"]
-    page = await (await client.get("/")).text()
+    page = await (await client.get("/", headers={"Accept-Language": "en"})).text()
     assert ">refused<" in page and why in page
     assert double.refusals == 1 and double.endpoint_calls == 1
     await channel.reconnect()  # an admin fixed it, or wants to know: one attempt at once

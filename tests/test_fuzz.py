@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.i18n import translator
 from handlers.webchat import MAX_TEXT
 from tests.fuzz_gateway import Live, chat_session, live_gateway, read_json_until
 from tests.fuzzing import (
@@ -41,7 +42,7 @@ EXAMPLES = settings(
     max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
 )
 PROBE = '{"type": "probe"}'
-PROBE_ERROR = 'expected {"type": "message", "text": ...}'
+PROBE_ERROR = translator("zh-CN")('expected {"type": "message", "text": ...}')  # no Accept-Language
 FINAL = ("done", "notice", "busy", "duplicate", "error")
 
 

@@ -75,7 +75,7 @@ async def test_a_key_older_than_90_days_warns_on_the_status_page_and_in_doctor(
     config = on_disk(state, model={"base_url": openai_double[1], "api_keys": [fresh, old]})
     client = await gateway(config)
 
-    page = await (await client.get("/")).text()
+    page = await (await client.get("/", headers={"Accept-Language": "en"})).text()
     assert key_age_warnings(page) == [
         f"Key older than 90 days: <code>[model] api_keys #2</code> (fingerprint {fingerprint(old)[:4]}…) was first "
         f"seen {(on - timedelta(days=120)).isoformat()}, 120 days ago. Rotate it: set a new key, reload, then "
@@ -107,7 +107,7 @@ async def test_fresh_keys_do_not_warn(gateway: Any, tmp_path: Path) -> None:
     secrets = {"alerts": {"dingtalk_secret": "SEC-robot-signing"}, "admin": {"jwt_secret": "j" * 32}}
     config = on_disk(state, model={"api_keys": keys}, **secrets)
     client = await gateway(config)
-    page = await (await client.get("/")).text()
+    page = await (await client.get("/", headers={"Accept-Language": "en"})).text()
     assert key_age_warnings(page) == [] and "Key older than" not in page
     api = orjson.loads(await (await client.get("/api/status")).read())
     assert api["key_age"] == {"max_age_days": 90, "old": []}

@@ -60,7 +60,7 @@ async def test_live_counter_after_web_chat_message(gateway: Any) -> None:
 
         chat = await browser.new_page()
         await chat.navigate(f"{base}/chat")
-        await chat.evaluate(wait_for("document.getElementById('conn').textContent === 'connected'"))
+        await chat.evaluate(wait_for("document.getElementById('conn').dataset.state === 'connected'"))
         await chat.evaluate(
             "document.getElementById('text').value = 'hello from chromium';"
             "document.getElementById('form').requestSubmit()"

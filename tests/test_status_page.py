@@ -13,6 +13,7 @@ import aiohttp_jinja2
 import orjson
 
 from gateway.channel import ChannelState
+from gateway.i18n import Locale
 from gateway.stats import SAMPLES, LatencyWindow, MinuteCounter, Stats
 from handlers.status import context, fmt_age
 from tests.conftest import make_config
@@ -20,7 +21,7 @@ from tests.helpers import chat
 
 
 def render(app: Any, snap: dict[str, Any]) -> str:
-    return str(aiohttp_jinja2.get_env(app).get_template("status.html").render(context(snap)))
+    return str(aiohttp_jinja2.get_env(app).get_template("status.html").render(context(snap, Locale.EN)))
 
 
 def text_of(html: str, element_id: str) -> str:
@@ -37,7 +38,7 @@ async def api_status(client: Any) -> dict[str, Any]:
 
 async def test_template_renders_an_idle_gateway(gateway: Any) -> None:
     client = await gateway(make_config())
-    html = await (await client.get("/", headers={"Accept": "text/html"})).text()
+    html = await (await client.get("/", headers={"Accept": "text/html", "Accept-Language": "en"})).text()
     assert text_of(html, "messages-in") == "0"
     assert text_of(html, "replies-out") == "0"
     assert text_of(html, "queue-depth") == "0"

@@ -13,6 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.errors import StoreError
+from gateway.i18n import Locale
 from gateway.messages import Attachment
 from gateway.store import CardRecord, LeaseStore, MemoryStore, RedisStore, SqliteStore, Store, Turn, lease_store
 from tests.helpers import msg
@@ -106,6 +107,21 @@ async def test_concurrent_admits_of_one_message_queue_it_once(store: Store) -> N
     results = await asyncio.gather(*(store.admit(m, 60) for m in copies))
     assert results.count(True) == 1
     assert [m.request_id for m in await store.inbox_pending()] == [copies[results.index(True)].request_id]
+
+
+async def test_a_message_keeps_its_locale_in_the_inbox_and_in_card_records(backend: Backend) -> None:
+    """The language a message is answered in is chosen at intake: a resumed message (after a
+    restart: a store opened anew) and a card closed after a crash still have it."""
+    store = await backend.open()
+    english = dataclasses.replace(msg(1), locale=Locale.EN)
+    undecided = msg(2)  # as stored before messages carried a locale: answered in the default
+    assert await store.admit(english, 60) and await store.admit(undecided, 60)
+    await store.card_open(CardRecord("feishu", "default", "card-1", english))
+    if backend.name != "memory":
+        await store.close()
+        store = await backend.open()
+    assert [(m.message_id, m.locale) for m in await store.inbox_pending()] == [("m1", Locale.EN), ("m2", None)]
+    assert [r.message.locale for r in await store.cards_open()] == [Locale.EN]
 
 
 @asynccontextmanager

@@ -58,7 +58,11 @@ async def test_context_kept_and_reset(gateway: Any, openai_double: Any) -> None:
 
 async def test_bad_frames_get_clear_errors(gateway: Any) -> None:
     client = await gateway(make_config())
-    async with client.ws_connect("/chat/ws") as ws:
+    async with client.ws_connect("/chat/ws") as ws:  # no Accept-Language: Chinese
+        await hello(ws)
+        await ws.send_str("{nope")
+        assert orjson.loads((await ws.receive()).data) == {"type": "error", "error": "JSON 格式有误"}
+    async with client.ws_connect("/chat/ws", headers={"Accept-Language": "en-GB,en;q=0.8"}) as ws:
         await hello(ws)
         await ws.send_str("{nope")
         assert orjson.loads((await ws.receive()).data) == {"type": "error", "error": "malformed JSON"}

@@ -22,6 +22,7 @@ from gateway.admission import Dropped
 from gateway.backoff import Backoff
 from gateway.config import DingTalkConfig
 from gateway.errors import PlatformError
+from gateway.i18n import N_, translator
 from gateway.keys import CONFIG, METRICS
 from gateway.messages import Attachment, InboundMessage, Reply
 from gateway.metrics import Metrics
@@ -80,7 +81,7 @@ class DingTalkAdapter(Adapter[DingTalkConfig, DingTalkApi]):
         return StreamClient(runtime.http, lambda: self.cfg, self.budget, self.prepare_payload, backoff)
 
     async def parse(self, body: object, transport: str) -> InboundMessage | Dropped:
-        message = parse_message(body, self._filters, transport)
+        message = parse_message(body, self._filters, transport, self.locale())
         if isinstance(message, InboundMessage):
             # A webhook body is not signed, so there a missing createAt counts as stale too.
             too_old = stale(body, self.cfg.max_message_age, time.time(), required=transport == "webhook")
@@ -105,7 +106,7 @@ class DingTalkAdapter(Adapter[DingTalkConfig, DingTalkApi]):
             await self._card(reply.to, adopted).finish(reply.text)
             return
         parts = render(reply.text)
-        title = title_of(parts[0].text)
+        title = title_of(parts[0].text) or translator(reply.to.locale)(N_("Reply"))
         url = self._session_webhook(reply.to.reply_handle)
         for i, part in enumerate(parts):
             # Each part is retried on its own, so a retry never repeats a part already delivered.
@@ -180,7 +181,7 @@ class DingTalkAdapter(Adapter[DingTalkConfig, DingTalkApi]):
         )
 
     async def settle_card(self, record: CardRecord) -> None:
-        await self._card(record.message, record).settle(record.text or INTERRUPTED)
+        await self._card(record.message, record).settle(record.text or translator(record.message.locale)(INTERRUPTED))
 
     async def fetch(self, message: InboundMessage, attachment: Attachment) -> tuple[bytes, str]:
         robot_code = message.reply_handle.get("robot_code") or self._filters.robot_code

@@ -21,6 +21,7 @@ from functools import partial
 from typing import Any
 
 from gateway.errors import PlatformError
+from gateway.i18n import translator
 from gateway.messages import InboundMessage
 from gateway.metrics import Metrics
 from gateway.store import CardRecord
@@ -149,7 +150,7 @@ class AICardStream(CardStream):
                 await self._left(text)
                 return True
             log.warning("card refused the answer, sending it as a message: %s", e, extra=self._fields())
-            await self._left(SENT_AS_MESSAGE)
+            await self._left(translator(self._message.locale)(SENT_AS_MESSAGE))
             return False
         self.shown = text
         await self._closed()

@@ -16,15 +16,16 @@ from dingtalk_stream.chatbot import ChatbotMessage
 
 from gateway.access import AccessList
 from gateway.admission import Dropped
+from gateway.i18n import N_, Locale, Translator, translator
 from gateway.jsonvalues import as_str
 from gateway.messages import Attachment, ConversationKind, InboundMessage
 
 PLATFORM = "dingtalk"
 TOPIC = ChatbotMessage.TOPIC  # the CALLBACK topic robot messages arrive on
 
-UNSUPPORTED = "Sorry, I can't read {what} yet. Please send your question as text."
-NO_RECOGNITION = "Sorry, I couldn't make out that voice message. Please type your question."
-_UNSUPPORTED_NAMES = {"file": "files", "video": "videos"}
+UNSUPPORTED = N_("Sorry, I can't read {what} yet. Please send your question as text.")
+NO_RECOGNITION = N_("Sorry, I couldn't make out that voice message. Please type your question.")
+_UNSUPPORTED_NAMES = {"file": N_("files"), "video": N_("videos")}
 
 # DingTalk writes a mention as "@Name" followed by U+2005 (four-per-em space) or a plain space.
 _LEADING_MENTION = re.compile(r"^\s*@[^\s\u2005]+[\s\u2005]*")
@@ -47,8 +48,11 @@ def message_id(robot_code: str, msg_id: str) -> str:
     return f"{robot_code}:{msg_id}"
 
 
-def parse_message(body: Any, filters: Filters, transport: str) -> InboundMessage | Dropped:
-    """One robot message body -> the normalized message, or why it is not answered."""
+def parse_message(
+    body: Any, filters: Filters, transport: str, locale: Locale | None = None
+) -> InboundMessage | Dropped:
+    """One robot message body -> the normalized message, or why it is not answered. Its notices
+    are worded in `locale`, the bot's (None: English, and the adapter chooses the message's)."""
     if not isinstance(body, dict):
         return Dropped("malformed", "body is not a JSON object")
     try:
@@ -71,7 +75,7 @@ def parse_message(body: Any, filters: Filters, transport: str) -> InboundMessage
     if not filters.conversations.permits(msg.conversation_id):
         return Dropped("filtered", "conversation")
 
-    text, attachments, unsupported = _content(msg, body)
+    text, attachments, unsupported = _content(msg, body, translator(locale or Locale.EN))
     if group and msg.message_type in ("text", "richText", "markdown"):  # what the sender typed
         at_ids = [as_str(u.dingtalk_id) for u in msg.at_users or ()]
         text = strip_own_mention(text, at_ids, as_str(msg.chatbot_user_id))
@@ -97,6 +101,7 @@ def parse_message(body: Any, filters: Filters, transport: str) -> InboundMessage
         },
         attachments=attachments,
         unsupported=unsupported,
+        locale=locale,
     )
 
 
@@ -115,8 +120,8 @@ def strip_own_mention(text: str, at_ids: list[str], robot_id: str) -> str:
     return text.replace("\u2005", " ")
 
 
-def _content(msg: ChatbotMessage, body: dict[str, Any]) -> tuple[str, tuple[Attachment, ...], str]:
-    """(text, attachments, unsupported notice) for each message type."""
+def _content(msg: ChatbotMessage, body: dict[str, Any], _: Translator) -> tuple[str, tuple[Attachment, ...], str]:
+    """(text, attachments, unsupported notice worded by `_`) for each message type."""
     kind = msg.message_type
     extra = body.get("content")
     content = extra if isinstance(extra, dict) else {}
@@ -126,7 +131,7 @@ def _content(msg: ChatbotMessage, body: dict[str, Any]) -> tuple[str, tuple[Atta
         # Some payloads carry the code as `pictureDownloadCode` only (docs/protocols/dingtalk.md §A.8).
         code = as_str(msg.image_content.download_code) or as_str(content.get("pictureDownloadCode"))
         if not code:
-            return "", (), UNSUPPORTED.format(what="this picture")
+            return "", (), _(UNSUPPORTED, what=_("this picture"))
         return "", (Attachment("image", code),), ""
     if kind == "richText":
         texts: list[str] = []
@@ -141,18 +146,21 @@ def _content(msg: ChatbotMessage, body: dict[str, Any]) -> tuple[str, tuple[Atta
         return "\n".join(t.strip() for t in texts if t.strip()), tuple(images), ""
     if kind == "audio":
         recognition = as_str(content.get("recognition")).strip()
-        return (recognition, (), "") if recognition else ("", (), NO_RECOGNITION)
+        return (recognition, (), "") if recognition else ("", (), _(NO_RECOGNITION))
     if kind == "markdown":  # sent from DingTalk's markdown editor: its text is plain markdown
         text = as_str(content.get("text")).strip()
-        return (text, (), "") if text else ("", (), UNSUPPORTED.format(what="this message"))
+        return (text, (), "") if text else ("", (), _(UNSUPPORTED, what=_("this message")))
     if kind == "chatRecord":
         text = _chat_record(content)
-        return (text, (), "") if text else ("", (), UNSUPPORTED.format(what="this chat history"))
+        return (text, (), "") if text else ("", (), _(UNSUPPORTED, what=_("this chat history")))
     if kind == "interactiveCard":
         text = _shared_card(content, body)
-        return (text, (), "") if text else ("", (), UNSUPPORTED.format(what="this card"))
-    what = _UNSUPPORTED_NAMES.get(str(kind), f"{kind} messages" if kind else "this kind of message")
-    return "", (), UNSUPPORTED.format(what=what)
+        return (text, (), "") if text else ("", (), _(UNSUPPORTED, what=_("this card")))
+    if str(kind) in _UNSUPPORTED_NAMES:
+        what = _(_UNSUPPORTED_NAMES[str(kind)])
+    else:
+        what = _("{kind} messages", kind=kind) if kind else _("this kind of message")
+    return "", (), _(UNSUPPORTED, what=what)
 
 
 

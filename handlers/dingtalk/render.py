@@ -27,12 +27,13 @@ def render(text: str, limit: int = PART_LIMIT) -> list[Part]:
 
 
 def title_of(text: str) -> str:
-    """The notification preview of a markdown message: its first line without markup."""
+    """The notification preview of a markdown message: its first line without markup ("" when it
+    has none: the caller words a title in the message's language)."""
     for line in text.splitlines():
         plain = _MARKUP.sub("", line).strip(" -:")
         if plain:
             return plain if len(plain) <= TITLE_LIMIT else plain[: TITLE_LIMIT - 1] + "…"
-    return "Reply"
+    return ""
 
 
 def session_markdown(title: str, text: str, at_user_ids: list[str]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from gateway.access import AccessList
 from gateway.adapter import DEFAULT_BOT, Adapter, Runtime
 from gateway.admission import Dropped
 from gateway.config import FeishuConfig
+from gateway.i18n import translator
 from gateway.keys import CONFIG, METRICS
 from gateway.messages import Attachment, InboundMessage, Reply, ReplyKind
 from gateway.metrics import Metrics
@@ -91,7 +92,7 @@ class FeishuAdapter(Adapter[FeishuConfig, FeishuApi]):
         # Raises PlatformError while the bot's open_id is unknown: the event stays unacknowledged.
         bot_open_id = await self.runtime.api.bot_open_id()
         rules = Rules(bot_open_id, self._users, self._chats, self.cfg.max_message_age)
-        return parse_event(body, rules, transport, time.time())
+        return parse_event(body, rules, transport, time.time(), self.locale())
 
     # -- outbound --------------------------------------------------------------------------------
     async def send(self, reply: Reply) -> None:
@@ -119,7 +120,7 @@ class FeishuAdapter(Adapter[FeishuConfig, FeishuApi]):
         return FeishuCardStream(api, self.cards, message, deliver, interval, self.metrics, record)
 
     async def settle_card(self, record: CardRecord) -> None:
-        await self._card(record.message, record).settle(record.text or INTERRUPTED)
+        await self._card(record.message, record).settle(record.text or translator(record.message.locale)(INTERRUPTED))
 
     async def fetch(self, message: InboundMessage, attachment: Attachment) -> tuple[bytes, str]:
         kind = "image" if attachment.kind == "image" else "file"

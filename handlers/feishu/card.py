@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
 from gateway.errors import PlatformError
+from gateway.i18n import translator
 from gateway.messages import InboundMessage
 from gateway.metrics import Metrics
 from gateway.render import Part
@@ -103,7 +104,7 @@ class FeishuCardStream(CardStream):
     async def _end(self, text: str) -> bool:
         parts = render(text)
         in_card = parts[0].msg_type == "interactive"
-        card_text = parts[0].text if in_card else MANY_TABLES_NOTE
+        card_text = parts[0].text if in_card else translator(self._message.locale)(MANY_TABLES_NOTE)
         await self._recorded(text=card_text)  # from here on, a restart closes the card with it
         try:
             await self._set(card_text)
@@ -136,7 +137,8 @@ class FeishuCardStream(CardStream):
             await self._closed()
         except PlatformError as e:
             log.warning("card not closed, closing it later: %s", e, extra=self._fields())
-            await self._left(self.shown if self.shown is not None else SENT_AS_MESSAGE)
+            left = translator(self._message.locale)(SENT_AS_MESSAGE)
+            await self._left(self.shown if self.shown is not None else left)
         else:
             await self._closed()
 

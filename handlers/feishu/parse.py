@@ -17,6 +17,7 @@ import orjson
 
 from gateway.access import AccessList
 from gateway.admission import Dropped
+from gateway.i18n import N_, Locale, translator
 from gateway.jsonvalues import as_dict, as_str
 from gateway.messages import Attachment, ConversationKind, InboundMessage
 
@@ -25,16 +26,16 @@ EVENT_TYPE = "im.message.receive_v1"
 
 _PLACEHOLDER = re.compile(r"@_user_\d+|@_all")
 _UNSUPPORTED_LABELS = {
-    "file": "files",
-    "audio": "voice messages",
-    "media": "videos",
-    "sticker": "stickers",
-    "share_chat": "shared chats",
-    "share_user": "shared contacts",
-    "merge_forward": "forwarded chat histories",
-    "location": "locations",
+    "file": N_("files"),
+    "audio": N_("voice messages"),
+    "media": N_("videos"),
+    "sticker": N_("stickers"),
+    "share_chat": N_("shared chats"),
+    "share_user": N_("shared contacts"),
+    "merge_forward": N_("forwarded chat histories"),
+    "location": N_("locations"),
 }
-UNSUPPORTED = (
+UNSUPPORTED = N_(
     "Sorry, I can't read {what} yet. Please send me your question as text "
     "(pictures work too)."
 )
@@ -121,8 +122,10 @@ def _age_base(message: dict[str, Any], header: dict[str, Any]) -> float | None:
 
 
 def parse_event(
-    body: Mapping[str, Any], rules: Rules, transport: str, now: float
+    body: Mapping[str, Any], rules: Rules, transport: str, now: float, locale: Locale | None = None
 ) -> InboundMessage | Dropped:
+    """One event -> the normalized message, or why it is not answered. Its notices are worded in
+    `locale`, the bot's (None: English, and the adapter chooses the message's)."""
     header = as_dict(body.get("header"))
     if header.get("event_type") != EVENT_TYPE:
         return Dropped("event_type", as_str(header.get("event_type")) or "v1 or unknown schema")
@@ -163,8 +166,10 @@ def parse_event(
     elif message_type == "image" and as_str(content.get("image_key")):
         attachments = [Attachment("image", as_str(content.get("image_key")))]
     else:
-        what = _UNSUPPORTED_LABELS.get(message_type, f"“{message_type}” messages")
-        unsupported = UNSUPPORTED.format(what=what)
+        _ = translator(locale or Locale.EN)
+        label = _UNSUPPORTED_LABELS.get(message_type)
+        what = _(label) if label else _("“{kind}” messages", kind=message_type)
+        unsupported = _(UNSUPPORTED, what=what)
 
     thread_id = as_str(message.get("thread_id"))
     return InboundMessage(
@@ -186,4 +191,5 @@ def parse_event(
         },
         attachments=tuple(attachments),
         unsupported=unsupported,
+        locale=locale,
     )

@@ -13,13 +13,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from gateway.i18n import N_
 from gateway.render import Part, find_tables, split_text, tables_to_lists
 
 CARD_TABLE_LIMIT = 5
 PART_LIMIT = 7000
 ELEMENT_ID = "answer"  # the markdown element a streaming card updates
 SUMMARY_CHARS = 60  # chat-list preview of a closed streaming card
-MANY_TABLES_NOTE = "*The answer has more tables than a card can show; it follows as a rich-text message.*"
+MANY_TABLES_NOTE = N_("*The answer has more tables than a card can show; it follows as a rich-text message.*")
 
 # Card and post markdown turn `<at id=all></at>` into a mention: never let model output ping people.
 _AT_TAG = re.compile(r"<(/?)at\b", re.IGNORECASE)

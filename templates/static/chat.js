@@ -5,6 +5,10 @@
   const form = document.getElementById("form");
   const input = document.getElementById("text");
   const conn = document.getElementById("conn");
+  // The words the page shows, in its language (chat.html renders them from the catalog).
+  const strings = JSON.parse(document.body.dataset.strings || "{}");
+  function tr(key, english) { return strings[key] || english; }
+  function state(name, text) { conn.dataset.state = name; conn.textContent = text; }
   let session = localStorage.getItem("botgate.session") || "";
   let ws = null;
   let current = null; // the bubble receiving deltas
@@ -22,9 +26,9 @@
   function connect() {
     const proto = location.protocol === "https:" ? "wss:" : "ws:";
     ws = new WebSocket(proto + "//" + location.host + "/chat/ws?session=" + encodeURIComponent(session));
-    ws.onopen = function () { conn.textContent = "connected"; backoff = 500; };
+    ws.onopen = function () { state("connected", tr("connected", "connected")); backoff = 500; };
     ws.onclose = function () {
-      conn.textContent = "disconnected, retrying…";
+      state("retrying", tr("retrying", "disconnected, retrying…"));
       setTimeout(connect, backoff);
       backoff = Math.min(backoff * 2, 10000);
       // A refused handshake looks like any close; an expired admin login means: log in again.
@@ -44,7 +48,7 @@
   }
 
   function send(text) {
-    if (!ws || ws.readyState !== WebSocket.OPEN) { bubble("err", "not connected yet"); return; }
+    if (!ws || ws.readyState !== WebSocket.OPEN) { bubble("err", tr("not_connected", "not connected yet")); return; }
     bubble("user", text);
     ws.send(JSON.stringify({ type: "message", id: crypto.randomUUID ? crypto.randomUUID() : String(Date.now()), text: text }));
   }

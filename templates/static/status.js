@@ -5,6 +5,9 @@
   const main = document.getElementById("status");
   const live = document.getElementById("live");
   const result = document.getElementById("action-result");
+  // The words the page shows, in its language (status.html renders them from the catalog).
+  const strings = JSON.parse(document.body.dataset.strings || "{}");
+  function tr(key, english) { return strings[key] || english; }
 
   function setLive(on, text) {
     live.textContent = text;
@@ -17,10 +20,10 @@
       const data = JSON.parse(ev.data);
       main.innerHTML = data.html;
       main.dataset.updated = String(data.at);
-      setLive(true, "live");
+      setLive(true, tr("live", "live"));
     });
     events.onerror = function () {
-      setLive(false, "reconnecting…");
+      setLive(false, tr("reconnecting", "reconnecting…"));
       // An expired login makes the stream fail for good: find out and go to the login page.
       fetch("/api/status", { credentials: "same-origin" }).then(function (r) {
         if (r.status === 401) { events.close(); location.href = "/login?next=/"; }
@@ -49,7 +52,7 @@
         }
         result.textContent = (r.ok ? "" : "HTTP " + r.status + ": ") + JSON.stringify(data, null, 2);
       });
-    }).catch(function (e) { result.textContent = "request failed: " + e; });
+    }).catch(function (e) { result.textContent = tr("failed", "request failed:") + " " + e; });
   }
 
   reauth.addEventListener("submit", function (ev) {
@@ -70,7 +73,7 @@
         pending = null;
         if (retry) { retry(); }
       });
-    }).catch(function (e) { result.textContent = "request failed: " + e; });
+    }).catch(function (e) { result.textContent = tr("failed", "request failed:") + " " + e; });
   });
 
   // Delegated, because the buttons inside <main> are replaced on every update.
