@@ -20,6 +20,7 @@ from aiohttp import web
 
 from . import __version__
 from .auth import AdminAuth
+from .backends import create_backend
 from .channel import Channel
 from .config import Config
 from .dispatcher import Dispatcher
@@ -41,7 +42,6 @@ from .keys import (
     STORE,
 )
 from .metrics import Metrics
-from .model import create_model_client
 from .reload import LiveConfig, ReloadReport, apply_logging, plan, read_config
 from .responder import Responder
 from .store import open_store
@@ -90,14 +90,14 @@ async def _key_ages_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _model_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[MODEL] = create_model_client(app[CONFIG].model, app[HTTP], app[METRICS])
+    app[MODEL] = create_backend(app[CONFIG].model, app[HTTP], app[METRICS])
     yield
 
 
 async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     channels: dict[str, Channel] = app[CHANNELS]
-    agents = {a.name: create_model_client(a.model, app[HTTP], app[METRICS]) for a in cfg.agents}
+    agents = {a.name: create_backend(a.model, app[HTTP], app[METRICS]) for a in cfg.agents}
     responder = Responder(cfg, app[STORE], app[MODEL], channels, app[METRICS], agents)
     dispatcher = Dispatcher(cfg.dispatcher, app[STORE], app[METRICS], responder)
     app[RESPONDER] = responder
@@ -120,7 +120,7 @@ async def reload_config(app: web.Application) -> ReloadReport:
         responder = app[RESPONDER]
         model = responder.model
         if any(key.startswith("model.") for key in report.applied):
-            model = create_model_client(new.model, app[HTTP], app[METRICS])
+            model = create_backend(new.model, app[HTTP], app[METRICS])
         responder.reconfigure(new, model)
         if new.log != live.config.log or new.secrets() != live.config.secrets():
             apply_logging(new)

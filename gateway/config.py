@@ -61,6 +61,9 @@ class ModelConfig:
     total_timeout: float = 120.0
     max_retries: int = 3
     key_cooldown: float = 60.0
+    # A reasoning model's thinking: strip (never shown nor kept) | fold (a collapsed panel where the
+    # platform has one, a Feishu card; stripped elsewhere) | show (quoted above the answer).
+    reasoning: str = "strip"
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,8 +339,10 @@ SECRET_KEYS = frozenset(
     }
 )
 
+REASONING_MODES = ("strip", "fold", "show")
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.provider": ("auto", "openai", "echo"),
+    "model.reasoning": REASONING_MODES,
     "dingtalk.mode": ("stream", "webhook", "both"),
     "feishu.mode": ("ws", "webhook", "both"),
     "log.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -699,6 +704,8 @@ def _validate_listed(cfg: Config) -> None:
         model = agent.model
         if model.provider not in _CHOICES["model.provider"]:
             fail(f"{where}.provider", f"must be one of {', '.join(_CHOICES['model.provider'])}, got {model.provider!r}")
+        if model.reasoning not in REASONING_MODES:
+            fail(f"{where}.reasoning", f"must be one of {', '.join(REASONING_MODES)}, got {model.reasoning!r}")
         if model.provider == "openai" and not model.base_url:
             fail(f"{where}.base_url", 'is required when provider = "openai"')
         if model.base_url and not model.base_url.startswith(("http://", "https://")):

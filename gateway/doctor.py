@@ -28,13 +28,13 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from . import __version__
+from .backends import BackendRequest, Completion, create_backend, uses_echo
 from .config import Config
 from .egress import client_session
 from .errors import ModelError, PlatformError, StoreError, StoreInUse
 from .keyage import KEY_AGES_FILE, MAX_AGE_DAYS, ages, configured_keys, parse, today, too_old
 from .logs import redact
 from .metrics import Metrics
-from .model import Completion, OpenAIModel, uses_echo
 from .store import SqliteStore, open_store
 from .tokens import TokenCache
 
@@ -326,9 +326,10 @@ async def check_model(config: Config, http: aiohttp.ClientSession) -> Result:
             max_retries=0,
             total_timeout=min(cfg.total_timeout, 20.0),
         )
-        model = OpenAIModel(probe, http, Metrics())
+        backend = create_backend(probe, http, Metrics())
+        ping = BackendRequest([{"role": "user", "content": "ping"}], "ping", "doctor:botgate", "botgate", "doctor")
         try:
-            async with aclosing(model.stream([{"role": "user", "content": "ping"}], Completion())) as deltas:
+            async with aclosing(backend.stream(ping, Completion())) as deltas:
                 async for _ in deltas:
                     pass
         except ModelError as e:

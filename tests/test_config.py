@@ -48,6 +48,7 @@ def error_of(path: Path | None, env: dict[str, str] | None = None) -> str:
             '[model]\nprovider = "gpt"\n',
             "model.provider: must be one of auto, openai, echo, got 'gpt'",
         ),
+        ('[model]\nreasoning = "hide"\n', "model.reasoning: must be one of strip, fold, show, got 'hide'"),
         ('[dingtalk]\nmode = "poll"\n', "dingtalk.mode: must be one of stream, webhook, both"),
         ('[feishu]\nmode = "poll"\n', "feishu.mode: must be one of ws, webhook, both"),
         ('[log]\nlevel = "LOUD"\n', "log.level: must be one of DEBUG, INFO, WARNING, ERROR"),
