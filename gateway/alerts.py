@@ -24,7 +24,7 @@ from typing import Protocol
 
 from .budget import BudgetState, BudgetStatus
 from .channel import ChannelState, ChannelStatus
-from .config import AlertsConfig
+from .config import DEFAULT_NAME, AlertsConfig
 from .stats import Stats
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ DOWN_STATES = (ChannelState.CONNECTING, ChannelState.RECONNECTING, ChannelState.
 
 @dataclass(frozen=True, slots=True)
 class Alert:
-    key: str  # "channel_down:<platform>" | "error_ratio" | "model_failing"
+    key: str  # "channel_down:<platform>/<bot>" | "error_ratio" | "model_failing"
     title: str
     detail: str
     firing: bool  # False: the "resolved" notification
@@ -68,6 +68,11 @@ class Incident:
     notified: bool = False  # a FIRING notification went out
     cleared_at: float | None = None  # the condition ended; a RESOLVED is still owed
     retry_at: float = 0.0
+
+
+def shown(status: ChannelStatus) -> str:
+    """The channel as an alert names it: its platform, with the bot's name when it is a listed one."""
+    return status.platform if status.bot == DEFAULT_NAME else status.key
 
 
 def quota_detail(budget: BudgetStatus) -> str:
@@ -113,22 +118,22 @@ class Monitor:
         for status in self._channels():
             if status.state not in DOWN_STATES:
                 continue
-            platform = status.platform
-            down.add(platform)
-            since = self._down_since.setdefault(platform, now)
+            key = status.key  # each bot on its own: one down, another up are two conditions
+            down.add(key)
+            since = self._down_since.setdefault(key, now)
             if now - since >= cfg.channel_down_after:
                 error = status.last_error or "none"
-                out[f"channel_down:{platform}"] = (
-                    f"{platform} channel down",
-                    f"{platform} has been {status.state.value} for {_duration(now - since)} "
+                out[f"channel_down:{key}"] = (
+                    f"{shown(status)} channel down",
+                    f"{shown(status)} has been {status.state.value} for {_duration(now - since)} "
                     f"(last error: {error})",
                 )
-        for platform in set(self._down_since) - down:
-            del self._down_since[platform]
+        for key in set(self._down_since) - down:
+            del self._down_since[key]
         for status in self._channels():
             budget = status.budget
             if budget is not None and budget.state is BudgetState.SPENT:
-                out[f"api_quota:{status.platform}"] = (f"{status.platform} API quota spent", quota_detail(budget))
+                out[f"api_quota:{status.key}"] = (f"{shown(status)} API quota spent", quota_detail(budget))
         ratio, replies = self._stats.error_ratio(ERROR_WINDOW_MINUTES)
         if ratio is not None and replies >= MIN_REPLIES and ratio > cfg.error_ratio:
             out["error_ratio"] = (

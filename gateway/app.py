@@ -20,7 +20,7 @@ from aiohttp import web
 
 from . import __version__
 from .auth import AdminAuth
-from .backends import create_backend
+from .backends import Backend, create_backend
 from .channel import Channel
 from .config import Config
 from .dispatcher import Dispatcher
@@ -97,14 +97,29 @@ async def _model_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     channels: dict[str, Channel] = app[CHANNELS]
-    agents = {a.name: create_backend(a.model, app[HTTP], app[METRICS]) for a in cfg.agents}
-    responder = Responder(cfg, app[STORE], app[MODEL], channels, app[METRICS], agents)
+    responder = Responder(cfg, app[STORE], app[MODEL], channels, app[METRICS], agent_clients(app, cfg))
     dispatcher = Dispatcher(cfg.dispatcher, app[STORE], app[METRICS], responder)
     app[RESPONDER] = responder
     app[DISPATCHER] = dispatcher
     yield
     # Normally drained already in on_shutdown; this is the backstop (e.g. a failed startup).
     await dispatcher.drain(0.0 if not dispatcher.accepting else cfg.dispatcher.drain_timeout)
+
+
+def agent_clients(
+    app: web.Application, cfg: Config, running: Config | None = None
+) -> dict[str, Backend]:
+    """A model client per `[[agents]]` entry (the default agent's is `app[MODEL]`). After a
+    reload, an agent whose settings did not change keeps its client (and its keys' cooldowns)."""
+    kept: dict[str, Backend] = {}
+    if running is not None:
+        before = {a.name: a for a in running.agents}
+        current = app[RESPONDER].agents
+        kept = {a.name: current[a.name] for a in cfg.agents if before.get(a.name) == a and a.name in current}
+    return {
+        a.name: kept.get(a.name) or create_backend(a.model, app[HTTP], app[METRICS])
+        for a in cfg.agents
+    }
 
 
 async def reload_config(app: web.Application) -> ReloadReport:
@@ -121,7 +136,8 @@ async def reload_config(app: web.Application) -> ReloadReport:
         model = responder.model
         if any(key.startswith("model.") for key in report.applied):
             model = create_backend(new.model, app[HTTP], app[METRICS])
-        responder.reconfigure(new, model)
+        agents = agent_clients(app, new, live.in_force) if "agents" in report.applied else None
+        responder.reconfigure(new, model, agents)
         if new.log != live.config.log or new.secrets() != live.config.secrets():
             apply_logging(new)
         if new.admin != live.config.admin:

@@ -11,7 +11,7 @@ import ipaddress
 import os
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,8 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    provider: str = "auto"  # auto | openai | echo  (auto = echo unless base_url is set)
+    # auto | openai | echo | dify | coze | fastgpt  (auto = echo unless base_url is set)
+    provider: str = "auto"
     base_url: str = ""
     model: str = "gpt-4o-mini"
     api_keys: list[str] = field(default_factory=list)
@@ -64,6 +65,10 @@ class ModelConfig:
     # A reasoning model's thinking: strip (never shown nor kept) | fold (a collapsed panel where the
     # platform has one, a Feishu card; stripped elsewhere) | show (quoted above the answer).
     reasoning: str = "strip"
+    bot_id: str = ""  # coze: the bot (智能体) to talk to
+    # dify: extra `inputs` of every request; fastgpt: extra `variables` (strings, by name).
+    inputs: dict[str, str] = field(default_factory=dict)
+    sources: bool = True  # dify: a short list of the knowledge sources under the answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,7 +346,7 @@ SECRET_KEYS = frozenset(
 
 REASONING_MODES = ("strip", "fold", "show")
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "model.provider": ("auto", "openai", "echo"),
+    "model.provider": ("auto", "openai", "echo", "dify", "coze", "fastgpt"),
     "model.reasoning": REASONING_MODES,
     "dingtalk.mode": ("stream", "webhook", "both"),
     "feishu.mode": ("ws", "webhook", "both"),
@@ -356,6 +361,8 @@ def _sections() -> dict[str, type]:
 
 
 def _describe(tp: Any) -> str:
+    if tp == dict[str, str]:
+        return "a table of strings"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
         tp, "a list of strings"
     )
@@ -370,6 +377,7 @@ def _coerce(value: Any, tp: Any, where: str, secret: bool = False) -> Any:
         or (tp is float and isinstance(value, int | float) and not isinstance(value, bool))
         or (tp is str and isinstance(value, str))
         or (tp == list[str] and isinstance(value, list) and all(isinstance(v, str) for v in value))
+        or (tp == dict[str, str] and isinstance(value, dict) and all(isinstance(v, str) for v in value.values()))
     )
     if not ok:
         shown = "(value hidden)" if secret else repr(value)
@@ -393,7 +401,13 @@ def _parse_env(raw: str, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected {_describe(tp)}, got {raw!r}") from None
     if tp is str:
         return raw
-    return [part.strip() for part in raw.split(",") if part.strip()]
+    parts = [part.strip() for part in raw.split(",") if part.strip()]
+    if tp == dict[str, str]:  # name=value,name=value
+        pairs = [part.partition("=") for part in parts]
+        if any(not sep or not name.strip() for name, sep, _ in pairs):
+            raise ConfigError(f"{where}: expected name=value pairs separated by commas, got {raw!r}")
+        return {name.strip(): value.strip() for name, _, value in pairs}
+    return parts
 
 
 def env_token(name: str) -> str:
@@ -498,8 +512,8 @@ def _validate(cfg: Config, from_env: frozenset[str] = frozenset()) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             fail(key, "must be 0 (none) or more")
-    if cfg.model.provider == "openai" and not cfg.model.base_url:
-        fail("model.base_url", "is required when model.provider = \"openai\"")
+    for key, why in model_problems(cfg.model):
+        fail(f"model.{key}", why)
     for key in ("model.base_url", "dingtalk.api_base", "dingtalk.oapi_base", "feishu.domain"):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -698,6 +712,7 @@ def _validate_listed(cfg: Config) -> None:
         if agent.name in names:
             taken = " (that is [model]'s name)" if agent.name == DEFAULT_NAME else ""
             fail(f"{where}.name", f"duplicate agent name {agent.name!r}{taken}")
+        _unique_token(names, agent.name, f"{where}.name", "AGENTS", fail)
         names.append(agent.name)
         if agent.group_context not in GROUP_CONTEXTS:
             fail(f"{where}.group_context", f"must be one of {', '.join(GROUP_CONTEXTS)}, got {agent.group_context!r}")
@@ -706,8 +721,8 @@ def _validate_listed(cfg: Config) -> None:
             fail(f"{where}.provider", f"must be one of {', '.join(_CHOICES['model.provider'])}, got {model.provider!r}")
         if model.reasoning not in REASONING_MODES:
             fail(f"{where}.reasoning", f"must be one of {', '.join(REASONING_MODES)}, got {model.reasoning!r}")
-        if model.provider == "openai" and not model.base_url:
-            fail(f"{where}.base_url", 'is required when provider = "openai"')
+        for key, why in model_problems(model):
+            fail(f"{where}.{key}", why)
         if model.base_url and not model.base_url.startswith(("http://", "https://")):
             fail(f"{where}.base_url", f"must be an http(s) URL, got {model.base_url!r}")
         for key in ("connect_timeout", "first_token_timeout", "total_timeout"):
@@ -722,6 +737,8 @@ def _validate_listed(cfg: Config) -> None:
         if bot.key in seen:
             taken = f" (the [{bot.platform}] section's bot is named so)" if bot.name == DEFAULT_NAME else ""
             fail(f"{where}.name", f"duplicate {bot.platform} bot name {bot.name!r}{taken}")
+        same_platform = [key.split("/", 1)[1] for key in seen if key.startswith(f"{bot.platform}/")]
+        _unique_token(same_platform, bot.name, f"{where}.name", f"{bot.platform.upper()}__BOTS", fail)
         seen.add(bot.key)
         if bot.agent not in names:
             fail(f"{where}.agent", f"no agent named {bot.agent!r} (agents: {known})")
@@ -741,6 +758,26 @@ def _validate_listed(cfg: Config) -> None:
         if not bots:
             what = " ".join(f"{k} = {v!r}" for k, v in (("platform", route.platform), ("bot", route.bot)) if v)
             fail(where, f"matches no enabled bot ({what or 'no bot is enabled'})")
+
+
+# What a remote backend cannot do without, beyond base_url.
+BACKEND_NEEDS = {"dify": ("api_keys",), "coze": ("api_keys", "bot_id"), "fastgpt": ("api_keys",)}
+
+
+def model_problems(model: ModelConfig) -> list[tuple[str, str]]:
+    """(key, why) for every setting a `[model]` / `[[agents]]` entry's provider requires but lacks."""
+    provider = model.provider
+    if provider in ("auto", "echo"):
+        return []
+    needed = ("base_url", *BACKEND_NEEDS.get(provider, ()))
+    return [(key, f'is required when provider = "{provider}"') for key in needed if not getattr(model, key)]
+
+
+def _unique_token(taken: list[str], name: str, where: str, kind: str, fail: Callable[[str, str], None]) -> None:
+    """Two names that differ only in case or `-` / `_` would read the same environment variables."""
+    for other in taken:
+        if other != name and env_token(other) == env_token(name):
+            fail(where, f"{name!r} and {other!r} share the environment name {ENV_PREFIX}{kind}__{env_token(name)}__…")
 
 
 def _validate_bot(cfg: Config, bot: BotConfig, where: str) -> None:
@@ -830,19 +867,53 @@ def load(path: str | Path | None, env: Mapping[str, str] | None = None) -> Confi
     return build(data, env, source)
 
 
-def masked(cfg: Config) -> dict[str, dict[str, Any]]:
-    """The config as plain data with every secret replaced by a marker (for dumps and the status page)."""
-    out: dict[str, dict[str, Any]] = {}
+def _masked_url(url: str) -> str:
+    """`url` with the password of its user info and of a `?password=` replaced by "***"."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    passwords = [parts.password or ""]
+    for pair in parts.query.split("&"):
+        key, _, value = pair.partition("=")
+        if unquote(key) == "password":
+            passwords.append(value)
+    for password in sorted(filter(None, passwords), key=len, reverse=True):
+        url = url.replace(password, "***")
+    return url
+
+
+def masked(cfg: Config) -> dict[str, Any]:
+    """The config as plain data with every secret replaced by a marker (for dumps and the status
+    page): a table per section, then `agents`, `bots` (every bot with its settings in force) and
+    `routes` as lists of tables."""
+    out: dict[str, Any] = {}
     for section in _sections():
         values = dataclasses.asdict(getattr(cfg, section))
         for key, value in values.items():
             if f"{section}.{key}" in SECRET_KEYS and value:
                 values[key] = "***"
         out[section] = values
-    password = urlsplit(cfg.store.url).password
-    if password:
-        out["store"]["url"] = cfg.store.url.replace(password, "***")
-    password = url_password(cfg.server.proxy)
-    if password:
-        out["server"]["proxy"] = cfg.server.proxy.replace(password, "***")
+    out["store"]["url"] = _masked_url(cfg.store.url)
+    out["server"]["proxy"] = _masked_url(cfg.server.proxy)
+    out["model"]["base_url"] = _masked_url(cfg.model.base_url)
+    agents = []
+    for agent in cfg.agents:
+        model = dataclasses.asdict(agent.model)
+        model["api_keys"] = "***" if agent.model.api_keys else []
+        model["base_url"] = _masked_url(agent.model.base_url)
+        agents.append({"name": agent.name, "group_context": agent.group_context, **model})
+    out["agents"] = agents
+    bots = []
+    for bot in cfg.bots:
+        settings = dataclasses.asdict(bot.settings)
+        for key in BOT_SECRETS[bot.platform]:
+            if settings[key]:
+                settings[key] = "***"
+        for key in ("api_base", "oapi_base", "domain"):
+            if key in settings:
+                settings[key] = _masked_url(settings[key])
+        bots.append({"platform": bot.platform, "name": bot.name, "agent": bot.agent, **settings})
+    out["bots"] = bots
+    out["routes"] = [dataclasses.asdict(route) for route in cfg.routes]
     return out

@@ -125,14 +125,12 @@ class ConnectionLoop:
         self._tracker.set(
             state=ChannelState.CONNECTED, connected_since=time.time(), attempt=0, last_error=""
         )
-        self._metrics.channel_connected.labels(self.platform).set(1)
         self.connected_event.set()
         log.info("connected", extra={"platform": self.platform, "conn_id": self._conn_id})
 
     def _lost(self, error: str, state: ChannelState) -> None:
         status = self._tracker.snapshot()
         self.connected_event.clear()
-        self._metrics.channel_connected.labels(self.platform).set(0)
         if status.state is ChannelState.CONNECTED:
             self._metrics.reconnects.labels(self.platform).inc()
         self._tracker.set(
@@ -190,7 +188,6 @@ class ConnectionLoop:
         finally:
             await stop_task(self._current)
             self.connected_event.clear()
-            self._metrics.channel_connected.labels(self.platform).set(0)
             self._tracker.set(state=ChannelState.STOPPED)
 
     def reconnect(self) -> None:

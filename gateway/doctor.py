@@ -29,7 +29,7 @@ import aiohttp
 
 from . import __version__
 from .backends import BackendRequest, Completion, create_backend, uses_echo
-from .config import Config
+from .config import ENV_PREFIX, AgentConfig, Config, ModelConfig, env_token
 from .egress import client_session
 from .errors import ModelError, PlatformError, StoreError, StoreInUse
 from .keyage import KEY_AGES_FILE, MAX_AGE_DAYS, ages, configured_keys, parse, today, too_old
@@ -104,7 +104,9 @@ async def run(
     headers = {"User-Agent": f"botgate/{__version__} doctor"}
     async with client_session(config, headers=headers, timeout=TIMEOUT) as http:  # the proxy too
         checks = [check for contribute in contributors for check in contribute(config, http)]
-        checks.append(Check("model", lambda: check_model(config, http)))
+        checks.append(Check("model", lambda: check_model(config.model, http)))
+        for agent in config.agents:  # each listed agent's own backend
+            checks.append(Check(f"agent {agent.name} model", agent_check(agent, http)))
         checks.append(Check("store", lambda: check_store(config)))
         checks.append(Check("key age", lambda: check_key_age(config)))
         for check in checks:
@@ -309,9 +311,20 @@ MODEL_FIXES = {
 }
 
 
-async def check_model(config: Config, http: aiohttp.ClientSession) -> Result:
+def agent_check(agent: AgentConfig, http: aiohttp.ClientSession) -> Callable[[], Awaitable[Result]]:
+    """`check_model` of an `[[agents]]` entry, its fix naming the agent's keys, not `[model]`'s."""
+
+    async def checked() -> Result:
+        result = await check_model(agent.model, http)
+        fix = result.fix.replace("[model]", f"[[agents]] {agent.name}")
+        fix = fix.replace(f"{ENV_PREFIX}MODEL__", f"{ENV_PREFIX}AGENTS__{env_token(agent.name)}__")
+        return dataclasses.replace(result, fix=fix)
+
+    return checked
+
+
+async def check_model(cfg: ModelConfig, http: aiohttp.ClientSession) -> Result:
     """A one-token request per configured key, so a dead key in the rotation shows up too."""
-    cfg = config.model
     if uses_echo(cfg):
         return warned(
             "no model configured: every answer is an echo of the question",

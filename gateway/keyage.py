@@ -24,7 +24,7 @@ from pathlib import Path
 import orjson
 
 from .auth import StateFile
-from .config import Config
+from .config import BOT_SECRETS, DEFAULT_NAME, Config
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,15 @@ def configured_keys(config: Config) -> list[tuple[str, str]]:
         value = getattr(getattr(config, section), name)
         if value:
             keys.append((f"[{section}] {name}", value))
+    for agent in config.agents:
+        keys += [(f"[[agents]] {agent.name} api_keys #{n}", k) for n, k in enumerate(agent.model.api_keys, 1) if k]
+    for bot in config.bots:
+        if bot.name == DEFAULT_NAME:
+            continue  # its section's secrets, above
+        for name in BOT_SECRETS[bot.platform]:
+            value = getattr(bot.settings, name)
+            if value:
+                keys.append((f"[[{bot.platform}.bots]] {bot.name} {name}", value))
     return keys
 
 

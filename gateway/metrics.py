@@ -91,8 +91,8 @@ class Metrics:
         self.inflight = Gauge("botgate_inflight", "Messages being answered right now.", registry=r)
         self.channel_connected = Gauge(
             "botgate_channel_connected",
-            "1 when the channel is connected.",
-            ["platform"],
+            "1 when the bot's channel is connected (set at each scrape from the channels' status).",
+            ["platform", "bot"],
             registry=r,
         )
         self.reconnects = Counter(

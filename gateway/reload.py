@@ -1,13 +1,15 @@
 """Config reload (admin API and SIGHUP): re-read the file, apply what can change live, and say
 plainly what needs a restart.
 
-Applied live: `[model]` (a new model client; calls in flight finish on the old one), `[context]`,
-`[cache]`, `[limits]` (the responder reads them per message), `[admin]`, `[alerts]` (read per
-request / per check), `[log] level` and the secrets the log formatter masks, plus what components
-register: appliers (the server: the TLS certificate) and followers (each platform bot: its
-secrets, unless the reload names another app). Everything else — `[server]`, `[store]`,
-`[dispatcher]` and the rest of the platform sections — is only reported as needing a restart: those
-objects were built at start and are not rebuilt piecemeal.
+Applied live: `[model]` (a new model client; calls in flight finish on the old one), `[[agents]]`
+(new clients likewise), `[[routes]]` and each bot's `agent` (routing reads them per message),
+`[context]`, `[cache]`, `[limits]` (the responder reads them per message), `[admin]`, `[alerts]`
+(read per request / per check), `[log] level` and the secrets the log formatter masks, plus what
+components register: appliers (the server: the TLS certificate) and followers (each platform bot:
+its secrets, unless the reload names another app). Everything else — `[server]`, `[store]`,
+`[dispatcher]`, the rest of the platform sections and the listed bots (added, removed, their
+credentials and settings) — is only reported as needing a restart: those objects were built at
+start and are not rebuilt piecemeal.
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ from .logs import JsonFormatter
 
 log = logging.getLogger(__name__)
 
-LIVE_SECTIONS = frozenset({"model", "context", "cache", "limits", "admin", "alerts", "log"})
+LIVE_SECTIONS = frozenset(
+    {"model", "context", "cache", "limits", "admin", "alerts", "log", "agents", "routes"}
+)
+# Which agent each bot uses: part of the bot entries, but routing, not a connection.
+BOT_AGENTS = "bots.agent"
 
 Applier = Callable[[Config], None]
 
@@ -51,8 +57,14 @@ def changed_keys(old: Config, new: Config) -> list[str]:
         if f.name == "source":
             continue
         a, b = getattr(old, f.name), getattr(new, f.name)
-        if isinstance(a, tuple):  # agents, bots, routes: compared whole
-            if _listed(a) != _listed(b):
+        if f.name == "bots":
+            if _agents_differ(a, b):
+                out.append(BOT_AGENTS)
+            if _listed(a, agentless=True) != _listed(b, agentless=True):
+                out.append(f.name)
+            continue
+        if isinstance(a, tuple):  # agents, routes: compared whole
+            if a != b:
                 out.append(f.name)
             continue
         for key in dataclasses.fields(a):
@@ -61,20 +73,40 @@ def changed_keys(old: Config, new: Config) -> list[str]:
     return out
 
 
-def _listed(entries: tuple[object, ...]) -> tuple[object, ...]:
-    """The entries of a list section, without the bot of a single-app section: that one mirrors
-    its `[dingtalk]` / `[feishu]` section, whose keys are compared one by one."""
-    return tuple(e for e in entries if not (isinstance(e, BotConfig) and e.name == DEFAULT_NAME))
+def _listed(bots: tuple[BotConfig, ...], agentless: bool = False) -> tuple[BotConfig, ...]:
+    """The listed bots, without the bot of a single-app section: that one mirrors its
+    `[dingtalk]` / `[feishu]` section, whose keys are compared one by one."""
+    listed = tuple(b for b in bots if b.name != DEFAULT_NAME)
+    return tuple(dataclasses.replace(b, agent="") for b in listed) if agentless else listed
+
+
+def _bot_agents(bots: tuple[BotConfig, ...]) -> dict[str, str]:
+    return {b.key: b.agent for b in bots}
+
+
+def _agents_differ(old: tuple[BotConfig, ...], new: tuple[BotConfig, ...]) -> bool:
+    """Whether a bot present in both uses another agent (an added or removed bot is a restart)."""
+    a, b = _bot_agents(old), _bot_agents(new)
+    return any(a[key] != b[key] for key in a.keys() & b.keys())
 
 
 def merged(base: Config, new: Config, keys: Iterable[str]) -> Config:
-    """`base` with the values of `keys` (`section.key`) taken from `new`."""
+    """`base` with the values of `keys` (`section.key`, or a list section's name) taken from `new`."""
     sections: dict[str, dict[str, Any]] = {}
+    lists: dict[str, Any] = {}
     for key in keys:
-        section, name = key.split(".")
-        sections.setdefault(section, {})[name] = getattr(getattr(new, section), name)
+        if key == BOT_AGENTS:  # the running bots, each with the agent `new` gives it
+            agents = _bot_agents(new.bots)
+            lists["bots"] = tuple(dataclasses.replace(b, agent=agents.get(b.key, b.agent)) for b in base.bots)
+        elif "." not in key:  # agents, routes: whole
+            lists[key] = getattr(new, key)
+        else:
+            section, name = key.split(".")
+            sections.setdefault(section, {})[name] = getattr(getattr(new, section), name)
     return dataclasses.replace(
-        base, **{section: dataclasses.replace(getattr(base, section), **v) for section, v in sections.items()}
+        base,
+        **lists,
+        **{section: dataclasses.replace(getattr(base, section), **v) for section, v in sections.items()},
     )
 
 
@@ -181,7 +213,7 @@ def plan(live: LiveConfig, new: Config) -> ReloadReport:
     extra = live.live_keys(new)
 
     def is_live(key: str) -> bool:
-        return key.split(".")[0] in LIVE_SECTIONS or key in extra
+        return key.split(".")[0] in LIVE_SECTIONS or key == BOT_AGENTS or key in extra
 
     # Compared with what runs, not with the last file: a secret held back with its app id's change
     # is applied by the reload that brings the old id back.

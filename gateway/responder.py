@@ -45,10 +45,8 @@ class Responder:
     ) -> None:
         self.cfg = cfg
         self._model = model
-        # The `[[agents]]` clients (not the default's: that is `model`). Agents, bots and routes
-        # change with a restart only: the config they came from is kept for routing.
+        # The `[[agents]]` clients (not the default's: that is `model`), by agent name.
         self._agents = dict(agents or {})
-        self._routing = cfg
         self._delivery = Delivery(channels, metrics)
         self.steps: tuple[Step, ...] = (
             # commands
@@ -74,22 +72,30 @@ class Responder:
     def model(self) -> Backend:
         return self._model
 
-    def reconfigure(self, cfg: Config, model: Backend) -> None:
-        """Use a reloaded config and model client from the next message on (calls in flight
-        finish with the old ones)."""
+    @property
+    def agents(self) -> Mapping[str, Backend]:
+        return self._agents
+
+    def reconfigure(
+        self, cfg: Config, model: Backend, agents: Mapping[str, Backend] | None = None
+    ) -> None:
+        """Use a reloaded config (its routes and agents), model client and agent clients from the
+        next message on (calls in flight finish with the old ones)."""
         self.cfg = cfg
         self._model = model
+        if agents is not None:
+            self._agents = dict(agents)
 
     def agent_of(self, message: InboundMessage) -> str:
         """The agent that answers `message`: the first matching route, else its bot's."""
-        return self._routing.agent_for(message.platform, message.bot, message.conversation_id)
+        return self.cfg.agent_for(message.platform, message.bot, message.conversation_id)
 
     async def handle(self, message: InboundMessage, ready_at: float) -> None:
         name = self.agent_of(message)
         client = self._agents.get(name)
         cfg, model, per_user = self.cfg, self._model, False
         if client is not None:  # a listed agent: its model settings in place of [model]'s
-            agent = self._routing.agent(name)
+            agent = cfg.agent(name)
             cfg, model, per_user = replace(cfg, model=agent.model), client, agent.group_context == "per_user"
         else:
             name = DEFAULT_NAME

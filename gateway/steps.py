@@ -122,7 +122,8 @@ class RateLimit:
         message, limits = exchange.message, exchange.cfg.limits
         conversation = f"conversation:{message.conversation_key}"
         buckets = (
-            ("user", message.user_key, limits.per_user_per_minute, RATE_LIMITED),
+            # Per bot, as everything else of a bot: a user of two robots gets each one's notice.
+            ("user", f"{message.bot}:{message.user_key}", limits.per_user_per_minute, RATE_LIMITED),
             ("conversation", conversation, limits.per_conversation_per_minute, CONVERSATION_LIMITED),
         )
         for kind, bucket, limit, notice in buckets:

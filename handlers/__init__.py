@@ -4,12 +4,13 @@ the enabled platforms' `python run.py doctor` checks."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
 
-from gateway.config import DEFAULT_NAME, Config, DingTalkConfig
-from gateway.doctor import Check
+from gateway.config import DEFAULT_NAME, ENV_PREFIX, BotConfig, Config, DingTalkConfig, env_token
+from gateway.doctor import Check, Result
 
 from . import admin, auth, dingtalk, feishu, robots, routes, status, webchat
 from .dingtalk import doctor as dingtalk_doctor
@@ -40,6 +41,20 @@ def doctor(config: Config, http: aiohttp.ClientSession) -> list[Check]:
         )
         own = contributors[bot.platform](one, http)
         if bot.name != DEFAULT_NAME:
-            own = [dataclasses.replace(c, name=c.name.replace(bot.platform, bot.key, 1)) for c in own]
+            own = [Check(c.name.replace(bot.platform, bot.key, 1), for_bot(c.run, bot)) for c in own]
         checks += own
     return checks
+
+
+def for_bot(run: Callable[[], Awaitable[Result]], bot: BotConfig) -> Callable[[], Awaitable[Result]]:
+    """A platform check of a listed bot: its fix names the bot's own keys, not the section's
+    (`[[dingtalk.bots]] hrbot client_secret`, `BOTGATE_DINGTALK__BOTS__HRBOT__CLIENT_SECRET`)."""
+    section, env = f"[{bot.platform}]", f"{ENV_PREFIX}{bot.platform.upper()}__"
+
+    async def checked() -> Result:
+        result = await run()
+        fix = result.fix.replace(section, f"[[{bot.platform}.bots]] {bot.name}")
+        fix = fix.replace(env, f"{env}BOTS__{env_token(bot.name)}__")
+        return dataclasses.replace(result, fix=fix)
+
+    return checked

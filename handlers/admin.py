@@ -1,5 +1,5 @@
-"""Admin API (JSON, behind the admin login; every call is an audit record): status snapshot, reset a
-conversation, reconnect a channel, reload the config, rotate the login token.
+"""Admin API (JSON, behind the admin login; every call is an audit record): status snapshot, the
+bots and agents, reset a conversation, reconnect a channel, reload the config, rotate the login token.
 
 Reload, reset and rotate are sensitive: they also need the password or login token confirmed within
 the last `gateway.auth.REAUTH_WINDOW` seconds (POST /login again gives a fresh session)."""
@@ -7,27 +7,111 @@ the last `gateway.auth.REAUTH_WINDOW` seconds (POST /login again gives a fresh s
 from __future__ import annotations
 
 import logging
+import time
+from typing import Any
 
 import orjson
 from aiohttp import web
 
 from gateway.app import reload_config
 from gateway.auth import login_url
-from gateway.config import ConfigError
+from gateway.backends import uses_echo
+from gateway.channel import ChannelState, ChannelStatus
+from gateway.config import DEFAULT_NAME, BotConfig, ConfigError, masked
 from gateway.errors import GatewayError, StoreError
 from gateway.keys import AUTH, CHANNELS, CONFIG, LIVE, STORE
+from gateway.logs import redacted
 
 from .auth import AUDIT_DETAIL, PRINCIPAL, require_recent_login, start_session
 from .http import json_error
-from .status import snapshot
+from .status import bot_agents, snapshot
 
 log = logging.getLogger(__name__)
 
 MAX_KEY = 512
 
 
+def _json(body: object) -> web.Response:
+    return web.json_response(body, dumps=lambda v: orjson.dumps(v).decode())
+
+
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(await snapshot(request), dumps=lambda v: orjson.dumps(v).decode())
+    return _json(await snapshot(request))
+
+
+WEBHOOK_MODES = ("webhook", "both")
+
+
+def _bot(request: web.Request, bot: BotConfig, now: float) -> dict[str, Any]:
+    """One configured bot: who answers it, how it receives, and its channel's state now."""
+    cfg = request.app[LIVE].config
+    agent, routed = bot_agents(cfg, bot.platform, bot.name)
+    mode = bot.settings.mode
+    base = f"/{bot.platform}/webhook"
+    out: dict[str, Any] = {
+        "key": bot.key,
+        "platform": bot.platform,
+        "name": bot.name,
+        "agent": agent,
+        "routed": routed,
+        "enabled": bot.enabled,
+        "mode": mode,
+        "webhook": (base if bot.name == DEFAULT_NAME else f"{base}/{bot.name}") if mode in WEBHOOK_MODES else "",
+    }
+    channel = request.app[CHANNELS].get(bot.key)
+    if channel is None:  # switched off, or listed by a reload: it starts with the next restart
+        s = ChannelStatus(bot.platform, ChannelState.DISABLED, bot=bot.name)
+        shown = "disabled" if not bot.enabled else "not running (restart to start it)"
+    else:
+        s = channel.status()
+        shown = s.state.value
+    return out | {
+        "state": shown,
+        "ready": s.ready,
+        "transports": list(s.transports),
+        "connected_since": s.connected_since,
+        "last_event_at": s.last_event_at,
+        "last_event_age": None if s.last_event_at is None else max(0.0, now - s.last_event_at),
+        "reconnects": s.reconnects,
+        "last_error": s.last_error,
+    }
+
+
+async def bots(request: web.Request) -> web.Response:
+    """Every configured bot (disabled ones too), in config order."""
+    cfg = request.app[LIVE].config
+    now = time.time()
+    body = {"bots": [_bot(request, bot, now) for bot in cfg.bots]}
+    return _json(redacted(body, cfg.secrets()))  # error texts may quote a ticket or token
+
+
+async def agents(request: web.Request) -> web.Response:
+    """Every agent ("default" is `[model]`), with the bots and routes it answers for; never a key
+    (only how many there are) and no password of its base_url."""
+    cfg = request.app[LIVE].config
+    dump = masked(cfg)
+    base_urls = {DEFAULT_NAME: dump["model"]["base_url"]} | {a["name"]: a["base_url"] for a in dump["agents"]}
+    out = []
+    for agent in (cfg.agent(DEFAULT_NAME), *cfg.agents):
+        model = agent.model
+        out.append(
+            {
+                "name": agent.name,
+                "provider": model.provider,
+                "echo": uses_echo(model),  # no model behind it: answers are echoed
+                "model": model.model,
+                "base_url": base_urls[agent.name],
+                "api_keys": len(model.api_keys),
+                "group_context": agent.group_context,
+                "bots": [b.key for b in cfg.bots if bot_agents(cfg, b.platform, b.name)[0] == agent.name],
+                "routes": [
+                    {"index": i, "platform": r.platform, "bot": r.bot, "conversation": r.conversation}
+                    for i, r in enumerate(cfg.routes, 1)
+                    if r.agent == agent.name
+                ],
+            }
+        )
+    return _json(redacted({"agents": out}, cfg.secrets()))
 
 
 async def reset_conversation(request: web.Request) -> web.Response:
@@ -57,12 +141,13 @@ async def reconnect_channel(request: web.Request) -> web.Response:
     channels = request.app[CHANNELS]
     channel = channels.get(f"{platform}/{bot}") or (channels.get(platform) if bot == "default" else None)
     if channel is None:
-        return json_error(404, f"no channel {platform!r}", channels=sorted(channels))
+        name = platform if bot == "default" else f"{platform}/{bot}"
+        return json_error(404, f"no channel {name!r}", channels=sorted(channels))
     try:
         await channel.reconnect()
     except GatewayError as e:
         return json_error(502, f"reconnect failed: {e}")
-    return web.json_response({"platform": platform, "state": channel.status().state.value})
+    return web.json_response({"platform": platform, "bot": bot, "state": channel.status().state.value})
 
 
 async def reload(request: web.Request) -> web.Response:
@@ -102,6 +187,8 @@ async def rotate_login_token(request: web.Request) -> web.Response:
 
 def setup(app: web.Application) -> None:
     app.router.add_get("/api/status", status)
+    app.router.add_get("/api/bots", bots)
+    app.router.add_get("/api/agents", agents)
     app.router.add_post("/api/conversations/reset", reset_conversation)
     app.router.add_post("/api/channels/{platform}/reconnect", reconnect_channel)
     app.router.add_post("/api/channels/{platform}/{bot}/reconnect", reconnect_channel)

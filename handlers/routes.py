@@ -76,19 +76,17 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     app = request.app
     m = app[METRICS]
-    # One series per platform (a bounded label): connected while every bot of it is.
-    connected: dict[str, bool] = {}
+    # The one place that sets botgate_channel_connected: a series per running bot (bounded: the
+    # configured bots), rebuilt at every scrape so a bot no longer running leaves no stale series.
+    m.channel_connected.clear()
     for channel in app[CHANNELS].values():
         status = channel.status()
         if status.state is ChannelState.DISABLED:
             continue  # not running on purpose: no series, so no "disconnected" alert
-        platform = status.platform
-        connected[platform] = connected.get(platform, True) and status.ready
-    for platform, ready in connected.items():
-        m.channel_connected.labels(platform).set(1 if ready else 0)
+        m.channel_connected.labels(status.platform, status.bot).set(1 if status.ready else 0)
         # Start per-platform counters at 0 so rate() and alerts see them before the first event.
-        m.reconnects.labels(platform)
-        m.dedup_dropped.labels(platform)
+        m.reconnects.labels(status.platform)
+        m.dedup_dropped.labels(status.platform)
     return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -78,15 +78,30 @@ def _budget(request: web.Request, s: ChannelStatus) -> dict[str, Any] | None:
     }
 
 
+def bot_agents(cfg: Config, platform: str, bot: str) -> tuple[str, list[dict[str, str]]]:
+    """The agent that answers a bot's conversations (its own, or a `[[routes]]` entry naming no
+    conversation), and the conversations routes send to another agent."""
+    agent = cfg.agent_for(platform, bot, "")
+    routed: dict[str, str] = {}
+    for r in cfg.routes:
+        if r.conversation and r.conversation not in routed and r.matches(platform, bot, r.conversation):
+            routed[r.conversation] = cfg.agent_for(platform, bot, r.conversation)  # first match wins
+    return agent, [{"conversation": c, "agent": a} for c, a in routed.items() if a != agent]
+
+
 def _channels(request: web.Request, now: float) -> list[dict[str, Any]]:
     out = []
+    cfg = request.app[LIVE].config
     for channel in request.app[CHANNELS].values():
         s = channel.status()
+        agent, routed = bot_agents(cfg, s.platform, s.bot)
         out.append(
             {
                 "platform": s.platform,
                 "bot": s.bot,
                 "name": s.platform if s.bot == "default" else s.key,
+                "agent": agent,
+                "routed": routed,
                 "state": s.state.value,
                 "ready": s.ready,
                 "transports": list(s.transports),
@@ -107,6 +122,8 @@ def _channels(request: web.Request, now: float) -> list[dict[str, Any]]:
                     "platform": platform,
                     "bot": "default",
                     "name": platform,
+                    "agent": "",
+                    "routed": [],
                     "state": "not configured",
                     "ready": False,
                     "transports": [],

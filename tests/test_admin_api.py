@@ -89,7 +89,7 @@ async def test_reconnect_a_channel(gateway: Any) -> None:
     client = await gateway(make_config())
     client.server.app[CHANNELS][channel.platform] = channel
     status, body = await post(client, "/api/channels/manual/reconnect")
-    assert (status, body) == (200, {"platform": "manual", "state": "connected"})
+    assert (status, body) == (200, {"platform": "manual", "bot": "default", "state": "connected"})
     assert channel.reconnects == 1
     status, body = await post(client, "/api/channels/nope/reconnect")
     assert status == 404 and body["channels"] == ["manual", "web/default"]

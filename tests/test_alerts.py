@@ -198,14 +198,46 @@ async def test_channel_down_alert_after_channel_down_after(robots: Any) -> None:
         clock.now += 5
         resolved = await monitor.check(cfg, sinks)
     assert [(a.key, a.firing) for a in fired + resolved] == [
-        ("channel_down:dingtalk", True),
-        ("channel_down:dingtalk", False),
+        ("channel_down:dingtalk/default", True),
+        ("channel_down:dingtalk/default", False),
     ]
     assert (
         "dingtalk has been reconnecting for 2 min 1 s (last error: ConnectionResetError)"
         in double.posts[0][1]
     )
     assert [p for p, _ in double.posts] == ["feishu", "feishu"]
+
+
+async def test_each_bot_is_its_own_channel_down_alert(robots: Any) -> None:
+    """Two robots of one platform: one down, the other up is an alert for the one; the other
+    going down later is a second alert, and one coming back clears only its own."""
+    double, urls = robots
+    cfg = alerts_config({**urls, "dingtalk_webhook": ""}, channel_down_after=60.0)
+    clock = Clock()
+    hr = ChannelStatus("dingtalk", ChannelState.CONNECTED, bot="hrbot")
+    it = ChannelStatus("dingtalk", ChannelState.REFUSED, last_error="bad secret", bot="itbot")
+    statuses = [hr, it]
+    monitor = Monitor(Stats(clock), lambda: statuses, clock)
+    async with aiohttp.ClientSession() as session:
+        sinks = robot_sinks(cfg, session)
+        await monitor.check(cfg, sinks)
+        clock.now += 61
+        first = await monitor.check(cfg, sinks)
+        statuses[0] = ChannelStatus("dingtalk", ChannelState.RECONNECTING, bot="hrbot")
+        await monitor.check(cfg, sinks)
+        clock.now += 61
+        second = await monitor.check(cfg, sinks)
+        statuses[1] = ChannelStatus("dingtalk", ChannelState.CONNECTED, bot="itbot")
+        clock.now += 5
+        third = await monitor.check(cfg, sinks)
+    assert [(a.key, a.firing) for a in first + second + third] == [
+        ("channel_down:dingtalk/itbot", True),
+        ("channel_down:dingtalk/hrbot", True),
+        ("channel_down:dingtalk/itbot", False),
+    ]
+    assert first[0].title == "dingtalk/itbot channel down" and "bad secret" in first[0].detail
+    assert [i.key for i in monitor.incidents] == ["channel_down:dingtalk/hrbot"]
+    assert "dingtalk/itbot channel down" in double.posts[0][1]
 
 
 async def test_error_ratio_alert_needs_enough_replies() -> None:

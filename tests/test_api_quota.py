@@ -280,7 +280,7 @@ async def test_dingtalk_quota_refused_by_the_platform_ends_in_the_cheapest_path(
     # The built-in alert notifier sees it too.
     channels = env.client.app[CHANNELS]
     monitor = Monitor(env.client.app[METRICS].stats, lambda: [c.status() for c in channels.values()])
-    title, detail = monitor.conditions(AlertsConfig(), time.time())["api_quota:dingtalk"]
+    title, detail = monitor.conditions(AlertsConfig(), time.time())["api_quota:dingtalk/default"]
     assert title == "dingtalk API quota spent" and "ApiCountLimitForOrg" in detail
 
 

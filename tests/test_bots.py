@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -24,6 +25,9 @@ from tests.helpers import readiness, sample, serve
 
 Client = TestClient[web.Request, web.Application]
 HR_PROMPT = "你是公司的人事助手"
+BATCH_SEND = "/v1.0/robot/oToMessages/batchSend"
+CARD_CREATE = "/v1.0/card/instances/createAndDeliver"
+CARD_UPDATE = "/v1.0/card/instances"
 IT_PROMPT = "You are the IT helpdesk"
 
 
@@ -63,7 +67,7 @@ class World:
         self.it_model = await model(aiohttp_server, "IT answer")
         self.feishu = await fd.start(aiohttp_server)
 
-    def config(self, it_secret: str = "it-secret", hr_mode: str = "stream") -> Config:
+    def config(self, it_secret: str = "it-secret", hr_mode: str = "stream", **hr: Any) -> Config:
         data: dict[str, Any] = {
             "store": {"url": "memory://"},
             "cache": {"enabled": False},
@@ -79,7 +83,7 @@ class World:
             ],
             "dingtalk": {
                 "bots": [
-                    bot(self.hr_ding, "hrbot", "hr", mode=hr_mode),
+                    bot(self.hr_ding, "hrbot", "hr", mode=hr_mode, **hr),
                     bot(self.it_ding, "itbot", "it", client_secret=it_secret),
                 ]
             },
@@ -163,6 +167,49 @@ async def test_per_user_and_shared_group_context(aiohttp_server: Any, gateway: A
     # it (per_user): Bob's request starts afresh.
     it_second = world.it_model[0].requests[1]["messages"]
     assert [m["content"] for m in it_second[1:]] == ["Bob: q1"]
+
+
+async def test_a_user_over_the_limit_on_one_bot_still_talks_to_the_other(
+    aiohttp_server: Any, gateway: Any
+) -> None:
+    world = World()
+    await world.serve(aiohttp_server)
+    cfg = world.config()
+    await gateway(replace(cfg, limits=replace(cfg.limits, per_user_per_minute=1)))
+    await world.hr_ding.wait_for(lambda: world.hr_ding.connected)
+    await world.it_ding.wait_for(lambda: world.it_ding.connected)
+    for n, text in enumerate(("one", "two"), 1):
+        await world.hr_ding.push(world.hr_ding.message(text, staff_id="u1"))
+        await world.hr_ding.wait_for(lambda k=n: len(world.hr_ding.session_posts) >= k)  # type: ignore[misc]
+    await world.it_ding.push(world.it_ding.message("three", staff_id="u1"))
+    await world.it_ding.wait_for(lambda: len(world.it_ding.session_posts) >= 1)
+    hr_posts = orjson.dumps(world.hr_ding.session_posts).decode()
+    assert "HR answer" in hr_posts and "faster than I can answer" in hr_posts
+    assert "IT answer" in orjson.dumps(world.it_ding.session_posts).decode()
+
+
+async def test_cards_and_openapi_fallbacks_leave_through_the_receiving_bot(
+    aiohttp_server: Any, gateway: Any
+) -> None:
+    """hrbot answers in an AI card, itbot's expired sessionWebhook falls back to the OpenAPI: each
+    with its own app's token and robotCode, on its own platform app, never the other's."""
+    world = World()
+    await world.serve(aiohttp_server)
+    await gateway(world.config(card_template_id="tpl-hr.schema", stream_interval=0.0))
+    await world.hr_ding.wait_for(lambda: world.hr_ding.connected)
+    await world.it_ding.wait_for(lambda: world.it_ding.connected)
+    await world.hr_ding.push(world.hr_ding.message("年假还有几天", staff_id="u1"))
+    await world.it_ding.push(world.it_ding.message("late", staff_id="u2", expires_in=-60))
+    await world.hr_ding.wait_for(lambda: world.hr_ding.calls(CARD_UPDATE))
+    await world.it_ding.wait_for(lambda: world.it_ding.calls(BATCH_SEND))
+    [create] = world.hr_ding.calls(CARD_CREATE)
+    assert create["imRobotOpenDeliverModel"]["robotCode"] == "ding-hr"
+    assert world.hr_ding.calls(CARD_UPDATE)[0]["cardData"]["cardParamMap"]["msgContent"] == "HR answer"
+    [send] = world.it_ding.calls(BATCH_SEND)
+    assert send["robotCode"] == "ding-it" and send["userIds"] == ["u2"] and "IT answer" in send["msgParam"]
+    assert world.hr_ding.tokens_issued and world.it_ding.tokens_issued  # each app's own token
+    assert not world.it_ding.calls(CARD_CREATE) and not world.hr_ding.calls(BATCH_SEND)
+    assert world.hr_ding.session_posts == [] and world.it_ding.session_posts == []
 
 
 async def test_one_bot_refused_the_others_answer(aiohttp_server: Any, gateway: Any) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError, load
+from gateway.keyage import configured_keys
 
 BOTS = """
 [model]
@@ -86,6 +87,30 @@ def test_bots_agents_and_routes(tmp_path: Path) -> None:
     assert cfg.agent_for("feishu", "itbot", "oc_1") == "it"
     assert {"s-hr", "s-it", "s-fs", "sk-1", "sk-2"} <= set(cfg.secrets())
     assert not cfg.dingtalk.enabled and not cfg.feishu.enabled  # a config of bots alone
+
+
+def test_names_that_share_an_environment_name_are_refused(tmp_path: Path) -> None:
+    text = BOTS.replace('name = "hrbot"', 'name = "it_bot"').replace('bot = "hrbot"', 'bot = "it_bot"')
+    env = {"BOTGATE_DINGTALK__BOTS__IT_BOT__CLIENT_SECRET": "s-it", "BOTGATE_FEISHU__BOTS__ITBOT__APP_SECRET": "s"}
+    assert error_of(tmp_path, text, env).endswith(
+        "dingtalk.bots[it-bot].name: 'it-bot' and 'it_bot' share the environment name "
+        "BOTGATE_DINGTALK__BOTS__IT_BOT__…"
+    )
+    text = BOTS.replace('name = "it"\n', 'name = "HR"\n')
+    assert "agents[HR].name: 'HR' and 'hr' share the environment name BOTGATE_AGENTS__HR__…" in error_of(
+        tmp_path, text
+    )
+
+
+def test_key_age_tracks_every_bot_and_agent_secret(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, BOTS), SECRETS)
+    assert dict(configured_keys(cfg)) == {
+        "[[agents]] hr api_keys #1": "sk-1",
+        "[[agents]] hr api_keys #2": "sk-2",
+        "[[dingtalk.bots]] hrbot client_secret": "s-hr",
+        "[[dingtalk.bots]] it-bot client_secret": "s-it",
+        "[[feishu.bots]] itbot app_secret": "s-fs",
+    }
 
 
 def test_single_app_section_is_the_default_bot(tmp_path: Path) -> None:

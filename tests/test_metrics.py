@@ -34,7 +34,7 @@ FAMILIES = {
     "botgate_gateway_overhead_seconds": ("histogram", set()),
     "botgate_queue_depth": ("gauge", set()),
     "botgate_inflight": ("gauge", set()),
-    "botgate_channel_connected": ("gauge", {"platform"}),
+    "botgate_channel_connected": ("gauge", {"platform", "bot"}),
     "botgate_reconnects": ("counter", {"platform"}),
     "botgate_send_retries": ("counter", {"platform"}),
     "botgate_dedup_dropped": ("counter", {"platform"}),
@@ -79,7 +79,7 @@ async def test_every_family_is_exposed_with_its_labels(gateway: Any) -> None:
             for sample in metric.samples:
                 assert set(sample.labels) - {"le"} == FAMILIES[metric.name][1], metric.name
     # Running channels start at 0 so rate() works from the first scrape.
-    assert value(samples, "botgate_channel_connected", platform="web") == 1
+    assert value(samples, "botgate_channel_connected", platform="web", bot="default") == 1
     assert ("botgate_reconnects_total", frozenset({("platform", "web")})) in samples
     assert ("botgate_dedup_dropped_total", frozenset({("platform", "web")})) in samples
     # Process metrics for the CPU alert.
@@ -312,7 +312,7 @@ async def test_channel_families_move_with_a_long_connection(
     first = await frames.connections.get()
     await channel.loop.connected_event.wait()
     _, samples = await scrape(client)
-    assert value(samples, "botgate_channel_connected", platform="loopy") == 1
+    assert value(samples, "botgate_channel_connected", platform="loopy", bot="default") == 1
     assert value(samples, "botgate_reconnects_total", platform="loopy") == 0
 
     await first.close()  # the server drops us: the loop reconnects at once
@@ -338,7 +338,7 @@ async def test_channel_families_move_with_a_long_connection(
 
     _, samples = await scrape(client)
     assert value(samples, "botgate_reconnects_total", platform="loopy") == 2
-    assert value(samples, "botgate_channel_connected", platform="loopy") == 1
+    assert value(samples, "botgate_channel_connected", platform="loopy", bot="default") == 1
     assert (
         value(
             samples, "botgate_platform_api_calls_total", platform="loopy", endpoint="messages/send"
