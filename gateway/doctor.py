@@ -18,7 +18,6 @@ import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import date
 from email.utils import parsedate_to_datetime
@@ -28,7 +27,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from . import __version__
-from .backends import BackendRequest, Completion, create_backend, uses_echo
+from .backends import create_backend, uses_echo
 from .config import ENV_PREFIX, AgentConfig, Config, ModelConfig, env_token
 from .egress import client_session
 from .errors import ModelError, PlatformError, StoreError, StoreInUse
@@ -339,12 +338,8 @@ async def check_model(cfg: ModelConfig, http: aiohttp.ClientSession) -> Result:
             max_retries=0,
             total_timeout=min(cfg.total_timeout, 20.0),
         )
-        backend = create_backend(probe, http, Metrics())
-        ping = BackendRequest([{"role": "user", "content": "ping"}], "ping", "doctor:botgate", "botgate", "doctor")
         try:
-            async with aclosing(backend.stream(ping, Completion())) as deltas:
-                async for _ in deltas:
-                    pass
+            proved = await create_backend(probe, http, Metrics()).probe()
         except ModelError as e:
             which = f" (key {n} of {len(keys)})" if len(keys) > 1 else ""
             fix = MODEL_FIXES.get(e.reason, reach_fix(cfg.base_url))
@@ -352,7 +347,7 @@ async def check_model(cfg: ModelConfig, http: aiohttp.ClientSession) -> Result:
                 fix = f"check [model] base_url; {reach_fix(cfg.base_url)}"
             return failed(f"{cfg.model} at {cfg.base_url}{which}: {e}", fix)
     keys_note = f" with each of the {len(keys)} keys" if len(keys) > 1 else ""
-    return passed(f"{cfg.model} at {cfg.base_url} answered a one-token request{keys_note}")
+    return passed(f"{cfg.model} at {cfg.base_url} {proved}{keys_note}")
 
 
 # -- store ----------------------------------------------------------------------------------------

@@ -91,3 +91,12 @@ class Backend(Protocol):
     def stream(self, request: BackendRequest, completion: Completion) -> AsyncGenerator[Delta, None]:
         """Yield the answer's deltas; raise `ModelError` on failure. Callers close it
         (`contextlib.aclosing`) so an abandoned call releases its connection at once."""
+
+    async def probe(self) -> str:
+        """`doctor`'s check: the cheapest request that proves base_url and key work (no chat
+        kept, no answer paid for where the provider allows). Returns what it proved, e.g.
+        "answered a one-token request"; raises `ModelError`."""
+
+    async def stop(self, completion: Completion) -> None:
+        """Ask the backend to stop making the answer `completion` tracks (Dify's stop API, Coze's
+        cancel), for `/stop`. Closing the stream is enough for the others: then it does nothing."""

@@ -25,3 +25,9 @@ class EchoBackend:
             "`BOTGATE_MODEL__BASE_URL` to an OpenAI-compatible endpoint)",
         )
         completion.last_byte_at = time.monotonic()
+
+    async def probe(self) -> str:
+        return "echoes every question (no model configured)"
+
+    async def stop(self, completion: Completion) -> None:
+        return None

@@ -135,6 +135,18 @@ class HttpBackend(ABC):
             raise ModelError(f"model endpoint error {status}: {detail}", "server_error", True, wait)
         raise ModelError(f"model endpoint rejected the request ({status}): {detail}", "bad_request")
 
+    async def probe(self) -> str:
+        """A one-word question (the doctor sets max_tokens = 1); a provider with a cheaper
+        request that proves the key overrides this."""
+        ping = BackendRequest([{"role": "user", "content": "ping"}], "ping", "doctor:botgate", "botgate", "doctor")
+        async with aclosing(self.stream(ping, Completion())) as deltas:
+            async for _ in deltas:
+                pass
+        return "answered a one-token request"
+
+    async def stop(self, completion: Completion) -> None:
+        return None  # closing the stream stops the answer
+
     # -- the call ----------------------------------------------------------------------------------
     async def stream(self, request: BackendRequest, completion: Completion) -> AsyncGenerator[Delta, None]:
         loop = asyncio.get_running_loop()
