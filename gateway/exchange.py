@@ -101,8 +101,10 @@ class Exchange:
         """What the backend is asked."""
         m = self.message
         text = self.user_turn(self.question)
+        shared = m.conversation_kind is ConversationKind.GROUP and self.context_key == m.conversation_key
         return BackendRequest(
-            self.prompt, text, m.user_key, m.sender_name, m.platform, m.conversation_id, self.context_key, self.session
+            self.prompt, text, m.user_key, m.sender_name, m.platform, m.conversation_id, self.context_key, self.session,
+            shared=shared,
         )
 
     @property

@@ -137,6 +137,6 @@ def test_draft_replace_images_and_sources() -> None:
     draft.add(Delta(DeltaKind.SOURCES, sources=(Source("HR handbook", "https://wiki.example/hr"), Source("FAQ"))))
     draft.end()
     assert draft.answer == (
-        "Sorry, I can't say that. Ask me another.\n\n![](https://files.example/cat.png)\n\n"
+        "Sorry, I can't say that. Ask me another.\n\n![图片 / Image](https://files.example/cat.png)\n\n"
         "来源 / Sources:\n1. [HR handbook](https://wiki.example/hr)\n2. FAQ"
     )

@@ -11,7 +11,10 @@ import aiohttp
 from ..config import ModelConfig
 from ..metrics import Metrics
 from .base import Backend, BackendRequest, Completion, Delta, DeltaKind, Message, Source, Usage
+from .coze import CozeBackend
+from .dify import DifyBackend
 from .echo import EchoBackend
+from .fastgpt import FastGPTBackend
 from .http import HttpBackend
 from .openai import OpenAIBackend
 
@@ -32,7 +35,13 @@ __all__ = [
 ]
 
 # `[model] provider` -> the backend class; "auto" and "echo" are settled by `uses_echo` first.
-PROVIDERS: dict[str, type[HttpBackend]] = {"auto": OpenAIBackend, "openai": OpenAIBackend}
+PROVIDERS: dict[str, type[HttpBackend]] = {
+    "auto": OpenAIBackend,
+    "openai": OpenAIBackend,
+    "coze": CozeBackend,
+    "dify": DifyBackend,
+    "fastgpt": FastGPTBackend,
+}
 
 
 def uses_echo(cfg: ModelConfig) -> bool:

@@ -34,6 +34,9 @@ class BackendRequest:
     context: str = ""
     # The backend's own conversation id kept from an earlier answer (`Completion.session`), or None.
     session: str | None = None
+    # True: `context` is a group's, shared by its members (not one member's, as a `per_user` agent's
+    # is): a backend whose conversations belong to one user (Dify) needs a user of the group's own.
+    shared: bool = False
 
 
 class DeltaKind(StrEnum):
