@@ -16,10 +16,10 @@ import handlers
 from gateway import __version__, doctor
 from gateway.app import create_app
 from gateway.auth import LOGIN_TOKEN_FILE, LoginToken, audit, login_url
+from gateway.backends import uses_echo
 from gateway.config import Config, ConfigError, load
 from gateway.errors import StoreError
 from gateway.logs import JsonFormatter, setup_logging
-from gateway.model import uses_echo
 from gateway.sdnotify import Notifier
 from gateway.server import Service, ssl_context
 

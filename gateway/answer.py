@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import time
+import weakref
 from contextlib import aclosing
 
 import orjson
 
+from .backends import Backend
+from .channel import ReplyStream
+from .draft import Draft
 from .errors import ModelError, StoreError
 from .exchange import Delivery, Exchange, Flow, fields, log
 from .messages import Reply
 from .metrics import Metrics, Outcome
+from .reasoning import shown
 from .sanitize import safe_markdown
 from .store import Store, Turn
 
@@ -27,7 +32,8 @@ EMPTY_ANSWER = (
 class CachedAnswer:
     """The answer to an identical earlier request in the same conversation (`[cache]`): the same
     context and question, from the same model. Never another conversation's: a hit would tell one
-    user what another asked. Prompts with images are not cached."""
+    user what another asked. Prompts with images are not cached, nor answers of a backend that
+    keeps the history itself: the same prompt there meets another context."""
 
     def __init__(self, delivery: Delivery, store: Store, metrics: Metrics) -> None:
         self._delivery = delivery
@@ -35,7 +41,7 @@ class CachedAnswer:
         self._metrics = metrics
 
     async def __call__(self, exchange: Exchange) -> Flow:
-        if not exchange.cfg.cache.enabled or exchange.parts:
+        if not exchange.cfg.cache.enabled or exchange.parts or exchange.model.keeps_history:
             return Flow.CONTINUE
         exchange.cache_key = key = cache_key(exchange)
         try:
@@ -66,26 +72,34 @@ def safe(exchange: Exchange, text: str) -> str:
 
 class ModelAnswer:
     """Unless answered already: the model's answer, streamed into the channel's `ReplyStream`
-    when it has one, else sent whole. A model failure or an empty answer gets a notice instead."""
+    when it has one, else sent whole. A model failure or an empty answer gets a notice instead.
+
+    The model's thinking (`gateway.draft`, `gateway.reasoning`) goes where `[model] reasoning`
+    says: nowhere (`strip`); to a stream that shows it apart, a Feishu card's collapsed panel, and
+    nowhere else (`fold`); quoted above the answer (`show`). It is never cached nor kept as context.
+    """
 
     def __init__(self, delivery: Delivery, metrics: Metrics) -> None:
         self._delivery = delivery
         self._metrics = metrics
+        # Backends seen opening their answer inside a think block without the tag (`Draft.orphan`):
+        # their next answers count undecided text as thinking, so it does not show while streaming.
+        self._start_in_thought: weakref.WeakSet[Backend] = weakref.WeakSet()
 
     async def __call__(self, exchange: Exchange) -> Flow:
         if exchange.answer is not None:
             return Flow.CONTINUE
         message, prefix = exchange.message, exchange.prefix
         stream = await self._delivery.channel(message).open_stream(message)
-        parts: list[str] = []
+        draft = Draft(exchange.model in self._start_in_thought)
         try:
             # aclosing: if delivery fails mid-answer, the model's HTTP response is released now,
             # not whenever the abandoned generator is garbage-collected.
-            async with aclosing(exchange.model.stream(exchange.prompt, exchange.completion)) as deltas:
+            async with aclosing(exchange.model.stream(exchange.request(), exchange.completion)) as deltas:
                 async for delta in deltas:
-                    parts.append(delta)
+                    draft.add(delta)
                     if stream is not None and stream.wants_update():
-                        await stream.update(prefix + safe(exchange, "".join(parts)))
+                        await stream.update(prefix + self._visible(exchange, draft, stream))
         except ModelError as e:
             log.error("model failed: %s", e, extra={**fields(message), "reason": e.reason})
             reason = e.reason.replace("_", " ")
@@ -96,19 +110,36 @@ class ModelAnswer:
             if stream is not None:
                 self._delivery.cut_off(message, stream)
             raise
-        answer = safe(exchange, "".join(parts).strip())
+        draft.end()
+        if draft.orphan:
+            self._start_in_thought.add(exchange.model)
+        answer = safe(exchange, draft.answer.strip())
         if not answer:
             # Not cached and not kept as context: asking again may well work.
             log.warning("model returned an empty answer", extra=fields(message))
             self._metrics.model_errors.labels("empty").inc()
             await self._delivery.fail(message, stream, EMPTY_ANSWER.format(request_id=message.request_id))
             return Flow.DONE
+        text = prefix + self._visible(exchange, draft, stream, answer)
         if stream is not None:
-            await self._delivery.finish(stream, message, prefix + answer, Outcome.OK)
+            await self._delivery.finish(stream, message, text, Outcome.OK)
         else:
-            await self._delivery.send(Reply(message, prefix + answer), Outcome.OK)
+            await self._delivery.send(Reply(message, text), Outcome.OK)
         exchange.answer = answer
         return Flow.CONTINUE
+
+    @staticmethod
+    def _visible(exchange: Exchange, draft: Draft, stream: ReplyStream | None, answer: str | None = None) -> str:
+        """The reply's text (without the prefix) in the reasoning mode; hands the thinking to
+        `stream` when folded."""
+        mode = exchange.cfg.model.reasoning
+        if answer is None:
+            answer = safe(exchange, draft.answer)
+        if mode == "show":
+            return shown(safe(exchange, draft.reasoning), answer)
+        if mode == "fold" and stream is not None:
+            stream.fold(safe(exchange, draft.reasoning))
+        return answer
 
 
 class Summary:
@@ -156,8 +187,10 @@ class Summary:
 
 
 class Remember:
-    """Cache the answer and extend the context. The user already has the answer, so a store
-    failure here costs only memory: log it, never apologise for a delivered answer."""
+    """Cache the answer and extend the context: the turns, or for a backend that keeps the
+    history itself, its conversation id (kept as long as the turns would be). The user already has
+    the answer, so a store failure here costs only memory: log it, never apologise for a delivered
+    answer."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -168,13 +201,17 @@ class Remember:
         try:
             if exchange.cache_key and not exchange.cached:
                 await self._store.cache_put(exchange.cache_key, answer, cfg.cache.ttl)
-            await self._store.append_turns(
-                exchange.context_key,
-                [Turn("user", exchange.user_turn(exchange.text or "(image)")), Turn("assistant", answer)],
-                cfg.context.max_turns,
-                cfg.context.max_chars,
-                cfg.context.idle_ttl,
-            )
+            if exchange.model.keeps_history:
+                if session := exchange.completion.session:
+                    await self._store.set_backend_session(exchange.context_key, session, cfg.context.idle_ttl)
+            else:
+                await self._store.append_turns(
+                    exchange.context_key,
+                    [Turn("user", exchange.user_turn(exchange.text or "(image)")), Turn("assistant", answer)],
+                    cfg.context.max_turns,
+                    cfg.context.max_chars,
+                    cfg.context.idle_ttl,
+                )
         except StoreError as e:
             log.warning("answer delivered but not remembered: %s", e, extra=fields(exchange.message))
         return Flow.DONE

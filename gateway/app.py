@@ -20,6 +20,7 @@ from aiohttp import web
 
 from . import __version__
 from .auth import AdminAuth
+from .backends import Backend, create_backend
 from .channel import Channel
 from .config import Config
 from .dispatcher import Dispatcher
@@ -41,7 +42,6 @@ from .keys import (
     STORE,
 )
 from .metrics import Metrics
-from .model import ModelClient, create_model_client
 from .reload import LiveConfig, ReloadReport, apply_logging, plan, read_config
 from .responder import Responder
 from .store import open_store
@@ -90,7 +90,7 @@ async def _key_ages_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _model_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[MODEL] = create_model_client(app[CONFIG].model, app[HTTP], app[METRICS])
+    app[MODEL] = create_backend(app[CONFIG].model, app[HTTP], app[METRICS])
     yield
 
 
@@ -108,16 +108,16 @@ async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def agent_clients(
     app: web.Application, cfg: Config, running: Config | None = None
-) -> dict[str, ModelClient]:
+) -> dict[str, Backend]:
     """A model client per `[[agents]]` entry (the default agent's is `app[MODEL]`). After a
     reload, an agent whose settings did not change keeps its client (and its keys' cooldowns)."""
-    kept: dict[str, ModelClient] = {}
+    kept: dict[str, Backend] = {}
     if running is not None:
         before = {a.name: a for a in running.agents}
         current = app[RESPONDER].agents
         kept = {a.name: current[a.name] for a in cfg.agents if before.get(a.name) == a and a.name in current}
     return {
-        a.name: kept.get(a.name) or create_model_client(a.model, app[HTTP], app[METRICS])
+        a.name: kept.get(a.name) or create_backend(a.model, app[HTTP], app[METRICS])
         for a in cfg.agents
     }
 
@@ -135,7 +135,7 @@ async def reload_config(app: web.Application) -> ReloadReport:
         responder = app[RESPONDER]
         model = responder.model
         if any(key.startswith("model.") for key in report.applied):
-            model = create_model_client(new.model, app[HTTP], app[METRICS])
+            model = create_backend(new.model, app[HTTP], app[METRICS])
         agents = agent_clients(app, new, live.in_force) if "agents" in report.applied else None
         responder.reconfigure(new, model, agents)
         if new.log != live.config.log or new.secrets() != live.config.secrets():

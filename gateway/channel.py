@@ -96,6 +96,11 @@ class ReplyStream(Protocol):
 
     async def finish(self, text: str) -> None: ...
 
+    def fold(self, reasoning: str) -> None:
+        """The model's thinking so far (`[model] reasoning = "fold"`), the whole text each time. A
+        stream that can show it apart from the answer, collapsed (a Feishu card's panel), sends it
+        with the next `update` or `finish`; any other stream ignores it."""
+
 
 class Channel(Protocol):
     @property

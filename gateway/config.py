@@ -50,7 +50,8 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    provider: str = "auto"  # auto | openai | echo  (auto = echo unless base_url is set)
+    # auto | openai | echo | dify | coze | fastgpt  (auto = echo unless base_url is set)
+    provider: str = "auto"
     base_url: str = ""
     model: str = "gpt-4o-mini"
     api_keys: list[str] = field(default_factory=list)
@@ -64,6 +65,13 @@ class ModelConfig:
     total_timeout: float = 120.0
     max_retries: int = 3
     key_cooldown: float = 60.0
+    # A reasoning model's thinking: strip (never shown nor kept) | fold (a collapsed panel where the
+    # platform has one, a Feishu card; stripped elsewhere) | show (quoted above the answer).
+    reasoning: str = "strip"
+    bot_id: str = ""  # coze: the bot (智能体) to talk to
+    # dify: extra `inputs` of every request; fastgpt: extra `variables` (strings, by name).
+    inputs: dict[str, str] = field(default_factory=dict)
+    sources: bool = True  # dify: a short list of the knowledge sources under the answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,8 +350,10 @@ SECRET_KEYS = frozenset(
     }
 )
 
+REASONING_MODES = ("strip", "fold", "show")
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "model.provider": ("auto", "openai", "echo"),
+    "model.provider": ("auto", "openai", "echo", "dify", "coze", "fastgpt"),
+    "model.reasoning": REASONING_MODES,
     "dingtalk.mode": ("stream", "webhook", "both"),
     "feishu.mode": ("ws", "webhook", "both"),
     "log.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -364,6 +374,8 @@ def _sections() -> dict[str, type]:
 
 
 def _describe(tp: Any) -> str:
+    if tp == dict[str, str]:
+        return "a table of strings"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
         tp, "a list of strings"
     )
@@ -378,6 +390,7 @@ def _coerce(value: Any, tp: Any, where: str, secret: bool = False) -> Any:
         or (tp is float and isinstance(value, int | float) and not isinstance(value, bool))
         or (tp is str and isinstance(value, str))
         or (tp == list[str] and isinstance(value, list) and all(isinstance(v, str) for v in value))
+        or (tp == dict[str, str] and isinstance(value, dict) and all(isinstance(v, str) for v in value.values()))
     )
     if not ok:
         shown = "(value hidden)" if secret else repr(value)
@@ -401,7 +414,13 @@ def _parse_env(raw: str, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected {_describe(tp)}, got {raw!r}") from None
     if tp is str:
         return raw
-    return [part.strip() for part in raw.split(",") if part.strip()]
+    parts = [part.strip() for part in raw.split(",") if part.strip()]
+    if tp == dict[str, str]:  # name=value,name=value
+        pairs = [part.partition("=") for part in parts]
+        if any(not sep or not name.strip() for name, sep, _ in pairs):
+            raise ConfigError(f"{where}: expected name=value pairs separated by commas, got {raw!r}")
+        return {name.strip(): value.strip() for name, _, value in pairs}
+    return parts
 
 
 def env_token(name: str) -> str:
@@ -506,8 +525,8 @@ def _validate(cfg: Config, from_env: frozenset[str] = frozenset()) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             fail(key, "must be 0 (none) or more")
-    if cfg.model.provider == "openai" and not cfg.model.base_url:
-        fail("model.base_url", "is required when model.provider = \"openai\"")
+    for key, why in model_problems(cfg.model):
+        fail(f"model.{key}", why)
     for key in ("model.base_url", "dingtalk.api_base", "dingtalk.oapi_base", "feishu.domain"):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -713,8 +732,10 @@ def _validate_listed(cfg: Config) -> None:
         model = agent.model
         if model.provider not in _CHOICES["model.provider"]:
             fail(f"{where}.provider", f"must be one of {', '.join(_CHOICES['model.provider'])}, got {model.provider!r}")
-        if model.provider == "openai" and not model.base_url:
-            fail(f"{where}.base_url", 'is required when provider = "openai"')
+        if model.reasoning not in REASONING_MODES:
+            fail(f"{where}.reasoning", f"must be one of {', '.join(REASONING_MODES)}, got {model.reasoning!r}")
+        for key, why in model_problems(model):
+            fail(f"{where}.{key}", why)
         if model.base_url and not model.base_url.startswith(("http://", "https://")):
             fail(f"{where}.base_url", f"must be an http(s) URL, got {model.base_url!r}")
         for key in ("connect_timeout", "first_token_timeout", "total_timeout"):
@@ -750,6 +771,19 @@ def _validate_listed(cfg: Config) -> None:
         if not bots:
             what = " ".join(f"{k} = {v!r}" for k, v in (("platform", route.platform), ("bot", route.bot)) if v)
             fail(where, f"matches no enabled bot ({what or 'no bot is enabled'})")
+
+
+# What a remote backend cannot do without, beyond base_url.
+BACKEND_NEEDS = {"dify": ("api_keys",), "coze": ("api_keys", "bot_id"), "fastgpt": ("api_keys",)}
+
+
+def model_problems(model: ModelConfig) -> list[tuple[str, str]]:
+    """(key, why) for every setting a `[model]` / `[[agents]]` entry's provider requires but lacks."""
+    provider = model.provider
+    if provider in ("auto", "echo"):
+        return []
+    needed = ("base_url", *BACKEND_NEEDS.get(provider, ()))
+    return [(key, f'is required when provider = "{provider}"') for key in needed if not getattr(model, key)]
 
 
 def _unique_token(taken: list[str], name: str, where: str, kind: str, fail: Callable[[str, str], None]) -> None:

@@ -18,7 +18,6 @@ import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import date
 from email.utils import parsedate_to_datetime
@@ -28,13 +27,13 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from . import __version__
+from .backends import create_backend, uses_echo
 from .config import ENV_PREFIX, AgentConfig, Config, ModelConfig, env_token
 from .egress import client_session
 from .errors import ModelError, PlatformError, StoreError, StoreInUse
 from .keyage import KEY_AGES_FILE, MAX_AGE_DAYS, ages, configured_keys, parse, today, too_old
 from .logs import redact
 from .metrics import Metrics
-from .model import Completion, OpenAIModel, uses_echo
 from .store import SqliteStore, open_store
 from .tokens import TokenCache
 
@@ -308,6 +307,21 @@ MODEL_FIXES = {
     "timeout": "the endpoint is too slow: check its load, or raise [model] first_token_timeout",
     "first_token_timeout": "the endpoint is too slow: check its load, or raise [model] first_token_timeout",
     "read_timeout": "the endpoint stalls mid-answer: check its load and the network path",
+    # "<provider>:<reason>" wins over "<reason>" for that provider.
+    "coze:auth": "check [model] api_keys (BOTGATE_MODEL__API_KEYS): a pat_ token of the site base_url names "
+    "(api.coze.cn and api.coze.com have separate accounts) with the chat and createConversation permissions",
+    "coze:server_error": "check [model] bot_id (the number after /bot/ in the bot's URL): Coze answers a wrong "
+    "one with 5000; otherwise retry later",
+    "coze:bad_request": "check [model] bot_id, and base_url: the host only, https://api.coze.cn or https://api.coze.com",
+    "coze:bad_response": "[model] base_url is not Coze's API: https://api.coze.cn or https://api.coze.com",
+    "dify:auth": "check [model] api_keys (BOTGATE_MODEL__API_KEYS): the app's key (app-…) from its API Access page",
+    "dify:bad_request": "check [model] base_url (the app API's, e.g. https://api.dify.ai/v1) and [model] inputs "
+    "(every input the app requires)",
+    "dify:bad_response": "[model] base_url is not Dify's app API: https://api.dify.ai/v1 or http(s)://<host>/v1",
+    "fastgpt:auth": "check [model] api_keys (BOTGATE_MODEL__API_KEYS): the app's own key (fastgpt-…, "
+    "from the app's API access page), not an account key",
+    "fastgpt:bad_request": 'check [model] base_url: FastGPT\'s API with "/api/v1", e.g. http://<host>:3000/api/v1',
+    "fastgpt:bad_response": "[model] base_url is not a FastGPT chat app's API: http(s)://<host>/api/v1",
 }
 
 
@@ -339,19 +353,17 @@ async def check_model(cfg: ModelConfig, http: aiohttp.ClientSession) -> Result:
             max_retries=0,
             total_timeout=min(cfg.total_timeout, 20.0),
         )
-        model = OpenAIModel(probe, http, Metrics())
+        backend = create_backend(probe, http, Metrics())  # its name: the model, or e.g. a Coze bot
         try:
-            async with aclosing(model.stream([{"role": "user", "content": "ping"}], Completion())) as deltas:
-                async for _ in deltas:
-                    pass
+            proved = await backend.probe()
         except ModelError as e:
             which = f" (key {n} of {len(keys)})" if len(keys) > 1 else ""
-            fix = MODEL_FIXES.get(e.reason, reach_fix(cfg.base_url))
+            fix = MODEL_FIXES.get(f"{cfg.provider}:{e.reason}") or MODEL_FIXES.get(e.reason, reach_fix(cfg.base_url))
             if e.reason == "connection":
                 fix = f"check [model] base_url; {reach_fix(cfg.base_url)}"
-            return failed(f"{cfg.model} at {cfg.base_url}{which}: {e}", fix)
+            return failed(f"{backend.name} at {cfg.base_url}{which}: {e}", fix)
     keys_note = f" with each of the {len(keys)} keys" if len(keys) > 1 else ""
-    return passed(f"{cfg.model} at {cfg.base_url} answered a one-token request{keys_note}")
+    return passed(f"{backend.name} at {cfg.base_url} {proved}{keys_note}")
 
 
 # -- store ----------------------------------------------------------------------------------------

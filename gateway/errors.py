@@ -8,7 +8,12 @@ class GatewayError(Exception):
 
 
 class ModelError(GatewayError):
-    """The model endpoint failed. `reason` is a bounded label for metrics."""
+    """The model backend failed. `reason` is a bounded label for metrics and the user's notice:
+    `auth`, `rate_limited` (with `retry_after`), `bad_request`, `conversation_gone` (a backend
+    that keeps the history no longer knows the conversation), `conversation_busy` (it still runs an
+    earlier answer in that conversation, Coze's 4016), `server_error` (also an error event
+    inside the stream), `connection` (unreachable, or dropped mid-answer), `first_token_timeout`,
+    `read_timeout`, `timeout` (the whole call's deadline), `bad_response` (unreadable)."""
 
     def __init__(
         self,

@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
+from .backends import Backend, BackendRequest, Completion, Message
 from .budget import CallCount
 from .channel import Channel, ReplyStream
 from .config import DEFAULT_NAME, Config
 from .errors import PlatformError
 from .messages import Attachment, ConversationKind, InboundMessage, Reply, ReplyKind
 from .metrics import Metrics, Outcome
-from .model import Completion, Message, ModelClient
 from .store import Turn
 
 # Every step logs as the responder, so log queries by logger keep working whichever step it is.
@@ -51,7 +51,7 @@ class Exchange:
     ready_at: float  # see the dispatcher's `Responder.handle`
     # As at the message's start: a reload applies from the next message on.
     cfg: Config
-    model: ModelClient
+    model: Backend
     text: str  # what the user wrote, stripped: their remembered turn
     question: str  # the text the model is asked
     completion: Completion
@@ -69,6 +69,9 @@ class Exchange:
     agent: str = DEFAULT_NAME  # the `[[agents]]` entry answering it (its model is `cfg.model`)
     # Where its context is kept: the conversation's, or in a `per_user` agent's group the sender's own.
     context_key: str = ""
+    # For a backend that keeps the history (`Backend.keeps_history`): its conversation id, kept
+    # under `context_key` from its last answer (None: a new conversation).
+    session: str | None = None
 
     @classmethod
     def start(
@@ -76,7 +79,7 @@ class Exchange:
         message: InboundMessage,
         ready_at: float,
         cfg: Config,
-        model: ModelClient,
+        model: Backend,
         agent: str = DEFAULT_NAME,
         per_user: bool = False,
     ) -> Exchange:
@@ -93,6 +96,16 @@ class Exchange:
         """A user turn as the model sees and the context keeps it: in a group, with its speaker,
         so one member's words are never taken for another's (or for the operator's)."""
         return f"{self.speaker}: {text}" if self.speaker else text
+
+    def request(self) -> BackendRequest:
+        """What the backend is asked."""
+        m = self.message
+        text = self.user_turn(self.question)
+        shared = m.conversation_kind is ConversationKind.GROUP and self.context_key == m.conversation_key
+        return BackendRequest(
+            self.prompt, text, m.user_key, m.sender_name, m.platform, m.conversation_id, self.context_key, self.session,
+            shared=shared,
+        )
 
     @property
     def command(self) -> str:

@@ -46,7 +46,7 @@ PENDING = (
     N_("The assistant is busy right now. Please send your message again in a minute."),  # BUSY_NOTICE
     N_("Sorry, something went wrong while answering. Please try again. (ref {request_id})"),  # APOLOGY
     N_("Sorry, that took too long to answer. Please try again. (ref {request_id})"),  # TIMEOUT_NOTICE
-    # gateway/model.py (the echo model's answer, after the quoted question)
+    # gateway/backends/echo.py (the echo answer, after the quoted question)
     N_(
         "(echo: no model is configured; set `[model] base_url` or `BOTGATE_MODEL__BASE_URL` "
         "to an OpenAI-compatible endpoint)"

@@ -8,12 +8,12 @@ from aiohttp.abc import AbstractResolver
 
 from .alerts import Monitor
 from .auth import AdminAuth
+from .backends import Backend
 from .channel import Channel
 from .config import Config
 from .dispatcher import Dispatcher
 from .keyage import KeyAges
 from .metrics import Metrics
-from .model import ModelClient
 from .reload import LiveConfig
 from .responder import Responder
 from .store import Store
@@ -22,7 +22,7 @@ CONFIG = web.AppKey("config", Config)  # as loaded at start; LIVE has the reload
 METRICS = web.AppKey("metrics", Metrics)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 STORE = web.AppKey("store", Store)
-MODEL = web.AppKey("model", ModelClient)  # the client built at start; see Responder.model
+MODEL = web.AppKey("model", Backend)  # the backend built at start; see Responder.model
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 RESPONDER = web.AppKey("responder", Responder)
 CHANNELS = web.AppKey("channels", dict[str, Channel])

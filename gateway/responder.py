@@ -12,13 +12,13 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from .answer import CachedAnswer, ModelAnswer, Remember, Summary
+from .backends import Backend
 from .budget import counting
 from .channel import Channel
 from .config import DEFAULT_NAME, Config
 from .exchange import Delivery, Exchange, Flow, Step, fields, log
 from .messages import InboundMessage
 from .metrics import Metrics, Outcome
-from .model import ModelClient
 from .steps import (
     Help,
     History,
@@ -38,10 +38,10 @@ class Responder:
         self,
         cfg: Config,
         store: Store,
-        model: ModelClient,
+        model: Backend,
         channels: Mapping[str, Channel],
         metrics: Metrics,
-        agents: Mapping[str, ModelClient] | None = None,
+        agents: Mapping[str, Backend] | None = None,
     ) -> None:
         self.cfg = cfg
         self._model = model
@@ -69,15 +69,15 @@ class Responder:
         )
 
     @property
-    def model(self) -> ModelClient:
+    def model(self) -> Backend:
         return self._model
 
     @property
-    def agents(self) -> Mapping[str, ModelClient]:
+    def agents(self) -> Mapping[str, Backend]:
         return self._agents
 
     def reconfigure(
-        self, cfg: Config, model: ModelClient, agents: Mapping[str, ModelClient] | None = None
+        self, cfg: Config, model: Backend, agents: Mapping[str, Backend] | None = None
     ) -> None:
         """Use a reloaded config (its routes and agents), model client and agent clients from the
         next message on (calls in flight finish with the old ones)."""

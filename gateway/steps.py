@@ -172,13 +172,17 @@ class NothingToRead:
 
 
 class History:
-    """The conversation so far."""
+    """The conversation so far: its turns, or for a backend that keeps them itself, the id of its
+    conversation there."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
 
     async def __call__(self, exchange: Exchange) -> Flow:
-        exchange.history = await self._store.context(exchange.context_key)
+        if exchange.model.keeps_history:
+            exchange.session = await self._store.backend_session(exchange.context_key)
+        else:
+            exchange.history = await self._store.context(exchange.context_key)
         return Flow.CONTINUE
 
 

@@ -173,7 +173,10 @@ class CardBook:
 
 
 class CardStream(ABC):
-    """One answer streamed into one card (a `ReplyStream`)."""
+    """One answer streamed into one card (a `ReplyStream`). A card that shows the model's thinking
+    apart from the answer (`ReplyStream.fold`) sets `folds`, and finds the thinking in `thinking`."""
+
+    folds = False
 
     def __init__(
         self,
@@ -194,6 +197,8 @@ class CardStream(ABC):
         self._broken = False
         self._last_push = 0.0
         self._last_text = ""
+        self.thinking = ""  # as `fold` gave it last: shown only where `folds`
+        self._last_thinking = ""
 
     @property
     def platform(self) -> str:
@@ -263,11 +268,15 @@ class CardStream(ABC):
             return False
         return self.record is None or time.monotonic() - self._last_push >= self._interval
 
+    def fold(self, reasoning: str) -> None:
+        if self.folds:
+            self.thinking = reasoning
+
     async def update(self, text: str) -> None:
-        if text == self._last_text or not self.wants_update():
+        if (text, self.thinking) == (self._last_text, self._last_thinking) or not self.wants_update():
             return
         now = time.monotonic()
-        self._last_push, self._last_text = now, text
+        self._last_push, self._last_text, self._last_thinking = now, text, self.thinking
         try:
             if self.record is None:
                 await self._start(text)

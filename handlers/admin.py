@@ -15,12 +15,12 @@ from aiohttp import web
 
 from gateway.app import reload_config
 from gateway.auth import login_url
+from gateway.backends import uses_echo
 from gateway.channel import ChannelState, ChannelStatus
 from gateway.config import DEFAULT_NAME, BotConfig, ConfigError, masked
 from gateway.errors import GatewayError, StoreError
 from gateway.keys import AUTH, CHANNELS, CONFIG, LIVE, STORE
 from gateway.logs import redacted
-from gateway.model import uses_echo
 
 from .auth import AUDIT_DETAIL, PRINCIPAL, require_recent_login, start_session
 from .http import json_error

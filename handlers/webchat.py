@@ -135,6 +135,9 @@ class WebChatStream:
         frame = {"type": "done", "text": text, "reply_to": self._message.message_id}
         await self._sockets.push(self._message.conversation_id, frame)
 
+    def fold(self, reasoning: str) -> None:
+        """The page has no collapsed view: the thinking is left out."""
+
 
 class WebChatAdapter(Adapter[WebChatConfig, BrowserSockets]):
     """The browser chat on the shared skeleton. Its events arrive already parsed (`parse_frame`

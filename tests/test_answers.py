@@ -11,11 +11,11 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway.backends import EchoBackend, create_backend
 from gateway.errors import StoreError
 from gateway.keys import DISPATCHER, METRICS
 from gateway.messages import ConversationKind, InboundMessage, Reply
 from gateway.metrics import Metrics
-from gateway.model import EchoModel, create_model_client
 from gateway.responder import Responder
 from gateway.store import MemoryStore
 from tests.conftest import make_config
@@ -179,7 +179,7 @@ class RecordingChannel:
 async def test_store_failure_after_delivery_is_not_an_apology(caplog: Any) -> None:
     channel = RecordingChannel()
     config = make_config()
-    responder = Responder(config, ForgetfulStore(), EchoModel(), {"web/default": channel}, Metrics())  # type: ignore[dict-item]
+    responder = Responder(config, ForgetfulStore(), EchoBackend(), {"web/default": channel}, Metrics())  # type: ignore[dict-item]
     message = InboundMessage(
         platform="web",
         transport="websocket",
@@ -208,7 +208,7 @@ async def test_cache_is_per_endpoint(aiohttp_server: Any) -> None:
             config = make_config(model={"base_url": url})
             metrics = Metrics()
             channel = RecordingChannel()
-            model = create_model_client(config.model, session, metrics)
+            model = create_backend(config.model, session, metrics)
             responder = Responder(config, store, model, {"web/default": channel}, metrics)  # type: ignore[dict-item]
             message = InboundMessage(
                 platform="web",

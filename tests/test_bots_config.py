@@ -147,6 +147,10 @@ def test_a_bot_may_be_switched_off(tmp_path: Path) -> None:
             "agents[hr].group_context: must be one of shared, per_user",
         ),
         (
+            ('group_context = "per_user"', 'reasoning = "hidden"'),
+            "agents[hr].reasoning: must be one of strip, fold, show, got 'hidden'",
+        ),
+        (
             ('api_base = "http://127.0.0.1:1"', 'api_base = "127.0.0.1"'),
             "dingtalk.bots[hrbot].api_base: must be an http(s) URL",
         ),

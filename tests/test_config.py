@@ -46,8 +46,9 @@ def error_of(path: Path | None, env: dict[str, str] | None = None) -> str:
         ("server = 1\n", "[server] must be a table, got server = 1"),
         (
             '[model]\nprovider = "gpt"\n',
-            "model.provider: must be one of auto, openai, echo, got 'gpt'",
+            "model.provider: must be one of auto, openai, echo, dify, coze, fastgpt, got 'gpt'",
         ),
+        ('[model]\nreasoning = "hide"\n', "model.reasoning: must be one of strip, fold, show, got 'hide'"),
         ('[dingtalk]\nmode = "poll"\n', "dingtalk.mode: must be one of stream, webhook, both"),
         ('[feishu]\nmode = "poll"\n', "feishu.mode: must be one of ws, webhook, both"),
         ('[log]\nlevel = "LOUD"\n', "log.level: must be one of DEBUG, INFO, WARNING, ERROR"),
@@ -59,7 +60,7 @@ def error_of(path: Path | None, env: dict[str, str] | None = None) -> str:
         ("[model]\nmax_retries = -1\n", "model.max_retries: must be 0 or more"),
         (
             '[model]\nprovider = "openai"\n',
-            'model.base_url: is required when model.provider = "openai"',
+            'model.base_url: is required when provider = "openai"',
         ),
         (
             '[model]\nbase_url = "api.openai.com/v1"\n',

@@ -1,4 +1,4 @@
-"""The real OpenAI-compatible client against a local OpenAI-compatible server."""
+"""The real OpenAI-compatible backend against a local OpenAI-compatible server."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.backends import BackendRequest, Completion, Delta, DeltaKind, EchoBackend, OpenAIBackend, create_backend
 from gateway.errors import ModelError
 from gateway.metrics import Metrics
-from gateway.model import Completion, EchoModel, OpenAIModel, create_model_client
 from tests.conftest import make_config
 from tests.doubles.openai import OpenAIDouble
 
@@ -31,18 +31,24 @@ def client(
     """Build the real client for `[model]` settings, pointed at the double."""
     _, url = openai_double
 
-    def build(**model: Any) -> tuple[OpenAIModel, Metrics]:
+    def build(**model: Any) -> tuple[OpenAIBackend, Metrics]:
         cfg = make_config(model={"base_url": url, "max_retries": 2, **model}).model
         metrics = Metrics()
-        return OpenAIModel(cfg, session, metrics), metrics
+        return OpenAIBackend(cfg, session, metrics), metrics
 
     return build
 
 
+def request(messages: list[dict[str, Any]] = QUESTION) -> BackendRequest:
+    return BackendRequest(messages, str(messages[-1]["content"]), "web:tester")
+
+
 async def ask(model: Any, messages: list[dict[str, Any]] = QUESTION) -> tuple[list[str], Completion]:
+    """The answer's text deltas (asserting there is no other kind) and the completion."""
     completion = Completion()
-    deltas = [d async for d in model.stream(messages, completion)]
-    return deltas, completion
+    deltas: list[Delta] = [d async for d in model.stream(request(messages), completion)]
+    assert all(d.kind is DeltaKind.ANSWER for d in deltas), deltas
+    return [d.text for d in deltas], completion
 
 
 def errors(metrics: Metrics, reason: str) -> float:
@@ -114,8 +120,8 @@ async def test_total_timeout_never_fires_inside_the_callers_code(client: Any) ->
     deadline only applies while waiting for the model, and this answer had fully arrived."""
     model, _ = client(total_timeout=0.2)
     seen = []
-    async for delta in model.stream(QUESTION, Completion()):
-        seen.append(delta)
+    async for delta in model.stream(request(), Completion()):
+        seen.append(delta.text)
         if len(seen) == 1:
             await asyncio.sleep(0.3)  # the caller's own slow work, past the model deadline
     assert "".join(seen) == "echo: one two three"
@@ -129,8 +135,8 @@ async def test_total_timeout_after_slow_caller_fires_at_the_next_model_wait(
     model, metrics = client(total_timeout=0.2)
     seen = []
     with pytest.raises(ModelError) as err:
-        async for delta in model.stream(QUESTION, Completion()):
-            seen.append(delta)
+        async for delta in model.stream(request(), Completion()):
+            seen.append(delta.text)
             await asyncio.sleep(0.3)  # the caller's own slow work, past the model deadline
     assert seen == ["echo:"]
     assert err.value.reason == "timeout"
@@ -203,8 +209,8 @@ async def test_dropped_connection_mid_stream_is_not_retried(client: Any, openai_
     completion = Completion()
     seen = []
     with pytest.raises(ModelError) as err:
-        async for delta in model.stream(QUESTION, completion):
-            seen.append(delta)
+        async for delta in model.stream(request(), completion):
+            seen.append(delta.text)
     assert seen == ["echo:"]  # the partial answer reached the caller ...
     assert len(double.requests) == 1  # ... so it is never asked again (no repeated half answer)
     assert err.value.reason == "connection"
@@ -218,8 +224,8 @@ async def test_stalled_stream_after_first_token_is_not_retried(client: Any, open
     model, metrics = client(first_token_timeout=0.2)
     seen = []
     with pytest.raises(ModelError) as err:
-        async for delta in model.stream(QUESTION, Completion()):
-            seen.append(delta)
+        async for delta in model.stream(request(), Completion()):
+            seen.append(delta.text)
     assert seen == ["echo:"]
     assert err.value.reason == "read_timeout"
     assert len(double.requests) == 1
@@ -235,7 +241,7 @@ async def test_refused_connection_is_retried_then_a_clear_error(session: aiohttp
     metrics = Metrics()
     cfg = make_config(model={"base_url": f"http://127.0.0.1:{port}/v1", "max_retries": 1}).model
     with pytest.raises(ModelError) as err:
-        await ask(OpenAIModel(cfg, session, metrics))
+        await ask(OpenAIBackend(cfg, session, metrics))
     assert err.value.reason == "connection"
     assert "unreachable" in str(err.value)
     assert retries(metrics, "connection") == 1 and errors(metrics, "connection") == 1
@@ -299,9 +305,34 @@ async def test_empty_answer_streams_nothing(client: Any, openai_double: Any) -> 
 
 
 async def test_echo_is_the_default_without_a_base_url(session: aiohttp.ClientSession) -> None:
-    model = create_model_client(make_config().model, session, Metrics())
-    assert isinstance(model, EchoModel)
+    model = create_backend(make_config().model, session, Metrics())
+    assert isinstance(model, EchoBackend)
     deltas, completion = await ask(model, [{"role": "user", "content": "line one\nline two"}])
     assert deltas[0].startswith("> line one\n> line two\n\n")
     assert "no model is configured" in deltas[0]
     assert completion.model == "echo"
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+@pytest.mark.parametrize("stream", [True, False])
+async def test_thinking_in_a_field_of_its_own_is_yielded_as_reasoning(
+    client: Any, openai_double: Any, field: str, stream: bool
+) -> None:
+    double, _ = openai_double
+    double.reasoning, double.reasoning_as = "the user counts", field
+    model, _ = client(stream=stream)
+    completion = Completion()
+    deltas = [d async for d in model.stream(request(), completion)]
+    thinking = "".join(d.text for d in deltas if d.kind is DeltaKind.REASONING)
+    answer = "".join(d.text for d in deltas if d.kind is DeltaKind.ANSWER)
+    assert (thinking, answer) == ("the user counts", "echo: one two three")
+    assert deltas[0].kind is DeltaKind.REASONING  # it comes first, and ...
+    assert completion.first_byte_at is not None  # ... is the answer's first byte: no retry after it
+
+
+async def test_inline_thinking_is_left_in_the_answer_text_for_the_answer_step(client: Any, openai_double: Any) -> None:
+    double, _ = openai_double
+    double.reasoning, double.reasoning_as = "hmm", "think"
+    model, _ = client()
+    deltas, _ = await ask(model)
+    assert "".join(deltas) == "<think>hmm</think>\n\necho: one two three"

@@ -223,6 +223,80 @@ async def test_context_expires_when_idle(store: Store) -> None:
     await eventually(forgotten)
 
 
+# -- backend sessions: the backend's conversation id per context key ---------------------------------
+GROUP = "dingtalk:cidTEAM"
+MEMBER = f"{GROUP}:user:staff1"  # a per_user agent's context key in that group
+
+
+async def test_backend_session_is_kept_per_context_key(store: Store) -> None:
+    assert await store.backend_session(GROUP) is None
+    await store.set_backend_session(GROUP, "conv-group", ttl=60)
+    await store.set_backend_session(MEMBER, "conv-member", ttl=60)
+    await store.set_backend_session("feishu:oc_1", "会话-✓", ttl=60)
+    assert await store.backend_session(GROUP) == "conv-group"
+    assert await store.backend_session(MEMBER) == "conv-member"
+    assert await store.backend_session("feishu:oc_1") == "会话-✓"
+    assert await store.backend_session("dingtalk:cidOTHER") is None
+    await store.set_backend_session(GROUP, "conv-group-2", ttl=60)  # the backend gave a new one
+    assert await store.backend_session(GROUP) == "conv-group-2"
+    assert await store.backend_session(MEMBER) == "conv-member"
+
+
+async def test_backend_session_expires_when_idle_unless_stored_again(store: Store) -> None:
+    await store.set_backend_session("web:kept", "conv-kept", ttl=0.4)  # first: never expires later
+    await store.set_backend_session("web:idle", "conv-idle", ttl=0.4)
+    deadline = time.monotonic() + 5.0
+    while await store.backend_session("web:idle") is not None:
+        assert time.monotonic() < deadline, "the idle session never expired"
+        await store.set_backend_session("web:kept", "conv-kept", ttl=0.4)  # in use: refreshed
+        await asyncio.sleep(0.02)
+    assert await store.backend_session("web:kept") == "conv-kept"
+
+    async def forgotten() -> bool:
+        return await store.backend_session("web:kept") is None
+
+    await eventually(forgotten)
+
+
+async def test_reset_forgets_the_backend_session_of_that_key_only(store: Store) -> None:
+    for key in (GROUP, MEMBER):
+        await store.append_turns(key, [Turn("user", "hi")], 10, 1000, idle_ttl=60)
+        await store.set_backend_session(key, f"conv-{key}", ttl=60)
+    await store.reset(GROUP)
+    assert await store.backend_session(GROUP) is None
+    assert await store.context(GROUP) == []
+    assert await store.backend_session(MEMBER) == f"conv-{MEMBER}"  # another member's own
+    await store.reset(MEMBER)
+    assert await store.backend_session(MEMBER) is None
+    await store.reset(MEMBER)  # twice is harmless
+    await store.set_backend_session(GROUP, "conv-fresh", ttl=60)  # the next answer starts anew
+    assert await store.backend_session(GROUP) == "conv-fresh"
+
+
+async def test_backend_session_survives_reopen(backend: Backend) -> None:
+    if backend.name == "memory":
+        pytest.skip("memory:// is not durable by design")
+    store = await backend.open()
+    await store.set_backend_session(MEMBER, "conv-member", ttl=60)
+    await store.set_backend_session(GROUP, "conv-gone", ttl=60)
+    await store.reset(GROUP)
+    await store.close()
+    backend.opened.remove(store)
+
+    reopened = await backend.open()
+    assert await reopened.backend_session(MEMBER) == "conv-member"
+    assert await reopened.backend_session(GROUP) is None
+
+
+async def test_a_failed_backend_session_write_raises_and_keeps_the_previous(backend: Backend) -> None:
+    store = await backend.open()
+    await store.set_backend_session(GROUP, "conv-1", ttl=60)
+    async with refusing_writes(backend, store):
+        with pytest.raises(StoreError):
+            await store.set_backend_session(GROUP, "x" * 20_000, ttl=60)
+    assert await store.backend_session(GROUP) == "conv-1"
+
+
 # -- cache ---------------------------------------------------------------------------------------
 async def test_cache_hit_until_ttl(store: Store) -> None:
     assert await store.cache_get("cache:k") is None
@@ -323,3 +397,7 @@ async def test_ping_ok_while_open_and_fails_after_close(backend: Backend) -> Non
         await store.ping()
     with pytest.raises(StoreError):
         await store.claim("x", 1)
+    with pytest.raises(StoreError):
+        await store.backend_session("x")
+    with pytest.raises(StoreError):
+        await store.set_backend_session("x", "conv", 60)

@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.errors import StoreError
-from gateway.store import RedisStore
+from gateway.store import RedisStore, Turn
 from tests.helpers import msg
 from tests.redisd import RedisServer, free_port
 
@@ -39,6 +39,12 @@ async def test_outage_raises_store_errors_then_recovers_by_itself(tmp_path: Path
             await store.claim("dingtalk:2", 60)
         with pytest.raises(StoreError, match="inbox add"):
             await store.admit(msg(2), 60)
+        with pytest.raises(StoreError, match="backend session write"):
+            await store.set_backend_session("dingtalk:c1", "conv-1", 60)
+        with pytest.raises(StoreError, match="backend session read"):
+            await store.backend_session("dingtalk:c1")
+        with pytest.raises(StoreError, match="context reset"):
+            await store.reset("dingtalk:c1")
 
         await asyncio.to_thread(server.start)  # same port, empty (no persistence in tests)
         await store.ping()  # the pool reconnects; no reopen needed
@@ -46,6 +52,8 @@ async def test_outage_raises_store_errors_then_recovers_by_itself(tmp_path: Path
         message = msg(2)
         assert await store.admit(message, 60)  # the Lua scripts are loaded again after the restart
         assert await store.inbox_pending() == [message]
+        await store.set_backend_session("dingtalk:c1", "conv-1", 60)
+        assert await store.backend_session("dingtalk:c1") == "conv-1"
     finally:
         await store.close()
         server.stop()
@@ -60,6 +68,8 @@ async def test_keys_carry_the_botgate_prefix(redis_url: str, redis_server: Redis
         await store.cache_put("cache:x", "v", 60)
         await store.take_token("rate:u", 5)
         await store.acquire_lease("dingtalk:c1", "me", 60)
+        await store.append_turns("dingtalk:c1", [Turn("user", "hi")], 10, 1000, 60)
+        await store.set_backend_session("dingtalk:c1", "conv-1", 60)
     finally:
         await store.close()
     client = aioredis.Redis(port=redis_server.port)
@@ -68,3 +78,23 @@ async def test_keys_carry_the_botgate_prefix(redis_url: str, redis_server: Redis
     finally:
         await client.aclose()
     assert keys and all(k.startswith("botgate:") for k in keys), keys
+
+
+async def test_a_backend_session_expires_by_redis_ttl_and_shows_on_every_instance(redis_url: str) -> None:
+    one, two = RedisStore(redis_url), RedisStore(redis_url)
+    await one.open()
+    await two.open()
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        await one.set_backend_session("feishu:oc_1", "conv-1", ttl=90)
+        assert 80_000 < await admin.pttl("botgate:backend:feishu:oc_1") <= 90_000
+        assert await two.backend_session("feishu:oc_1") == "conv-1"  # shared by the instances
+        await two.set_backend_session("feishu:oc_1", "conv-1", ttl=300)  # stored again: refreshed
+        assert 290_000 < await admin.pttl("botgate:backend:feishu:oc_1") <= 300_000
+        await two.reset("feishu:oc_1")
+        assert await one.backend_session("feishu:oc_1") is None
+        assert await admin.exists("botgate:backend:feishu:oc_1") == 0
+    finally:
+        await admin.aclose()
+        await one.close()
+        await two.close()

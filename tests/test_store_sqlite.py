@@ -4,13 +4,38 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
+import orjson
 import pytest
 
 from gateway.errors import StoreError
-from gateway.store import SqliteStore, open_store
+from gateway.store import SqliteStore, Turn, open_store
+from gateway.store.base import encode_message
 from tests.helpers import msg
+
+# The schema (user_version 1) of the release before backend sessions, as its files are on disk.
+SCHEMA_BEFORE_BACKEND_SESSIONS = """
+CREATE TABLE IF NOT EXISTS inbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id TEXT NOT NULL UNIQUE,
+    conversation TEXT NOT NULL,
+    message BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS inbox_by_conversation ON inbox (conversation, seq);
+CREATE TABLE IF NOT EXISTS dedup (key TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS context (
+    conversation TEXT PRIMARY KEY, turns BLOB NOT NULL, expires REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cache (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires REAL NOT NULL)
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS buckets (bucket TEXT PRIMARY KEY, tokens REAL NOT NULL, updated REAL NOT NULL)
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cards (key TEXT PRIMARY KEY, record BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+PRAGMA user_version=1;
+"""
 
 
 async def test_group_commit_batches_concurrent_writes(tmp_path: Path) -> None:
@@ -118,5 +143,67 @@ async def test_an_unreadable_inbox_entry_does_not_block_the_others(tmp_path: Pat
         )
         await store.admit(msg(2), 60)
         assert [m.text for m in await store.inbox_pending()] == ["message 1", "message 2"]
+    finally:
+        await store.close()
+
+
+async def test_a_file_from_before_backend_sessions_opens_keeps_its_state_and_gains_them(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    pending = msg(1)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(SCHEMA_BEFORE_BACKEND_SESSIONS)
+    conn.execute(
+        "INSERT INTO inbox (request_id, conversation, message) VALUES (?, ?, ?)",
+        (pending.request_id, pending.conversation_key, encode_message(pending)),
+    )
+    conn.execute(
+        "INSERT INTO context (conversation, turns, expires) VALUES ('web:s', ?, ?)",
+        (orjson.dumps([["user", "q"], ["assistant", "a"]]), time.time() + 600),
+    )
+    conn.close()
+
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert await store.inbox_pending() == [pending]
+        assert await store.context("web:s") == [Turn("user", "q"), Turn("assistant", "a")]
+        assert await store.backend_session("web:s") is None
+        await store.set_backend_session("web:s", "conv-1", ttl=600)
+        assert await store.backend_session("web:s") == "conv-1"
+        await store.set_backend_session("web:t", "conv-2", ttl=600)
+        await store.reset("web:s")
+        assert await store.backend_session("web:s") is None and await store.context("web:s") == []
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as conn:
+        # Still version 1: the table is an addition the previous release opens and ignores.
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    conn.close()
+    reopened = SqliteStore(path)
+    await reopened.open()
+    try:
+        assert await reopened.backend_session("web:t") == "conv-2"
+        assert await reopened.inbox_pending() == [pending]
+    finally:
+        await reopened.close()
+
+
+async def test_expired_backend_sessions_are_swept_from_the_file(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "sweep.sqlite3", sweep_interval=0.05)
+    await store.open()
+    try:
+        await store.set_backend_session("web:gone", "conv-1", ttl=0.05)
+        await store.set_backend_session("web:kept", "conv-2", ttl=600)
+
+        def rows(conn: sqlite3.Connection) -> list[str]:
+            return [row[0] for row in conn.execute("SELECT key FROM backend_sessions ORDER BY key")]
+
+        for _ in range(250):  # the sweep has no event to await: look until it has run (bounded)
+            if await store.db.read(rows) == ["web:kept"]:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            pytest.fail("the expired row was not swept within 5 s")
     finally:
         await store.close()

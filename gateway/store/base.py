@@ -1,5 +1,5 @@
-"""The store interface: inbox, dedup keys, conversation context, model cache, rate limits; and
-per-conversation leases for a store several instances share (`LeaseStore`).
+"""The store interface: inbox, dedup keys, conversation context and backend sessions, model cache,
+rate limits; and per-conversation leases for a store several instances share (`LeaseStore`).
 
 Backends: `memory://` (tests, single process), `sqlite:///PATH` (default), `redis://` (several
 instances). Every method may raise `StoreError`; callers decide whether that refuses the message.
@@ -101,7 +101,18 @@ class Store(Protocol):
     ) -> None:
         """Append and trim to the newest `max_turns` turns within `max_chars` characters."""
 
-    async def reset(self, conversation: str) -> None: ...
+    async def reset(self, conversation: str) -> None:
+        """Forget the context of `conversation` and its backend session (a fresh start)."""
+
+    # -- backend-side conversations (Dify, Coze keep the history; we keep their id) ----------
+    async def backend_session(self, key: str) -> str | None:
+        """The backend's conversation id kept for the context key `key` (the key `context()`
+        uses), or None: none was kept, it expired, or `reset(key)` forgot it."""
+
+    async def set_backend_session(self, key: str, session: str, ttl: float) -> None:
+        """Keep `session` for `key` (replacing any other) until `ttl` seconds pass without it
+        being stored again: store it after every answer, even unchanged, so a conversation in use
+        keeps it, as `append_turns` keeps the context (the same `[context] idle_ttl`)."""
 
     # -- model result cache -------------------------------------------------------------------
     async def cache_get(self, key: str) -> str | None: ...

@@ -17,6 +17,7 @@ class MemoryStore:
         self._seen: dict[str, float] = {}
         self._inbox: OrderedDict[str, InboundMessage] = OrderedDict()
         self._context: dict[str, tuple[float, list[Turn]]] = {}
+        self._sessions: dict[str, tuple[float, str]] = {}  # context key -> (expires, backend's id)
         self._cache: dict[str, tuple[float, str]] = {}
         self._buckets: dict[str, tuple[float, float]] = {}
         self._cards: dict[str, CardRecord] = {}
@@ -39,6 +40,7 @@ class MemoryStore:
         self._seen = {k: t for k, t in self._seen.items() if t > now}
         self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
         self._context = {k: v for k, v in self._context.items() if v[0] > now}
+        self._sessions = {k: v for k, v in self._sessions.items() if v[0] > now}
         # A bucket untouched for a minute has refilled completely: same as no entry.
         self._buckets = {k: v for k, v in self._buckets.items() if v[1] > now - 60.0}
 
@@ -82,6 +84,16 @@ class MemoryStore:
 
     async def reset(self, conversation: str) -> None:
         self._context.pop(conversation, None)
+        self._sessions.pop(conversation, None)
+
+    async def backend_session(self, key: str) -> str | None:
+        entry = self._sessions.get(key)
+        if entry is None or entry[0] <= time.monotonic():
+            return None
+        return entry[1]
+
+    async def set_backend_session(self, key: str, session: str, ttl: float) -> None:
+        self._sessions[key] = (time.monotonic() + ttl, session)
 
     async def cache_get(self, key: str) -> str | None:
         entry = self._cache.get(key)

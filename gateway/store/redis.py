@@ -35,6 +35,8 @@ INBOX_SEQ = INBOX + ":seq"  # counter giving the global arrival order
 INBOX_ORDER = INBOX + ":order"  # sorted set: request_id by seq
 DEDUP = INBOX + ":dedup:"  # + key: a claim's token, with the dedup TTL
 CARDS = PREFIX + "cards"  # hash: card key -> record JSON (streaming cards still open)
+CONTEXT = PREFIX + "ctx:"  # + context key: its turns JSON, with the idle TTL
+SESSION = PREFIX + "backend:"  # + context key: the backend's conversation id, with the idle TTL
 CHUNK = 500  # ids per HMGET when reading the inbox
 
 _CLAIM = """
@@ -229,13 +231,13 @@ class RedisStore:
     # -- context ------------------------------------------------------------------------------
     async def context(self, conversation: str) -> list[Turn]:
         with self._errors("context read"):
-            raw = await self._r.get(f"{PREFIX}ctx:{conversation}")
+            raw = await self._r.get(CONTEXT + conversation)
         return _turns(raw) if raw else []
 
     async def append_turns(
         self, conversation: str, turns: list[Turn], max_turns: int, max_chars: int, idle_ttl: float
     ) -> None:
-        key = f"{PREFIX}ctx:{conversation}"
+        key = CONTEXT + conversation
         with self._errors("context write"):
             # The lease already serialises writers of one conversation; WATCH guards the rest.
             async with self._r.pipeline(transaction=True) as pipe:
@@ -254,7 +256,21 @@ class RedisStore:
 
     async def reset(self, conversation: str) -> None:
         with self._errors("context reset"):
-            await self._r.delete(f"{PREFIX}ctx:{conversation}")
+            # Two single-key DELs in one round trip (no multi-key command across hash slots).
+            async with self._r.pipeline(transaction=False) as pipe:
+                pipe.delete(CONTEXT + conversation)
+                pipe.delete(SESSION + conversation)
+                await pipe.execute()
+
+    # -- backend sessions -------------------------------------------------------------------------
+    async def backend_session(self, key: str) -> str | None:
+        with self._errors("backend session read"):
+            raw = await self._r.get(SESSION + key)
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    async def set_backend_session(self, key: str, session: str, ttl: float) -> None:
+        with self._errors("backend session write"):
+            await self._r.set(SESSION + key, session, px=_ms(ttl))
 
     # -- model cache ----------------------------------------------------------------------------
     async def cache_get(self, key: str) -> str | None:

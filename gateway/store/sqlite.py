@@ -1,9 +1,9 @@
 """SQLite store (`sqlite:///PATH`): the default, durable state of a single gateway process.
 
-Every write (dedup claim, inbox entry, context, cache, bucket) joins a group commit on the file's
-writer thread (see `sqlfile`), so the event loop never blocks and a burst costs one fsync. Times
-are wall-clock (`time.time()`) because they outlive the process. One gateway process owns the file:
-several instances need the Redis backend, so no leases here.
+Every write (dedup claim, inbox entry, context, backend session, cache, bucket) joins a group
+commit on the file's writer thread (see `sqlfile`), so the event loop never blocks and a burst
+costs one fsync. Times are wall-clock (`time.time()`) because they outlive the process. One
+gateway process owns the file: several instances need the Redis backend, so no leases here.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from .sqlfile import SqliteFile
 
 log = logging.getLogger(__name__)
 
+# `user_version` rises only for a change a file's older readers could not live with; a table added
+# for something new (`cards`, `backend_sessions`) is created in an existing file when it is opened
+# (`IF NOT EXISTS`), and a botgate from before it still opens the file, ignoring the table.
 SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS inbox (
@@ -42,6 +45,9 @@ CREATE TABLE IF NOT EXISTS cache (key TEXT PRIMARY KEY, value TEXT NOT NULL, exp
 CREATE TABLE IF NOT EXISTS buckets (bucket TEXT PRIMARY KEY, tokens REAL NOT NULL, updated REAL NOT NULL)
     WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS cards (key TEXT PRIMARY KEY, record BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS backend_sessions (
+    key TEXT PRIMARY KEY, session TEXT NOT NULL, expires REAL NOT NULL
+) WITHOUT ROWID;
 """
 
 
@@ -156,9 +162,28 @@ class SqliteStore:
         await self.db.write(op)
 
     async def reset(self, conversation: str) -> None:
+        def op(conn: sqlite3.Connection, now: float) -> None:
+            conn.execute("DELETE FROM context WHERE conversation = ?", (conversation,))
+            conn.execute("DELETE FROM backend_sessions WHERE key = ?", (conversation,))
+
+        await self.db.write(op)
+
+    # -- backend sessions -------------------------------------------------------------------------
+    async def backend_session(self, key: str) -> str | None:
+        now = time.time()
+        row = await self.db.read(
+            lambda conn: conn.execute(
+                "SELECT session FROM backend_sessions WHERE key = ? AND expires > ?", (key, now)
+            ).fetchone()
+        )
+        return str(row[0]) if row else None
+
+    async def set_backend_session(self, key: str, session: str, ttl: float) -> None:
         await self.db.write(
             lambda conn, now: conn.execute(
-                "DELETE FROM context WHERE conversation = ?", (conversation,)
+                "INSERT INTO backend_sessions (key, session, expires) VALUES (?, ?, ?) ON CONFLICT (key)"
+                " DO UPDATE SET session = excluded.session, expires = excluded.expires",
+                (key, session, now + ttl),
             )
         )
 
@@ -243,6 +268,7 @@ def _sweep(conn: sqlite3.Connection, now: float) -> int:
         ("DELETE FROM dedup WHERE expires <= ?", (now,)),
         ("DELETE FROM cache WHERE expires <= ?", (now,)),
         ("DELETE FROM context WHERE expires <= ?", (now,)),
+        ("DELETE FROM backend_sessions WHERE expires <= ?", (now,)),
         # A bucket untouched for a minute has refilled completely: same as no row.
         ("DELETE FROM buckets WHERE updated <= ?", (now - 60.0,)),
     ):

@@ -244,12 +244,13 @@ class FeishuApi:
             raise PlatformError("feishu card_create: answer without card_id")
         return card_id
 
-    async def set_card_text(self, card_id: str, text: str, sequence: int) -> None:
-        """Replace the streaming element's text; `sequence` must grow with every card operation.
-        Mentions in model text are defused, as in every card and post (`render.defuse`)."""
+    async def set_card_text(self, card_id: str, text: str, sequence: int, element: str = ELEMENT_ID) -> None:
+        """Replace a streaming element's text (the answer's unless `element` names another);
+        `sequence` must grow with every card operation. Mentions in model text are defused, as in
+        every card and post (`render.defuse`)."""
         await self.call(
             "PUT",
-            f"/open-apis/cardkit/v1/cards/{_q(card_id)}/elements/{ELEMENT_ID}/content",
+            f"/open-apis/cardkit/v1/cards/{_q(card_id)}/elements/{_q(element)}/content",
             "card_content",
             body={"content": defuse(text), "sequence": sequence},
         )

@@ -14,6 +14,11 @@ on above every number used before.
 
 A card that takes no more text (Feishu closed its streaming after about 10 minutes, or refuses it
 for good) keeps what it shows; what it does not show follows as replies.
+
+The model's thinking (`[model] reasoning = "fold"`) goes into a collapsed panel above the answer,
+its own markdown element streamed like the answer's (`render.thinking_panel`). The panel is part of
+the card from its creation, so only a card made while the model was already thinking has one (the
+thinking comes first); thinking that begins after the answer is left out.
 """
 
 from __future__ import annotations
@@ -31,7 +36,15 @@ from gateway.store import CardRecord
 from gateway.streaming import SENT_AS_MESSAGE, CardBook, CardStream
 
 from .api import FeishuApi, StreamingClosed
-from .render import MANY_TABLES_NOTE, render, stream_view, streaming_card
+from .render import (
+    MANY_TABLES_NOTE,
+    THINKING_ID,
+    THINKING_PENDING,
+    folded,
+    render,
+    stream_view,
+    streaming_card,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +56,8 @@ CONTINUED = "…"  # starts the reply that continues a card cut short
 
 
 class FeishuCardStream(CardStream):
+    folds = True
+
     def __init__(
         self,
         api: FeishuApi,
@@ -60,6 +75,8 @@ class FeishuCardStream(CardStream):
         self._streaming = True  # False once Feishu closed the card's streaming mode
         self._rest: list[Part] | None = None  # the parts not delivered yet, once known
         self._rest_kind, self._rest_from = "answer", 0
+        self._panel = False  # the card has the thinking panel
+        self._thinking_shown = ""
 
     # -- CardKit calls -----------------------------------------------------------------------------
     async def _next_sequence(self) -> int:
@@ -87,10 +104,21 @@ class FeishuCardStream(CardStream):
     async def _close(self, text: str) -> None:
         await self._call("feishu card close", partial(self._api.close_card, self._card_id, text))
 
+    async def _fold(self) -> None:
+        """The newest thinking into the panel, when the card has one and it changed."""
+        thinking = folded(self.thinking)
+        if self._panel and thinking != self._thinking_shown:
+            set_text = partial(self._api.set_card_text, self._card_id, thinking, element=THINKING_ID)
+            await self._call("feishu card thinking", set_text)
+            self._thinking_shown = thinking
+
     # -- the stream --------------------------------------------------------------------------------
     async def _create(self, text: str) -> None:
-        view = stream_view(text)
-        self._card_id = await self._retry("feishu card create", partial(self._api.create_card, streaming_card(view)))
+        thinking = folded(self.thinking)
+        view = stream_view(text) or THINKING_PENDING
+        body = streaming_card(view, thinking)
+        self._card_id = await self._retry("feishu card create", partial(self._api.create_card, body))
+        self._panel, self._thinking_shown = bool(thinking), thinking
         self._reserved = SEQUENCE_BLOCK
         await self._opened(self._book.new(self._card_id, self._message, self._reserved))
         card = Part(view, "interactive", {"type": "card", "data": {"card_id": self._card_id}})
@@ -99,13 +127,18 @@ class FeishuCardStream(CardStream):
         self.shown = view
 
     async def _update(self, text: str) -> None:
-        await self._set(stream_view(text))
+        await self._fold()
+        await self._set(stream_view(text) or THINKING_PENDING)
 
     async def _end(self, text: str) -> bool:
         parts = render(text)
         in_card = parts[0].msg_type == "interactive"
         card_text = parts[0].text if in_card else translator(self._message.locale)(MANY_TABLES_NOTE)
         await self._recorded(text=card_text)  # from here on, a restart closes the card with it
+        try:
+            await self._fold()
+        except PlatformError as e:  # the thinking is a side show: the answer still goes in
+            log.warning("card took no final thinking: %s", e, extra=self._fields())
         try:
             await self._set(card_text)
         except PlatformError as e:

@@ -14,11 +14,16 @@ import re
 from typing import Any
 
 from gateway.i18n import N_
+from gateway.reasoning import THINKING
 from gateway.render import Part, find_tables, split_text, tables_to_lists
 
 CARD_TABLE_LIMIT = 5
 PART_LIMIT = 7000
 ELEMENT_ID = "answer"  # the markdown element a streaming card updates
+THINKING_ID = "thinking"  # the markdown element in a streaming card's thinking panel
+# The end of the thinking a panel shows: with a whole answer part the card stays under 30 KB.
+THINKING_CHARS = 1500
+THINKING_PENDING = "*思考中… / Thinking…*"  # the answer's place in a card while the model only thinks
 SUMMARY_CHARS = 60  # chat-list preview of a closed streaming card
 MANY_TABLES_NOTE = N_("*The answer has more tables than a card can show; it follows as a rich-text message.*")
 
@@ -39,10 +44,40 @@ def card(markdown: str) -> dict[str, Any]:
     }
 
 
-def streaming_card(markdown: str) -> dict[str, Any]:
+def folded(reasoning: str) -> str:
+    """What a thinking panel shows: the end of the thinking, the newest part while it streams."""
+    text = reasoning.strip()
+    return text if len(text) <= THINKING_CHARS else "…" + text[-THINKING_CHARS:]
+
+
+def thinking_panel(thinking: str) -> dict[str, Any]:
+    """A collapsed panel (card JSON 2.0 `collapsible_panel`) holding the model's thinking, as
+    `folded` made it, in a markdown element of its own that a streaming card updates."""
+    return {
+        "tag": "collapsible_panel",
+        "expanded": False,
+        "header": {
+            "title": {"tag": "plain_text", "content": THINKING},
+            "vertical_align": "center",
+            "icon": {"tag": "standard_icon", "token": "down-small-ccm_outlined", "color": "grey", "size": "16px 16px"},
+            "icon_position": "right",
+            "icon_expanded_angle": -180,
+        },
+        "border": {"color": "grey", "corner_radius": "5px"},
+        "padding": "8px 8px 8px 8px",
+        "elements": [
+            {"tag": "markdown", "element_id": THINKING_ID, "text_size": "notation", "content": defuse(thinking)}
+        ],
+    }
+
+
+def streaming_card(markdown: str, thinking: str = "") -> dict[str, Any]:
     """A CardKit card in streaming mode: the client types out each new text ("fast" strategy shows
-    the previous text at once when a newer one arrives)."""
+    the previous text at once when a newer one arrives). With `thinking`, a collapsed panel holding
+    it comes first."""
     body = card(markdown)
+    if thinking:
+        body["body"]["elements"].insert(0, thinking_panel(thinking))
     body["config"] = {
         "update_multi": True,
         "streaming_mode": True,

@@ -32,7 +32,7 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
@@ -70,10 +70,21 @@ class SentReply:
     message_id: str  # the new message
 
 
+def walk(elements: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every element of a card body, those inside containers (a collapsible panel) included."""
+    for element in elements:
+        yield element
+        yield from walk(element.get("elements", []))
+
+
 @dataclass
 class Card:
+    """A CardKit card. Its answer is its last top-level element (`contents` records what was
+    streamed into it); what is streamed into another element goes to `element_contents`."""
+
     card: dict[str, Any]
     contents: list[tuple[int, str]] = field(default_factory=list)  # (sequence, text) as sent
+    element_contents: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
     settings: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     last_sequence: int = 0
     created_at: float = field(default_factory=time.monotonic)
@@ -84,7 +95,18 @@ class Card:
     def text(self) -> str:
         if self.contents:
             return self.contents[-1][1]
-        return str(self.card["body"]["elements"][0]["content"])
+        return str(self.card["body"]["elements"][-1]["content"])
+
+    def element(self, element_id: str) -> dict[str, Any] | None:
+        return next((e for e in walk(self.card["body"]["elements"]) if e.get("element_id") == element_id), None)
+
+    def element_text(self, element_id: str) -> str:
+        """What an element shows now: the last text streamed into it, else the card's."""
+        streamed = self.element_contents.get(element_id)
+        if streamed:
+            return streamed[-1][1]
+        element = self.element(element_id)
+        return str(element["content"]) if element is not None else ""
 
     @property
     def streaming(self) -> bool:
@@ -478,9 +500,20 @@ class FeishuDouble:
         """Why Feishu would refuse this card JSON, or ""."""
         if len(orjson.dumps(card)) > CARD_MAX_BYTES:
             return "card larger than 30 KB"
-        text = "\n".join(str(e.get("content", "")) for e in card.get("body", {}).get("elements", []))
+        elements = list(walk(card.get("body", {}).get("elements", [])))
+        text = "\n".join(str(e.get("content", "")) for e in elements)
         if len(_TABLE_SEPARATOR.findall(text)) > 5:
             return "card with more than 5 tables"
+        ids = [e["element_id"] for e in elements if "element_id" in e]
+        if len(ids) != len(set(ids)):  # card JSON 2.0: an element_id names one element of the card
+            return f"element ids not unique: {ids}"
+        for e in elements:
+            # Card JSON 2.0 collapsible_panel: `header` is required, a form may not go inside.
+            if e.get("tag") != "collapsible_panel":
+                continue
+            inside = walk(e.get("elements", []))
+            if not isinstance(e.get("header"), dict) or any(x.get("tag") == "form" for x in inside):
+                return "collapsible_panel without a header, or with a form inside"
         return ""
 
     async def reply(self, request: web.Request) -> web.Response:
@@ -559,14 +592,19 @@ class FeishuDouble:
             return fault
         if closed := self._streaming_closed("content", request.match_info["card_id"], card):
             return closed
-        if request.match_info["element_id"] != card.card["body"]["elements"][0]["element_id"]:
+        element_id = request.match_info["element_id"]
+        element = card.element(element_id)
+        if element is None or element.get("tag") not in ("markdown", "plain_text"):
             return fail(300313, "element not found")
         if bad := self._sequence(card, body.get("sequence")):
             return bad
         if why := self._check_card({"body": {"elements": [{"content": body["content"]}]}}):
             self.rejected.append(why)
             return fail(200220, why)
-        card.contents.append((body["sequence"], body["content"]))
+        if element is card.card["body"]["elements"][-1]:
+            card.contents.append((body["sequence"], body["content"]))
+        else:
+            card.element_contents.setdefault(element_id, []).append((body["sequence"], body["content"]))
         await self._notify()
         return self._applied("content", request.match_info["card_id"])
 

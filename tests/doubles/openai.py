@@ -12,6 +12,12 @@ request waits for `release()` before answering (a slow model the test controls, 
 `metered` set, requests answer in arrival order as `allow(n)` lets n more through (or `release()`
 lets all), so a test knows exactly how many answers are under way.
 A key listed in `bad_keys` gets 401. The answer is "echo: <text>" streamed word by word (or `answer`).
+
+A reasoning model: with `reasoning` set, its words stream before the answer, the way `reasoning_as`
+says (docs/protocols/backends.md §5): "reasoning_content" (DeepSeek, Bailian, vLLM) or "reasoning"
+(Ollama, OpenRouter) deltas of their own, with `content` null meanwhile; "think" inline in `content`
+as `<think>…</think>`, each tag cut in two across deltas; "orphan" inline without the opening tag
+(a chat template that opened it in the prompt). A plain JSON answer carries it the same way.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ class OpenAIDouble:
     hold: bool = False
     metered: bool = False
     error_body: str = "scripted"
+    reasoning: str = ""
+    reasoning_as: str = "reasoning_content"  # | "reasoning" | "think" | "orphan"
     requests: list[dict[str, Any]] = field(default_factory=list)
     auth_headers: list[str] = field(default_factory=list)
     arrivals: list[float] = field(default_factory=list)  # time.monotonic() of each request
@@ -75,6 +83,16 @@ class OpenAIDouble:
             content = " ".join(p.get("text", "") for p in content if p.get("type") == "text")
         return f"echo: {content}"
 
+    def _thinking_deltas(self) -> list[dict[str, Any]]:
+        """The `delta`s of the thinking, before the answer's."""
+        if not self.reasoning:
+            return []
+        words = [w if i == 0 else " " + w for i, w in enumerate(self.reasoning.split(" "))]
+        if self.reasoning_as in ("reasoning_content", "reasoning"):
+            return [{"role": "assistant", "content": None, self.reasoning_as: w} for w in words]
+        opening = ["<thi", "nk>"] if self.reasoning_as == "think" else []
+        return [{"content": piece} for piece in [*opening, *words, "</th", "ink>\n\n"]]
+
     def _error(self, status: int) -> web.Response:
         headers = {"Retry-After": self.retry_after} if self.retry_after is not None else None
         body = {"error": {"message": self.error_body, "type": "scripted", "code": status}}
@@ -107,18 +125,18 @@ class OpenAIDouble:
         text = self.reply_text(body)
         model = f"{body.get('model', 'double')}-0613"
         if not body.get("stream") or step == "json":
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if self.reasoning and self.reasoning_as in ("think", "orphan"):
+                opening = "<think>" if self.reasoning_as == "think" else ""
+                message["content"] = f"{opening}{self.reasoning}</think>\n\n{text}"
+            elif self.reasoning:
+                message[self.reasoning_as] = self.reasoning
             return web.json_response(
                 {
                     "id": "cmpl-1",
                     "object": "chat.completion",
                     "model": model,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": text},
-                            "finish_reason": "stop",
-                        }
-                    ],
+                    "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 7, "completion_tokens": len(text.split())},
                 }
             )
@@ -131,6 +149,9 @@ class OpenAIDouble:
             await resp.write(b'data: {"error": {"message": "overloaded"}}\n\n')
             return resp
         await resp.write(b": keep-alive comment, ignored by clients\n\n")
+        for delta in self._thinking_deltas():
+            thought = {"id": "cmpl-1", "object": "chat.completion.chunk", "model": model, "choices": [{"delta": delta}]}
+            await resp.write(b"data: " + orjson.dumps(thought) + b"\n\n")
         words = text.split(" ")
         for i, word in enumerate(words):
             if i == 1 and step == "drop":
