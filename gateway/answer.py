@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 import weakref
@@ -14,19 +15,19 @@ from .channel import ReplyStream
 from .draft import Draft
 from .errors import ModelError, StoreError
 from .exchange import Delivery, Exchange, Flow, fields, log
-from .messages import Reply
+from .i18n import N_, translator
+from .messages import Reply, ReplyKind
 from .metrics import Metrics, Outcome
 from .reasoning import shown
 from .sanitize import safe_markdown
+from .stopping import STOPPED, STOPPED_MARK, Answers, Running
 from .store import Store, Turn
+from .working import Working
 
-MODEL_DOWN = (
-    "Sorry, the AI model is not answering right now ({reason}). Please try again later. "
-    "(ref {request_id})"
+MODEL_DOWN = N_(
+    "Sorry, the AI model is not answering right now ({reason}). Please try again later. (ref {request_id})"
 )
-EMPTY_ANSWER = (
-    "Sorry, the AI model returned an empty answer. Please rephrase or try again. (ref {request_id})"
-)
+EMPTY_ANSWER = N_("Sorry, the AI model returned an empty answer. Please rephrase or try again. (ref {request_id})")
 
 
 class CachedAnswer:
@@ -79,9 +80,10 @@ class ModelAnswer:
     nowhere else (`fold`); quoted above the answer (`show`). It is never cached nor kept as context.
     """
 
-    def __init__(self, delivery: Delivery, metrics: Metrics) -> None:
+    def __init__(self, delivery: Delivery, metrics: Metrics, answers: Answers | None = None) -> None:
         self._delivery = delivery
         self._metrics = metrics
+        self._answers = answers or Answers()  # the answers being written, for /stop
         # Backends seen opening their answer inside a think block without the tag (`Draft.orphan`):
         # their next answers count undecided text as thinking, so it does not show while streaming.
         self._start_in_thought: weakref.WeakSet[Backend] = weakref.WeakSet()
@@ -92,24 +94,89 @@ class ModelAnswer:
         message, prefix = exchange.message, exchange.prefix
         stream = await self._delivery.channel(message).open_stream(message)
         draft = Draft(exchange.model in self._start_in_thought)
-        try:
-            # aclosing: if delivery fails mid-answer, the model's HTTP response is released now,
-            # not whenever the abandoned generator is garbage-collected.
+        running: Running | None = None
+
+        async def produce() -> None:
+            # aclosing: if delivery fails mid-answer (or /stop cancels it), the model's HTTP
+            # response is closed now, not whenever the abandoned generator is garbage-collected.
             async with aclosing(exchange.model.stream(exchange.request(), exchange.completion)) as deltas:
                 async for delta in deltas:
                     draft.add(delta)
                     if stream is not None and stream.wants_update():
-                        await stream.update(prefix + self._visible(exchange, draft, stream))
-        except ModelError as e:
-            log.error("model failed: %s", e, extra={**fields(message), "reason": e.reason})
-            reason = e.reason.replace("_", " ")
-            notice = MODEL_DOWN.format(reason=reason, request_id=message.request_id)
-            await self._delivery.fail(message, stream, notice)
-            return Flow.DONE
-        except BaseException:
-            if stream is not None:
-                self._delivery.cut_off(message, stream)
-            raise
+                        assert running is not None
+                        running.busy = True
+                        try:
+                            await stream.update(prefix + self._visible(exchange, draft, stream))
+                        finally:
+                            running.busy = False
+                        if running.stopped:  # /stop came during the update: taken now
+                            return
+
+        # The model is read in a task of its own, which /stop cancels (`gateway.stopping`).
+        task = asyncio.ensure_future(produce())
+        running = self._answers.start(message, task, exchange.cfg.chat.admins)
+        # Without a card: a mark on the message and a "still working" notice (`gateway.working`).
+        working = Working(self._delivery, message, exchange.cfg.chat.long_task_notice) if stream is None else None
+        try:
+            try:
+                if working is not None:
+                    await working.start()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if not running.stopped or (current is not None and current.cancelling()):
+                        raise  # cancelled from outside (deadline, shutdown), not by /stop
+                if running.stopped:
+                    return await self._stopped(exchange, draft, stream, working)
+                if working is not None:
+                    await working.settle()  # a notice being sent goes out before the answer
+            except ModelError as e:
+                log.error("model failed: %s", e, extra={**fields(message), "reason": e.reason})
+                reason = e.reason.replace("_", " ")
+                notice = translator(message.locale)(MODEL_DOWN, reason=reason, request_id=message.request_id)
+                if working is not None:
+                    await working.settle()
+                await self._delivery.fail(message, stream, notice)
+                return Flow.DONE
+            except BaseException:
+                task.cancel()
+                if stream is not None:
+                    self._delivery.cut_off(message, stream)
+                raise
+            finally:
+                self._answers.end(running)
+            return await self._deliver(exchange, draft, stream)
+        finally:
+            if working is not None:
+                await working.end()
+
+    async def _stopped(
+        self, exchange: Exchange, draft: Draft, stream: ReplyStream | None, working: Working | None
+    ) -> Flow:
+        """/stop ended the answer: the backend is told, the user gets one text (what the card
+        showed, marked stopped; else a short notice), and nothing is remembered or cached."""
+        message = exchange.message
+        try:
+            await exchange.model.stop(exchange.completion)
+        except Exception as e:  # the stream is closed anyway: the backend stops writing soon
+            log.warning("backend stop failed: %s", e, extra=fields(message))
+        if working is not None:
+            await working.settle()
+        t = translator(message.locale)
+        partial = safe(exchange, draft.answer.strip())
+        if stream is not None and partial:
+            text = exchange.prefix + self._visible(exchange, draft, stream, partial) + "\n\n" + t(STOPPED_MARK)
+            await self._delivery.finish(stream, message, text, Outcome.NOTICE)
+        elif stream is not None:
+            await self._delivery.finish(stream, message, t(STOPPED), Outcome.NOTICE)
+        else:
+            await self._delivery.send(Reply(message, t(STOPPED), ReplyKind.NOTICE), Outcome.NOTICE)
+        return Flow.DONE
+
+    async def _deliver(self, exchange: Exchange, draft: Draft, stream: ReplyStream | None) -> Flow:
+        """The complete answer (or the empty-answer notice) to the user."""
+        message, prefix = exchange.message, exchange.prefix
         draft.end()
         if draft.orphan:
             self._start_in_thought.add(exchange.model)
@@ -118,7 +185,8 @@ class ModelAnswer:
             # Not cached and not kept as context: asking again may well work.
             log.warning("model returned an empty answer", extra=fields(message))
             self._metrics.model_errors.labels("empty").inc()
-            await self._delivery.fail(message, stream, EMPTY_ANSWER.format(request_id=message.request_id))
+            notice = translator(message.locale)(EMPTY_ANSWER, request_id=message.request_id)
+            await self._delivery.fail(message, stream, notice)
             return Flow.DONE
         text = prefix + self._visible(exchange, draft, stream, answer)
         if stream is not None:

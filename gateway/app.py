@@ -24,6 +24,7 @@ from .backends import Backend, create_backend
 from .channel import Channel
 from .config import Config
 from .dispatcher import Dispatcher
+from .document_step import documents_ctx
 from .egress import client_session, proxy_policy
 from .errors import StoreError
 from .keyage import KEY_AGES_FILE, KeyAges
@@ -98,7 +99,7 @@ async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
     channels: dict[str, Channel] = app[CHANNELS]
     responder = Responder(cfg, app[STORE], app[MODEL], channels, app[METRICS], agent_clients(app, cfg))
-    dispatcher = Dispatcher(cfg.dispatcher, app[STORE], app[METRICS], responder)
+    dispatcher = Dispatcher(cfg.dispatcher, app[STORE], app[METRICS], responder, answers=responder.answers)
     app[RESPONDER] = responder
     app[DISPATCHER] = dispatcher
     yield
@@ -199,6 +200,7 @@ def create_app(config: Config, setup: Iterable[Setup] = ()) -> web.Application:
     on_disk = not config.store.url.startswith("memory://")
     app[KEY_AGES] = KeyAges(config.state_dir / KEY_AGES_FILE if on_disk else None)
     app.cleanup_ctx.extend([_http_ctx, _store_ctx, _key_ages_ctx, _model_ctx, _dispatcher_ctx])
+    app.cleanup_ctx.append(documents_ctx)  # after the responder: binds its `Documents` step
     app.on_shutdown.append(_drain)
     for fn in setup:
         fn(app)

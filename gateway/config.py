@@ -11,6 +11,7 @@ import ipaddress
 import os
 import tomllib
 import typing
+import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .i18n import BOT_SETTINGS as BOT_LOCALE_SETTINGS
+from .i18n import N_
 from .i18n import SETTINGS as LOCALE_SETTINGS
 
 ENV_PREFIX = "BOTGATE_"
@@ -48,6 +50,10 @@ class ServerConfig:
     proxy: str = ""  # outbound HTTP(S) proxy URL for every call; "" = HTTPS_PROXY / HTTP_PROXY (gateway/egress.py)
 
 
+# `[model] system_prompt`'s default. Only it is worded in the message's language (`gateway.steps.Prompt`).
+DEFAULT_SYSTEM_PROMPT = N_("You are a helpful assistant in a company chat. Answer concisely in Markdown.")
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     # auto | openai | echo | dify | coze | fastgpt  (auto = echo unless base_url is set)
@@ -55,8 +61,11 @@ class ModelConfig:
     base_url: str = ""
     model: str = "gpt-4o-mini"
     api_keys: list[str] = field(default_factory=list)
-    system_prompt: str = "You are a helpful assistant in a company chat. Answer concisely in Markdown."
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
     vision: bool = False
+    # Voice messages (Feishu audio): transcribed with this model at `{base_url}/audio/transcriptions`
+    # (OpenAI-compatible, with the agent's api_keys) before they are answered; "" = a notice instead.
+    transcription_model: str = ""
     temperature: float = 0.7
     max_tokens: int = 1024
     stream: bool = True
@@ -158,14 +167,28 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class QuotasConfig:
+    """Daily quotas (gateway/usage.py); 0 = unlimited. Days begin at 00:00 in `timezone`."""
+
+    user_daily_tokens: int = 0  # tokens a user may use a day, over every bot and conversation
+    conversation_daily_tokens: int = 0  # tokens a conversation (a group, a DM) may use a day
+    user_daily_messages: int = 0  # answered messages a user may send a day
+    timezone: str = "Asia/Shanghai"  # IANA name: where a day begins (usage figures and quotas)
+
+
+@dataclass(frozen=True, slots=True)
 class ChatConfig:
     admins: list[str] = field(default_factory=list)  # sender ids allowed to /reset a group
     locale: str = "auto"  # auto | zh-CN | en: the language of notices and help (gateway/i18n.py)
+    # Seconds after which an answer made without a card gets one "still working" notice; 0 = never.
+    long_task_notice: float = 15.0
 
 
 @dataclass(frozen=True, slots=True)
 class ContentConfig:
     image_hosts: list[str] = field(default_factory=list)  # hosts whose images answers may show
+    max_file_bytes: int = 20 * 1024 * 1024  # a document users send, at most (bigger: a notice)
+    document_chars: int = 20_000  # characters of a document's text the model gets, at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +279,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    quotas: QuotasConfig = field(default_factory=QuotasConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
     content: ContentConfig = field(default_factory=ContentConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
@@ -504,6 +528,10 @@ def _validate(cfg: Config, from_env: frozenset[str] = frozenset()) -> None:
         fail("model.max_retries", "must be 0 or more")
     if cfg.dispatcher.spill_max < 0:
         fail("dispatcher.spill_max", "must be 0 or more")
+    if not 0 < cfg.content.max_file_bytes <= 20 * 1024 * 1024:
+        fail("content.max_file_bytes", "must be between 1 and 20971520 (20 MiB, what a download may carry)")
+    if cfg.content.document_chars < 100:
+        fail("content.document_chars", "must be at least 100")
     if cfg.server.proxy and not is_proxy_url(cfg.server.proxy):
         # The value may hold credentials: it is not echoed.
         fail("server.proxy", "must be an http:// URL with a host, e.g. http://proxy.example.com:3128")
@@ -521,6 +549,7 @@ def _validate(cfg: Config, from_env: frozenset[str] = frozenset()) -> None:
         "feishu.api_qps",
         "feishu.api_qpm",
         "feishu.chat_qps",
+        "chat.long_task_notice",
     ):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
@@ -567,6 +596,13 @@ def _validate(cfg: Config, from_env: frozenset[str] = frozenset()) -> None:
     for key in ("per_user_per_minute", "per_conversation_per_minute", "max_message_chars"):
         if getattr(cfg.limits, key) < 0:
             fail(f"limits.{key}", "must be 0 (no limit) or more")
+    for key in ("user_daily_tokens", "conversation_daily_tokens", "user_daily_messages"):
+        if getattr(cfg.quotas, key) < 0:
+            fail(f"quotas.{key}", "must be 0 (unlimited) or more")
+    try:
+        zoneinfo.ZoneInfo(cfg.quotas.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        fail("quotas.timezone", f"must be an IANA time zone such as Asia/Shanghai, got {cfg.quotas.timezone!r}")
     for cidr in cfg.server.trusted_proxies:
         try:
             ipaddress.ip_network(cidr, strict=False)

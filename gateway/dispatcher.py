@@ -36,18 +36,20 @@ from .admission import Admission
 from .backoff import Backoff
 from .config import DispatcherConfig
 from .errors import StoreError
+from .i18n import N_, translator
 from .lease import Leases
 from .messages import InboundMessage
 from .metrics import Metrics, Outcome
 from .spill import Spill
+from .stopping import NOT_YOURS, NOTHING_TO_STOP, Answers, Stopped, is_stop
 from .store import Store, lease_store
 from .tasks import stop_task
 
 log = logging.getLogger(__name__)
 
-BUSY_NOTICE = "The assistant is busy right now. Please send your message again in a minute."
-APOLOGY = "Sorry, something went wrong while answering. Please try again. (ref {request_id})"
-TIMEOUT_NOTICE = "Sorry, that took too long to answer. Please try again. (ref {request_id})"
+BUSY_NOTICE = N_("The assistant is busy right now. Please send your message again in a minute.")
+APOLOGY = N_("Sorry, something went wrong while answering. Please try again. (ref {request_id})")
+TIMEOUT_NOTICE = N_("Sorry, that took too long to answer. Please try again. (ref {request_id})")
 
 
 class Responder(Protocol):
@@ -72,6 +74,7 @@ class Dispatcher:
         metrics: Metrics,
         responder: Responder,
         instance_id: str = "",
+        answers: Answers | None = None,
     ) -> None:
         self.cfg = cfg
         # Names the lease holder; unique even for two processes with one pid in two containers.
@@ -80,6 +83,8 @@ class Dispatcher:
         self._leases = Leases(lease_store(store), self.instance_id, cfg.lease_ttl)
         self._metrics = metrics
         self._responder = responder
+        # The answers being written here: a /stop is taken at intake, not queued behind its answer.
+        self._answers = answers
         self._queues: dict[str, deque[InboundMessage]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         # Per busy conversation, the message whose turn it is. It leaves its queue once it has a
@@ -121,6 +126,8 @@ class Dispatcher:
     async def submit(self, message: InboundMessage) -> Admission:
         if self._closing:
             return Admission.CLOSED
+        if self._answers is not None and is_stop(message.text) and not message.attachments:
+            return await self._stop(message)
         if self._spill.holds_conversation(message.conversation_key):
             # Its conversation's held messages go into the inbox first, or it would overtake them
             # (a redelivery of one of them then meets its dedup key there: ACKed as a duplicate).
@@ -158,6 +165,24 @@ class Dispatcher:
             message.platform, message.transport, message.conversation_kind.value
         )
         self._enqueue(message)
+        return Admission.ACCEPTED
+
+    async def _stop(self, message: InboundMessage) -> Admission:
+        """/stop, at intake (gateway/stopping.py): ends the answer being written in its
+        conversation, which then shows the one text for both; else a short notice. Deduplicated
+        like any message, never queued nor kept in the inbox."""
+        assert self._answers is not None
+        try:
+            if not await self._store.claim(message.dedup_key, self.cfg.dedup_ttl):
+                self._metrics.dedup_dropped.labels(message.platform).inc()
+                return Admission.DUPLICATE
+        except StoreError as e:  # stopping needs no store: a redelivery may bring a second notice
+            log.warning("store unavailable, /stop taken without dedup: %s", e, extra=_fields(message))
+        self._metrics.message_received(message.platform, message.transport, message.conversation_kind.value)
+        outcome = self._answers.stop(message)
+        if outcome is not Stopped.STOPPED:
+            notice = NOTHING_TO_STOP if outcome is Stopped.NOTHING else NOT_YOURS
+            self._spawn(self._notify(message, notice, Outcome.NOTICE))
         return Admission.ACCEPTED
 
     async def resume(self, older_than: float = 0.0) -> int:
@@ -261,7 +286,7 @@ class Dispatcher:
                     self._store_back.set()  # a sleeping unspiller has nothing left: it ends
                 if fresh is None:
                     self._metrics.spill.labels("refused").inc()
-                    self._spawn(self._notify(message, APOLOGY.format(request_id=message.request_id), Outcome.ERROR))
+                    self._spawn(self._notify(message, APOLOGY, Outcome.ERROR))
                 elif not fresh:  # admitted elsewhere: another instance, or an admit whose reply was lost
                     self._metrics.dedup_dropped.labels(message.platform).inc()
                     log.info("held message already in the inbox, dropped", extra=_fields(message))
@@ -362,15 +387,16 @@ class Dispatcher:
             # A TimeoutError from inside the responder is a plain failure, not our deadline.
             if isinstance(e, TimeoutError) and deadline.expired():
                 log.error("deadline exceeded", extra=_fields(message))
-                notice = TIMEOUT_NOTICE.format(request_id=message.request_id)
-                await self._notify(message, notice, Outcome.TIMEOUT)
+                await self._notify(message, TIMEOUT_NOTICE, Outcome.TIMEOUT)
             else:
                 log.exception("answer failed", extra=_fields(message))
-                await self._notify(message, APOLOGY.format(request_id=message.request_id), Outcome.ERROR)
+                await self._notify(message, APOLOGY, Outcome.ERROR)
 
-    async def _notify(self, message: InboundMessage, text: str, outcome: Outcome) -> None:
-        """`Responder.notice` must not raise; if it does anyway, the worker still lives on."""
+    async def _notify(self, message: InboundMessage, notice: str, outcome: Outcome) -> None:
+        """`notice` (a msgid with at most a `{request_id}`) worded in the message's language.
+        `Responder.notice` must not raise; if it does anyway, the worker still lives on."""
         try:
+            text = translator(message.locale)(notice, request_id=message.request_id)
             await self._responder.notice(message, text, outcome)
         except Exception:
             log.exception("notice failed", extra=_fields(message))

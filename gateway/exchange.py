@@ -15,6 +15,7 @@ from .budget import CallCount
 from .channel import Channel, ReplyStream
 from .config import DEFAULT_NAME, Config
 from .errors import PlatformError
+from .i18n import N_, translator
 from .messages import Attachment, ConversationKind, InboundMessage, Reply, ReplyKind
 from .metrics import Metrics, Outcome
 from .store import Turn
@@ -22,7 +23,7 @@ from .store import Turn
 # Every step logs as the responder, so log queries by logger keep working whichever step it is.
 log = logging.getLogger("gateway.responder")
 
-MEMBER = "成员"  # "member": a group speaker whose display name the platform did not send
+MEMBER = N_("member")  # a group speaker whose display name the platform did not send
 SPEAKER_CHARS = 32
 # Whatever could make a name look like the end of the speaker prefix or a new line of the turn.
 _NOT_IN_NAME = re.compile(r"[\s:：\x00-\x1f\x7f\u2028\u2029]+")
@@ -30,12 +31,14 @@ _NOT_IN_NAME = re.compile(r"[\s:：\x00-\x1f\x7f\u2028\u2029]+")
 
 def speaker(message: InboundMessage) -> str:
     """Who wrote a group message, as the model sees it: the display name when the platform sent
-    one (DingTalk's senderNick), else "成员" plus the end of the sender id (Feishu sends no name)."""
+    one (DingTalk's senderNick), else "member" in its language ("成员") plus the end of the sender
+    id (Feishu sends no name)."""
     name = _NOT_IN_NAME.sub(" ", message.sender_name).strip()[:SPEAKER_CHARS].strip()
     if name:
         return name
     short = _NOT_IN_NAME.sub("", message.sender_id)[-6:]
-    return f"{MEMBER}-{short}" if short else MEMBER
+    member = translator(message.locale)(MEMBER)
+    return f"{member}-{short}" if short else member
 
 
 class Flow(Enum):
@@ -104,7 +107,7 @@ class Exchange:
         shared = m.conversation_kind is ConversationKind.GROUP and self.context_key == m.conversation_key
         return BackendRequest(
             self.prompt, text, m.user_key, m.sender_name, m.platform, m.conversation_id, self.context_key, self.session,
-            shared=shared,
+            shared=shared, locale=m.locale,
         )
 
     @property

@@ -26,6 +26,57 @@ class Attachment:
     kind: str  # "image" | "file" | "audio" | "video" | "sticker" | ...
     ref: str
     name: str = ""
+    # The message it belongs to when that is not the message itself (a quoted one): Feishu
+    # downloads a resource under the id of the message that carries it.
+    source: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        data = {"kind": self.kind, "ref": self.ref, "name": self.name}
+        if self.source:
+            data["source"] = self.source
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class Quote:
+    """The message a reply quotes. Complete from the payload (DingTalk `repliedMsg`), or only its
+    `ref` until the adapter fetches it (`fetch(message, Attachment(QUOTE, ref))`, Feishu
+    `parent_id`). Its attachments (a quoted picture or file) are handled like sent ones."""
+
+    ref: str = ""  # the quoted message's id; while `pending`, the adapter fetches it by this
+    pending: bool = False  # not fetched yet
+    sender: str = ""  # the author as the model is told: a name, "you" (the bot), "" unknown
+    kind: str = "text"  # the quoted message's type on its platform
+    text: str = ""
+    attachments: tuple[Attachment, ...] = ()
+    unreadable: bool = False  # a card (or other message) whose content the bot cannot read
+    failed: bool = False  # it could not be fetched: answered without it
+    inner: Quote | None = None  # the message it quotes in turn (one level deep, no further)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ref": self.ref,
+            "pending": self.pending,
+            "sender": self.sender,
+            "kind": self.kind,
+            "text": self.text,
+            "attachments": [a.to_dict() for a in self.attachments],
+            "unreadable": self.unreadable,
+            "failed": self.failed,
+            "inner": self.inner.to_dict() if self.inner is not None else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Quote:
+        data = dict(data)
+        data["attachments"] = tuple(Attachment(**a) for a in data.get("attachments", ()))
+        inner = data.get("inner")
+        data["inner"] = cls.from_dict(inner) if isinstance(inner, dict) else None
+        return cls(**data)
+
+
+QUOTE = "quote"  # the `Attachment.kind` an adapter's `fetch` answers with the quoted message
+QUOTE_MIME = "application/vnd.botgate.quote+json"  # ... as `Quote.to_dict()` JSON
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +105,8 @@ class InboundMessage:
     # The language its notices are worded in (`gateway.i18n.locale_for`), chosen at intake by the
     # adapter; None until then, and in entries stored before messages carried one: the default.
     locale: Locale | None = None
+    # The message this one replies to (quotes), if any.
+    quote: Quote | None = None
 
     @property
     def channel_key(self) -> str:
@@ -92,12 +145,13 @@ class InboundMessage:
             "mentioned": self.mentioned,
             "message_id": self.message_id,
             "reply_handle": dict(self.reply_handle),
-            "attachments": [{"kind": a.kind, "ref": a.ref, "name": a.name} for a in self.attachments],
+            "attachments": [a.to_dict() for a in self.attachments],
             "unsupported": self.unsupported,
             "created_at": self.created_at,
             "request_id": self.request_id,
             "bot": self.bot,
             "locale": self.locale,
+            **({"quote": self.quote.to_dict()} if self.quote is not None else {}),
         }
 
     @classmethod
@@ -106,6 +160,8 @@ class InboundMessage:
         data["conversation_kind"] = ConversationKind(data["conversation_kind"])
         data["attachments"] = tuple(Attachment(**a) for a in data.get("attachments", ()))
         data["locale"] = Locale.of(data["locale"]) if data.get("locale") else None
+        quote = data.get("quote")
+        data["quote"] = Quote.from_dict(quote) if isinstance(quote, dict) else None
         return cls(**data)
 
 

@@ -167,6 +167,19 @@ class Metrics:
             ["platform", "bot"],
             registry=r,
         )
+        self.quota_refused = Counter(
+            "botgate_quota_refused",
+            "Messages refused for a daily quota, by quota (user_tokens|conversation_tokens|user_messages).",
+            ["kind"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "botgate_tokens",
+            "Tokens counted for usage and quotas, by bot (<platform>/<bot>), agent and source "
+            "(reported by the backend | estimated by botgate).",
+            ["bot", "agent", "source"],
+            registry=r,
+        )
         self.http_requests = Counter(
             "botgate_http_requests", "HTTP requests served.", ["route", "status"], registry=r
         )

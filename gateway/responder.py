@@ -16,9 +16,12 @@ from .backends import Backend
 from .budget import counting
 from .channel import Channel
 from .config import DEFAULT_NAME, Config
+from .document_step import Documents
 from .exchange import Delivery, Exchange, Flow, Step, fields, log
+from .images_out import ImagesOut
 from .messages import InboundMessage
 from .metrics import Metrics, Outcome
+from .quotes import Quotes
 from .steps import (
     Help,
     History,
@@ -30,7 +33,10 @@ from .steps import (
     Reset,
     Unsupported,
 )
+from .stopping import Answers, Stop
 from .store import Store
+from .transcribe import Transcribe
+from .usage import Quota, RecordUsage, UsageCommand
 
 
 class Responder:
@@ -48,23 +54,32 @@ class Responder:
         # The `[[agents]]` clients (not the default's: that is `model`), by agent name.
         self._agents = dict(agents or {})
         self._delivery = Delivery(channels, metrics)
+        self.answers = Answers()  # the answers being written, which /stop ends (gateway/stopping.py)
         self.steps: tuple[Step, ...] = (
             # commands
             Unsupported(self._delivery),
             Help(self._delivery),
             Reset(self._delivery, store),
+            Stop(self._delivery),
+            UsageCommand(self._delivery, store),
             # access
             RateLimit(self._delivery, store),
+            Quota(self._delivery, store, metrics),
             # content preparation
+            Transcribe(self._delivery),
             LongMessage(),
+            Quotes(self._delivery),
+            Documents(self._delivery),
             NothingToRead(self._delivery),
             History(store),
             Images(self._delivery),
             Prompt(),
             # answer
             CachedAnswer(self._delivery, store, metrics),
-            ModelAnswer(self._delivery, metrics),
+            ModelAnswer(self._delivery, metrics, self.answers),
+            ImagesOut(self._delivery),
             Summary(metrics),
+            RecordUsage(store, metrics),
             Remember(store),
         )
 

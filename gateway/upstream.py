@@ -13,20 +13,27 @@ MAX_DOWNLOAD = 20 * 1024 * 1024  # bytes of one attachment
 _CHUNK = 64 * 1024
 
 
+class FileTooLarge(PlatformError):
+    """A download over its size cap (`read_capped`): never retried, the file stays too large."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=False)
+
+
 def retryable_status(status: int) -> bool:
     """An HTTP status worth retrying: the server failed (5xx) or throttled us (429)."""
     return status >= 500 or status == 429
 
 
 async def read_capped(resp: aiohttp.ClientResponse, what: str, limit: int = MAX_DOWNLOAD) -> bytes:
-    """The whole body, refused (`PlatformError`, not retryable: the file stays too large, and
+    """The whole body, refused (`FileTooLarge`, a `PlatformError` not retryable: the file stays too large, and
     `what` names the call) as soon as it exceeds `limit`: a declared length over it before
     reading anything, a longer stream before buffering more than `limit`."""
     if (resp.content_length or 0) > limit:
-        raise PlatformError(f"{what}: file too large", retryable=False)
+        raise FileTooLarge(f"{what}: file too large")
     payload = bytearray()
     async for chunk in resp.content.iter_chunked(_CHUNK):
         payload += chunk
         if len(payload) > limit:
-            raise PlatformError(f"{what}: file too large", retryable=False)
+            raise FileTooLarge(f"{what}: file too large")
     return bytes(payload)

@@ -1,13 +1,18 @@
 """Admin API (JSON, behind the admin login; every call is an audit record): status snapshot, the
-bots and agents, reset a conversation, reconnect a channel, reload the config, rotate the login token.
+bots and agents, a day's usage (JSON or CSV), reset a conversation, reconnect a channel, reload the
+config, rotate the login token.
 
 Reload, reset and rotate are sensitive: they also need the password or login token confirmed within
 the last `gateway.auth.REAUTH_WINDOW` seconds (POST /login again gives a fresh session)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
+import re
 import time
+from datetime import date
 from typing import Any
 
 import orjson
@@ -21,6 +26,7 @@ from gateway.config import DEFAULT_NAME, BotConfig, ConfigError, masked
 from gateway.errors import GatewayError, StoreError
 from gateway.keys import AUTH, CHANNELS, CONFIG, LIVE, STORE
 from gateway.logs import redacted
+from gateway.usage import REPORT_KINDS, report, today, zone
 
 from .auth import AUDIT_DETAIL, PRINCIPAL, require_recent_login, start_session
 from .http import json_error
@@ -185,10 +191,62 @@ async def rotate_login_token(request: web.Request) -> web.Response:
     return response
 
 
+DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+USAGE_LIMIT, MAX_USAGE_LIMIT = 20, 1000
+CSV_COLUMNS = ("kind", "key", "messages", "tokens", "estimated_tokens")
+
+
+def _cell(value: object) -> object:
+    """A CSV cell a spreadsheet shows as text, never runs as a formula (a key is user data)."""
+    return "'" + value if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
+async def usage(request: web.Request) -> web.Response:
+    """`?day=YYYY-MM-DD` (default: today in `[quotas] timezone`), `?limit=` (20), `?format=csv`:
+    the day's top users, groups, bots and agents by tokens (gateway/usage.py)."""
+    cfg = request.app[LIVE].config
+    day = request.query.get("day") or today(zone(cfg)).isoformat()
+    try:
+        valid = bool(DAY.fullmatch(day)) and bool(date.fromisoformat(day))
+    except ValueError:
+        valid = False
+    if not valid:
+        return json_error(400, "day must be a date, YYYY-MM-DD")
+    try:
+        limit = int(request.query.get("limit", USAGE_LIMIT))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_USAGE_LIMIT:
+        return json_error(400, f"limit must be between 1 and {MAX_USAGE_LIMIT}")
+    fmt = request.query.get("format", "json")
+    if fmt not in ("json", "csv"):
+        return json_error(400, "format must be json or csv")
+    request[AUDIT_DETAIL] = {"day": day, "format": fmt}
+    try:
+        figures = await report(request.app[STORE], day, limit)
+    except StoreError as e:
+        return json_error(503, f"store unavailable: {e}")
+    if fmt == "json":
+        return _json({"day": day, "timezone": cfg.quotas.timezone, **figures})
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(CSV_COLUMNS)
+    for name, kind in REPORT_KINDS.items():
+        for row in figures[name]:
+            writer.writerow([kind, *(_cell(row[c]) for c in CSV_COLUMNS[1:])])
+    return web.Response(
+        text=out.getvalue(),
+        content_type="text/csv",
+        charset="utf-8",
+        headers={"Content-Disposition": f'attachment; filename="botgate-usage-{day}.csv"'},
+    )
+
+
 def setup(app: web.Application) -> None:
     app.router.add_get("/api/status", status)
     app.router.add_get("/api/bots", bots)
     app.router.add_get("/api/agents", agents)
+    app.router.add_get("/api/usage", usage)
     app.router.add_post("/api/conversations/reset", reset_conversation)
     app.router.add_post("/api/channels/{platform}/reconnect", reconnect_channel)
     app.router.add_post("/api/channels/{platform}/{bot}/reconnect", reconnect_channel)

@@ -22,7 +22,7 @@ import orjson
 from aiohttp import web
 from jinja2.runtime import Context
 
-from gateway import __version__
+from gateway import __version__, usage
 from gateway.alerts import quota_detail
 from gateway.budget import BudgetState
 from gateway.channel import ChannelStatus
@@ -69,6 +69,20 @@ async def _store_health(app: web.Application) -> dict[str, Any]:
     except (StoreError, TimeoutError) as e:
         return {"backend": store.backend, "healthy": False, "error": str(e) or "ping timed out"}
     return {"backend": store.backend, "healthy": True, "error": ""}
+
+
+USAGE_TOP = 5  # rows per table in the status page's usage panel
+
+
+async def _usage_today(app: web.Application, cfg: Config) -> dict[str, Any] | None:
+    """Today's top users, groups and bots by tokens (None while the store cannot tell)."""
+    day = usage.today(usage.zone(cfg)).isoformat()
+    try:
+        async with asyncio.timeout(PING_TIMEOUT):
+            figures = await usage.report(app[STORE], day, USAGE_TOP)
+    except (StoreError, TimeoutError):
+        return None
+    return {"day": day, "timezone": cfg.quotas.timezone, **figures}
 
 
 def _budget(request: web.Request, s: ChannelStatus) -> dict[str, Any] | None:
@@ -227,6 +241,7 @@ async def snapshot(request: web.Request) -> dict[str, Any]:
             "cache_hit_rate": stats.cache_hit_rate,
         },
         "store": await _store_health(app),
+        "usage": await _usage_today(app, cfg),
         "key_age": _key_age(app, cfg),
         "admin": {
             "password_set": bool(cfg.admin.password),

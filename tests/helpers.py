@@ -13,6 +13,7 @@ import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway.i18n import translator
 from gateway.keys import CHANNELS, METRICS
 from gateway.messages import ConversationKind, InboundMessage
 from handlers.dingtalk import DingTalkAdapter
@@ -51,6 +52,12 @@ async def webchat_answer(http: aiohttp.ClientSession, url: str, session: str) ->
             while (frame := await ws.receive_json())["type"] not in ("done", "notice", "error"):
                 pass
     return str(frame["text"])
+
+
+def notice_start(msgid: str, locale: str = "zh-CN", **fields: object) -> str:
+    """A notice of `msgid` worded in `locale` up to its `{request_id}` (which a test does not know):
+    what the notice the user gets starts with. zh-CN: DingTalk's and Feishu's default."""
+    return translator(locale)(msgid, request_id="\0", **fields).partition("\0")[0]
 
 
 async def readiness(client: Any) -> tuple[int, dict[str, Any]]:

@@ -270,7 +270,7 @@ async def test_gateway_posts_signed_alert_when_the_model_keeps_failing(
         await ws.receive()
         for n in range(3):
             frames = await chat(client, ws, f"status:500 attempt {n}", f"m{n}")
-            assert "not answering" in frames[-1]["text"]
+            assert "模型现在没有响应" in frames[-1]["text"]  # the model-down notice, Chinese by default
         posts = await double.wait_posts(2)
         assert sorted(p for p, _ in posts) == ["dingtalk", "feishu"]
         assert all(t.startswith("[botgate alert] FIRING: model failing") for _, t in posts)

@@ -44,7 +44,7 @@ async def test_empty_model_answer_is_told_not_cached_not_remembered(
 ) -> None:
     double, url = openai_double
     double.answer = ""
-    client = await gateway(make_config(model={"base_url": url}))
+    client = await gateway(make_config(model={"base_url": url}, chat={"locale": "en"}))  # notices in English
     async with client.ws_connect("/chat/ws?session=emptyanswer") as ws:
         await ws.receive_json()
         frame = await send(ws, "say nothing", "m1")
@@ -61,7 +61,7 @@ async def test_empty_model_answer_is_told_not_cached_not_remembered(
 async def test_model_failure_gets_a_notice_with_the_reason(gateway: Any, openai_double: Any) -> None:
     double, url = openai_double
     double.script = [500] * 5
-    client = await gateway(make_config(model={"base_url": url, "max_retries": 1}))
+    client = await gateway(make_config(model={"base_url": url, "max_retries": 1}, chat={"locale": "en"}))
     async with client.ws_connect("/chat/ws?session=modelfails") as ws:
         await ws.receive_json()
         frame = await send(ws, "hello?", "m1")
@@ -142,7 +142,7 @@ async def test_deadline_mid_stream_finishes_the_stream_with_the_notice(
     of staying stuck next to a separate notice."""
     double, url = openai_double
     double.script = ["stall"]  # one word, then nothing
-    client = await gateway(make_config(model={"base_url": url}, dispatcher={"deadline": 0.3}))
+    client = await gateway(make_config(model={"base_url": url}, dispatcher={"deadline": 0.3}, chat={"locale": "en"}))
     async with client.ws_connect("/chat/ws?session=deadline01") as ws:
         await ws.receive_json()
         await ws.send_json({"type": "message", "id": "m1", "text": "tell me a long story"})

@@ -288,7 +288,7 @@ async def test_feishu_bot_webhook_checks_its_own_signature_and_token(bots: Bots,
     assert (right.status, await right.json()) == (200, {"msg": "success"})
     await bots.feishu.wait_for(lambda: bots.feishu.answer("om_bot1") is not None)
     answer = bots.feishu.answer("om_bot1") or ""
-    assert "over the bot's webhook" in answer and "echo" in answer  # the it agent (echo)
+    assert "over the bot's webhook" in answer and "回声" in answer  # the it agent (echo, in Chinese)
     assert bots.feishu.endpoint_calls == 0  # webhook mode: no long connection
     listed = {b["key"]: b for b in (await get_json(client, "/api/bots"))["bots"]}
     assert listed["feishu/itbot"]["webhook"] == path and listed["feishu/itbot"]["mode"] == "webhook"

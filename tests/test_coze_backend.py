@@ -23,6 +23,7 @@ from gateway.backends import BackendRequest, Completion, DeltaKind, create_backe
 from gateway.backends.coze import CozeBackend
 from gateway.config import Config, build
 from gateway.errors import ModelError
+from gateway.i18n import translator
 from gateway.keys import DISPATCHER, STORE
 from gateway.metrics import Metrics
 from gateway.steps import RESET_DONE
@@ -31,14 +32,15 @@ from tests.doubles import feishu as fd
 from tests.doubles.coze import BOT_ID, TOKEN, CozeDouble
 from tests.doubles.dingtalk import DingTalkDouble
 from tests.doubles.feishu_events import APP_ID, message_event
-from tests.helpers import sample, serve
+from tests.helpers import notice_start, sample, serve
 
 Client = TestClient[web.Request, web.Application]
 DM = "dingtalk/helpdesk:cid-dm-staff7"  # the context key of staff7's DM with the helpdesk bot
 
 
 def apology(reason: str) -> str:
-    return MODEL_DOWN.split("(")[0] + f"({reason})"
+    """The model-down notice naming `reason`, in Chinese (DingTalk's and Feishu's default)."""
+    return notice_start(MODEL_DOWN, reason=reason)
 
 
 class World:
@@ -235,7 +237,7 @@ async def test_a_failed_chat_gets_one_apology_and_nothing_is_kept(world: World, 
 async def test_reset_forgets_the_conversation(world: World) -> None:
     await world.start()
     await world.ask("one")
-    assert await world.ask("/reset") == RESET_DONE
+    assert await world.ask("/reset") == translator("zh-CN")(RESET_DONE)
     assert await world.session() is None
     assert await world.ask("two") == "echo: two"
     assert [r.query for r in world.coze.requests] == [{}, {}]

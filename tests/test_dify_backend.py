@@ -18,11 +18,13 @@ from aiohttp.test_utils import TestClient
 
 import handlers
 from gateway import doctor
+from gateway.answer import MODEL_DOWN
 from gateway.backends import BackendRequest, Completion, Delta, DeltaKind, Source, create_backend
 from gateway.backends.dify import DifyBackend
 from gateway.config import Config, build
 from gateway.draft import IMAGE, MAX_SOURCES, SOURCES, Draft
 from gateway.errors import ModelError
+from gateway.i18n import translator
 from gateway.keys import DISPATCHER
 from gateway.metrics import Metrics
 from gateway.steps import RESET_DONE
@@ -30,7 +32,7 @@ from tests.doubles import feishu as fd
 from tests.doubles.dify import LEGACY_THINK_OPEN, DifyDouble
 from tests.doubles.dingtalk import DingTalkDouble
 from tests.doubles.feishu_events import APP_ID, message_event
-from tests.helpers import dingtalk_section, serve
+from tests.helpers import dingtalk_section, notice_start, serve
 
 KEY = "app-double"
 Client = TestClient[web.Request, web.Application]
@@ -42,7 +44,7 @@ FORM = [
     {"text-input": {"label": "Chat", "variable": "conversation_id", "required": False, "max_length": 6}},
     {"select": {"label": "Department", "variable": "department", "required": True, "options": ["HR", "IT"]}},
 ]
-APOLOGY = "Sorry, the AI model is not answering right now"
+APOLOGY = notice_start(MODEL_DOWN, reason="\0")  # the model-down notice up to its reason, in Chinese
 
 
 @pytest.fixture
@@ -300,7 +302,7 @@ async def test_a_failure_mid_answer_is_one_apology_and_keeps_nothing(dify: Start
     double, base = await dify(script=["error", "", "drop", "error:completion_request_error"])
     ding = await dingtalk(agent(base))
     failed = await ding.ask("one")
-    assert failed.startswith(APOLOGY) and "(server error)" in failed and "echo" not in failed
+    assert failed.startswith(notice_start(MODEL_DOWN, reason="server error")) and "echo" not in failed
     assert len(ding.double.session_posts) == 1  # one apology, no half answer before it
     assert await ding.ask("two") == "echo: two"
     assert conversation_ids(double)[1] == ""  # the failed answer's conversation was not kept
@@ -316,7 +318,7 @@ async def test_reset_forgets_the_dify_conversation(dify: StartDify, dingtalk: An
     double, base = await dify()
     ding = await dingtalk(agent(base))
     await ding.ask("one")
-    assert await ding.ask("/reset") == RESET_DONE
+    assert await ding.ask("/reset") == translator("zh-CN")(RESET_DONE)
     await ding.ask("two")
     assert conversation_ids(double) == ["", ""] and len(double.conversations) == 2
 

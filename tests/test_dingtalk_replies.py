@@ -7,8 +7,9 @@ import asyncio
 import base64
 from typing import Any
 
+from gateway.i18n import translator
 from gateway.keys import DISPATCHER
-from gateway.steps import NO_VISION
+from gateway.steps import IMAGE_NOTE, NO_VISION
 from tests.doubles.dingtalk import DingTalkDouble
 from tests.helpers import ping_round_trip, start
 
@@ -64,7 +65,7 @@ async def test_rich_text_is_answered_with_its_text(
     await env.double.push(env.double.message(msgtype="richText", content=content))
     [answer] = await env.answers(1)
     # Vision is off: the text is answered and the user is told the picture was not looked at.
-    assert "can't look at images" in answer["markdown"]["text"]
+    assert answer["markdown"]["text"].startswith(translator("zh-CN")(IMAGE_NOTE) + "\n\n")
     assert answer["markdown"]["text"].endswith("echo: compare\nplease")
     assert model.requests[0]["messages"][-1]["content"] == "compare\nplease"
 
@@ -90,7 +91,7 @@ async def test_picture_without_vision_tells_the_user(
     env = await start(aiohttp_server, gateway, model_url=url)
     await env.double.push(env.double.message(msgtype="picture", content={"downloadCode": "dc-pic"}))
     [answer] = await env.answers(1)
-    assert answer["markdown"]["text"] == NO_VISION
+    assert answer["markdown"]["text"] == translator("zh-CN")(NO_VISION)  # Chinese on DingTalk by default
     assert model.requests == [] and env.double.calls("/v1.0/robot/messageFiles/download") == []
 
 
@@ -102,14 +103,12 @@ async def test_audio_uses_the_recognition_text(aiohttp_server: Any, gateway: Any
     assert (await env.answers(1))[0]["markdown"]["text"] == "echo: what time is it"
 
 
-async def test_file_gets_a_polite_notice(aiohttp_server: Any, gateway: Any, openai_double: Any) -> None:
+async def test_video_gets_a_polite_notice(aiohttp_server: Any, gateway: Any, openai_double: Any) -> None:
     model, url = openai_double
     env = await start(aiohttp_server, gateway, model_url=url)
-    await env.double.push(
-        env.double.message(msgtype="file", content={"downloadCode": "f", "fileName": "q3.xlsx"})
-    )
+    await env.double.push(env.double.message(msgtype="video", content={"downloadCode": "v", "duration": 3}))
     [answer] = await env.answers(1)
-    assert "我还读不了文件" in answer["markdown"]["text"]  # Chinese on DingTalk by default
+    assert "我还读不了视频" in answer["markdown"]["text"]  # Chinese on DingTalk by default
     assert model.requests == []
 
 

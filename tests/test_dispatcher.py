@@ -19,9 +19,14 @@ import pytest
 from gateway.admission import Admission
 from gateway.config import DispatcherConfig
 from gateway.dispatcher import APOLOGY, BUSY_NOTICE, TIMEOUT_NOTICE, Dispatcher
+from gateway.i18n import translator
 from gateway.messages import ConversationKind, InboundMessage
 from gateway.metrics import Metrics, Outcome
 from gateway.store import MemoryStore, SqliteStore
+
+# A message without a locale (as one stored before messages carried one) is answered in the default, Chinese.
+ZH = translator(None)
+BUSY = ZH(BUSY_NOTICE)
 
 
 def msg(conversation: str, message_id: str, platform: str = "dingtalk") -> InboundMessage:
@@ -219,7 +224,7 @@ async def test_full_queue_tells_the_sender_at_once(make: Any, store: MemoryStore
     admission = await dispatcher.submit(overflow)
     assert admission is Admission.BUSY and admission.acknowledge
     # The notice goes out while m1 is still being answered: not after the queue drains.
-    await responder.wait_for(lambda: responder.notices == [("m3", BUSY_NOTICE)])
+    await responder.wait_for(lambda: responder.notices == [("m3", BUSY)])
     assert responder.started() == ["m1"]
     assert [m.message_id for m in await store.inbox_pending()] == ["m1", "m2"]
     responder.release("m1", "m2")
@@ -233,7 +238,7 @@ async def test_deadline_exceeded_sends_a_timeout_notice(make: Any, store: Memory
     await dispatcher.submit(late)
     await dispatcher.submit(msg("c1", "m2"))
     await responder.wait_for(lambda: len(responder.notices) == 1)
-    assert responder.notices == [("m1", TIMEOUT_NOTICE.format(request_id=late.request_id))]
+    assert responder.notices == [("m1", ZH(TIMEOUT_NOTICE, request_id=late.request_id))]
     assert ("cancelled", "m1") in responder.events
     responder.release("m2")
     await dispatcher.wait_idle()
@@ -259,10 +264,10 @@ async def test_responder_failure_gets_an_apology_with_the_request_id(make: Any, 
         await dispatcher.submit(msg("c1", "m3"))
         await dispatcher.wait_idle()
     assert responder.notices == [
-        ("m1", APOLOGY.format(request_id=broken.request_id)),
-        ("m2", APOLOGY.format(request_id=second.request_id)),
+        ("m1", ZH(APOLOGY, request_id=broken.request_id)),
+        ("m2", ZH(APOLOGY, request_id=second.request_id)),
     ]
-    assert broken.request_id in APOLOGY.format(request_id=broken.request_id)
+    assert broken.request_id in ZH(APOLOGY, request_id=broken.request_id) != APOLOGY
     failed = [r for r in caplog.records if r.message == "answer failed"]
     assert [getattr(r, "request_id", None) for r in failed] == [broken.request_id, second.request_id]
     assert failed[0].exc_info is not None and "boom" in str(failed[0].exc_info[1])
@@ -436,7 +441,7 @@ async def test_a_full_spill_tells_the_sender_and_what_shutdown_cannot_store_is_c
         assert await dispatcher.submit(big("c1", "m1")) is Admission.SPILLED
         refused = await dispatcher.submit(big("c2", "o1"))  # the newest is refused, the oldest kept
         assert refused is Admission.BUSY and refused.acknowledge
-        await responder.wait_for(lambda: responder.notices == [("o1", BUSY_NOTICE)])
+        await responder.wait_for(lambda: responder.notices == [("o1", BUSY)])
         assert not await dispatcher.drain(0.2)  # the store never came back
         assert spill_events(metrics) == {"spilled": 1, "recovered": 0, "refused": 1, "lost": 1}
         assert any("held in memory are lost" in r.getMessage() for r in caplog.records)

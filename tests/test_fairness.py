@@ -10,9 +10,12 @@ import orjson
 
 from gateway.config import LimitsConfig, build
 from gateway.dispatcher import BUSY_NOTICE
+from gateway.i18n import translator
 from gateway.keys import DISPATCHER
 from gateway.steps import CONVERSATION_LIMITED, TRUNCATED_MARK, TRUNCATED_NOTE
 from tests.helpers import hello, start
+
+ZH = translator("zh-CN")  # the default on DingTalk, and in a web chat whose browser names no language
 
 
 def test_rate_limits_and_the_length_cap_are_on_by_default() -> None:
@@ -31,7 +34,7 @@ async def test_a_group_is_limited_as_a_whole(aiohttp_server: Any, gateway: Any, 
         await env.double.push(body)
         await env.answers(n + 1)
     texts = [p["markdown"]["text"] for p in env.double.session_posts]
-    assert texts[-1] == f"@c3 {CONVERSATION_LIMITED}"
+    assert texts[-1] == f"@c3 {ZH(CONVERSATION_LIMITED)}"
     assert len(model.requests) == 2
 
 
@@ -63,12 +66,12 @@ async def test_one_flooding_sender_cannot_make_everyone_else_busy(
                 frame = await ws.receive_json()
                 (notices if frame["type"] == "notice" else admissions).append(frame)
         assert [f["type"] for f in admissions] == ["accepted"] * 10 + ["busy"] * 14  # half the queue, then busy
-        assert {f["text"] for f in notices} == {BUSY_NOTICE}
+        assert {f["text"] for f in notices} == {ZH(BUSY_NOTICE)}
         frame_id = await env.double.push(env.double.message("may I?", staff_id="legit"))
         await env.double.wait_acked(frame_id)
         model.release()
         [answer] = await env.answers(1)
-        assert answer["markdown"]["text"] == "echo: may I?" != BUSY_NOTICE
+        assert answer["markdown"]["text"] == "echo: may I?" != ZH(BUSY_NOTICE)
         await env.client.app[DISPATCHER].wait_idle()
 
 
@@ -78,9 +81,9 @@ async def test_a_long_message_is_cut_and_the_user_told(aiohttp_server: Any, gate
     env = await start(aiohttp_server, gateway, model_url=url)
     await env.double.push(env.double.message("y" * 1_000_000, staff_id="u1"))
     [answer] = await env.answers(1)
-    assert answer["markdown"]["text"] == TRUNCATED_NOTE.format(limit=8000) + "a short answer"
+    assert answer["markdown"]["text"] == ZH(TRUNCATED_NOTE, limit=8000) + "\n\na short answer"
     asked = model.requests[-1]["messages"][-1]["content"]
-    assert asked == "y" * 8000 + TRUNCATED_MARK.format(limit=8000)
+    assert asked == "y" * 8000 + "\n\n" + ZH(TRUNCATED_MARK, limit=8000)
     await env.double.push(env.double.message("and now?", staff_id="u1"))
     await env.answers(2)
     remembered = model.requests[-1]["messages"][1]["content"]

@@ -10,8 +10,10 @@ from typing import Any
 
 import aiohttp
 
+from gateway.answer import MODEL_DOWN
 from tests.doubles.dingtalk import DingTalkDouble
 from tests.doubles.openai import OpenAIDouble
+from tests.helpers import notice_start
 from tests.process import GatewayProcess
 from tests.redisd import listen_port
 
@@ -49,7 +51,7 @@ enabled = false
     await asyncio.to_thread(gw.start)
     await double.wait_for(lambda: double.connected, timeout=20)
 
-    assert "not answering right now (connection)" in await ask(double, "model down?")
+    assert (await ask(double, "model down?")).startswith(notice_start(MODEL_DOWN, reason="connection"))
     await aiohttp_server(OpenAIDouble().app(), host="127.0.0.1", port=model_port)
     assert await ask(double, "model back?") == "echo: model back?"
 

@@ -172,7 +172,9 @@ async def test_mentions_in_streamed_text_are_defused(run: Any, feishu: Any, open
     await double.wait_for(lambda: double.answer("om_at") is not None)
     await client.app[DISPATCHER].wait_idle()
     card = only_card(double, "om_at")
-    sent = [str(card.card["body"]["elements"][0]["content"])] + [text for _, text in card.contents]
+    mention, *_, created = card.card["body"]["elements"]  # the one live mention: ours, of the asker
+    assert mention["content"] == "<at id=ou_user></at>"
+    sent = [str(created["content"])] + [text for _, text in card.contents]
     assert len(sent) >= 3 and all("<at" not in text.lower() for text in sent), sent
     assert "&lt;at id=all>" in card.text
 

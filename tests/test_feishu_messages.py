@@ -14,10 +14,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.i18n import translator
+from gateway.i18n import Locale, translator
 from gateway.keys import CHANNELS, DISPATCHER, METRICS
 from gateway.messages import InboundMessage, Reply, ReplyKind
-from gateway.steps import GREETING, HELP, NO_VISION
+from gateway.steps import GREETING, NO_VISION, help_text
 from handlers.feishu.parse import Rules, parse_event
 from handlers.feishu.render import MANY_TABLES_NOTE, PART_LIMIT
 from tests.doubles import feishu as fd
@@ -120,7 +120,7 @@ async def test_bare_mention_gets_a_greeting(start: Start, feishu: Any, openai_do
     double, _ = feishu
     client = await start()
     await double.push_event(message_event("@_user_1", message_id="om_hi", chat_type="group", mentions=[BOT]))
-    assert await answer(client, double, "om_hi") == GREETING
+    assert await answer(client, double, "om_hi") == translator("zh-CN")(GREETING)  # Chinese on Feishu by default
     assert openai_double[0].requests == []
 
 
@@ -148,15 +148,15 @@ async def test_image_without_vision_gets_a_clear_reply(start: Start, feishu: Any
     double, _ = feishu
     client = await start()
     await double.push_event(message_event(message_id="om_img", message_type="image", content={"image_key": "img_1"}))
-    assert await answer(client, double, "om_img") == NO_VISION
+    assert await answer(client, double, "om_img") == translator("zh-CN")(NO_VISION)
     assert openai_double[0].requests == [] and api_calls(client, "message_resource") == 0
 
 
-async def test_file_gets_a_polite_notice(start: Start, feishu: Any, openai_double: Any) -> None:
+async def test_video_gets_a_polite_notice(start: Start, feishu: Any, openai_double: Any) -> None:
     double, _ = feishu
     client = await start()
-    await double.push_event(message_event(message_id="om_f", message_type="file", content={"file_key": "f1"}))
-    assert "我还读不了文件" in await answer(client, double, "om_f")  # Chinese on Feishu by default
+    await double.push_event(message_event(message_id="om_f", message_type="media", content={"file_key": "f1"}))
+    assert "我还读不了视频" in await answer(client, double, "om_f")  # Chinese on Feishu by default
     assert openai_double[0].requests == []
 
 
@@ -298,9 +298,10 @@ async def test_resent_reply_shows_once(start: Start, feishu: Any) -> None:
     client = await start()
     event = message_event("/help", message_id="om_h")
     await double.push_event(event)
-    assert await answer(client, double, "om_h") == HELP
+    shown = help_text(Locale.ZH_CN)  # Chinese on Feishu by default
+    assert await answer(client, double, "om_h") == shown
     parsed = parse_event(event, Rules(BOT_OPEN_ID), "ws", time.time())
     assert isinstance(parsed, InboundMessage)
     persisted = InboundMessage.from_dict(orjson.loads(orjson.dumps(parsed.to_dict())))
-    await client.app[CHANNELS]["feishu/default"].send(Reply(persisted, HELP, ReplyKind.NOTICE))
+    await client.app[CHANNELS]["feishu/default"].send(Reply(persisted, shown, ReplyKind.NOTICE))
     assert len(double.replies_to("om_h")) == 1

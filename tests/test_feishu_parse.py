@@ -109,10 +109,17 @@ def test_image_becomes_attachment() -> None:
 
 
 def test_files_and_others_get_a_polite_notice() -> None:
-    for kind, words in (("file", "files"), ("audio", "voice messages"), ("sticker", "stickers"),
+    for kind, words in (("media", "videos"),
                         ("interactive", "“interactive” messages")):
         msg = message(message_event(message_type=kind, content={"file_key": "f"}))
         assert f"can't read {words} yet" in msg.unsupported, kind
+
+
+def test_file_becomes_a_document_attachment_and_a_sticker_is_dropped() -> None:
+    msg = message(message_event(message_type="file", content={"file_key": "file_v3_x", "file_name": "q3.pdf"}))
+    assert msg.attachments == (Attachment("file", "file_v3_x", "q3.pdf"),) and not msg.unsupported
+    sticker = parse_event(message_event(message_type="sticker", content={"file_key": "s"}), RULES, "ws", time.time())
+    assert sticker == Dropped("sticker")
 
 
 def test_thread_is_its_own_conversation() -> None:

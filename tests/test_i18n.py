@@ -240,12 +240,12 @@ def feishu_event(message_type: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     ("domain", "expected", "words"),
-    [("https://open.feishu.cn", ZH, "语音消息"), ("https://open.larksuite.com", EN, "voice messages")],
+    [("https://open.feishu.cn", ZH, "位置"), ("https://open.larksuite.com", EN, "locations")],
 )
 def test_a_feishu_bot_speaks_english_on_lark(domain: str, expected: Locale, words: str) -> None:
     adapter = FeishuAdapter(make_config(feishu={"domain": domain}).feishu, Metrics())
     assert adapter.locale() is expected
-    message = parse_event(feishu_event("audio"), Rules("ou_bot"), "ws", 0.0, adapter.locale())
+    message = parse_event(feishu_event("location"), Rules("ou_bot"), "ws", 0.0, adapter.locale())
     assert isinstance(message, InboundMessage) and message.locale is expected and words in message.unsupported
 
 

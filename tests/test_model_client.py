@@ -309,7 +309,7 @@ async def test_echo_is_the_default_without_a_base_url(session: aiohttp.ClientSes
     assert isinstance(model, EchoBackend)
     deltas, completion = await ask(model, [{"role": "user", "content": "line one\nline two"}])
     assert deltas[0].startswith("> line one\n> line two\n\n")
-    assert "no model is configured" in deltas[0]
+    assert "尚未配置模型" in deltas[0]  # "no model is configured", in the default language
     assert completion.model == "echo"
 
 

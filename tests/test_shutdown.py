@@ -226,7 +226,7 @@ async def test_fresh_start_with_shipped_config_answers_by_echo(gateway_process: 
                 while (frame := await ws.receive_json())["type"] != "done":
                     pass
         assert frame["text"].startswith("> hello echo")
-        assert "no model is configured" in frame["text"]
+        assert "尚未配置模型" in frame["text"]  # "no model is configured": a browser naming no language gets Chinese
     assert await gateway_process.stopped(signal.SIGINT, bound=10.0) == 0
     assert gateway_process.stderr.read_text() == ""
     starting = gateway_process.logs()[0]

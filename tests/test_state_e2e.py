@@ -9,8 +9,9 @@ from typing import Any
 import orjson
 import pytest
 
+from gateway.i18n import Locale, translator
 from gateway.keys import DISPATCHER
-from gateway.steps import HELP, RATE_LIMITED
+from gateway.steps import RATE_LIMITED, help_text
 from tests.conftest import make_config
 from tests.helpers import chat, hello, metric, readiness
 from tests.redisd import RedisServer
@@ -58,7 +59,8 @@ async def test_over_the_rate_limit_one_notice_and_no_model_call(
         assert (await chat(client, ws, "one", "1"))[-1]["type"] == "done"
         assert (await chat(client, ws, "two", "2"))[-1]["type"] == "done"
         third = await chat(client, ws, "three", "3")
-        assert third[-1] == {"type": "notice", "text": RATE_LIMITED, "reply_to": f"{conversation}:3"}
+        limited = translator(Locale.ZH_CN)(RATE_LIMITED)  # a browser naming no language: Chinese
+        assert third[-1] == {"type": "notice", "text": limited, "reply_to": f"{conversation}:3"}
         # The fourth is accepted but silently skipped: one notice per minute, not one per message.
         await ws.send_str(orjson.dumps({"type": "message", "id": "4", "text": "four"}).decode())
         assert orjson.loads((await ws.receive()).data) == {"type": "accepted", "id": f"{conversation}:4"}
@@ -66,7 +68,7 @@ async def test_over_the_rate_limit_one_notice_and_no_model_call(
             await client.app[DISPATCHER].wait_idle()
         help_frames = await chat(client, ws, "/help", "5")  # whatever came before shows up first
         assert [f["type"] for f in help_frames] == ["accepted", "notice"]
-        assert help_frames[-1]["text"] == HELP
+        assert help_frames[-1]["text"] == help_text(Locale.ZH_CN)  # a browser naming no language: Chinese
     assert len(double.requests) == 2
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -15,7 +16,17 @@ import redis.asyncio as aioredis
 from gateway.errors import StoreError
 from gateway.i18n import Locale
 from gateway.messages import Attachment
-from gateway.store import CardRecord, LeaseStore, MemoryStore, RedisStore, SqliteStore, Store, Turn, lease_store
+from gateway.store import (
+    CardRecord,
+    LeaseStore,
+    MemoryStore,
+    RedisStore,
+    SqliteStore,
+    Store,
+    Turn,
+    UsageCount,
+    lease_store,
+)
 from tests.helpers import msg
 
 BACKENDS = ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)]
@@ -401,3 +412,81 @@ async def test_ping_ok_while_open_and_fails_after_close(backend: Backend) -> Non
         await store.backend_session("x")
     with pytest.raises(StoreError):
         await store.set_backend_session("x", "conv", 60)
+
+
+# -- usage accounting ----------------------------------------------------------------------------
+DAY, NEXT = "2026-12-01", "2026-12-02"
+ALICE = [
+    ("user", "dingtalk:alice"),
+    ("conversation", "dingtalk:g1"),
+    ("group", "dingtalk:g1"),
+    ("bot", "dingtalk/default"),
+    ("agent", "default"),
+]
+
+
+async def test_usage_adds_messages_and_tokens_per_subject_and_day(store: Store) -> None:
+    await store.add_usage(DAY, ALICE, 120, False, 3600)
+    await store.add_usage(DAY, ALICE, 30, True, 3600)
+    await store.add_usage(NEXT, ALICE[:1], 5, False, 3600)
+    assert await store.usage([DAY], "user", "dingtalk:alice") == UsageCount(2, 150, 30)
+    assert await store.usage([DAY], "group", "dingtalk:g1") == UsageCount(2, 150, 30)
+    assert await store.usage([DAY, NEXT], "user", "dingtalk:alice") == UsageCount(3, 155, 30)
+    assert await store.usage([NEXT], "group", "dingtalk:g1") == UsageCount()
+    assert await store.usage([DAY], "user", "dingtalk:bob") == UsageCount()
+    assert await store.usage([], "user", "dingtalk:alice") == UsageCount()
+
+
+async def test_usage_top_ranks_by_tokens_then_messages(store: Store) -> None:
+    await store.add_usage(DAY, [("user", "a")], 10, False, 3600)
+    for _ in range(3):
+        await store.add_usage(DAY, [("user", "b")], 10, False, 3600)
+    await store.add_usage(DAY, [("user", "c")], 30, False, 3600)
+    await store.add_usage(DAY, [("user", "d")], 5, False, 3600)
+    await store.add_usage(NEXT, [("user", "e")], 999, False, 3600)
+    top = await store.usage_top(DAY, "user", 3)
+    # b and c both have 30 tokens: b sent more messages
+    assert top == [("b", UsageCount(3, 30, 0)), ("c", UsageCount(1, 30, 0)), ("a", UsageCount(1, 10, 0))]
+    assert await store.usage_top(DAY, "bot", 3) == []
+
+
+async def test_usage_expires_after_its_ttl(store: Store) -> None:
+    await store.add_usage(DAY, [("user", "a")], 10, False, 0.2)
+    assert (await store.usage([DAY], "user", "a")).messages == 1
+
+    async def gone() -> bool:
+        return (await store.usage([DAY], "user", "a")).messages == 0
+
+    await eventually(gone)
+    assert await store.usage_top(DAY, "user", 5) == []
+
+
+async def test_usage_survives_reopen_and_is_shared(backend: Backend) -> None:
+    first = await backend.open()
+    await first.add_usage(DAY, ALICE, 42, False, 3600)
+    if backend.name == "sqlite":
+        await first.close()
+        backend.opened.remove(first)
+    second = await backend.open()  # redis: a second instance on the same server
+    await second.add_usage(DAY, ALICE, 8, True, 3600)
+    assert await second.usage([DAY], "user", "dingtalk:alice") == UsageCount(2, 50, 8)
+    if backend.name != "sqlite":
+        assert await first.usage([DAY], "bot", "dingtalk/default") == UsageCount(2, 50, 8)
+
+
+async def test_a_file_from_before_usage_opens_and_counts(tmp_path: Path) -> None:
+    """An existing SQLite file without the usage table gets it when opened."""
+    path = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE context (conversation TEXT PRIMARY KEY, turns BLOB NOT NULL, expires REAL NOT NULL);"
+        "PRAGMA user_version = 1;"
+    )
+    conn.close()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        await store.add_usage(DAY, [("user", "a")], 3, False, 3600)
+        assert await store.usage([DAY], "user", "a") == UsageCount(1, 3, 0)
+    finally:
+        await store.close()

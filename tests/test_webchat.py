@@ -7,9 +7,10 @@ from typing import Any
 
 import orjson
 
+from gateway.i18n import translator
 from gateway.keys import DISPATCHER
 from gateway.logs import JsonFormatter
-from gateway.steps import RATE_LIMITED
+from gateway.steps import RATE_LIMITED, RESET_DONE
 from tests.conftest import make_config
 from tests.helpers import chat, hello
 
@@ -22,7 +23,7 @@ async def test_echo_reply_without_model(gateway: Any) -> None:
     assert frames[0] == {"type": "accepted", "id": f"{conversation}:m1"}
     assert frames[-1]["type"] == "done"
     assert "> hello there" in frames[-1]["text"]
-    assert "no model is configured" in frames[-1]["text"]
+    assert "尚未配置模型" in frames[-1]["text"]  # a browser naming no language: Chinese
 
 
 async def test_streamed_answer_from_openai_compatible_server(gateway: Any, openai_double: Any) -> None:
@@ -51,7 +52,7 @@ async def test_context_kept_and_reset(gateway: Any, openai_double: Any) -> None:
             "first", "echo: first", "second"
         ]
         frames = await chat(client, ws, "/reset", "c")
-        assert frames[-1]["type"] == "notice" and "forgot" in frames[-1]["text"]
+        assert frames[-1]["type"] == "notice" and frames[-1]["text"] == translator("zh-CN")(RESET_DONE)
         await chat(client, ws, "third", "d")
     assert [m["content"] for m in double.requests[-1]["messages"][1:]] == ["third"]
 
@@ -115,5 +116,5 @@ async def test_new_sessions_do_not_bypass_the_rate_limit(gateway: Any, openai_do
             await hello(ws)
             finals.append((await chat(client, ws, f"question {n}", "m"))[-1])
     assert [f["type"] for f in finals] == ["done", "done", "notice"]
-    assert finals[-1]["text"] == RATE_LIMITED
+    assert finals[-1]["text"] == translator("zh-CN")(RATE_LIMITED)
     assert len(double.requests) == 2

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+from ..i18n import Locale
+
 Message = dict[str, Any]  # one OpenAI chat message
 
 
@@ -37,6 +39,8 @@ class BackendRequest:
     # True: `context` is a group's, shared by its members (not one member's, as a `per_user` agent's
     # is): a backend whose conversations belong to one user (Dify) needs a user of the group's own.
     shared: bool = False
+    # The message's language (`InboundMessage.locale`; None: the default): a backend's own texts (echo's).
+    locale: Locale | None = None
 
 
 class DeltaKind(StrEnum):

@@ -32,6 +32,9 @@ class OpenAIBackend(HttpBackend):
             "max_tokens": self.cfg.max_tokens,
             "stream": self.cfg.stream,
         }
+        if self.cfg.stream:
+            # A last chunk with the request's token usage (and no choices): what quotas count.
+            body["stream_options"] = {"include_usage": True}
         return Call(self.cfg.base_url.rstrip("/") + "/chat/completions", body)
 
     async def _read(self, resp: aiohttp.ClientResponse, completion: Completion) -> AsyncGenerator[Delta, None]:

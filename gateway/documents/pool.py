@@ -4,7 +4,7 @@ One fresh worker process per document (`python -I -c ...` running `worker.main`,
 only PATH and LANG, cwd `/`), started with asyncio's subprocess support: a fork-and-exec, never a bare fork
 of the gateway process (it has threads and an event loop). A fresh process per document means a job
 that runs out of time or memory is killed alone, and nothing one file did is left for the next; it
-costs the interpreter's start and one parser library's import per document (docs/content-libraries.md
+costs the interpreter's start and one parser library's import per document (README "Dependencies"
 has the numbers). At most `Limits.workers` run at once; more wait for a free one.
 
 Results come back as a length-capped JSON frame on the worker's stdout, never as pickles from a

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import StoreError
-from .base import CardRecord, LeaseStore, Store, Turn, lease_store, trim_turns
+from .base import USAGE_KINDS, CardRecord, LeaseStore, Store, Turn, UsageCount, lease_store, trim_turns
 from .memory import MemoryStore
 from .redis import RedisStore
 from .sqlite import SqliteStore
 
 __all__ = [
+    "USAGE_KINDS",
     "CardRecord",
     "LeaseStore",
     "MemoryStore",
@@ -18,6 +19,7 @@ __all__ = [
     "SqliteStore",
     "Store",
     "Turn",
+    "UsageCount",
     "lease_store",
     "open_store",
     "sqlite_path",

@@ -8,6 +8,7 @@ instances). Every method may raise `StoreError`; callers decide whether that ref
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -59,6 +60,25 @@ class CardRecord:
         data: dict[str, Any] = orjson.loads(raw)
         data["message"] = InboundMessage.from_dict(data["message"])
         return cls(**data)
+
+
+# What usage is counted by (`Store.add_usage`): each answered message adds to one subject of each.
+USAGE_KINDS = ("user", "conversation", "group", "bot", "agent")
+
+
+@dataclass(frozen=True, slots=True)
+class UsageCount:
+    """One subject's usage over a day (or the sum of several days): answered messages and tokens,
+    `estimated` of the tokens being botgate's estimate (the backend reported none)."""
+
+    messages: int = 0
+    tokens: int = 0
+    estimated: int = 0
+
+    def __add__(self, other: UsageCount) -> UsageCount:
+        return UsageCount(
+            self.messages + other.messages, self.tokens + other.tokens, self.estimated + other.estimated
+        )
 
 
 class Store(Protocol):
@@ -123,6 +143,20 @@ class Store(Protocol):
     async def take_token(self, bucket: str, per_minute: int) -> bool:
         """Token bucket of `per_minute` capacity refilling continuously; False when empty."""
 
+    # -- usage accounting (gateway.usage) ----------------------------------------------------------
+    async def add_usage(
+        self, day: str, subjects: Sequence[tuple[str, str]], tokens: int, estimated: bool, ttl: float
+    ) -> None:
+        """One answered message of `tokens` tokens (`estimated`: botgate's estimate) on `day`
+        ("YYYY-MM-DD", local), added to each `(kind, subject)` (kind in `USAGE_KINDS`); the
+        figures are kept `ttl` seconds after their last addition."""
+
+    async def usage(self, days: Sequence[str], kind: str, subject: str) -> UsageCount:
+        """The sum of `subject`'s figures over `days` (zero where none were kept)."""
+
+    async def usage_top(self, day: str, kind: str, limit: int) -> list[tuple[str, UsageCount]]:
+        """The `limit` subjects of `kind` with the most tokens on `day` (then messages), most first."""
+
     # -- streaming cards still open on a platform -------------------------------------------------
     async def card_open(self, record: CardRecord) -> None:
         """Record an open card (replacing a record with the same key)."""
@@ -169,6 +203,11 @@ def trim_turns(turns: list[Turn], max_turns: int, max_chars: int) -> list[Turn]:
         kept.append(turn)
     kept.reverse()
     return kept
+
+
+def top_usage(rows: list[tuple[str, UsageCount]], limit: int) -> list[tuple[str, UsageCount]]:
+    """The `limit` rows with the most tokens, then messages, then by subject (a stable order)."""
+    return sorted(rows, key=lambda r: (-r[1].tokens, -r[1].messages, r[0]))[: max(0, limit)]
 
 
 def encode_message(message: InboundMessage) -> bytes:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 
 from ..messages import InboundMessage
-from .base import CardRecord, Turn, trim_turns
+from .base import CardRecord, Turn, UsageCount, top_usage, trim_turns
 
 
 class MemoryStore:
@@ -21,6 +22,7 @@ class MemoryStore:
         self._cache: dict[str, tuple[float, str]] = {}
         self._buckets: dict[str, tuple[float, float]] = {}
         self._cards: dict[str, CardRecord] = {}
+        self._usage: dict[tuple[str, str, str], tuple[float, UsageCount]] = {}  # (day, kind, subject)
         self._next_sweep = 0.0
 
     async def open(self) -> None:
@@ -43,6 +45,7 @@ class MemoryStore:
         self._sessions = {k: v for k, v in self._sessions.items() if v[0] > now}
         # A bucket untouched for a minute has refilled completely: same as no entry.
         self._buckets = {k: v for k, v in self._buckets.items() if v[1] > now - 60.0}
+        self._usage = {k: v for k, v in self._usage.items() if v[0] > now}
 
     async def claim(self, key: str, ttl: float) -> bool:
         now = time.monotonic()
@@ -113,6 +116,31 @@ class MemoryStore:
             return False
         self._buckets[bucket] = (tokens - 1.0, now)
         return True
+
+    async def add_usage(
+        self, day: str, subjects: Sequence[tuple[str, str]], tokens: int, estimated: bool, ttl: float
+    ) -> None:
+        now = time.monotonic()
+        self._sweep(now)
+        added = UsageCount(1, tokens, tokens if estimated else 0)
+        for kind, subject in subjects:
+            key = (day, kind, subject)
+            _, count = self._usage.get(key, (0.0, UsageCount()))
+            self._usage[key] = (now + ttl, count + added)
+
+    async def usage(self, days: Sequence[str], kind: str, subject: str) -> UsageCount:
+        now = time.monotonic()
+        total = UsageCount()
+        for day in days:
+            entry = self._usage.get((day, kind, subject))
+            if entry is not None and entry[0] > now:
+                total += entry[1]
+        return total
+
+    async def usage_top(self, day: str, kind: str, limit: int) -> list[tuple[str, UsageCount]]:
+        now = time.monotonic()
+        rows = [(k[2], v[1]) for k, v in self._usage.items() if k[0] == day and k[1] == kind and v[0] > now]
+        return top_usage(rows, limit)
 
     async def card_open(self, record: CardRecord) -> None:
         self._cards[record.key] = record

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from urllib.parse import urlsplit
 
@@ -25,7 +25,16 @@ from redis.exceptions import RedisError, WatchError
 
 from ..errors import StoreError
 from ..messages import InboundMessage
-from .base import CardRecord, Turn, decode_cards, decode_messages, encode_message, trim_turns
+from .base import (
+    CardRecord,
+    Turn,
+    UsageCount,
+    decode_cards,
+    decode_messages,
+    encode_message,
+    top_usage,
+    trim_turns,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +46,9 @@ DEDUP = INBOX + ":dedup:"  # + key: a claim's token, with the dedup TTL
 CARDS = PREFIX + "cards"  # hash: card key -> record JSON (streaming cards still open)
 CONTEXT = PREFIX + "ctx:"  # + context key: its turns JSON, with the idle TTL
 SESSION = PREFIX + "backend:"  # + context key: the backend's conversation id, with the idle TTL
+USAGE = PREFIX + "usage:"  # + "<day>:<kind>": hash m:/t:/e:<subject> -> messages/tokens/estimated
+# ... + ":top": sorted set of the day's subjects of that kind by tokens * TOP_SCALE + messages
+TOP_SCALE = 1_000_000  # exact in a double up to ~9e9 tokens a day per subject
 CHUNK = 500  # ids per HMGET when reading the inbox
 
 _CLAIM = """
@@ -286,6 +298,53 @@ class RedisStore:
     async def take_token(self, bucket: str, per_minute: int) -> bool:
         with self._errors("rate limit"):
             return bool(await self._script("take_token", [f"{PREFIX}bucket:{bucket}"], [per_minute]))
+
+    # -- usage accounting -------------------------------------------------------------------------
+    async def add_usage(
+        self, day: str, subjects: Sequence[tuple[str, str]], tokens: int, estimated: bool, ttl: float
+    ) -> None:
+        # Single-key commands in one round trip: every instance adds to the same counters. (A
+        # command retried after a lost reply may count a message twice: figures, not a ledger.)
+        with self._errors("usage write"):
+            async with self._r.pipeline(transaction=False) as pipe:
+                for kind, subject in subjects:
+                    figures, top = f"{USAGE}{day}:{kind}", f"{USAGE}{day}:{kind}:top"
+                    pipe.hincrby(figures, "m:" + subject, 1)
+                    pipe.hincrby(figures, "t:" + subject, tokens)
+                    if estimated:
+                        pipe.hincrby(figures, "e:" + subject, tokens)
+                    pipe.zincrby(top, tokens * TOP_SCALE + 1, subject)
+                    pipe.pexpire(figures, _ms(ttl))
+                    pipe.pexpire(top, _ms(ttl))
+                await pipe.execute()
+
+    async def usage(self, days: Sequence[str], kind: str, subject: str) -> UsageCount:
+        fields = ["m:" + subject, "t:" + subject, "e:" + subject]
+        with self._errors("usage read"):
+            async with self._r.pipeline(transaction=False) as pipe:
+                for day in days:
+                    pipe.hmget(f"{USAGE}{day}:{kind}", fields)
+                rows = await pipe.execute()
+        total = UsageCount()
+        for row in rows:
+            total += UsageCount(*(int(v or 0) for v in row))
+        return total
+
+    async def usage_top(self, day: str, kind: str, limit: int) -> list[tuple[str, UsageCount]]:
+        if limit <= 0:
+            return []
+        figures = f"{USAGE}{day}:{kind}"
+        with self._errors("usage read"):
+            raw = await self._r.zrevrange(figures + ":top", 0, limit - 1)
+            if not raw:
+                return []
+            names = [r.decode() if isinstance(r, bytes) else str(r) for r in raw]
+            values = await self._r.hmget(figures, [f"{f}:{n}" for n in names for f in "mte"])
+        rows = [
+            (name, UsageCount(*(int(v or 0) for v in values[3 * i : 3 * i + 3])))
+            for i, name in enumerate(names)
+        ]
+        return top_usage(rows, limit)
 
     # -- leases -----------------------------------------------------------------------------------
     async def acquire_lease(self, conversation: str, owner: str, ttl: float) -> bool:

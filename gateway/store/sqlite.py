@@ -12,6 +12,7 @@ import asyncio
 import logging
 import sqlite3
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
@@ -19,7 +20,16 @@ import orjson
 from ..errors import StoreError
 from ..messages import InboundMessage
 from ..tasks import stop_task
-from .base import CardRecord, Turn, decode_cards, decode_messages, encode_message, trim_turns
+from .base import (
+    CardRecord,
+    Turn,
+    UsageCount,
+    decode_cards,
+    decode_messages,
+    encode_message,
+    top_usage,
+    trim_turns,
+)
 from .sqlfile import SqliteFile
 
 log = logging.getLogger(__name__)
@@ -47,6 +57,11 @@ CREATE TABLE IF NOT EXISTS buckets (bucket TEXT PRIMARY KEY, tokens REAL NOT NUL
 CREATE TABLE IF NOT EXISTS cards (key TEXT PRIMARY KEY, record BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS backend_sessions (
     key TEXT PRIMARY KEY, session TEXT NOT NULL, expires REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS usage (
+    day TEXT NOT NULL, kind TEXT NOT NULL, subject TEXT NOT NULL,
+    messages INTEGER NOT NULL, tokens INTEGER NOT NULL, estimated INTEGER NOT NULL, expires REAL NOT NULL,
+    PRIMARY KEY (day, kind, subject)
 ) WITHOUT ROWID;
 """
 
@@ -226,6 +241,51 @@ class SqliteStore:
 
         return bool(await self.db.write(op))
 
+    # -- usage accounting -------------------------------------------------------------------------
+    async def add_usage(
+        self, day: str, subjects: Sequence[tuple[str, str]], tokens: int, estimated: bool, ttl: float
+    ) -> None:
+        guessed = tokens if estimated else 0
+
+        def op(conn: sqlite3.Connection, now: float) -> None:
+            conn.executemany(
+                "INSERT INTO usage (day, kind, subject, messages, tokens, estimated, expires)"
+                " VALUES (?, ?, ?, 1, ?, ?, ?) ON CONFLICT (day, kind, subject) DO UPDATE SET"
+                " messages = messages + 1, tokens = tokens + excluded.tokens,"
+                " estimated = estimated + excluded.estimated, expires = excluded.expires",
+                [(day, kind, subject, tokens, guessed, now + ttl) for kind, subject in subjects],
+            )
+
+        await self.db.write(op)
+
+    async def usage(self, days: Sequence[str], kind: str, subject: str) -> UsageCount:
+        now, wanted = time.time(), list(days)
+        marks = ", ".join("?" * len(wanted))
+
+        def fn(conn: sqlite3.Connection) -> tuple[int, int, int]:
+            if not wanted:
+                return (0, 0, 0)
+            row = conn.execute(
+                "SELECT COALESCE(SUM(messages), 0), COALESCE(SUM(tokens), 0), COALESCE(SUM(estimated), 0)"
+                f" FROM usage WHERE kind = ? AND subject = ? AND expires > ? AND day IN ({marks})",
+                (kind, subject, now, *wanted),
+            ).fetchone()
+            return (int(row[0]), int(row[1]), int(row[2]))
+
+        return UsageCount(*await self.db.read(fn))
+
+    async def usage_top(self, day: str, kind: str, limit: int) -> list[tuple[str, UsageCount]]:
+        now = time.time()
+        rows = await self.db.read(
+            lambda conn: conn.execute(
+                "SELECT subject, messages, tokens, estimated FROM usage"
+                " WHERE day = ? AND kind = ? AND expires > ? ORDER BY tokens DESC, messages DESC, subject"
+                " LIMIT ?",
+                (day, kind, now, max(0, limit)),
+            ).fetchall()
+        )
+        return top_usage([(str(r[0]), UsageCount(int(r[1]), int(r[2]), int(r[3]))) for r in rows], limit)
+
     # -- open streaming cards -----------------------------------------------------------------
     async def card_open(self, record: CardRecord) -> None:
         row = (record.key, record.encode())
@@ -269,6 +329,7 @@ def _sweep(conn: sqlite3.Connection, now: float) -> int:
         ("DELETE FROM cache WHERE expires <= ?", (now,)),
         ("DELETE FROM context WHERE expires <= ?", (now,)),
         ("DELETE FROM backend_sessions WHERE expires <= ?", (now,)),
+        ("DELETE FROM usage WHERE expires <= ?", (now,)),
         # A bucket untouched for a minute has refilled completely: same as no row.
         ("DELETE FROM buckets WHERE updated <= ?", (now - 60.0,)),
     ):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -23,6 +24,7 @@ from gateway.backoff import Backoff
 from gateway.config import DingTalkConfig
 from gateway.errors import PlatformError
 from gateway.i18n import N_, translator
+from gateway.images_out import OutImage
 from gateway.keys import CONFIG, METRICS
 from gateway.messages import Attachment, InboundMessage, Reply
 from gateway.metrics import Metrics
@@ -34,6 +36,7 @@ from gateway.streaming import INTERRUPTED, CardBook
 from ..webhook import install
 from .api import DingTalkApi, SessionWebhookRejected
 from .card import AICardStream, can_carry_card
+from .images import send_images
 from .parse import PLATFORM, Filters, parse_message
 from .render import openapi_markdown, render, session_markdown, title_of
 from .stream import StreamClient
@@ -105,7 +108,7 @@ class DingTalkAdapter(Adapter[DingTalkConfig, DingTalkApi]):
         if adopted is not None:  # a card a previous process opened for this message ends with it
             await self._card(reply.to, adopted).finish(reply.text)
             return
-        parts = render(reply.text)
+        parts = render(reply.text, locale=reply.to.locale)
         title = title_of(parts[0].text) or translator(reply.to.locale)(N_("Reply"))
         url = self._session_webhook(reply.to.reply_handle)
         for i, part in enumerate(parts):
@@ -153,6 +156,12 @@ class DingTalkAdapter(Adapter[DingTalkConfig, DingTalkApi]):
             raise PlatformError("sessionWebhook expired and the sender has no staff id", retryable=False)
         msg_key, param = openapi_markdown(title, text)
         await api.send_direct(robot_code, staff_id, msg_key, param)
+
+    async def send_images(self, message: InboundMessage, images: Sequence[OutImage], hosts: Sequence[str]) -> None:
+        """The answer's data-URL images as image messages after it (`handlers/dingtalk/images.py`)."""
+        robot_code = message.reply_handle.get("robot_code") or self._filters.robot_code
+        runtime = self.runtime
+        await send_images(runtime.api, runtime.http, self.metrics, message.reply_handle, robot_code, images, hosts)
 
     async def open_stream(self, message: InboundMessage) -> AICardStream | None:
         adopted = self.cards.adopt(message)

@@ -196,6 +196,35 @@ class DingTalkApi:
                     f"dingtalk direct_send: user in {field}", retryable=field == "flowControlledStaffIdList"
                 )
 
+    async def upload_media(self, data: bytes, mime: str, kind: str = "image") -> str:
+        """Upload a media file (`POST {oapi_base}/media/upload?access_token=…&type=image`,
+        multipart `media`); returns its `media_id` (an image message's `photoURL` takes it)."""
+
+        async def call(token: str) -> str:
+            await self._limiter.acquire("media_upload")
+            self._budget.record("media_upload")
+            form = aiohttp.FormData()
+            form.add_field("media", data, filename=f"{kind}.{mime.rsplit('/', 1)[-1]}", content_type=mime)
+            url = self._cfg.oapi_base.rstrip("/") + "/media/upload"
+            try:
+                async with self._http.post(
+                    url, params={"access_token": token, "type": kind}, data=form, timeout=API_TIMEOUT
+                ) as resp:
+                    status, raw = resp.status, await resp.read()
+            except (aiohttp.ClientError, TimeoutError) as e:
+                raise PlatformError(f"dingtalk media_upload: {type(e).__name__}: {e}") from e
+            answer = _json_object(raw)
+            if status == 401 or answer.get("errcode") in (40014, 42001):  # invalid / expired token
+                raise TokenRejected(f"dingtalk media_upload: access token rejected ({answer.get('errcode')})")
+            media_id = answer.get("media_id")
+            if status >= 400 or answer.get("errcode", 0) != 0 or not isinstance(media_id, str) or not media_id:
+                detail = f"HTTP {status} errcode {answer.get('errcode')} {answer.get('errmsg', '')}".strip()
+                raise PlatformError(f"dingtalk media_upload: {detail}", retryable=retryable_status(status))
+            self._budget.charge("media_upload")
+            return media_id
+
+        return await self.tokens.call(call)
+
     # -- robot ---------------------------------------------------------------------------------
     async def query_robot(self, robot_code: str) -> dict[str, Any]:
         """The robot's 1:1 chat shortcuts. DingTalk has no "who am I" call for a robot; this

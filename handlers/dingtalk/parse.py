@@ -18,14 +18,14 @@ from gateway.access import AccessList
 from gateway.admission import Dropped
 from gateway.i18n import N_, Locale, Translator, translator
 from gateway.jsonvalues import as_str
-from gateway.messages import Attachment, ConversationKind, InboundMessage
+from gateway.messages import Attachment, ConversationKind, InboundMessage, Quote
 
 PLATFORM = "dingtalk"
 TOPIC = ChatbotMessage.TOPIC  # the CALLBACK topic robot messages arrive on
 
 UNSUPPORTED = N_("Sorry, I can't read {what} yet. Please send your question as text.")
 NO_RECOGNITION = N_("Sorry, I couldn't make out that voice message. Please type your question.")
-_UNSUPPORTED_NAMES = {"file": N_("files"), "video": N_("videos")}
+_UNSUPPORTED_NAMES = {"video": N_("videos")}
 
 # DingTalk writes a mention as "@Name" followed by U+2005 (four-per-em space) or a plain space.
 _LEADING_MENTION = re.compile(r"^\s*@[^\s\u2005]+[\s\u2005]*")
@@ -34,6 +34,7 @@ _MENTION = re.compile(r"(?<![\w@])@[^\s\u2005@]+")  # any mention-like token, no
 # A forwarded chat history is bounded before it reaches the model's context.
 RECORDS_MAX = 100
 RECORD_CHARS = 1_000
+QUOTE_CHARS = 4_000  # a quoted message's text, as far as the model is given it
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +103,73 @@ def parse_message(
         attachments=attachments,
         unsupported=unsupported,
         locale=locale,
+        quote=quoted(body, as_str(msg.chatbot_user_id), msg.sender_id),
+    )
+
+
+def quoted(body: dict[str, Any], robot_id: str, sender_id: str) -> Quote | None:
+    """A reply's quoted message: `text.isReplyMsg` with `text.repliedMsg {msgType, msgId,
+    senderId, content}` (docs/protocols/dingtalk.md §A.8). Its picture (and a richText's) becomes
+    an image attachment, a file a file attachment; a quoted card is said to be unreadable unless
+    it carries a text."""
+    extra = body.get("text")
+    replied = extra.get("repliedMsg") if isinstance(extra, dict) and extra.get("isReplyMsg") is True else None
+    return _quote(replied, robot_id, sender_id, nested=True) if isinstance(replied, dict) else None
+
+
+def _quote(replied: dict[str, Any], robot_id: str, sender_id: str, nested: bool) -> Quote:
+    kind = as_str(replied.get("msgType")) or "text"
+    ref = as_str(replied.get("msgId"))
+    raw = replied.get("content")
+    if isinstance(raw, str):  # a JSON string in some payloads, plain text in others
+        try:
+            raw = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raw = {"text": raw}
+    content = raw if isinstance(raw, dict) else {}
+    author = as_str(replied.get("senderId"))
+    name = _first_text(replied, "senderNick", "senderName")
+    sender = "you" if robot_id and author == robot_id else ("the user" if author and author == sender_id else name)
+    text, attachments, unreadable = "", [], False
+    if kind == "picture":
+        code = as_str(content.get("downloadCode")) or as_str(content.get("pictureDownloadCode"))
+        attachments = [Attachment("image", code, source=ref)] if code else []
+        unreadable = not code
+    elif kind == "richText":
+        texts: list[str] = []
+        for item in content.get("richText") or ():
+            if not isinstance(item, dict):
+                continue
+            said = item.get("text") if isinstance(item.get("text"), str) else item.get("content")
+            if item.get("type") == "picture" or item.get("msgType") == "picture":
+                code = as_str(item.get("downloadCode")) or as_str(item.get("pictureDownloadCode"))
+                if code:
+                    attachments.append(Attachment("image", code, source=ref))
+            elif item.get("type") == "at" and as_str(item.get("atName")):
+                texts.append(f"@{as_str(item.get('atName'))}")
+            elif isinstance(said, str):
+                texts.append(said)
+        text = " ".join(t.strip() for t in texts if t.strip())
+    elif kind in ("file", "unknownMsgType"):
+        name_ = as_str(content.get("fileName"))
+        code = as_str(content.get("downloadCode"))
+        text = name_
+        attachments = [Attachment("file", code, name_, source=ref)] if code else []
+    elif kind == "interactiveCard":
+        text = _first_text(content, "text", "title")
+        unreadable = not text
+    else:  # text, markdown, and types we do not know that carry a text
+        text = _first_text(content, "text", "content")
+        unreadable = not text and kind != "text"
+    inner = replied.get("repliedMsg") if nested else None
+    return Quote(
+        ref=ref,
+        sender=sender,
+        kind=kind,
+        text=text[:QUOTE_CHARS],
+        attachments=tuple(attachments),
+        unreadable=unreadable,
+        inner=_quote(inner, robot_id, sender_id, nested=False) if isinstance(inner, dict) else None,
     )
 
 
@@ -147,6 +215,11 @@ def _content(msg: ChatbotMessage, body: dict[str, Any], _: Translator) -> tuple[
     if kind == "audio":
         recognition = as_str(content.get("recognition")).strip()
         return (recognition, (), "") if recognition else ("", (), _(NO_RECOGNITION))
+    if kind == "file":  # a document, downloaded and read by `gateway.document_step` (1:1 chats only)
+        code = as_str(content.get("downloadCode"))
+        if not code:
+            return "", (), _(UNSUPPORTED, what=_("this file"))
+        return "", (Attachment("file", code, as_str(content.get("fileName"))),), ""
     if kind == "markdown":  # sent from DingTalk's markdown editor: its text is plain markdown
         text = as_str(content.get("text")).strip()
         return (text, (), "") if text else ("", (), _(UNSUPPORTED, what=_("this message")))

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from gateway.i18n import N_, Locale, translator
 from gateway.render import Part, split_text, tables_to_lists
 
 # Characters per markdown message. DingTalk caps a robot message at 20 000 bytes; 3 800 characters
@@ -19,11 +20,14 @@ from gateway.render import Part, split_text, tables_to_lists
 PART_LIMIT = 3800
 TITLE_LIMIT = 20
 _MARKUP = re.compile(r"[#*_>`~\[\]|]+")
+EMPTY = N_("(empty)")  # what a reply without text shows instead of nothing
 
 
-def render(text: str, limit: int = PART_LIMIT) -> list[Part]:
-    """Markdown in DingTalk's subset, split into the ordered parts to send."""
-    return [Part(chunk) for chunk in split_text(tables_to_lists(text.strip()) or "(empty)", limit)]
+def render(text: str, limit: int = PART_LIMIT, locale: Locale | None = None) -> list[Part]:
+    """Markdown in DingTalk's subset, split into the ordered parts to send (`locale`: the
+    message's, for the "(empty)" of a reply without text)."""
+    body = tables_to_lists(text.strip()) or translator(locale)(EMPTY)
+    return [Part(chunk) for chunk in split_text(body, limit)]
 
 
 def title_of(text: str) -> str:

@@ -8,20 +8,34 @@ Outbound: threaded replies, idempotent per part, and answers streamed into a Car
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from gateway.access import AccessList
 from gateway.adapter import DEFAULT_BOT, Adapter, Runtime
 from gateway.admission import Dropped
 from gateway.config import FeishuConfig
+from gateway.errors import PlatformError
 from gateway.i18n import translator
+from gateway.images_out import OutImage
 from gateway.keys import CONFIG, METRICS
-from gateway.messages import Attachment, InboundMessage, Reply, ReplyKind
+from gateway.messages import (
+    QUOTE,
+    QUOTE_MIME,
+    Attachment,
+    ConversationKind,
+    InboundMessage,
+    Quote,
+    Reply,
+    ReplyKind,
+)
 from gateway.metrics import Metrics
 from gateway.ratelimit import Rate, RateLimiter, per_second
 from gateway.render import Part
@@ -32,14 +46,20 @@ from gateway.streaming import INTERRUPTED, CardBook
 from ..webhook import install
 from .api import FeishuApi
 from .card import FeishuCardStream
-from .parse import PLATFORM, Rules, parse_event
-from .render import defuse, render
+from .images import send_images
+from .parse import PLATFORM, Rules, parse_event, parse_quoted
+from .render import defuse, mention_element, render
 from .webhook import webhook
 from .ws import FeishuWsClient
+
+log = logging.getLogger(__name__)
 
 # With the budget spent an answer is one reply whatever its length: a text message holds far more
 # than a card (150 KB against 30 KB), at the price of showing the markdown as it is written.
 TEXT_LIMIT_BYTES = 60_000
+# The reaction on the user's message while an answer without a card is made ("OnIt": the emoji
+# list of the message reactions API, docs/protocols/feishu.md).
+WORKING_EMOJI = "OnIt"
 
 
 def reply_uuid(message_id: str, kind: str, index: int) -> str:
@@ -48,12 +68,19 @@ def reply_uuid(message_id: str, kind: str, index: int) -> str:
     return hashlib.sha256(f"{message_id}|{kind}|{index}".encode()).hexdigest()[:40]
 
 
-def cheapest(text: str) -> list[Part]:
-    """The parts of `text` when every call counts: one text message if it would need several."""
-    parts = render(text)
+def cheapest(text: str, mention: str = "") -> list[Part]:
+    """The parts of `text` when every call counts: one text message if it would need several
+    (a text message's mention is `<at user_id="open_id"></at>`)."""
+    parts = render(text, mention)
     if len(parts) > 1 and len(text.encode()) <= TEXT_LIMIT_BYTES:
-        return [Part(text, "text", {"text": defuse(text)})]
+        at = f'<at user_id="{mention}"></at> ' if mention and mention_element(mention) else ""
+        return [Part(text, "text", {"text": at + defuse(text)})]
     return parts
+
+
+def mention_of(message: InboundMessage) -> str:
+    """Whom a reply @mentions (docs/chat.md "Group etiquette"): the asker in a group, else nobody."""
+    return message.sender_id if message.conversation_kind is ConversationKind.GROUP else ""
 
 
 class FeishuAdapter(Adapter[FeishuConfig, FeishuApi]):
@@ -101,8 +128,14 @@ class FeishuAdapter(Adapter[FeishuConfig, FeishuApi]):
             await self._card(reply.to, adopted).finish(reply.text)
             return
         kind = "notice" if reply.kind is ReplyKind.NOTICE else "answer"
-        parts = cheapest(reply.text) if self.budget.spent else render(reply.text)
+        mention = mention_of(reply.to)
+        parts = cheapest(reply.text, mention) if self.budget.spent else render(reply.text, mention)
         await self.reply_parts(reply.to, parts, kind)
+
+    async def send_images(self, message: InboundMessage, images: Sequence[OutImage], hosts: Sequence[str]) -> None:
+        """The answer's images, as image replies after it (`handlers/feishu/images.py`)."""
+        api, http = self.runtime.api, self.runtime.http
+        await send_images(api, http, self.reply_parts, self.metrics, message, images, hosts)
 
     async def open_stream(self, message: InboundMessage) -> FeishuCardStream | None:
         adopted = self.cards.adopt(message)
@@ -117,19 +150,56 @@ class FeishuAdapter(Adapter[FeishuConfig, FeishuApi]):
             await self.reply_parts(message, parts, kind, first)
 
         api, interval = self.runtime.api, self.cfg.stream_interval
-        return FeishuCardStream(api, self.cards, message, deliver, interval, self.metrics, record)
+        mention = mention_of(message) if record is None else ""  # an adopted card has its own already
+        return FeishuCardStream(api, self.cards, message, deliver, interval, self.metrics, record, mention)
 
     async def settle_card(self, record: CardRecord) -> None:
         await self._card(record.message, record).settle(record.text or translator(record.message.locale)(INTERRUPTED))
 
     async def fetch(self, message: InboundMessage, attachment: Attachment) -> tuple[bytes, str]:
-        kind = "image" if attachment.kind == "image" else "file"
+        if attachment.kind == QUOTE:
+            return orjson.dumps((await self.quote(message, attachment.ref)).to_dict()), QUOTE_MIME
+        kind = "image" if attachment.kind == "image" else "file"  # audio, video, files: "file"
+        # A quoted message's picture or file is a resource of that message, not of the reply.
+        owner = attachment.source or message.reply_handle["message_id"]
         return await retry_transient(
-            partial(self.runtime.api.download, message.reply_handle["message_id"], attachment.ref, kind),
+            partial(self.runtime.api.download, owner, attachment.ref, kind),
             platform=PLATFORM,
             what="file download",
             metrics=self.metrics,
         )
+
+    async def quote(self, message: InboundMessage, parent_id: str) -> Quote:
+        """The message `parent_id` (the one `message` replies to) and, one level deeper, the one
+        that quotes in turn. Raises `PlatformError` when the first cannot be fetched; a failed
+        inner one is marked `failed`."""
+        api = self.runtime.api
+        own = (self.cfg.app_id, await api.bot_open_id())
+
+        async def get(message_id: str) -> Quote:
+            item = await retry_transient(
+                partial(api.get_message, message_id), platform=PLATFORM, what="quote fetch", metrics=self.metrics
+            )
+            return parse_quoted(item, own, message.sender_id)
+
+        quote = await get(parent_id)
+        if quote.inner is not None and quote.inner.pending:
+            try:
+                inner = replace(await get(quote.inner.ref), inner=None)  # one level deep, no further
+            except PlatformError as e:
+                log.info("inner quote not fetched: %s", e, extra={"platform": PLATFORM})
+                inner = Quote(ref=quote.inner.ref, failed=True)
+            quote = replace(quote, inner=inner)
+        return quote
+
+    # -- the working indicator (gateway/working.py): a reaction while an answer without a card is made
+    async def mark_working(self, message: InboundMessage) -> str:
+        if self.budget.spent:  # the cheapest path: no calls beyond the answer
+            return ""
+        return await self.runtime.api.add_reaction(message.reply_handle["message_id"], WORKING_EMOJI)
+
+    async def unmark_working(self, message: InboundMessage, mark: str) -> None:
+        await self.runtime.api.remove_reaction(message.reply_handle["message_id"], mark)
 
     async def reply_parts(self, message: InboundMessage, parts: Sequence[Part], kind: str, first: int = 0) -> None:
         """Send `parts` in order as replies to the message (in its thread if it came from one)."""

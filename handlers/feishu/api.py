@@ -231,6 +231,61 @@ class FeishuApi:
 
         return await self.tokens.call(attempt)
 
+    async def upload_image(self, data: bytes, mime: str) -> str:
+        """Upload an image for a message (`POST /open-apis/im/v1/images`, multipart
+        `image_type=message` and `image`); returns its `image_key`."""
+
+        async def attempt(token: str) -> str:
+            await self._limiter.acquire("image_upload")
+            self._budget.record("image_upload")
+            form = aiohttp.FormData()
+            form.add_field("image_type", "message")
+            form.add_field("image", data, filename="image", content_type=mime)
+            try:
+                async with self._http.post(
+                    self.domain + "/open-apis/im/v1/images",
+                    data=form,
+                    headers={"Authorization": f"Bearer {token}"},
+                    timeout=API_TIMEOUT,
+                ) as resp:
+                    status, raw, reset = resp.status, await resp.read(), resp.headers.get(RESET_HEADER, "")
+            except (aiohttp.ClientError, TimeoutError) as e:
+                raise PlatformError(f"feishu image_upload: {type(e).__name__}: {e}") from e
+            answer = self._checked("image_upload", status, raw, reset)
+            self._budget.charge("image_upload")
+            key = _dict(answer.get("data")).get("image_key")
+            if not isinstance(key, str) or not key:
+                raise PlatformError("feishu image_upload: answer without image_key", retryable=False)
+            return key
+
+        return await self.tokens.call(attempt)
+
+    async def get_message(self, message_id: str) -> dict[str, Any]:
+        """One message by id (a quoted reply's `parent_id`): `data.items[0]` of `GET
+        /open-apis/im/v1/messages/{message_id}` (`msg_type`, `body.content`, `sender`, ...)."""
+        data = await self.call("GET", f"/open-apis/im/v1/messages/{_q(message_id)}", "message_get")
+        items = _dict(data.get("data")).get("items")
+        if not isinstance(items, list) or not items or not isinstance(items[0], dict):
+            raise PlatformError("feishu message_get: answer without data.items", retryable=False)
+        return items[0]
+
+    # -- reactions: the working indicator without a card -------------------------------------------
+    async def add_reaction(self, message_id: str, emoji_type: str) -> str:
+        """Put a reaction (`emoji_type`, e.g. "OnIt") on a message; returns its reaction_id."""
+        data = await self.call(
+            "POST",
+            f"/open-apis/im/v1/messages/{_q(message_id)}/reactions",
+            "reaction_add",
+            body={"reaction_type": {"emoji_type": emoji_type}},
+        )
+        reaction_id = _dict(data.get("data")).get("reaction_id")
+        return reaction_id if isinstance(reaction_id, str) else ""
+
+    async def remove_reaction(self, message_id: str, reaction_id: str) -> None:
+        await self.call(
+            "DELETE", f"/open-apis/im/v1/messages/{_q(message_id)}/reactions/{_q(reaction_id)}", "reaction_remove"
+        )
+
     # -- CardKit streaming cards -----------------------------------------------------------------
     async def create_card(self, card: dict[str, Any]) -> str:
         data = await self.call(

@@ -67,9 +67,11 @@ class FeishuCardStream(CardStream):
         interval: float,
         metrics: Metrics,
         record: CardRecord | None = None,
+        mention: str = "",
     ) -> None:
         super().__init__(book, message, interval, metrics, record=record)
         self._api, self._deliver_parts = api, deliver
+        self._mention = mention  # the asker's open_id in a group: the card (or first reply) @mentions them
         self._card_id = record.card_id if record else ""
         self._sequence = self._reserved = record.sequence if record else 0
         self._streaming = True  # False once Feishu closed the card's streaming mode
@@ -116,7 +118,7 @@ class FeishuCardStream(CardStream):
     async def _create(self, text: str) -> None:
         thinking = folded(self.thinking)
         view = stream_view(text) or THINKING_PENDING
-        body = streaming_card(view, thinking)
+        body = streaming_card(view, thinking, self._mention)
         self._card_id = await self._retry("feishu card create", partial(self._api.create_card, body))
         self._panel, self._thinking_shown = bool(thinking), thinking
         self._reserved = SEQUENCE_BLOCK
@@ -184,7 +186,7 @@ class FeishuCardStream(CardStream):
             if shown and text.startswith(shown) and len(text) > len(shown):
                 self._rest, self._rest_kind = render(CONTINUED + text[len(shown) :]), "rest"
             else:
-                self._rest, self._rest_kind = render(text), "answer"
+                self._rest, self._rest_kind = render(text, self._mention), "answer"
             self._rest_from = 0
         await self._send_rest()
 

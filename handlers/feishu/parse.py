@@ -19,17 +19,16 @@ from gateway.access import AccessList
 from gateway.admission import Dropped
 from gateway.i18n import N_, Locale, translator
 from gateway.jsonvalues import as_dict, as_str
-from gateway.messages import Attachment, ConversationKind, InboundMessage
+from gateway.messages import Attachment, ConversationKind, InboundMessage, Quote
 
 PLATFORM = "feishu"
 EVENT_TYPE = "im.message.receive_v1"
+QUOTE_CHARS = 4_000  # a quoted message's text, as far as the model is given it
 
 _PLACEHOLDER = re.compile(r"@_user_\d+|@_all")
 _UNSUPPORTED_LABELS = {
-    "file": N_("files"),
     "audio": N_("voice messages"),
     "media": N_("videos"),
-    "sticker": N_("stickers"),
     "share_chat": N_("shared chats"),
     "share_user": N_("shared contacts"),
     "merge_forward": N_("forwarded chat histories"),
@@ -165,6 +164,13 @@ def parse_event(
         text, attachments = _post(content, mentions)
     elif message_type == "image" and as_str(content.get("image_key")):
         attachments = [Attachment("image", as_str(content.get("image_key")))]
+    elif message_type == "audio" and as_str(content.get("file_key")):
+        # Opus; transcribed by the core when the agent has a `transcription_model`.
+        attachments = [Attachment("audio", as_str(content.get("file_key")), "voice.opus")]
+    elif message_type == "file" and as_str(content.get("file_key")):  # read by `gateway.document_step`
+        attachments = [Attachment("file", as_str(content.get("file_key")), as_str(content.get("file_name")))]
+    elif message_type == "sticker":  # nothing to answer: left alone, counted as dropped
+        return Dropped("sticker")
     else:
         _ = translator(locale or Locale.EN)
         label = _UNSUPPORTED_LABELS.get(message_type)
@@ -192,4 +198,74 @@ def parse_event(
         attachments=tuple(attachments),
         unsupported=unsupported,
         locale=locale,
+        # A reply names the message it quotes; the adapter fetches it when answering.
+        quote=Quote(ref=parent_id, pending=True) if (parent_id := as_str(message.get("parent_id"))) else None,
     )
+
+
+# What a card reads like through the message API when the app cannot render it for us.
+_CARD_PLACEHOLDERS = ("请升级至最新版本客户端，以查看内容", "Please upgrade to the latest version")
+
+
+def parse_quoted(item: Mapping[str, Any], own_ids: tuple[str, ...], asker: str) -> Quote:
+    """One message of `GET /open-apis/im/v1/messages/{id}` (`data.items[0]`: `msg_type`,
+    `body.content` as a JSON string, `sender {id, sender_type}`, `mentions`, `parent_id`) -> the
+    quote the model is shown. Pictures (also a post's) are image attachments downloaded under
+    the quoted message's id; a file is a file attachment; a card it cannot read is said so.
+    `own_ids`: the bot's app_id and open_id; `asker`: the replying user's open_id. `inner` is left
+    for the adapter to fetch (its `ref` is the quoted message's own `parent_id`)."""
+    ref = as_str(item.get("message_id"))
+    kind = as_str(item.get("msg_type"))
+    sender = as_dict(item.get("sender"))
+    author = as_str(sender.get("id"))
+    if sender.get("sender_type") == "app":  # an app's id is its app_id ("cli_..."), not an open_id
+        who = "you" if not author or author in own_ids else "another bot"
+    else:
+        who = "the user" if author and author == asker else ""
+    mentions = {
+        as_str(m.get("key")): f"@{as_str(m.get('name'))}" if as_str(m.get("name")) else ""
+        for m in map(as_dict, item.get("mentions") or [])
+    }
+    try:
+        content = as_dict(orjson.loads(as_str(as_dict(item.get("body")).get("content")) or "{}"))
+    except orjson.JSONDecodeError:
+        content = {}
+    text, unreadable = "", False
+    attachments: list[Attachment] = []
+    if kind == "text":
+        text = _resolve(as_str(content.get("text")), mentions)
+    elif kind == "post":
+        text, images = _post(content, mentions)
+        attachments = [Attachment("image", a.ref, source=ref) for a in images]
+    elif kind == "image" and as_str(content.get("image_key")):
+        attachments = [Attachment("image", as_str(content.get("image_key")), source=ref)]
+    elif kind == "file" and as_str(content.get("file_key")):
+        text = as_str(content.get("file_name"))
+        attachments = [Attachment("file", as_str(content.get("file_key")), text, source=ref)]
+    elif kind == "interactive":
+        text = _card_text(content)
+        unreadable = not text
+    else:
+        unreadable = True
+    parent = as_str(item.get("parent_id"))
+    return Quote(
+        ref=ref,
+        sender=who,
+        kind=kind,
+        text=text.strip()[:QUOTE_CHARS],
+        attachments=tuple(attachments),
+        unreadable=unreadable,
+        inner=Quote(ref=parent, pending=True) if parent else None,
+    )
+
+
+def _card_text(content: dict[str, Any]) -> str:
+    """The readable text of a card as the message API returns it (`title` and `elements`, a post's
+    paragraphs), "" when it holds none or only the "upgrade your client" placeholder."""
+    pieces = [as_str(content.get("title"))]
+    for paragraph in content.get("elements") or []:
+        for element in paragraph if isinstance(paragraph, list) else [paragraph]:
+            element = as_dict(element)
+            pieces.append(as_str(element.get("text")) or as_str(element.get("content")))
+    text = "\n".join(p.strip() for p in pieces if p.strip())
+    return "" if any(p in text for p in _CARD_PLACEHOLDERS) else text

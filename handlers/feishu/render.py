@@ -20,6 +20,7 @@ from gateway.render import Part, find_tables, split_text, tables_to_lists
 CARD_TABLE_LIMIT = 5
 PART_LIMIT = 7000
 ELEMENT_ID = "answer"  # the markdown element a streaming card updates
+MENTION_ID = "mention"  # the markdown element, above the answer, that @mentions the asker in a group
 THINKING_ID = "thinking"  # the markdown element in a streaming card's thinking panel
 # The end of the thinking a panel shows: with a whole answer part the card stays under 30 KB.
 THINKING_CHARS = 1500
@@ -31,17 +32,29 @@ MANY_TABLES_NOTE = N_("*The answer has more tables than a card can show; it foll
 _AT_TAG = re.compile(r"<(/?)at\b", re.IGNORECASE)
 
 
+# An open_id as Feishu writes them (`ou_` and letters, digits): anything else is never put in a tag.
+_OPEN_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
 def defuse(markdown: str) -> str:
     return _AT_TAG.sub(r"&lt;\1at", markdown)
 
 
-def card(markdown: str) -> dict[str, Any]:
-    """A JSON 2.0 card showing `markdown`."""
-    return {
-        "schema": "2.0",
-        "config": {"update_multi": True},
-        "body": {"elements": [{"tag": "markdown", "element_id": ELEMENT_ID, "content": defuse(markdown)}]},
-    }
+def mention_element(open_id: str) -> dict[str, Any] | None:
+    """Our own @mention of the asker, a markdown element of its own (card markdown's
+    `<at id=open_id></at>`), since the answer's text is defused; None for no or a malformed id."""
+    if not _OPEN_ID.fullmatch(open_id):
+        return None
+    return {"tag": "markdown", "element_id": MENTION_ID, "content": f"<at id={open_id}></at>"}
+
+
+def card(markdown: str, mention: str = "") -> dict[str, Any]:
+    """A JSON 2.0 card showing `markdown`; with `mention` (an open_id), @mentioning them above it."""
+    elements: list[dict[str, Any]] = [{"tag": "markdown", "element_id": ELEMENT_ID, "content": defuse(markdown)}]
+    at = mention_element(mention)
+    if at is not None:
+        elements.insert(0, at)
+    return {"schema": "2.0", "config": {"update_multi": True}, "body": {"elements": elements}}
 
 
 def folded(reasoning: str) -> str:
@@ -71,13 +84,13 @@ def thinking_panel(thinking: str) -> dict[str, Any]:
     }
 
 
-def streaming_card(markdown: str, thinking: str = "") -> dict[str, Any]:
+def streaming_card(markdown: str, thinking: str = "", mention: str = "") -> dict[str, Any]:
     """A CardKit card in streaming mode: the client types out each new text ("fast" strategy shows
     the previous text at once when a newer one arrives). With `thinking`, a collapsed panel holding
-    it comes first."""
-    body = card(markdown)
+    it comes before the answer; with `mention`, the @mention comes first. The answer is last."""
+    body = card(markdown, mention)
     if thinking:
-        body["body"]["elements"].insert(0, thinking_panel(thinking))
+        body["body"]["elements"].insert(len(body["body"]["elements"]) - 1, thinking_panel(thinking))
     body["config"] = {
         "update_multi": True,
         "streaming_mode": True,
@@ -95,10 +108,13 @@ def summary(text: str) -> str:
     return flat if len(flat) <= SUMMARY_CHARS else flat[: SUMMARY_CHARS - 1] + "…"
 
 
-def post(markdown: str) -> dict[str, Any]:
-    """A post: prose as `md` paragraphs, each table verbatim in a `code_block` paragraph."""
+def post(markdown: str, mention: str = "") -> dict[str, Any]:
+    """A post: prose as `md` paragraphs, each table verbatim in a `code_block` paragraph; with
+    `mention` (an open_id), a first paragraph @mentioning them (the post `at` element)."""
     lines = markdown.split("\n")
     paragraphs: list[list[dict[str, str]]] = []
+    if _OPEN_ID.fullmatch(mention):
+        paragraphs.append([{"tag": "at", "user_id": mention}])
 
     def prose(chunk: list[str]) -> None:
         text = "\n".join(chunk).strip("\n")
@@ -118,12 +134,13 @@ def too_many_tables(text: str) -> bool:
     return len(find_tables(text)) > CARD_TABLE_LIMIT
 
 
-def render(text: str) -> list[Part]:
-    """The ordered parts that deliver `text`: cards, or posts when it has too many tables."""
+def render(text: str, mention: str = "") -> list[Part]:
+    """The ordered parts that deliver `text`: cards, or posts when it has too many tables. With
+    `mention` (the asker's open_id, in a group), the first part @mentions them."""
     chunks = split_text(text, PART_LIMIT)
-    if too_many_tables(text):
-        return [Part(chunk, "post", post(chunk)) for chunk in chunks]
-    return [Part(chunk, "interactive", card(chunk)) for chunk in chunks]
+    make = post if too_many_tables(text) else card
+    kind = "post" if make is post else "interactive"
+    return [Part(chunk, kind, make(chunk, mention if i == 0 else "")) for i, chunk in enumerate(chunks)]
 
 
 def stream_view(text: str) -> str:

@@ -150,6 +150,7 @@ class DingTalkDouble:
     api_calls: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     tokens_issued: list[str] = field(default_factory=list)
     files: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    media: dict[str, tuple[bytes, str]] = field(default_factory=dict)  # oapi media/upload: media_id -> (bytes, type)
     failed_sends: int = 0
     deliveries: list[tuple[str, str, int]] = field(default_factory=list)  # (frame id, msgId, connection)
     requests: list[tuple[float, str]] = field(default_factory=list)  # (monotonic arrival, path) of API calls
@@ -188,6 +189,7 @@ class DingTalkDouble:
         app.router.add_put("/v1.0/card/streaming", self._api("outTrackId", "key", "content", "isFinalize"))
         app.router.add_put("/v1.0/card/instances", self._api("outTrackId", "cardData"))
         app.router.add_get("/files/{code}", self._file)
+        app.router.add_post("/media/upload", self._media_upload)
         app.router.add_post("/v1.0/robot/plugins/query", self._api("robotCode"))
         app.on_response_prepare.append(self._date)
         return app
@@ -537,6 +539,18 @@ class DingTalkDouble:
             return self._bill(self._answer(request, body))
 
         return handle
+
+    async def _media_upload(self, request: web.Request) -> web.Response:
+        """oapi `media/upload?access_token=…&type=image`, multipart `media` -> `media_id`."""
+        if not self._valid(request.query.get("access_token", "")):
+            return web.json_response({"errcode": 40014, "errmsg": "invalid access_token"})
+        form = await request.post()
+        media = form.get("media")
+        if request.query.get("type") != "image" or not isinstance(media, web.FileField):
+            return web.json_response({"errcode": 40004, "errmsg": "invalid media type"})
+        media_id = f"@media{len(self.media) + 1}"
+        self.media[media_id] = (media.file.read(), media.content_type)
+        return web.json_response({"errcode": 0, "errmsg": "ok", "type": "image", "media_id": media_id})
 
     def _failing(self, path: str) -> bool:
         """Whether this send is one of the scripted `send_failures`."""

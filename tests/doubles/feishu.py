@@ -141,6 +141,10 @@ class FeishuDouble:
     refuse_ws_autherrcode: str = ""  # handshake-autherrcode, sent when set
     clock_offset: float = 0.0
     resources: dict[tuple[str, str], tuple[bytes, str]] = field(default_factory=dict)
+    # `GET /open-apis/im/v1/messages/{id}` answers `data.items[0]` from here (msg_type, body.content,
+    # sender, parent_id, ...); any other id is 230002 "message not found" (a quote's parent_id).
+    messages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    message_gets: list[str] = field(default_factory=list)  # ids asked for, in order
     ws_host: str = ""  # host:port the endpoint call's URL names instead of the double's own
     ws_credentials: list[str] = field(default_factory=list)  # every access_key and ticket handed out
     # Rate limits and quota ("频控策略", "自建应用 API 调用量上限调整说明"; docs/protocols/feishu.md
@@ -176,7 +180,13 @@ class FeishuDouble:
     responses: dict[str, Frame] = field(default_factory=dict)  # by frame message_id
     response_frames: list[Frame] = field(default_factory=list)
     replies: list[SentReply] = field(default_factory=list)
+    # `POST /open-apis/im/v1/images`: image_key -> (bytes, content type) of each upload
+    images: dict[str, tuple[bytes, str]] = field(default_factory=dict)
     cards: dict[str, Card] = field(default_factory=dict)
+    # Message reactions: (action "add" | "remove", message_id, emoji type, reaction_id), in order;
+    # `reactions` the ones on messages now, by reaction_id.
+    reaction_calls: list[tuple[str, str, str, str]] = field(default_factory=list)
+    reactions: dict[str, tuple[str, str]] = field(default_factory=dict)
     rejected: list[str] = field(default_factory=list)  # what Feishu would have refused, and why
     sockets: list[web.WebSocketResponse] = field(default_factory=list)
     _tokens: set[str] = field(default_factory=set)
@@ -202,7 +212,11 @@ class FeishuDouble:
         r.add_post("/open-apis/auth/v3/tenant_access_token/internal", self.token)
         r.add_get("/open-apis/bot/v3/info", self.bot_info)
         r.add_post("/open-apis/im/v1/messages/{message_id}/reply", self.reply)
+        r.add_post("/open-apis/im/v1/images", self.image_upload)
+        r.add_get("/open-apis/im/v1/messages/{message_id}", self.get_message)
         r.add_get("/open-apis/im/v1/messages/{message_id}/resources/{file_key}", self.resource)
+        r.add_post("/open-apis/im/v1/messages/{message_id}/reactions", self.reaction_add)
+        r.add_delete("/open-apis/im/v1/messages/{message_id}/reactions/{reaction_id}", self.reaction_remove)
         r.add_post("/open-apis/cardkit/v1/cards", self.card_create)
         r.add_put("/open-apis/cardkit/v1/cards/{card_id}/elements/{element_id}/content", self.card_content)
         r.add_patch("/open-apis/cardkit/v1/cards/{card_id}/settings", self.card_settings)
@@ -282,17 +296,33 @@ class FeishuDouble:
         return [r for r in self.replies if r.to == message_id]
 
     def shown(self, reply: SentReply) -> str | None:
-        """The text a user sees in a reply; None while its streaming card is still open (it shows
-        text, but "generating"; one Feishu closed itself shows what it had then)."""
+        """The text a user sees in a reply, without an @mention of its own (`mentioned`); None
+        while its streaming card is still open (it shows text, but "generating"; one Feishu closed
+        itself shows what it had then)."""
         content = reply.content
         if reply.msg_type == "interactive" and content.get("type") == "card":
             card = self.cards[content["data"]["card_id"]]
             return card.text if card.closed else None
         if reply.msg_type == "interactive":
-            return "\n".join(str(e["content"]) for e in content["body"]["elements"])
+            elements = content["body"]["elements"]
+            return "\n".join(str(e["content"]) for e in elements if e.get("element_id") != "mention")
         if reply.msg_type == "post":
-            return "\n\n".join(p[0]["text"] for p in content["zh_cn"]["content"])
+            return "\n\n".join(p[0]["text"] for p in content["zh_cn"]["content"] if p[0]["tag"] != "at")
+        if reply.msg_type == "image":
+            return f"![image]({content['image_key']})"
         return str(content.get("text", ""))
+
+    def mentioned(self, reply: SentReply) -> list[str]:
+        """The open_ids a reply @mentions in an element of its own: a card's markdown element
+        holding only `<at id=…></at>`, a post's `at` element."""
+        content = reply.content
+        if reply.msg_type == "interactive":
+            card = self.cards[content["data"]["card_id"]].card if content.get("type") == "card" else content
+            texts = [str(e.get("content", "")) for e in walk(card["body"]["elements"])]
+            return [m for t in texts for m in re.findall(r"^<at id=([^>\s]+)></at>$", t)]
+        if reply.msg_type == "post":
+            return [e["user_id"] for p in content["zh_cn"]["content"] for e in p if e["tag"] == "at"]
+        return []
 
     def open_cards(self) -> list[Card]:
         """Cards sent to someone whose streaming is still on: "generating" for the user."""
@@ -534,6 +564,8 @@ class FeishuDouble:
             elif why := self._check_card(content):
                 self.rejected.append(why)
                 return fail(230099, why)
+        if body["msg_type"] == "image" and content.get("image_key") not in self.images:
+            return fail(230099, "image_key not found")  # an image message shows an uploaded image
         sent = SentReply(
             to=request.match_info["message_id"],
             msg_type=body["msg_type"],
@@ -547,6 +579,56 @@ class FeishuDouble:
             self._uuids[uuid] = sent
         await self._notify()
         return ok(data={"message_id": sent.message_id, "chat_id": "oc_chat", "msg_type": sent.msg_type})
+
+    async def image_upload(self, request: web.Request) -> web.Response:
+        """im/v1 images (create): multipart `image_type=message` and `image` -> an image_key."""
+        if denied := self._authorized(request):
+            return denied
+        form = await request.post()
+        image = form.get("image")
+        if form.get("image_type") != "message" or not isinstance(image, web.FileField):
+            return fail(234001, "invalid image_type or image")
+        data = image.file.read()
+        if not data or len(data) > 10 * 1024 * 1024:
+            return fail(234006, "image size exceeds the limit")
+        key = f"img_v3_{len(self.images) + 1}"
+        self.images[key] = (data, image.content_type)
+        return ok(data={"image_key": key})
+
+    async def get_message(self, request: web.Request) -> web.Response:
+        if denied := self._authorized(request):
+            return denied
+        message_id = request.match_info["message_id"]
+        self.message_gets.append(message_id)
+        if message_id not in self.messages:
+            return fail(230002, "message not found")  # HTTP 400
+        return ok(data={"items": [{"message_id": message_id, **self.messages[message_id]}]})
+
+    async def reaction_add(self, request: web.Request) -> web.Response:
+        """im/v1 message reactions (create): `reaction_type.emoji_type` -> a reaction_id."""
+        if denied := self._authorized(request):
+            return denied
+        body = await request.json()
+        emoji = body.get("reaction_type", {}).get("emoji_type", "")
+        if not isinstance(emoji, str) or not emoji:
+            return fail(231001, "reaction type is invalid")
+        message_id = request.match_info["message_id"]
+        reaction_id = f"rc_{len(self.reaction_calls) + 1}"
+        self.reactions[reaction_id] = (message_id, emoji)
+        self.reaction_calls.append(("add", message_id, emoji, reaction_id))
+        action_time = str(int(time.time() * 1000))
+        return ok(data={"reaction_id": reaction_id, "reaction_type": {"emoji_type": emoji}, "action_time": action_time})
+
+    async def reaction_remove(self, request: web.Request) -> web.Response:
+        if denied := self._authorized(request):
+            return denied
+        message_id, reaction_id = request.match_info["message_id"], request.match_info["reaction_id"]
+        found = self.reactions.get(reaction_id)
+        if found is None or found[0] != message_id:
+            return fail(231003, "the reaction does not exist")
+        del self.reactions[reaction_id]
+        self.reaction_calls.append(("remove", message_id, found[1], reaction_id))
+        return ok(data={"reaction_id": reaction_id, "reaction_type": {"emoji_type": found[1]}})
 
     async def resource(self, request: web.Request) -> web.StreamResponse:
         if denied := self._authorized(request):

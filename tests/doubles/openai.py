@@ -4,14 +4,19 @@ Behaviour per request comes from `script` (consumed one entry per request, then 
   an int        answer that HTTP status with an OpenAI-style error body (and `retry_after`)
   "json"        answer plain JSON even to a streaming request (the non-streaming fallback)
   "drop"        stream the first word, then close the connection mid-stream
-  "stall"       stream the first word, then send nothing more until `release()`
+  "stall"       stream the first word, then send nothing more until `release()` (a client that
+                closes the connection meanwhile is counted in `disconnects`: aiohttp's test
+                server cancels the handler of a request whose client left)
   "garbage"     send malformed SSE
   "error-event" stream an SSE `{"error": ...}` chunk (what vLLM / OpenRouter do mid-stream)
 or from the last user message: "status:<code> ..." answers that status. With `hold` set, every
 request waits for `release()` before answering (a slow model the test controls, no sleeps); with
 `metered` set, requests answer in arrival order as `allow(n)` lets n more through (or `release()`
 lets all), so a test knows exactly how many answers are under way.
-A key listed in `bad_keys` gets 401. The answer is "echo: <text>" streamed word by word (or `answer`).
+A streamed answer ends with a usage chunk (no choices) only when the request asks for it with
+`stream_options: {"include_usage": true}`, as OpenAI's API does; `usage = False` never sends usage
+(a server that reports none). A key listed in `bad_keys` gets 401. The answer is "echo: <text>"
+streamed word by word (or `answer`).
 
 A reasoning model: with `reasoning` set, its words stream before the answer, the way `reasoning_as`
 says (docs/protocols/backends.md §5): "reasoning_content" (DeepSeek, Bailian, vLLM) or "reasoning"
@@ -42,7 +47,10 @@ class OpenAIDouble:
     error_body: str = "scripted"
     reasoning: str = ""
     reasoning_as: str = "reasoning_content"  # | "reasoning" | "think" | "orphan"
+    usage: bool = True  # False: report no token usage, whatever the request asks
     requests: list[dict[str, Any]] = field(default_factory=list)
+    transcript: str = "transcribed words"  # what /audio/transcriptions answers
+    uploads: list[dict[str, Any]] = field(default_factory=list)  # each transcription request: model, file, auth
     auth_headers: list[str] = field(default_factory=list)
     arrivals: list[float] = field(default_factory=list)  # time.monotonic() of each request
     received: asyncio.Event = field(default_factory=asyncio.Event)
@@ -50,11 +58,25 @@ class OpenAIDouble:
     _arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
     _allowed: int = 0  # metered: requests (by arrival index) that may answer
     _gate: asyncio.Event = field(default_factory=asyncio.Event)
+    # Stalled streams whose client went away (aiohttp's TestServer runs with
+    # `handler_cancellation=True`: a handler is cancelled as its client leaves).
+    disconnects: int = 0
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.completions)
+        app.router.add_post("/v1/audio/transcriptions", self.transcriptions)
         return app
+
+    async def transcriptions(self, request: web.Request) -> web.Response:
+        """`/audio/transcriptions` (multipart `file`, `model`): records the upload, answers `{"text": transcript}`."""
+        form = await request.post()
+        upload = form.get("file")
+        data = upload.file.read() if isinstance(upload, web.FileField) else b""
+        auth = request.headers.get("Authorization", "")
+        self.uploads.append({"model": str(form.get("model", "")), "file": data, "auth": auth})
+        return web.json_response({"text": self.transcript})
 
     def release(self) -> None:
         """Let held, metered and stalled requests finish."""
@@ -131,15 +153,15 @@ class OpenAIDouble:
                 message["content"] = f"{opening}{self.reasoning}</think>\n\n{text}"
             elif self.reasoning:
                 message[self.reasoning_as] = self.reasoning
-            return web.json_response(
-                {
-                    "id": "cmpl-1",
-                    "object": "chat.completion",
-                    "model": model,
-                    "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 7, "completion_tokens": len(text.split())},
-                }
-            )
+            answer: dict[str, Any] = {
+                "id": "cmpl-1",
+                "object": "chat.completion",
+                "model": model,
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            }
+            if self.usage:
+                answer["usage"] = {"prompt_tokens": 7, "completion_tokens": len(text.split())}
+            return web.json_response(answer)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
         if step == "garbage":
@@ -159,7 +181,12 @@ class OpenAIDouble:
                 request.transport.close()
                 return resp
             if i == 1 and step == "stall":
-                await self._released.wait()
+                try:
+                    await self._released.wait()
+                except asyncio.CancelledError:  # the client closed the connection
+                    self.disconnects += 1
+                    self.disconnected.set()
+                    raise
                 return resp
             chunk = {
                 "id": "cmpl-1",
@@ -168,10 +195,13 @@ class OpenAIDouble:
                 "choices": [{"index": 0, "delta": {"content": word if i == 0 else " " + word}}],
             }
             await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-        usage = {
-            "choices": [],
-            "model": model,
-            "usage": {"prompt_tokens": 7, "completion_tokens": len(words)},
-        }
-        await resp.write(b"data: " + orjson.dumps(usage) + b"\n\ndata: [DONE]\n\n")
+        options = body.get("stream_options")
+        if self.usage and isinstance(options, dict) and options.get("include_usage") is True:
+            usage = {
+                "choices": [],
+                "model": model,
+                "usage": {"prompt_tokens": 7, "completion_tokens": len(words)},
+            }
+            await resp.write(b"data: " + orjson.dumps(usage) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
         return resp
