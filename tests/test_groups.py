@@ -12,6 +12,7 @@ import orjson
 from gateway.i18n import translator
 from gateway.keys import DISPATCHER
 from gateway.steps import GROUP_NOTE, RESET_ADMINS_ONLY, RESET_DONE
+from gateway.stopping import GROUP_HELP
 from tests.doubles import feishu as fd
 from tests.doubles.feishu_events import BOT_OPEN_ID, mention, message_event
 from tests.helpers import DingTalkEnv, start
@@ -149,3 +150,16 @@ async def test_a_feishu_streaming_card_never_mentions_everyone(
     texts = [orjson.dumps(rest).decode(), *(text for _, text in card.contents)]
     assert len(texts) >= 2 and texts[-1].startswith("Meeting moved!")  # really streamed
     assert [t for t in texts if "<at" in t.lower()] == []
+
+
+async def test_help_in_a_group_says_how_to_mention_the_bot(
+    aiohttp_server: Any, gateway: Any, openai_double: Any
+) -> None:
+    model, url = openai_double
+    env = await start(aiohttp_server, gateway, model_url=url)
+    [group] = await ask(env, "/帮助", "u1", "Alice", 1)
+    await env.double.push(env.double.message("/help", staff_id="u1"))
+    dm = (await env.answers(2))[1]
+    assert ZH(GROUP_HELP) in orjson.dumps(group).decode()
+    assert ZH(GROUP_HELP) not in orjson.dumps(dm).decode() and "/重置" in orjson.dumps(dm).decode()
+    assert model.requests == []  # commands never reach the model
