@@ -16,6 +16,7 @@ from .draft import Draft
 from .errors import ModelError, StoreError
 from .exchange import Delivery, Exchange, Flow, fields, log
 from .i18n import N_, translator
+from .images_out import displayed
 from .messages import Reply, ReplyKind
 from .metrics import Metrics, Outcome
 from .reasoning import shown
@@ -67,8 +68,10 @@ def cache_key(exchange: Exchange) -> str:
 
 
 def safe(exchange: Exchange, text: str) -> str:
-    """Model text as it may be shown: no remote images, no @all (`gateway.sanitize`)."""
-    return safe_markdown(text, exchange.cfg.content.image_hosts)
+    """Model text as it may be shown: no remote images, no @all (`gateway.sanitize`), no data URL
+    and no image the platform cannot show by URL (`gateway.images_out.displayed`)."""
+    hosts, message = exchange.cfg.content.image_hosts, exchange.message
+    return displayed(safe_markdown(text, hosts), hosts, message.locale, message.platform)
 
 
 class ModelAnswer:
@@ -193,7 +196,7 @@ class ModelAnswer:
             await self._delivery.finish(stream, message, text, Outcome.OK)
         else:
             await self._delivery.send(Reply(message, text), Outcome.OK)
-        exchange.answer = answer
+        exchange.answer, exchange.draft = answer, draft
         return Flow.CONTINUE
 
     @staticmethod

@@ -1,5 +1,5 @@
 """An answer as a backend's deltas arrive: its text (inline thinking split off), its thinking, and
-the images and sources a backend reports beside the text (Dify's message_file, retriever_resources).
+the images, files and sources a backend reports beside the text (Dify's message_file, retriever_resources).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ class Draft:
         self._splitter = ThinkSplitter(starts_in_think)
         self._thinking: list[str] = []  # from deltas of its own, and from replaced answers
         self._images: list[str] = []
+        self._files: list[tuple[str, str]] = []  # (file name, URL) of the generated files
         self._sources: list[Source] = []
 
     @property
@@ -36,6 +37,9 @@ class Draft:
             self._splitter.feed(delta.text)
         elif kind is DeltaKind.IMAGE:
             self._images.append(delta.text)
+        elif kind is DeltaKind.FILE:
+            if (delta.name, delta.text) not in self._files:
+                self._files.append((delta.name, delta.text))
         else:
             for source in delta.sources:
                 if source not in self._sources:
@@ -49,14 +53,20 @@ class Draft:
         return "".join(self._thinking) + self._splitter.reasoning
 
     @property
+    def files(self) -> list[tuple[str, str]]:
+        """The generated files (FILE deltas) as (file name, URL): `gateway.images_out` sends them."""
+        return list(self._files)
+
+    @property
     def answer(self) -> str:
         """The answer as the user gets it and the context keeps it: the text, each image (a link
         unless `[content] image_hosts` allows it, `gateway.sanitize`), then a numbered list of at
         most `MAX_SOURCES` sources, each a link where the backend gave a URL."""
         text = self._splitter.answer
-        if not self._images and not self._sources:
+        if not self._images and not self._files and not self._sources:
             return text
         extras = [f"![{IMAGE}]({_url(url)})" for url in self._images]
+        extras += [f"[{_title(name)}]({_url(url)})" for name, url in self._files]  # a link; sent as a file too
         if self._sources:
             items = (_source(s) for s in self._sources[:MAX_SOURCES])
             extras.append(f"{SOURCES}:\n" + "\n".join(f"{i}. {item}" for i, item in enumerate(items, 1)))
@@ -70,5 +80,9 @@ def _url(url: str) -> str:
 
 def _source(source: Source) -> str:
     # One line, and brackets that cannot close a link's text: a title is a document's name.
-    title = " ".join(source.title.split()).replace("[", "(").replace("]", ")")
+    title = _title(source.title)
     return f"[{title}]({_url(source.url)})" if source.url else title
+
+
+def _title(title: str) -> str:
+    return " ".join(title.split()).replace("[", "(").replace("]", ")")

@@ -14,6 +14,7 @@ from .backends import Backend, BackendRequest, Completion, Message
 from .budget import CallCount
 from .channel import Channel, ReplyStream
 from .config import DEFAULT_NAME, Config
+from .draft import Draft
 from .errors import PlatformError
 from .i18n import N_, translator
 from .messages import Attachment, ConversationKind, InboundMessage, Reply, ReplyKind
@@ -64,6 +65,8 @@ class Exchange:
     prompt: list[Message] = field(default_factory=list)
     cache_key: str | None = None  # None: not cached
     answer: str | None = None  # set by the step that delivered it
+    # The model's answer as it came (ModelAnswer's; None from the cache): what `gateway.images_out` sends.
+    draft: Draft | None = None
     cached: bool = False
     # The billable platform API calls answering it cost (`gateway.budget.counting`).
     api_calls: CallCount = field(default_factory=CallCount)

@@ -1,5 +1,6 @@
-"""Images in answers (issue 16, "Images and files out"): an allowed image is downloaded, uploaded
-and shown natively; a disallowed host stays a plain link and gets no request; a data URL is uploaded."""
+"""Images and files in answers (issue 16, "Images and files out"): an allowed image is downloaded,
+uploaded and shown natively; a disallowed host stays a plain link and gets no request; a data URL is
+uploaded and never shown in the text; a Dify agent's generated file arrives as a file message."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway.i18n import Locale, translator
+from gateway.images_out import IMAGE_MARK_ALT, IMAGE_WORD, displayed
 from gateway.keys import DISPATCHER
 from tests.doubles import feishu as fd
+from tests.doubles.dify import XLSX_BODY, DifyDouble
 from tests.doubles.feishu import FeishuDouble
 from tests.doubles.feishu_events import message_event
 from tests.doubles.openai import OpenAIDouble
@@ -104,6 +108,9 @@ async def test_feishu_allowed_image_uploaded_and_shown(
     replies = double.replies_to("om_1")
     assert replies[-1].msg_type == "image" and replies[-1].content == {"image_key": key}
     assert double.rejected == []
+    # A Feishu card cannot show an image by URL: the text has it as a link, the image message follows.
+    shown = double.answer("om_1") or ""
+    assert f"[chart](http://{netloc}/chart.png)" in shown and "![chart]" not in shown
 
 
 async def test_feishu_disallowed_host_stays_a_link_and_gets_no_request(
@@ -133,7 +140,8 @@ async def test_feishu_redirect_to_another_host_not_followed(
     await answered(client, double, "draw", "om_3")
     assert allowed.requests == ["/moved.png"] and other.requests == []
     assert double.images == {}
-    assert f"![chart](http://{netloc}/moved.png)" in (double.answer("om_3") or "")
+    shown = double.answer("om_3") or ""  # Feishu cannot show an image by URL: a link
+    assert f"[chart](http://{netloc}/moved.png)" in shown and "![chart]" not in shown
 
 
 async def test_feishu_data_url_uploaded(start: Start, feishu: Any, openai_double: Any) -> None:
@@ -141,10 +149,13 @@ async def test_feishu_data_url_uploaded(start: Start, feishu: Any, openai_double
     model, _ = openai_double
     model.answer = "A dot: ![dot](data:image/png;base64," + base64.b64encode(png()).decode() + ")"
     client = await start([])
-    await answered(client, double, "draw", "om_4")
+    shown = await answered(client, double, "draw", "om_4")
     ((key, (data, mime)),) = double.images.items()
     assert data == png() and mime == "image/png"
     assert double.replies_to("om_4")[-1].content == {"image_key": key}
+    # The text names the image instead of carrying its data URL (a card is at most 30 KB).
+    assert shown.startswith("A dot: " + translator(Locale.ZH_CN)(IMAGE_MARK_ALT, alt="dot") + "\n"), shown
+    assert "data:" not in shown
 
 
 async def test_feishu_failed_upload_still_delivers_the_answer(
@@ -174,7 +185,8 @@ async def test_dingtalk_data_url_uploaded_and_sent_as_an_image_message(
     model, url = openai_double
     model.answer = "A dot: ![dot](data:image/png;base64," + base64.b64encode(png()).decode() + ")"
     env = await dingtalk_start(aiohttp_server, gateway, model_url=url)
-    await dingtalk_answer(env, "draw")
+    text = await dingtalk_answer(env, "draw")
+    assert text == "A dot: " + translator(Locale.ZH_CN)(IMAGE_MARK_ALT, alt="dot"), text
     ((media_id, (data, mime)),) = env.double.media.items()
     assert data == png() and mime == "image/png"
     sends = [body for _, path, body in env.double.api_calls if path.endswith("/batchSend")]
@@ -195,3 +207,76 @@ async def test_dingtalk_allowed_image_stays_an_image_and_a_disallowed_one_a_link
     assert f"![chart](http://{netloc}/chart.png)" in text and f" [leak]({other_url})" in text
     # botgate fetches neither: DingTalk shows the allowed one itself, the other is a link
     assert allowed.requests == [] and other.requests == [] and env.double.media == {}
+
+
+def test_the_displayed_text_has_no_data_url_on_any_platform() -> None:
+    data = "data:image/png;base64," + base64.b64encode(png()).decode()
+    text = f"one ![]({data}) two [chart]({data}) and ![c](http://img.example/c.png)"
+    en = translator(Locale.EN)
+    for platform in ("web", "dingtalk"):  # they show an allowed image by URL (the web chat as text)
+        shown = displayed(text, ["img.example"], Locale.EN, platform)
+        assert shown == f"one [{en(IMAGE_WORD)}] two [image: chart] and ![c](http://img.example/c.png)"
+    shown = displayed(text, ["img.example"], None, "feishu")
+    zh = translator(Locale.ZH_CN)
+    assert shown == f"one [{zh(IMAGE_WORD)}] two {zh(IMAGE_MARK_ALT, alt='chart')} and [c](http://img.example/c.png)"
+    assert displayed("![x](http://other.example/x.png)", ["img.example"], None, "feishu") == (
+        "![x](http://other.example/x.png)"  # not allowed: the sanitizer's business (it makes a link)
+    )
+
+
+# -- generated files (a Dify agent's document) as file messages --------------------------------------------
+DIFY_KEY = "app-double"
+
+
+async def dify(aiohttp_server: Callable[..., Any], files_origin: str = "") -> tuple[DifyDouble, str]:
+    double = DifyDouble(mode="agent-chat", script=["file-document"], files_origin=files_origin)
+    server = await aiohttp_server(double.app(), host="127.0.0.1")
+    return double, str(server.make_url("/v1"))
+
+
+def dify_model(base: str) -> dict[str, Any]:
+    return {"provider": "dify", "base_url": base, "api_keys": [DIFY_KEY]}
+
+
+async def test_a_dify_generated_file_arrives_as_a_feishu_file_message(
+    feishu: tuple[FeishuDouble, str], gateway: Start, aiohttp_server: Callable[..., Any]
+) -> None:
+    double, domain = feishu
+    dify_double, base = await dify(aiohttp_server)
+    # No [content] image_hosts: the file is on the agent's own Dify host, which is allowed for files.
+    client: Client = await gateway(fd.config(domain, model=dify_model(base)))
+    await double.wait_for(lambda: double.pings >= 1)
+    shown = await answered(client, double, "make a sheet", "om_f")
+    ((key, (data, name, file_type)),) = double.files.items()
+    assert data == XLSX_BODY and name.endswith(".xlsx") and file_type == "xls"
+    last = double.replies_to("om_f")[-1]
+    assert last.msg_type == "file" and last.content == {"file_key": key}
+    assert f"[{name}](" in shown  # the text keeps it as a link
+    assert any(path.startswith("/files/tools/") for _, path in dify_double.calls)
+
+
+async def test_a_dify_generated_file_arrives_as_a_dingtalk_file_message(aiohttp_server: Any, gateway: Any) -> None:
+    _dify_double, base = await dify(aiohttp_server)
+    env = await dingtalk_start(aiohttp_server, gateway, sections={"model": dify_model(base)})
+    await dingtalk_answer(env, "make a sheet")
+    ((media_id, (data, _mime)),) = env.double.media.items()
+    name = env.double.media_names[media_id]
+    assert data == XLSX_BODY and name.endswith(".xlsx")
+    sends = [body for _, path, body in env.double.api_calls if path.endswith("/batchSend")]
+    param = {"mediaId": media_id, "fileName": name, "fileType": "xlsx"}
+    assert [(s["msgKey"], orjson.loads(s["msgParam"])) for s in sends] == [("sampleFile", param)]
+
+
+async def test_a_generated_file_on_another_host_stays_a_link(
+    feishu: tuple[FeishuDouble, str], gateway: Start, aiohttp_server: Callable[..., Any]
+) -> None:
+    double, domain = feishu
+    other, other_netloc = await image_host(aiohttp_server)
+    # The file on another host than the agent's Dify, and no [content] image_hosts: a link only.
+    dify_double, base = await dify(aiohttp_server, f"http://localhost:{other_netloc.split(':')[1]}")
+    client: Client = await gateway(fd.config(domain, model=dify_model(base)))
+    await double.wait_for(lambda: double.pings >= 1)
+    shown = await answered(client, double, "make a sheet", "om_g")
+    assert double.files == {} and all(r.msg_type != "file" for r in double.replies_to("om_g"))
+    assert f"(http://localhost:{other_netloc.split(':')[1]}/files/tools/" in shown
+    assert other.requests == [] and not any(path.startswith("/files/tools/") for _, path in dify_double.calls)

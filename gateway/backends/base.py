@@ -48,6 +48,7 @@ class DeltaKind(StrEnum):
     REASONING = "reasoning"  # more of the model's thinking, from a field of its own
     REPLACE = "replace"  # `text` replaces the whole answer so far (Dify's message_replace)
     IMAGE = "image"  # the answer shows an image: `text` is its URL
+    FILE = "file"  # the answer comes with a generated file: `text` is its URL, `name` its file name
     SOURCES = "sources"  # where the answer came from: `sources`
 
 
@@ -64,6 +65,7 @@ class Delta:
     kind: DeltaKind
     text: str = ""
     sources: tuple[Source, ...] = ()
+    name: str = ""  # a FILE's file name
 
 
 @dataclass(slots=True)

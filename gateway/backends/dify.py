@@ -15,13 +15,14 @@ mode picks the route (chat-family apps `/chat-messages`, workflow apps `/workflo
 generators `/completion-messages`; those two keep no conversation and read the text from their
 `query` input), the form the lengths. `doctor`'s probe is the same two requests: no message is sent.
 
-The stream (§4): `message` / `agent_message` / `text_chunk` deltas are the answer, a New Agent's
-closing full `message` and `message_replace` replace it, `message_file` images are shown (a relative
-URL is resolved against the base URL without `/v1`), `reasoning_chunk` is thinking, `message_end`
-brings the usage and, with `[model] sources`, the knowledge sources; a workflow that streamed no text
-is answered from its outputs. `agent_thought`, pings and the graph's progress are not for the chat.
-An `error` event or a failed run is a `ModelError`, and so is a stream that ends without its
-terminal event (§4.5): an incomplete answer is never passed off as a complete one.
+The stream (§4): `message` / `agent_message` / `text_chunk` deltas are the answer, a New Agent's closing
+full `message` and `message_replace` replace it, `message_file` images are shown and other files
+(documents) sent as files (a relative URL is resolved against the base URL without `/v1`),
+`reasoning_chunk` is thinking, `message_end` brings the usage and, with `[model] sources`, the knowledge
+sources; a workflow that streamed no text is answered from its outputs. `agent_thought`, pings and the
+graph's progress are not for the chat. An `error` event or a failed run is a `ModelError`, and so is a
+stream that ends without its terminal event (§4.5): an incomplete answer is never passed off as a
+complete one.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from collections.abc import AsyncGenerator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 import orjson
@@ -324,8 +326,14 @@ class _Stream:
             thought = _text(body.get("reasoning"))
             return [Delta(DeltaKind.REASONING, thought)] if thought else []
         if kind == "message_file":
-            url = self._image(event)
-            return [Delta(DeltaKind.IMAGE, url)] if url else []
+            url = self._file_url(event)
+            if not url:
+                return []
+            if event.get("type") == "image":
+                return [Delta(DeltaKind.IMAGE, url)]
+            # A generated document (or other file): no name in the event, the URL's last segment has one.
+            name = unquote(urlsplit(url).path.rsplit("/", 1)[-1]) or "file"
+            return [Delta(DeltaKind.FILE, url, name=name)]
         if kind == "message_end":
             self._done = True
             metadata = event.get("metadata")
@@ -389,8 +397,8 @@ class _Stream:
         rest = text[opened.end() :]
         return "<think>\n" + rest.replace(LEGACY_CLOSE, "</think>", 1)
 
-    def _image(self, event: dict[str, Any]) -> str:
-        if event.get("type") != "image" or event.get("belongs_to", "assistant") != "assistant":
+    def _file_url(self, event: dict[str, Any]) -> str:
+        if event.get("belongs_to", "assistant") != "assistant":
             return ""
         url = _text(event.get("url")).strip()
         if url.startswith("/"):

@@ -24,7 +24,7 @@ from gateway.backoff import Backoff
 from gateway.config import DingTalkConfig
 from gateway.errors import PlatformError
 from gateway.i18n import N_, translator
-from gateway.images_out import OutImage
+from gateway.images_out import OutFile, OutImage
 from gateway.keys import CONFIG, METRICS
 from gateway.messages import Attachment, InboundMessage, Reply
 from gateway.metrics import Metrics
@@ -36,7 +36,7 @@ from gateway.streaming import INTERRUPTED, CardBook
 from ..webhook import install
 from .api import DingTalkApi, SessionWebhookRejected
 from .card import AICardStream, can_carry_card
-from .images import send_images
+from .images import send_files, send_images
 from .parse import PLATFORM, Filters, parse_message
 from .render import openapi_markdown, render, session_markdown, title_of
 from .stream import StreamClient
@@ -162,6 +162,12 @@ class DingTalkAdapter(Adapter[DingTalkConfig, DingTalkApi]):
         robot_code = message.reply_handle.get("robot_code") or self._filters.robot_code
         runtime = self.runtime
         await send_images(runtime.api, runtime.http, self.metrics, message.reply_handle, robot_code, images, hosts)
+
+    async def send_files(self, message: InboundMessage, files: Sequence[OutFile], hosts: Sequence[str]) -> None:
+        """The answer's generated files as file messages after it (`handlers/dingtalk/images.py`)."""
+        robot_code = message.reply_handle.get("robot_code") or self._filters.robot_code
+        runtime = self.runtime
+        await send_files(runtime.api, runtime.http, self.metrics, message.reply_handle, robot_code, files, hosts)
 
     async def open_stream(self, message: InboundMessage) -> AICardStream | None:
         adopted = self.cards.adopt(message)

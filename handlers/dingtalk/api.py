@@ -196,15 +196,17 @@ class DingTalkApi:
                     f"dingtalk direct_send: user in {field}", retryable=field == "flowControlledStaffIdList"
                 )
 
-    async def upload_media(self, data: bytes, mime: str, kind: str = "image") -> str:
-        """Upload a media file (`POST {oapi_base}/media/upload?access_token=…&type=image`,
-        multipart `media`); returns its `media_id` (an image message's `photoURL` takes it)."""
+    async def upload_media(self, data: bytes, mime: str, kind: str = "image", name: str = "") -> str:
+        """Upload a media file (`POST {oapi_base}/media/upload?access_token=…&type=image` or
+        `type=file`, multipart `media`, named `name`); returns its `media_id` (an image message's
+        `photoURL`, a file message's `mediaId` take it)."""
 
         async def call(token: str) -> str:
             await self._limiter.acquire("media_upload")
             self._budget.record("media_upload")
             form = aiohttp.FormData()
-            form.add_field("media", data, filename=f"{kind}.{mime.rsplit('/', 1)[-1]}", content_type=mime)
+            filename = name or f"{kind}.{mime.rsplit('/', 1)[-1]}"
+            form.add_field("media", data, filename=filename, content_type=mime)
             url = self._cfg.oapi_base.rstrip("/") + "/media/upload"
             try:
                 async with self._http.post(

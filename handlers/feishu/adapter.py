@@ -24,7 +24,7 @@ from gateway.admission import Dropped
 from gateway.config import FeishuConfig
 from gateway.errors import PlatformError
 from gateway.i18n import translator
-from gateway.images_out import OutImage
+from gateway.images_out import OutFile, OutImage
 from gateway.keys import CONFIG, METRICS
 from gateway.messages import (
     QUOTE,
@@ -46,7 +46,7 @@ from gateway.streaming import INTERRUPTED, CardBook
 from ..webhook import install
 from .api import FeishuApi
 from .card import FeishuCardStream
-from .images import send_images
+from .images import send_files, send_images
 from .parse import PLATFORM, Rules, parse_event, parse_quoted
 from .render import defuse, mention_element, render
 from .webhook import webhook
@@ -136,6 +136,11 @@ class FeishuAdapter(Adapter[FeishuConfig, FeishuApi]):
         """The answer's images, as image replies after it (`handlers/feishu/images.py`)."""
         api, http = self.runtime.api, self.runtime.http
         await send_images(api, http, self.reply_parts, self.metrics, message, images, hosts)
+
+    async def send_files(self, message: InboundMessage, files: Sequence[OutFile], hosts: Sequence[str]) -> None:
+        """The answer's generated files, as file replies after it (`handlers/feishu/images.py`)."""
+        api, http = self.runtime.api, self.runtime.http
+        await send_files(api, http, self.reply_parts, self.metrics, message, files, hosts)
 
     async def open_stream(self, message: InboundMessage) -> FeishuCardStream | None:
         adopted = self.cards.adopt(message)

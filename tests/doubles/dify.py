@@ -29,7 +29,8 @@ one behaviour or several joined with "+" (e.g. "file+sources"); "" (or 200) is a
   "stall"              one delta, then nothing until `release()` (the rest follows) or a stop (§4.6)
   "replace"            the deltas, then `message_replace` with `replacement`, then message_end
   "file"               a `message_file` image with an absolute URL on this double; "file-relative": the
-                       relative `/files/tools/<uuid>.png?timestamp=…&nonce=…&sign=…` self-hosted Dify sends
+                       relative `/files/tools/<uuid>.png?timestamp=…&nonce=…&sign=…` self-hosted Dify sends;
+                       "file-document": a `document` (`/files/tools/<uuid>.xlsx?…`, absolute: XLSX_BODY)
   "sources"            `metadata.retriever_resources` on message_end (SAMPLE_SOURCES unless
                        `retriever_resources` is set, which puts them on every answer)
   "think"              the answer starts with `<think>\\n{thought}\\n</think>\\n\\n`, tags split across deltas
@@ -156,6 +157,9 @@ PNG_1X1 = bytes.fromhex(
     "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
     "1f15c4890000000d49444154789c6360000002000001e221bc330000000049454e44ae426082"
 )
+# What /files/tools/<name>.xlsx serves: a generated document (its bytes only need to arrive intact).
+XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+XLSX_BODY = b"PK\x03\x04 a generated spreadsheet"
 _STALL = "stall"
 _DROP = "drop"
 Item = dict[str, Any] | Callable[[], dict[str, Any]] | str
@@ -243,6 +247,7 @@ class DifyDouble:
     answer: str | None = None  # the answer text; default "echo: <query>"
     reply: Callable[[Turn], str] | None = None  # or computed per turn (sees inputs and history)
     thought: str = "The user greeted me, so I greet back."  # for the think/reasoning behaviours
+    files_origin: str = ""  # where absolute `message_file` URLs point ("": this double's own origin)
     replacement: str = "Sorry, I can't talk about that."  # what message_replace sends
     user_input_form: list[dict[str, dict[str, Any]]] = field(default_factory=list)
     retriever_resources: list[dict[str, Any]] = field(default_factory=list)  # on every message_end when set
@@ -772,12 +777,14 @@ class DifyDouble:
             return ev("error", status=status, code=code, message=message)
 
         def file_event() -> dict[str, Any]:
-            name = f"{uuid.uuid4()}.png"
+            document = "file-document" in b
+            name = f"{uuid.uuid4()}.xlsx" if document else f"{uuid.uuid4()}.png"
             path = f"/files/tools/{name}?timestamp={created}&nonce=3f5a9c2e&sign=c2lnbmVkLWJ5LWRvdWJsZQ%3D%3D"
-            url = path if "file-relative" in b else str(request.url.origin()) + path
-            return ev("message_file", id=name[:-4], type="image", belongs_to="assistant", url=url)
+            url = path if "file-relative" in b else (self.files_origin or str(request.url.origin())) + path
+            kind = "document" if document else "image"
+            return ev("message_file", id=name.rsplit(".", 1)[0], type=kind, belongs_to="assistant", url=url)
 
-        wants_file = "file" in b or "file-relative" in b
+        wants_file = "file" in b or "file-relative" in b or "file-document" in b
         plan: list[Item] = []
 
         def stop_events() -> list[dict[str, Any]]:  # EasyUI pipeline: QueueStopEvent → message_end
@@ -1033,4 +1040,6 @@ class DifyDouble:
 
     async def tool_file(self, request: web.Request) -> web.Response:
         self.calls.append((request.method, request.path))
+        if request.path.endswith(".xlsx"):
+            return web.Response(body=XLSX_BODY, content_type=XLSX)
         return web.Response(body=PNG_1X1, content_type="image/png")

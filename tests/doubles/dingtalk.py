@@ -151,6 +151,7 @@ class DingTalkDouble:
     tokens_issued: list[str] = field(default_factory=list)
     files: dict[str, tuple[bytes, str]] = field(default_factory=dict)
     media: dict[str, tuple[bytes, str]] = field(default_factory=dict)  # oapi media/upload: media_id -> (bytes, type)
+    media_names: dict[str, str] = field(default_factory=dict)  # media_id -> the uploaded file name
     failed_sends: int = 0
     deliveries: list[tuple[str, str, int]] = field(default_factory=list)  # (frame id, msgId, connection)
     requests: list[tuple[float, str]] = field(default_factory=list)  # (monotonic arrival, path) of API calls
@@ -541,16 +542,18 @@ class DingTalkDouble:
         return handle
 
     async def _media_upload(self, request: web.Request) -> web.Response:
-        """oapi `media/upload?access_token=…&type=image`, multipart `media` -> `media_id`."""
+        """oapi `media/upload?access_token=…&type=image|file`, multipart `media` -> `media_id`."""
         if not self._valid(request.query.get("access_token", "")):
             return web.json_response({"errcode": 40014, "errmsg": "invalid access_token"})
         form = await request.post()
         media = form.get("media")
-        if request.query.get("type") != "image" or not isinstance(media, web.FileField):
+        kind = request.query.get("type")
+        if kind not in ("image", "file") or not isinstance(media, web.FileField):
             return web.json_response({"errcode": 40004, "errmsg": "invalid media type"})
         media_id = f"@media{len(self.media) + 1}"
         self.media[media_id] = (media.file.read(), media.content_type)
-        return web.json_response({"errcode": 0, "errmsg": "ok", "type": "image", "media_id": media_id})
+        self.media_names[media_id] = media.filename
+        return web.json_response({"errcode": 0, "errmsg": "ok", "type": kind, "media_id": media_id})
 
     def _failing(self, path: str) -> bool:
         """Whether this send is one of the scripted `send_failures`."""

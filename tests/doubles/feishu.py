@@ -182,6 +182,8 @@ class FeishuDouble:
     replies: list[SentReply] = field(default_factory=list)
     # `POST /open-apis/im/v1/images`: image_key -> (bytes, content type) of each upload
     images: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    # `POST /open-apis/im/v1/files`: file_key -> (bytes, file_name, file_type) of each upload
+    files: dict[str, tuple[bytes, str, str]] = field(default_factory=dict)
     cards: dict[str, Card] = field(default_factory=dict)
     # Message reactions: (action "add" | "remove", message_id, emoji type, reaction_id), in order;
     # `reactions` the ones on messages now, by reaction_id.
@@ -213,6 +215,7 @@ class FeishuDouble:
         r.add_get("/open-apis/bot/v3/info", self.bot_info)
         r.add_post("/open-apis/im/v1/messages/{message_id}/reply", self.reply)
         r.add_post("/open-apis/im/v1/images", self.image_upload)
+        r.add_post("/open-apis/im/v1/files", self.file_upload)
         r.add_get("/open-apis/im/v1/messages/{message_id}", self.get_message)
         r.add_get("/open-apis/im/v1/messages/{message_id}/resources/{file_key}", self.resource)
         r.add_post("/open-apis/im/v1/messages/{message_id}/reactions", self.reaction_add)
@@ -566,6 +569,8 @@ class FeishuDouble:
                 return fail(230099, why)
         if body["msg_type"] == "image" and content.get("image_key") not in self.images:
             return fail(230099, "image_key not found")  # an image message shows an uploaded image
+        if body["msg_type"] == "file" and content.get("file_key") not in self.files:
+            return fail(230099, "file_key not found")
         sent = SentReply(
             to=request.match_info["message_id"],
             msg_type=body["msg_type"],
@@ -594,6 +599,22 @@ class FeishuDouble:
         key = f"img_v3_{len(self.images) + 1}"
         self.images[key] = (data, image.content_type)
         return ok(data={"image_key": key})
+
+    async def file_upload(self, request: web.Request) -> web.Response:
+        """im/v1 files (create): multipart `file_type`, `file_name` and `file` -> a file_key."""
+        if denied := self._authorized(request):
+            return denied
+        form = await request.post()
+        file, file_type, name = form.get("file"), form.get("file_type"), form.get("file_name")
+        types = ("opus", "mp4", "pdf", "doc", "xls", "ppt", "stream")
+        if file_type not in types or not isinstance(name, str) or not name or not isinstance(file, web.FileField):
+            return fail(234001, "invalid file_type, file_name or file")
+        data = file.file.read()
+        if not data or len(data) > 30 * 1024 * 1024:
+            return fail(234006, "file size exceeds the limit")
+        key = f"file_v3_{len(self.files) + 1}"
+        self.files[key] = (data, name, str(file_type))
+        return ok(data={"file_key": key})
 
     async def get_message(self, request: web.Request) -> web.Response:
         if denied := self._authorized(request):
