@@ -16,7 +16,7 @@ from .draft import Draft
 from .errors import ModelError, StoreError
 from .exchange import Delivery, Exchange, Flow, fields, log
 from .i18n import N_, translator
-from .images_out import displayed
+from .images_out import displayed, upload_ahead
 from .messages import Reply, ReplyKind
 from .metrics import Metrics, Outcome
 from .reasoning import shown
@@ -192,6 +192,7 @@ class ModelAnswer:
             await self._delivery.fail(message, stream, notice)
             return Flow.DONE
         text = prefix + self._visible(exchange, draft, stream, answer)
+        await upload_ahead(self._delivery.channel(message), exchange, draft.answer)  # shown inside it
         if stream is not None:
             await self._delivery.finish(stream, message, text, Outcome.OK)
         else:

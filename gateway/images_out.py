@@ -9,6 +9,9 @@ redirect is followed only to an allowed host (at most `MAX_REDIRECTS`), a body i
 leaves the image as the link in the text: the answer itself is delivered before this step.
 
 A channel that can send images implements `ImageChannel.send_images`; the others get nothing more.
+A channel that shows images inside the answer's own message (Feishu: `img` in the card or post)
+also implements `UploadChannel.upload_answer_images`, called by `upload_ahead` before the answer is
+delivered; its `send_images` then sends only the images the answer's message does not show.
 
 The displayed text (`displayed`, applied where the answer is made safe, `gateway.answer.safe`) carries
 no data URL: each becomes its alt text or "[image]" (localised), the native image follows; on a
@@ -93,6 +96,29 @@ class ImageChannel(Protocol):
     async def send_images(self, message: InboundMessage, images: Sequence[OutImage], hosts: Sequence[str]) -> None:
         """Send each image as a native image reply to `message` (after the answer); a failed one
         is logged and skipped."""
+
+
+@runtime_checkable
+class UploadChannel(Protocol):
+    async def upload_answer_images(
+        self, message: InboundMessage, images: Sequence[OutImage], hosts: Sequence[str]
+    ) -> None:
+        """Upload the images before the answer to `message` is delivered, for its message to
+        show them; a failed one is logged and skipped (it stays a link)."""
+
+
+async def upload_ahead(channel: object, exchange: Exchange, answer: str) -> None:
+    """Before the answer is delivered: its images uploaded where the channel shows them inside
+    it (`UploadChannel`). A failure leaves them to `ImagesOut` (the links stay in the text)."""
+    if not isinstance(channel, UploadChannel):
+        return
+    hosts = list(exchange.cfg.content.image_hosts)
+    images = find_images(answer, hosts)
+    if images:
+        try:
+            await channel.upload_answer_images(exchange.message, images, hosts)
+        except PlatformError as e:
+            log.warning("answer images not uploaded ahead: %s", e, extra=fields(exchange.message))
 
 
 @runtime_checkable

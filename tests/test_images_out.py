@@ -105,12 +105,47 @@ async def test_feishu_allowed_image_uploaded_and_shown(
     assert host.requests == ["/chart.png"]
     ((key, (data, mime)),) = double.images.items()
     assert data == png() and mime == "image/png"
-    replies = double.replies_to("om_1")
-    assert replies[-1].msg_type == "image" and replies[-1].content == {"image_key": key}
+    # Shown inside the answer's card, after its text (appended through CardKit), no image message.
+    (reply,) = double.replies_to("om_1")
+    card = double.card_of(reply)
+    img = {"tag": "img", "element_id": "answer_img_0", "img_key": key, "alt": {"tag": "plain_text", "content": "chart"}}
+    assert card.appended == [img] and card.closed
     assert double.rejected == []
-    # A Feishu card cannot show an image by URL: the text has it as a link, the image message follows.
+    # A Feishu card cannot show an image by URL: the text keeps it as a link.
     shown = double.answer("om_1") or ""
     assert f"[chart](http://{netloc}/chart.png)" in shown and "![chart]" not in shown
+
+
+async def test_feishu_image_shown_in_a_post(
+    start: Start, feishu: Any, openai_double: Any, aiohttp_server: Callable[..., Any]
+) -> None:
+    double, _ = feishu
+    model, _ = openai_double
+    _host, netloc = await image_host(aiohttp_server)
+    tables = "\n\n".join(f"| t{i} |\n|---|\n| {i} |" for i in range(6))  # more than 5 tables: a post
+    model.answer = f"{tables}\n\n![chart](http://{netloc}/chart.png)"
+    client = await start([netloc.split(":")[0]])
+    await answered(client, double, "draw", "om_p")
+    ((key, _),) = double.images.items()
+    posts = [r for r in double.replies_to("om_p") if r.msg_type == "post"]
+    assert posts and posts[-1].content["zh_cn"]["content"][-1] == [{"tag": "img", "image_key": key}]
+    assert all(r.msg_type != "image" for r in double.replies_to("om_p"))
+
+
+async def test_feishu_card_refusing_the_image_gets_it_as_an_image_message(
+    start: Start, feishu: Any, openai_double: Any, aiohttp_server: Callable[..., Any]
+) -> None:
+    double, _ = feishu
+    model, _ = openai_double
+    _host, netloc = await image_host(aiohttp_server)
+    double.card_faults = {"elements": ["refused"]}
+    model.answer = f"Chart: ![chart](http://{netloc}/chart.png)"
+    client = await start([netloc.split(":")[0]])
+    shown = await answered(client, double, "draw", "om_r")
+    ((key, _),) = double.images.items()  # uploaded once
+    card_reply, image_reply = double.replies_to("om_r")
+    assert double.card_of(card_reply).appended == [] and shown.startswith("Chart:")
+    assert image_reply.msg_type == "image" and image_reply.content == {"image_key": key}
 
 
 async def test_feishu_disallowed_host_stays_a_link_and_gets_no_request(
@@ -152,7 +187,8 @@ async def test_feishu_data_url_uploaded(start: Start, feishu: Any, openai_double
     shown = await answered(client, double, "draw", "om_4")
     ((key, (data, mime)),) = double.images.items()
     assert data == png() and mime == "image/png"
-    assert double.replies_to("om_4")[-1].content == {"image_key": key}
+    (reply,) = double.replies_to("om_4")  # no image message: the card shows it
+    assert [e["img_key"] for e in double.card_of(reply).appended] == [key]
     # The text names the image instead of carrying its data URL (a card is at most 30 KB).
     assert shown.startswith("A dot: " + translator(Locale.ZH_CN)(IMAGE_MARK_ALT, alt="dot") + "\n"), shown
     assert "data:" not in shown
@@ -169,6 +205,8 @@ async def test_feishu_failed_upload_still_delivers_the_answer(
     shown = await answered(client, double, "draw", "om_5")
     assert shown.startswith("Chart:") and f"http://{netloc}/missing.png" in shown
     assert host.requests == ["/missing.png"] and double.images == {}
+    (reply,) = double.replies_to("om_5")
+    assert double.card_of(reply).appended == []
 
 
 # -- DingTalk: allowed URLs stay Markdown images (the client fetches them); data URLs are uploaded --

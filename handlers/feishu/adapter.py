@@ -46,7 +46,7 @@ from gateway.streaming import INTERRUPTED, CardBook
 from ..webhook import install
 from .api import FeishuApi
 from .card import FeishuCardStream
-from .images import send_files, send_images
+from .images import Uploaded, send_files, send_images, send_uploaded, upload_images, with_images
 from .parse import PLATFORM, Rules, parse_event, parse_quoted
 from .render import defuse, mention_element, render
 from .webhook import webhook
@@ -60,6 +60,7 @@ TEXT_LIMIT_BYTES = 60_000
 # The reaction on the user's message while an answer without a card is made ("OnIt": the emoji
 # list of the message reactions API, docs/protocols/feishu.md).
 WORKING_EMOJI = "OnIt"
+UPLOADS_KEPT = 256  # answers' uploaded images waiting for their answer (one each while it is delivered)
 
 
 def reply_uuid(message_id: str, kind: str, index: int) -> str:
@@ -94,6 +95,8 @@ class FeishuAdapter(Adapter[FeishuConfig, FeishuApi]):
         self._users = AccessList.of(cfg.allow_users, cfg.deny_users)
         self._chats = AccessList.of(cfg.allow_chats, cfg.deny_chats)
         self.cards = CardBook(PLATFORM, name)
+        # message_id -> the answer's images uploaded before it is delivered (`upload_answer_images`)
+        self._uploads: dict[str, Uploaded] = {}
 
     # -- the skeleton's hooks --------------------------------------------------------------------
     def make_api(self, http: aiohttp.ClientSession) -> FeishuApi:
@@ -130,10 +133,28 @@ class FeishuAdapter(Adapter[FeishuConfig, FeishuApi]):
         kind = "notice" if reply.kind is ReplyKind.NOTICE else "answer"
         mention = mention_of(reply.to)
         parts = cheapest(reply.text, mention) if self.budget.spent else render(reply.text, mention)
+        if kind == "answer":
+            parts = with_images(parts, self._uploads.get(reply.to.message_id))
         await self.reply_parts(reply.to, parts, kind)
 
+    async def upload_answer_images(
+        self, message: InboundMessage, images: Sequence[OutImage], hosts: Sequence[str]
+    ) -> None:
+        """The answer's images uploaded before it is delivered, so that its card or post shows
+        them (`handlers/feishu/images.py`); `send_images` sends those it does not show."""
+        uploaded = await upload_images(self.runtime.api, self.runtime.http, self.metrics, images, hosts)
+        while len(self._uploads) >= UPLOADS_KEPT:  # answers whose delivery failed: the oldest go
+            del self._uploads[next(iter(self._uploads))]
+        self._uploads[message.message_id] = uploaded
+
     async def send_images(self, message: InboundMessage, images: Sequence[OutImage], hosts: Sequence[str]) -> None:
-        """The answer's images, as image replies after it (`handlers/feishu/images.py`)."""
+        """The answer's images its message does not show, as image replies after it
+        (`handlers/feishu/images.py`): those uploaded ahead, else all of them."""
+        uploaded = self._uploads.pop(message.message_id, None)
+        if uploaded is not None:
+            if not uploaded.shown:
+                await send_uploaded(self.reply_parts, message, uploaded)
+            return
         api, http = self.runtime.api, self.runtime.http
         await send_images(api, http, self.reply_parts, self.metrics, message, images, hosts)
 
@@ -156,7 +177,8 @@ class FeishuAdapter(Adapter[FeishuConfig, FeishuApi]):
 
         api, interval = self.runtime.api, self.cfg.stream_interval
         mention = mention_of(message) if record is None else ""  # an adopted card has its own already
-        return FeishuCardStream(api, self.cards, message, deliver, interval, self.metrics, record, mention)
+        uploads = partial(self._uploads.get, message.message_id)
+        return FeishuCardStream(api, self.cards, message, deliver, interval, self.metrics, record, mention, uploads)
 
     async def settle_card(self, record: CardRecord) -> None:
         await self._card(record.message, record).settle(record.text or translator(record.message.locale)(INTERRUPTED))

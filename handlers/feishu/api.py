@@ -340,6 +340,18 @@ class FeishuApi:
             body={"content": defuse(text), "sequence": sequence},
         )
 
+    async def append_card_elements(
+        self, card_id: str, elements: list[dict[str, Any]], uuid: str, sequence: int
+    ) -> None:
+        """Add `elements` at the end of the card's body (CardKit "create elements", `type:
+        append`); `uuid` makes a repeat that did arrive add nothing again."""
+        await self.call(
+            "POST",
+            f"/open-apis/cardkit/v1/cards/{_q(card_id)}/elements",
+            "card_elements",
+            body={"type": "append", "elements": orjson.dumps(elements).decode(), "uuid": uuid, "sequence": sequence},
+        )
+
     async def close_card(self, card_id: str, text: str, sequence: int) -> None:
         """End streaming mode (the card stops showing "generating") with a chat-list summary."""
         settings = {"config": {"streaming_mode": False, "summary": {"content": summary(text)}}}

@@ -36,6 +36,7 @@ from gateway.store import CardRecord
 from gateway.streaming import SENT_AS_MESSAGE, CardBook, CardStream
 
 from .api import FeishuApi, StreamingClosed
+from .images import Uploaded, card_images, with_images
 from .render import (
     MANY_TABLES_NOTE,
     THINKING_ID,
@@ -68,10 +69,12 @@ class FeishuCardStream(CardStream):
         metrics: Metrics,
         record: CardRecord | None = None,
         mention: str = "",
+        images: Callable[[], Uploaded | None] = lambda: None,
     ) -> None:
         super().__init__(book, message, interval, metrics, record=record)
         self._api, self._deliver_parts = api, deliver
         self._mention = mention  # the asker's open_id in a group: the card (or first reply) @mentions them
+        self._images = images  # the answer's images uploaded for it (`images.upload_images`), if any
         self._card_id = record.card_id if record else ""
         self._sequence = self._reserved = record.sequence if record else 0
         self._streaming = True  # False once Feishu closed the card's streaming mode
@@ -147,6 +150,8 @@ class FeishuCardStream(CardStream):
             log.warning("card took no final text, the rest follows as replies: %s", e, extra=self._fields())
             await self._keep_shown()
             return False
+        if in_card and len(parts) == 1:
+            await self._append_images()
         try:
             await self._close(text)
         except StreamingClosed:
@@ -158,8 +163,24 @@ class FeishuCardStream(CardStream):
         else:
             await self._closed()
         self._rest, self._rest_from = (parts[1:], 1) if in_card else (parts, 0)
+        self._rest = with_images(self._rest, self._images())
         await self._send_rest()
         return True
+
+    async def _append_images(self) -> None:
+        """The answer's uploaded images as `img` elements at the end of the card (before it is
+        closed); one that fails leaves them to follow as image messages."""
+        uploaded = self._images()
+        if uploaded is None or not uploaded.keys or uploaded.shown:
+            return
+        uuid = f"img-{self._card_id}"[:64]
+        append = partial(self._api.append_card_elements, self._card_id, card_images(uploaded), uuid)
+        try:
+            await self._call("feishu card images", append)
+        except PlatformError as e:  # the text is in: the images follow as image messages
+            log.warning("card took no images, they follow as messages: %s", e, extra=self._fields())
+            return
+        uploaded.shown = True
 
     async def _keep_shown(self) -> None:
         """The card ends with what it shows: closed now unless Feishu closed it, else later."""
@@ -187,7 +208,7 @@ class FeishuCardStream(CardStream):
                 self._rest, self._rest_kind = render(CONTINUED + text[len(shown) :]), "rest"
             else:
                 self._rest, self._rest_kind = render(text, self._mention), "answer"
-            self._rest_from = 0
+            self._rest, self._rest_from = with_images(self._rest, self._images()), 0
         await self._send_rest()
 
     async def _send_rest(self) -> None:

@@ -77,6 +77,13 @@ def walk(elements: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield from walk(element.get("elements", []))
 
 
+def _img(element: dict[str, Any]) -> str:
+    """A card `img` element or post `img` tag as the user sees it: `![image](key)`; else ""."""
+    if element.get("tag") != "img":
+        return ""
+    return f"![image]({element.get('img_key') or element.get('image_key')})"
+
+
 @dataclass
 class Card:
     """A CardKit card. Its answer is its last top-level element (`contents` records what was
@@ -86,6 +93,7 @@ class Card:
     contents: list[tuple[int, str]] = field(default_factory=list)  # (sequence, text) as sent
     element_contents: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
     settings: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    appended: list[dict[str, Any]] = field(default_factory=list)  # elements added after the body (`append`)
     last_sequence: int = 0
     created_at: float = field(default_factory=time.monotonic)
     closed: str = ""  # "settings": streaming ended by a settings call; "timeout": by Feishu itself
@@ -223,6 +231,7 @@ class FeishuDouble:
         r.add_post("/open-apis/cardkit/v1/cards", self.card_create)
         r.add_put("/open-apis/cardkit/v1/cards/{card_id}/elements/{element_id}/content", self.card_content)
         r.add_patch("/open-apis/cardkit/v1/cards/{card_id}/settings", self.card_settings)
+        r.add_post("/open-apis/cardkit/v1/cards/{card_id}/elements", self.card_elements)
         app.on_shutdown.append(lambda _: self.close_sockets())
         app.on_response_prepare.append(self._date)
         return app
@@ -305,12 +314,13 @@ class FeishuDouble:
         content = reply.content
         if reply.msg_type == "interactive" and content.get("type") == "card":
             card = self.cards[content["data"]["card_id"]]
-            return card.text if card.closed else None
+            return "\n".join([card.text, *map(_img, card.appended)]) if card.closed else None
         if reply.msg_type == "interactive":
             elements = content["body"]["elements"]
-            return "\n".join(str(e["content"]) for e in elements if e.get("element_id") != "mention")
+            return "\n".join(_img(e) or str(e["content"]) for e in elements if e.get("element_id") != "mention")
         if reply.msg_type == "post":
-            return "\n\n".join(p[0]["text"] for p in content["zh_cn"]["content"] if p[0]["tag"] != "at")
+            paragraphs = content["zh_cn"]["content"]
+            return "\n\n".join(_img(p[0]) or p[0]["text"] for p in paragraphs if p[0]["tag"] != "at")
         if reply.msg_type == "image":
             return f"![image]({content['image_key']})"
         return str(content.get("text", ""))
@@ -710,6 +720,28 @@ class FeishuDouble:
             card.element_contents.setdefault(element_id, []).append((body["sequence"], body["content"]))
         await self._notify()
         return self._applied("content", request.match_info["card_id"])
+
+    async def card_elements(self, request: web.Request) -> web.Response:
+        """Create elements, `type: append` only: kept in `Card.appended` (the body keeps the answer
+        last); an `img` must show an uploaded image_key."""
+        if denied := self._authorized(request):
+            return denied
+        card = self.cards.get(request.match_info["card_id"])
+        if card is None:
+            return fail(200740, "card not found")
+        body = await request.json()
+        if fault := await self._card_fault("elements", request.match_info["card_id"]):
+            return fault
+        elements = orjson.loads(body["elements"])
+        if body.get("type") != "append" or not isinstance(elements, list):
+            return fail(300302, "bad elements")
+        if any(e.get("tag") == "img" and e.get("img_key") not in self.images for e in elements):
+            return fail(300302, "img_key not found")
+        if bad := self._sequence(card, body.get("sequence")):
+            return bad
+        card.appended.extend(elements)
+        await self._notify()
+        return self._applied("elements", request.match_info["card_id"])
 
     async def card_settings(self, request: web.Request) -> web.Response:
         if denied := self._authorized(request):
