@@ -56,6 +56,10 @@ def _q(segment: str) -> str:
     return quote(segment, safe="")
 
 
+# One multipart field: name, value, filename and content type (None for a plain form field).
+FormPart = tuple[str, str | bytes, str | None, str | None]
+
+
 class FeishuApi:
     def __init__(
         self,
@@ -234,59 +238,46 @@ class FeishuApi:
     async def upload_image(self, data: bytes, mime: str) -> str:
         """Upload an image for a message (`POST /open-apis/im/v1/images`, multipart
         `image_type=message` and `image`); returns its `image_key`."""
-
-        async def attempt(token: str) -> str:
-            await self._limiter.acquire("image_upload")
-            self._budget.record("image_upload")
-            form = aiohttp.FormData()
-            form.add_field("image_type", "message")
-            form.add_field("image", data, filename="image", content_type=mime)
-            try:
-                async with self._http.post(
-                    self.domain + "/open-apis/im/v1/images",
-                    data=form,
-                    headers={"Authorization": f"Bearer {token}"},
-                    timeout=API_TIMEOUT,
-                ) as resp:
-                    status, raw, reset = resp.status, await resp.read(), resp.headers.get(RESET_HEADER, "")
-            except (aiohttp.ClientError, TimeoutError) as e:
-                raise PlatformError(f"feishu image_upload: {type(e).__name__}: {e}") from e
-            answer = self._checked("image_upload", status, raw, reset)
-            self._budget.charge("image_upload")
-            key = _dict(answer.get("data")).get("image_key")
-            if not isinstance(key, str) or not key:
-                raise PlatformError("feishu image_upload: answer without image_key", retryable=False)
-            return key
-
-        return await self.tokens.call(attempt)
+        fields: list[FormPart] = [("image_type", "message", None, None), ("image", data, "image", mime)]
+        return await self._upload("image_upload", "/open-apis/im/v1/images", fields, "image_key")
 
     async def upload_file(self, data: bytes, name: str, file_type: str) -> str:
         """Upload a file for a message (`POST /open-apis/im/v1/files`, multipart `file_type`
         (pdf, doc, xls, ppt or stream), `file_name` and `file`); returns its `file_key`."""
+        fields: list[FormPart] = [
+            ("file_type", file_type, None, None),
+            ("file_name", name, None, None),
+            ("file", data, name, "application/octet-stream"),
+        ]
+        return await self._upload("file_upload", "/open-apis/im/v1/files", fields, "file_key")
+
+    async def _upload(
+        self, endpoint: str, path: str, fields: list[FormPart], key: str
+    ) -> str:
+        """A multipart upload (paced, metered, token retried like every call); returns `data.<key>`."""
 
         async def attempt(token: str) -> str:
-            await self._limiter.acquire("file_upload")
-            self._budget.record("file_upload")
+            await self._limiter.acquire(endpoint)
+            self._budget.record(endpoint)
             form = aiohttp.FormData()
-            form.add_field("file_type", file_type)
-            form.add_field("file_name", name)
-            form.add_field("file", data, filename=name, content_type="application/octet-stream")
+            for name, content, filename, content_type in fields:
+                form.add_field(name, content, filename=filename, content_type=content_type)
             try:
                 async with self._http.post(
-                    self.domain + "/open-apis/im/v1/files",
+                    self.domain + path,
                     data=form,
                     headers={"Authorization": f"Bearer {token}"},
                     timeout=API_TIMEOUT,
                 ) as resp:
                     status, raw, reset = resp.status, await resp.read(), resp.headers.get(RESET_HEADER, "")
             except (aiohttp.ClientError, TimeoutError) as e:
-                raise PlatformError(f"feishu file_upload: {type(e).__name__}: {e}") from e
-            answer = self._checked("file_upload", status, raw, reset)
-            self._budget.charge("file_upload")
-            key = _dict(answer.get("data")).get("file_key")
-            if not isinstance(key, str) or not key:
-                raise PlatformError("feishu file_upload: answer without file_key", retryable=False)
-            return key
+                raise PlatformError(f"feishu {endpoint}: {type(e).__name__}: {e}") from e
+            answer = self._checked(endpoint, status, raw, reset)
+            self._budget.charge(endpoint)
+            value = _dict(answer.get("data")).get(key)
+            if not isinstance(value, str) or not value:
+                raise PlatformError(f"feishu {endpoint}: answer without {key}", retryable=False)
+            return value
 
         return await self.tokens.call(attempt)
 
