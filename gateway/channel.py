@@ -19,6 +19,9 @@ class ChannelState(StrEnum):
     CONNECTED = "connected"
     RECONNECTING = "reconnecting"
     REFUSED = "refused"  # the platform refused us in a way retrying soon cannot fix
+    # Another instance on the shared store holds the bot's one allowed connection; this one takes
+    # over when that one goes. Healthy, so ready: its inbox answers go on (docs/wecom.md).
+    STANDBY = "standby"
     STOPPED = "stopped"
 
 
@@ -46,7 +49,7 @@ class ChannelStatus:
     @property
     def ready(self) -> bool:
         # A webhook-only channel has nothing to connect; it is ready while running.
-        return self.state is ChannelState.CONNECTED
+        return self.state in (ChannelState.CONNECTED, ChannelState.STANDBY)
 
 
 @dataclass(slots=True)

@@ -149,6 +149,78 @@ class FeishuConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WeComConfig:
+    """One WeCom (企业微信) AI bot (智能机器人): its long connection and/or its callback URL (docs/wecom.md)."""
+
+    enabled: bool = False
+    mode: str = "ws"  # ws | webhook | both
+    bot_id: str = ""  # the bot's BotID (long connection; also checks a callback's aibotid)
+    secret: str = ""  # the long connection's Secret
+    ws_url: str = "wss://openws.work.weixin.qq.com"  # a privately deployed WeCom shows its own
+    token: str = ""  # callback mode: the Token of "接收消息" settings
+    encoding_aes_key: str = ""  # callback mode: the 43-character EncodingAESKey
+    api_base: str = "https://qyapi.weixin.qq.com"  # where response_url replies may go; the doctor's clock
+    bot_name: str = ""  # the bot's display name, stripped from "@name" in group texts; "" = the first @word
+    ping_interval: float = 30.0  # seconds between heartbeats; two unanswered = the link is dead
+    reconnect_delay: float = 1.0  # first reconnect delay; doubles per failure up to reconnect_cap
+    reconnect_cap: float = 30.0  # subscribe is rate-limited: never retried faster than this at length
+    kicked_retry: float = 300.0  # seconds before subscribing again after another connection took over
+    connection_lease: float = 10.0  # shared store: the lease on the bot's one connection (takeover time)
+    stream_life: float = 360.0  # seconds a reply stream may be refreshed, from its first frame
+    stream_interval: float = 1.0  # seconds between stream refreshes (the first goes out at once)
+    replies_per_minute: int = 30  # messages (replies + pushes) into one conversation a minute; 0 = no limit
+    replies_per_hour: int = 1000  # ... an hour; 0 = no limit
+    max_message_age: float = 600.0  # seconds; older messages (by create_time, when given) are dropped
+    monthly_api_budget: int = 0
+    allow_users: list[str] = field(default_factory=list)
+    deny_users: list[str] = field(default_factory=list)
+    allow_chats: list[str] = field(default_factory=list)
+    deny_chats: list[str] = field(default_factory=list)
+    locale: str = ""  # "" = [chat] locale | auto | zh-CN | en
+
+
+WECOM_AES_KEY_CHARS = 43  # an EncodingAESKey: base64 of 32 bytes without its "="
+WECOM_STREAM_LIFE = 360.0  # seconds WeCom takes refreshes of a reply stream, from its first frame
+
+
+def wecom_problems(s: WeComConfig) -> list[tuple[str, str]]:
+    """(key, why) for each problem of a WeCom bot's settings (its section's or a listed bot's)."""
+    out: list[tuple[str, str]] = []
+    if not s.ws_url.startswith(("ws://", "wss://")):
+        out.append(("ws_url", f"must be a ws:// or wss:// URL, got {s.ws_url!r}"))
+    if not s.api_base.startswith(("http://", "https://")):
+        out.append(("api_base", f"must be an http(s) URL, got {s.api_base!r}"))
+    for key in ("ping_interval", "reconnect_delay", "kicked_retry", "connection_lease", "stream_life",
+                "stream_interval", "max_message_age"):
+        if getattr(s, key) <= 0:
+            out.append((key, "must be positive"))
+    if s.stream_life > WECOM_STREAM_LIFE:
+        out.append(("stream_life", f"must be at most {WECOM_STREAM_LIFE:g} seconds (WeCom ends a stream then)"))
+    if s.reconnect_cap < s.reconnect_delay:
+        out.append(("reconnect_cap", f"must be at least reconnect_delay ({s.reconnect_delay:g} s)"))
+    for key in ("replies_per_minute", "replies_per_hour", "monthly_api_budget"):
+        if getattr(s, key) < 0:
+            out.append((key, "must be 0 (no limit) or more"))
+    if not s.enabled:
+        return out
+    for key in ("bot_id", "secret") if s.mode != "webhook" else ("bot_id",):
+        if not getattr(s, key):
+            out.append((key, f"is required when the bot is enabled with mode = {s.mode!r}"))
+    if s.mode != "ws":
+        if not s.token:
+            out.append(("token", "is required when mode is webhook or both (it signs each callback)"))
+        key = s.encoding_aes_key
+        if len(key) != WECOM_AES_KEY_CHARS or not key.isascii() or not all(c.isalnum() or c in "+/" for c in key):
+            # The value is a secret: only its length is said.
+            out.append((
+                "encoding_aes_key",
+                f"must be the {WECOM_AES_KEY_CHARS}-character EncodingAESKey when mode is webhook or both "
+                f"(got {len(key)} characters)",
+            ))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
 class StoreConfig:
     url: str = "sqlite:///botgate.sqlite3"  # relative to the state directory
 
@@ -218,10 +290,18 @@ class LogConfig:
 
 DEFAULT_NAME = "default"  # the agent of [model]; the bot of a single-app [dingtalk] / [feishu] section
 GROUP_CONTEXTS = ("shared", "per_user")
-PLATFORM_SECTIONS = ("dingtalk", "feishu")
+PLATFORM_SECTIONS = ("dingtalk", "feishu", "wecom")
 # Credentials are a bot's own: a listed bot never inherits them from its platform's section.
-BOT_CREDENTIALS = {"dingtalk": ("client_id", "client_secret"), "feishu": ("app_id", "app_secret")}
-BOT_SECRETS = {"dingtalk": ("client_secret",), "feishu": ("app_secret", "encrypt_key", "verification_token")}
+BOT_CREDENTIALS = {
+    "dingtalk": ("client_id", "client_secret"),
+    "feishu": ("app_id", "app_secret"),
+    "wecom": ("bot_id", "secret"),
+}
+BOT_SECRETS = {
+    "dingtalk": ("client_secret",),
+    "feishu": ("app_secret", "encrypt_key", "verification_token"),
+    "wecom": ("secret", "token", "encoding_aes_key"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,10 +317,10 @@ class AgentConfig:
 class BotConfig:
     """One app (robot) of a platform: its platform section with the bot's own keys applied."""
 
-    platform: str  # "dingtalk" | "feishu"
+    platform: str  # "dingtalk" | "feishu" | "wecom"
     name: str
     agent: str
-    settings: DingTalkConfig | FeishuConfig
+    settings: DingTalkConfig | FeishuConfig | WeComConfig
 
     @property
     def key(self) -> str:
@@ -276,6 +356,7 @@ class Config:
     context: ContextConfig = field(default_factory=ContextConfig)
     dingtalk: DingTalkConfig = field(default_factory=DingTalkConfig)
     feishu: FeishuConfig = field(default_factory=FeishuConfig)
+    wecom: WeComConfig = field(default_factory=WeComConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
@@ -364,6 +445,9 @@ SECRET_KEYS = frozenset(
         "feishu.app_secret",
         "feishu.encrypt_key",
         "feishu.verification_token",
+        "wecom.secret",
+        "wecom.token",
+        "wecom.encoding_aes_key",
         "admin.password",
         "admin.jwt_secret",
         "admin.metrics_token",
@@ -380,10 +464,12 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.reasoning": REASONING_MODES,
     "dingtalk.mode": ("stream", "webhook", "both"),
     "feishu.mode": ("ws", "webhook", "both"),
+    "wecom.mode": ("ws", "webhook", "both"),
     "log.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
     "chat.locale": LOCALE_SETTINGS,
     "dingtalk.locale": BOT_LOCALE_SETTINGS,
     "feishu.locale": BOT_LOCALE_SETTINGS,
+    "wecom.locale": BOT_LOCALE_SETTINGS,
 }
 
 
@@ -581,7 +667,9 @@ def _validate(cfg: Config, from_env: frozenset[str] = frozenset()) -> None:
     if cfg.feishu.enabled and cfg.feishu.mode != "ws" and not cfg.feishu.encrypt_key:
         # The token is the same in every delivery: alone it authenticates nothing (docs/security.md).
         fail("feishu.encrypt_key", "is required when feishu.mode is webhook or both (it signs each delivery)")
-    for key in ("dingtalk.max_message_age", "feishu.max_message_age"):
+    for key, why in wecom_problems(cfg.wecom):
+        fail(f"wecom.{key}", why)
+    for key in ("dingtalk.max_message_age", "feishu.max_message_age", "wecom.max_message_age"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) <= 0:
             fail(key, "must be positive")
@@ -846,17 +934,21 @@ def _validate_bot(cfg: Config, bot: BotConfig, where: str) -> None:
         fail("locale", f"must be one of {_one_of(BOT_LOCALE_SETTINGS)}, got {s.locale!r}")
     if not s.enabled:
         return
-    for key in BOT_CREDENTIALS[platform]:
+    for key in BOT_CREDENTIALS[platform] if not isinstance(s, WeComConfig) else ():  # wecom_problems
         if not getattr(s, key):
             fail(key, f"is required for {platform} bot {bot.name!r} (set {env(key)})")
-    urls = ("api_base", "oapi_base") if platform == "dingtalk" else ("domain",)
-    for key in urls:
-        value = getattr(s, key)
-        if not value.startswith(("http://", "https://")):
-            fail(key, f"must be an http(s) URL, got {value!r}")
-    for key in ("stale_after", "max_message_age"):
-        if getattr(s, key) <= 0:
-            fail(key, "must be positive")
+    if isinstance(s, WeComConfig):
+        for key, why in wecom_problems(s):
+            fail(key, why)
+    else:
+        urls = ("api_base", "oapi_base") if platform == "dingtalk" else ("domain",)
+        for key in urls:
+            value = getattr(s, key)
+            if not value.startswith(("http://", "https://")):
+                fail(key, f"must be an http(s) URL, got {value!r}")
+        for key in ("stale_after", "max_message_age"):
+            if getattr(s, key) <= 0:
+                fail(key, "must be positive")
     if isinstance(s, DingTalkConfig) and not 0 < s.reconnect_delay <= 60:
         fail("reconnect_delay", f"must be between 0 and 60 seconds, got {s.reconnect_delay}")
     for key in ("monthly_api_budget", "api_qps", "card_qps", "api_qpm", "chat_qps"):

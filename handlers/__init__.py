@@ -9,12 +9,13 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from gateway.config import DEFAULT_NAME, ENV_PREFIX, BotConfig, Config, DingTalkConfig, env_token
+from gateway.config import DEFAULT_NAME, ENV_PREFIX, BotConfig, Config, DingTalkConfig, FeishuConfig, env_token
 from gateway.doctor import Check, Result
 
-from . import admin, auth, dingtalk, feishu, robots, routes, status, webchat
+from . import admin, auth, dingtalk, feishu, robots, routes, status, webchat, wecom
 from .dingtalk import doctor as dingtalk_doctor
 from .feishu import doctor as feishu_doctor
+from .wecom import doctor as wecom_doctor
 
 
 def setup(app: web.Application) -> None:
@@ -26,24 +27,30 @@ def setup(app: web.Application) -> None:
     webchat.setup(app)
     dingtalk.setup(app)  # every enabled bot of each platform
     feishu.setup(app)
+    wecom.setup(app)
 
 
 def doctor(config: Config, http: aiohttp.ClientSession) -> list[Check]:
     """Every enabled bot's checks; a listed bot's are named by it ("dingtalk/hrbot credentials")."""
     checks: list[Check] = []
-    contributors = {"dingtalk": dingtalk_doctor.checks, "feishu": feishu_doctor.checks}
+    contributors = {"dingtalk": dingtalk_doctor.checks, "feishu": feishu_doctor.checks, "wecom": wecom_doctor.checks}
     for bot in config.enabled_bots():
-        s = bot.settings
-        one = (
-            dataclasses.replace(config, dingtalk=s)
-            if isinstance(s, DingTalkConfig)
-            else dataclasses.replace(config, feishu=s)
-        )
+        one = as_section(config, bot)
         own = contributors[bot.platform](one, http)
         if bot.name != DEFAULT_NAME:
             own = [Check(c.name.replace(bot.platform, bot.key, 1), for_bot(c.run, bot)) for c in own]
         checks += own
     return checks
+
+
+def as_section(config: Config, bot: BotConfig) -> Config:
+    """`config` with `bot`'s settings as its platform's section: what the platform's checks read."""
+    s = bot.settings
+    if isinstance(s, DingTalkConfig):
+        return dataclasses.replace(config, dingtalk=s)
+    if isinstance(s, FeishuConfig):
+        return dataclasses.replace(config, feishu=s)
+    return dataclasses.replace(config, wecom=s)
 
 
 def for_bot(run: Callable[[], Awaitable[Result]], bot: BotConfig) -> Callable[[], Awaitable[Result]]:

@@ -38,6 +38,11 @@ def unconfigured_platforms(request: web.Request) -> dict[str, str]:
             "not configured: set [feishu] enabled = true, app_id and app_secret "
             "(BOTGATE_FEISHU__ENABLED, BOTGATE_FEISHU__APP_ID, BOTGATE_FEISHU__APP_SECRET)"
         )
+    if not cfg.enabled_bots("wecom"):
+        out["wecom"] = N_(
+            "not configured: set [wecom] enabled = true, bot_id and secret "
+            "(BOTGATE_WECOM__ENABLED, BOTGATE_WECOM__BOT_ID, BOTGATE_WECOM__SECRET)"
+        )
     return out  # English in /readyz; the status page shows them translated (its `translate` filter)
 
 

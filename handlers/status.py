@@ -52,6 +52,7 @@ STATES = (
     N_("connected"),
     N_("reconnecting"),
     N_("refused"),
+    N_("standby"),
     N_("stopped"),
     N_("not configured"),
 )

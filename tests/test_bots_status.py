@@ -155,7 +155,7 @@ async def test_status_has_a_row_per_bot_with_its_agent_and_last_event(bots: Bots
 
     snapshot = await get_json(client, "/api/status")
     rows = {c["name"]: c for c in snapshot["channels"]}
-    assert set(rows) == {"dingtalk/hrbot", "dingtalk/itbot", "feishu/itbot", "web"}
+    assert set(rows) == {"dingtalk/hrbot", "dingtalk/itbot", "feishu/itbot", "web", "wecom"}  # wecom: not configured
     hr, it, fs = rows["dingtalk/hrbot"], rows["dingtalk/itbot"], rows["feishu/itbot"]
     assert (hr["platform"], hr["bot"], hr["state"], hr["agent"]) == ("dingtalk", "hrbot", "connected", "hr")
     assert hr["routed"] == [{"conversation": "cidFIN", "agent": "it"}]

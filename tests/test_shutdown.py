@@ -219,7 +219,7 @@ async def test_fresh_start_with_shipped_config_answers_by_echo(gateway_process: 
         async with http.get(f"{gateway_process.url}/readyz") as resp:
             body = await resp.json()
             assert resp.status == 200 and body["ready"] is True
-            assert set(body["not_configured"]) == {"dingtalk", "feishu"}
+            assert set(body["not_configured"]) == {"dingtalk", "feishu", "wecom"}
         async with http.ws_connect(f"{gateway_process.url}/chat/ws?session=freshstart") as ws:
             await send_chat(ws, "hello echo")
             async with asyncio.timeout(10):

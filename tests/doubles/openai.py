@@ -7,6 +7,8 @@ Behaviour per request comes from `script` (consumed one entry per request, then 
   "stall"       stream the first word, then send nothing more until `release()` (a client that
                 closes the connection meanwhile is counted in `disconnects`: aiohttp's test
                 server cancels the handler of a request whose client left)
+  "pause"       stream the first word, wait for `release()`, then the rest as usual (a model
+                that thinks mid-answer)
   "garbage"     send malformed SSE
   "error-event" stream an SSE `{"error": ...}` chunk (what vLLM / OpenRouter do mid-stream)
 or from the last user message: "status:<code> ..." answers that status. With `hold` set, every
@@ -180,6 +182,8 @@ class OpenAIDouble:
                 assert request.transport is not None
                 request.transport.close()
                 return resp
+            if i == 1 and step == "pause":
+                await self._released.wait()
             if i == 1 and step == "stall":
                 try:
                     await self._released.wait()
