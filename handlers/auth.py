@@ -38,7 +38,7 @@ from gateway.i18n import N_, Locale, translator
 from gateway.keys import AUTH, CONFIG, LIVE
 from gateway.logs import SHOWS_CREDENTIAL
 
-from .http import json_error
+from .http import API_V1, json_error
 from .pages import locale_of
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,8 @@ TRUSTED_PROXIES = web.AppKey("trusted_proxies", tuple[Network, ...])
 
 
 def is_admin_path(path: str) -> bool:
-    return path == "/" or path.startswith(ADMIN_PREFIXES)
+    """The page and admin API; not the send API (`/api/v1/`), which takes its own tokens."""
+    return path == "/" or (path.startswith(ADMIN_PREFIXES) and not path.startswith(API_V1))
 
 
 # -- who is asking --------------------------------------------------------------------------------
