@@ -1,7 +1,8 @@
 """The app factory: composes the core's resources as `cleanup_ctx` contexts, in dependency order.
 
-Up: HTTP client session -> store -> model client -> dispatcher (resumes the inbox) -> whatever
-`setup` functions add (the platform adapters and routes, from `handlers`). Down in reverse. Intake
+Up: HTTP client session -> store -> model client -> dispatcher -> outbox -> whatever `setup`
+functions add (the platform adapters and routes, from `handlers`) -> the inbox resumed and the
+outbox's courier, once the adapters can deliver -> the scheduler (`[[schedules]]`). Down in reverse. Intake
 stops and the dispatcher drains in the first `on_shutdown` hook, i.e. while adapters can still
 deliver replies; adapters' own `on_shutdown` hooks (closing client sockets) run after it.
 `reload_config` (admin API, SIGHUP via `gateway.server`) applies a re-read config file. At start
@@ -37,14 +38,17 @@ from .keys import (
     LIVE,
     METRICS,
     MODEL,
+    OUTBOX,
     RESOLVER,
     RESPONDER,
     STARTED_AT,
     STORE,
 )
 from .metrics import Metrics
+from .outbox import Outbox
 from .reload import LiveConfig, ReloadReport, apply_logging, plan, read_config
 from .responder import Responder
+from .schedules import schedules_ctx
 from .store import open_store
 from .tasks import stop_task
 
@@ -105,6 +109,19 @@ async def _dispatcher_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     # Normally drained already in on_shutdown; this is the backstop (e.g. a failed startup).
     await dispatcher.drain(0.0 if not dispatcher.accepting else cfg.dispatcher.drain_timeout)
+
+
+async def _outbox_ctx(app: web.Application) -> AsyncIterator[None]:
+    live, channels = app[LIVE], app[CHANNELS]
+    app[OUTBOX] = Outbox(app[STORE], channels, app[METRICS], lambda: live.in_force.api)
+    yield
+
+
+async def _courier_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Deliver the outbox once the adapters run (what a previous process queued, too)."""
+    task = asyncio.create_task(app[OUTBOX].run(), name="outbox")
+    yield
+    await stop_task(task)
 
 
 def agent_clients(
@@ -199,11 +216,11 @@ def create_app(config: Config, setup: Iterable[Setup] = ()) -> web.Application:
     # `memory://` keeps nothing on disk (as for the login token): the dates then last one run.
     on_disk = not config.store.url.startswith("memory://")
     app[KEY_AGES] = KeyAges(config.state_dir / KEY_AGES_FILE if on_disk else None)
-    app.cleanup_ctx.extend([_http_ctx, _store_ctx, _key_ages_ctx, _model_ctx, _dispatcher_ctx])
+    app.cleanup_ctx.extend([_http_ctx, _store_ctx, _key_ages_ctx, _model_ctx, _dispatcher_ctx, _outbox_ctx])
     app.cleanup_ctx.append(documents_ctx)  # after the responder: binds its `Documents` step
     app.on_shutdown.append(_drain)
     for fn in setup:
         fn(app)
-    app.cleanup_ctx.append(_resume_inbox)
+    app.cleanup_ctx.extend([_resume_inbox, _courier_ctx, schedules_ctx])
     return app
 

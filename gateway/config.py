@@ -14,9 +14,12 @@ import typing
 import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
+
+from cronsim import CronSim, CronSimError
 
 from .i18n import BOT_SETTINGS as BOT_LOCALE_SETTINGS
 from .i18n import N_
@@ -28,6 +31,7 @@ PROXY_ENV = tuple(
     case(name) for name in ("https_proxy", "http_proxy", "wss_proxy", "ws_proxy") for case in (str.lower, str.upper)
 )
 MIN_PASSWORD_CHARS = 12
+MIN_API_TOKEN_CHARS = 16
 MIN_JWT_SECRET_BYTES = 32
 
 
@@ -272,15 +276,33 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiConfig:
+    """The send API (`/api/v1/...`, docs/api.md): bearer tokens, none = the API is off."""
+
+    tokens: list[str] = field(default_factory=list)
+    rate_per_minute: int = 60  # calls per token per minute (429 beyond)
+    retry_for: float = 3600.0  # a message not delivered within this long is given up (failed)
+    keep_for: float = 7 * 86400.0  # a delivered or failed message's state, and its idempotency key
+
+
+@dataclass(frozen=True, slots=True)
 class AlertsConfig:
     dingtalk_webhook: str = ""
     dingtalk_secret: str = ""
     feishu_webhook: str = ""
     feishu_secret: str = ""
+    wecom_webhook: str = ""  # a WeCom group robot: https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=...
     channel_down_after: float = 120.0
     error_ratio: float = 0.05
     model_failures: int = 5
     min_interval: float = 600.0
+    # Alertmanager alerts (POST /api/v1/alertmanager) also go to this conversation or user of a bot:
+    platform: str = ""
+    bot: str = "default"
+    conversation: str = ""
+    user: str = ""
+    timezone: str = "Asia/Shanghai"  # the times an alert message shows
+    locale: str = ""  # "" = zh-CN (the robots' groups are Chinese-speaking), or "en"
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +371,28 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ScheduleConfig:
+    """A `[[schedules]]` entry: at every `cron` time, post `text` (as is) or the answer of the bot's
+    agent to `prompt`, to a conversation or a user of a bot."""
+
+    name: str
+    cron: str  # "m h dom mon dow"
+    platform: str
+    bot: str = DEFAULT_NAME
+    conversation: str = ""
+    user: str = ""
+    text: str = ""
+    prompt: str = ""
+    timezone: str = "Asia/Shanghai"
+    catch_up: bool = True  # after downtime: the last missed run once (false: none)
+
+    @property
+    def target(self) -> tuple[str, str]:
+        """("conversation" | "user", id)."""
+        return ("conversation", self.conversation) if self.conversation else ("user", self.user)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -364,6 +408,7 @@ class Config:
     chat: ChatConfig = field(default_factory=ChatConfig)
     content: ContentConfig = field(default_factory=ContentConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     # `[[agents]]` (without the default one), every bot (the sections' own "default" bot when
@@ -371,6 +416,7 @@ class Config:
     agents: tuple[AgentConfig, ...] = ()
     bots: tuple[BotConfig, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
+    schedules: tuple[ScheduleConfig, ...] = ()
     source: str = "<defaults>"  # the file it came from, for messages
 
     def agent(self, name: str) -> AgentConfig:
@@ -455,6 +501,8 @@ SECRET_KEYS = frozenset(
         "alerts.dingtalk_secret",
         "alerts.feishu_webhook",
         "alerts.feishu_secret",
+        "alerts.wecom_webhook",
+        "api.tokens",
     }
 )
 
@@ -470,6 +518,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "dingtalk.locale": BOT_LOCALE_SETTINGS,
     "feishu.locale": BOT_LOCALE_SETTINGS,
     "wecom.locale": BOT_LOCALE_SETTINGS,
+    "alerts.locale": ("", "zh-CN", "en"),
 }
 
 
@@ -479,7 +528,7 @@ def _one_of(allowed: tuple[str, ...]) -> str:
 
 def _sections() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
-    lists = ("agents", "bots", "routes", "source")
+    lists = ("agents", "bots", "routes", "schedules", "source")
     return {f.name: hints[f.name] for f in dataclasses.fields(Config) if f.name not in lists}
 
 
@@ -687,10 +736,23 @@ def _validate(cfg: Config, from_env: frozenset[str] = frozenset()) -> None:
     for key in ("user_daily_tokens", "conversation_daily_tokens", "user_daily_messages"):
         if getattr(cfg.quotas, key) < 0:
             fail(f"quotas.{key}", "must be 0 (unlimited) or more")
-    try:
-        zoneinfo.ZoneInfo(cfg.quotas.timezone)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        fail("quotas.timezone", f"must be an IANA time zone such as Asia/Shanghai, got {cfg.quotas.timezone!r}")
+    for key in ("quotas.timezone", "alerts.timezone"):
+        section, name = key.split(".")
+        zone = getattr(getattr(cfg, section), name)
+        if not valid_timezone(zone):
+            fail(key, f"must be an IANA time zone such as Asia/Shanghai, got {zone!r}")
+    for i, token in enumerate(cfg.api.tokens, 1):
+        if len(token) < MIN_API_TOKEN_CHARS:  # a guessable token is refused (and never echoed)
+            fail("api.tokens", f"token {i} must be at least {MIN_API_TOKEN_CHARS} characters (openssl rand -hex 24)")
+    if len(set(cfg.api.tokens)) != len(cfg.api.tokens):
+        fail("api.tokens", "the same token is listed twice")
+    for key in ("rate_per_minute", "retry_for", "keep_for"):
+        if getattr(cfg.api, key) <= 0:
+            fail(f"api.{key}", "must be more than 0")
+    if cfg.alerts.conversation and cfg.alerts.user:
+        fail("alerts.user", "set conversation or user, not both")
+    if (cfg.alerts.conversation or cfg.alerts.user) and not cfg.alerts.platform:
+        fail("alerts.platform", "is required with alerts.conversation / alerts.user (dingtalk, feishu or wecom)")
     for cidr in cfg.server.trusted_proxies:
         try:
             ipaddress.ip_network(cidr, strict=False)
@@ -712,7 +774,7 @@ def build(data: Mapping[str, Any], env: Mapping[str, str], source: str = "<defau
     """Merge file data and env overrides onto the defaults, type-check and validate."""
     sections = _sections()
     data = dict(data)
-    listed: dict[str, Any] = {"agents": data.pop("agents", []), "routes": data.pop("routes", [])}
+    listed: dict[str, Any] = {key: data.pop(key, []) for key in ("agents", "routes", "schedules")}
     for platform in PLATFORM_SECTIONS:
         if isinstance(data.get(platform), dict) and "bots" in data[platform]:
             data[platform] = dict(data[platform])
@@ -833,7 +895,59 @@ def _with_listed(cfg: Config, listed: dict[str, Any], env: dict[tuple[str, str],
         if not values.get("agent"):
             raise ConfigError(f"{where}: agent: is required")
         routes.append(RouteConfig(**values))
-    return dataclasses.replace(cfg, agents=tuple(agents), bots=tuple(bots), routes=tuple(routes))
+    schedules = _schedules(listed["schedules"], source)
+    return dataclasses.replace(
+        cfg, agents=tuple(agents), bots=tuple(bots), routes=tuple(routes), schedules=schedules
+    )
+
+
+def _schedules(tables: Any, source: str) -> tuple[ScheduleConfig, ...]:
+    """`[[schedules]]` entries, each complete and its cron and time zone understood."""
+    hints = typing.get_type_hints(ScheduleConfig)
+    out: list[ScheduleConfig] = []
+    for values in _tables(tables, f"{source}: schedules"):
+        where = f"{source}: schedules[{values.get('name', '?')}]"
+        name = _entry_name(values, where)
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(f"{where}: unknown key {key}")
+            values[key] = _coerce(value, hints[key], f"{where}.{key}")
+        for key in ("cron", "platform"):
+            if not values.get(key):
+                raise ConfigError(f"{where}: {key}: is required")
+        entry = ScheduleConfig(name, **values)
+        if bool(entry.conversation) == bool(entry.user):
+            raise ConfigError(f"{where}: set exactly one of conversation and user")
+        if bool(entry.text.strip()) == bool(entry.prompt.strip()):
+            raise ConfigError(f"{where}: set exactly one of text (posted as is) and prompt (answered by the agent)")
+        why = cron_problem(entry.cron)
+        if why:
+            raise ConfigError(f"{where}: cron: {why}")
+        if not valid_timezone(entry.timezone):
+            raise ConfigError(f"{where}: timezone: unknown time zone {entry.timezone!r} (e.g. Asia/Shanghai)")
+        if any(other.name == name for other in out):
+            raise ConfigError(f"{where}: name: duplicate schedule name {name!r}")
+        out.append(entry)
+    return tuple(out)
+
+
+def cron_problem(expression: str) -> str:
+    """Why `expression` is not a five-field cron expression ("m h dom mon dow"), or ""."""
+    if len(expression.split()) != 5:
+        return f'expected five fields "minute hour day-of-month month day-of-week", got {expression!r}'
+    try:
+        CronSim(expression, datetime(2026, 1, 1))
+    except CronSimError as e:
+        return f"{e} in {expression!r}"
+    return ""
+
+
+def valid_timezone(name: str) -> bool:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
 
 
 def _validate_listed(cfg: Config) -> None:
@@ -895,6 +1009,14 @@ def _validate_listed(cfg: Config) -> None:
         if not bots:
             what = " ".join(f"{k} = {v!r}" for k, v in (("platform", route.platform), ("bot", route.bot)) if v)
             fail(where, f"matches no enabled bot ({what or 'no bot is enabled'})")
+    targets = [(f"schedules[{s.name}]", s.platform, s.bot) for s in cfg.schedules]
+    if cfg.alerts.conversation or cfg.alerts.user:
+        targets.append(("alerts", cfg.alerts.platform, cfg.alerts.bot))
+    for where, platform, name in targets:
+        if platform not in PLATFORM_SECTIONS:
+            fail(f"{where}.platform", f"must be one of {', '.join(PLATFORM_SECTIONS)}, got {platform!r}")
+        if not any(b.platform == platform and b.name == name for b in cfg.enabled_bots()):
+            fail(f"{where}.bot", f"no enabled {platform} bot named {name!r}")
 
 
 # What a remote backend cannot do without, beyond base_url.

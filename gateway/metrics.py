@@ -183,6 +183,20 @@ class Metrics:
         self.http_requests = Counter(
             "botgate_http_requests", "HTTP requests served.", ["route", "status"], registry=r
         )
+        self.outbox = Counter(
+            "botgate_outbox_messages",
+            "Proactive messages (send API, schedules, alerts to a conversation) by platform and what "
+            "became of them: queued (accepted), sent, failed.",
+            ["platform", "state"],
+            registry=r,
+        )
+        self.schedule_runs = Counter(
+            "botgate_schedule_runs",
+            "Scheduled posts run (by the instance that claimed the due time), by schedule (its configured "
+            "name) and result: queued (in the outbox) or failed (the model, or a refused post).",
+            ["schedule", "result"],
+            registry=r,
+        )
         # Labelled children by label values (bounded: every label takes bounded values).
         self._received: dict[tuple[str, str, str], Any] = {}
         self._http: dict[tuple[str, int], Any] = {}

@@ -3,13 +3,14 @@ plainly what needs a restart.
 
 Applied live: `[model]` (a new model client; calls in flight finish on the old one), `[[agents]]`
 (new clients likewise), `[[routes]]` and each bot's `agent` (routing reads them per message),
-`[context]`, `[cache]`, `[limits]` (the responder reads them per message), `[admin]`, `[alerts]`
-(read per request / per check), `[log] level` and the secrets the log formatter masks, plus what
-components register: appliers (the server: the TLS certificate) and followers (each platform bot:
-its secrets, unless the reload names another app). Everything else — `[server]`, `[store]`,
-`[dispatcher]`, the rest of the platform sections and the listed bots (added, removed, their
-credentials and settings) — is only reported as needing a restart: those objects were built at
-start and are not rebuilt piecemeal.
+`[context]`, `[cache]`, `[limits]` (the responder reads them per message), `[admin]`, `[api]`,
+`[alerts]` (read per request / per check), `[[schedules]]` (the scheduler reads them every round
+and wakes on a reload: added ones count from now, removed ones stop), `[log] level` and the secrets
+the log formatter masks, plus what components register: appliers (the server: the TLS
+certificate) and followers (each platform bot: its secrets, unless the reload names another app).
+Everything else — `[server]`, `[store]`, `[dispatcher]`, the rest of the platform sections and the
+listed bots (added, removed, their credentials and settings) — is only reported as needing a
+restart: those objects were built at start and are not rebuilt piecemeal.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .logs import JsonFormatter
 log = logging.getLogger(__name__)
 
 LIVE_SECTIONS = frozenset(
-    {"model", "context", "cache", "limits", "admin", "alerts", "log", "agents", "routes"}
+    {"model", "context", "cache", "limits", "admin", "api", "alerts", "log", "agents", "routes", "schedules"}
 )
 # Which agent each bot uses: part of the bot entries, but routing, not a connection.
 BOT_AGENTS = "bots.agent"

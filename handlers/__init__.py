@@ -12,7 +12,7 @@ from aiohttp import web
 from gateway.config import DEFAULT_NAME, ENV_PREFIX, BotConfig, Config, DingTalkConfig, FeishuConfig, env_token
 from gateway.doctor import Check, Result
 
-from . import admin, auth, dingtalk, feishu, robots, routes, status, webchat, wecom
+from . import admin, alertmanager, api_v1, auth, dingtalk, feishu, robots, routes, status, webchat, wecom
 from .dingtalk import doctor as dingtalk_doctor
 from .feishu import doctor as feishu_doctor
 from .wecom import doctor as wecom_doctor
@@ -23,6 +23,8 @@ def setup(app: web.Application) -> None:
     auth.setup(app)  # admin login in front of everything below
     status.setup(app)
     admin.setup(app)
+    api_v1.setup(app)  # the send API, behind its own tokens
+    alertmanager.setup(app)  # Alertmanager's webhook receiver, behind the same tokens
     robots.setup(app)  # the alert notifier
     webchat.setup(app)
     dingtalk.setup(app)  # every enabled bot of each platform

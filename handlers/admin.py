@@ -30,7 +30,7 @@ from gateway.usage import REPORT_KINDS, report, today, zone
 
 from .auth import AUDIT_DETAIL, PRINCIPAL, require_recent_login, start_session
 from .http import json_error
-from .status import bot_agents, snapshot
+from .status import bot_agents, schedules, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,12 @@ async def agents(request: web.Request) -> web.Response:
             }
         )
     return _json(redacted({"agents": out}, cfg.secrets()))
+
+
+async def schedules_list(request: web.Request) -> web.Response:
+    """Every `[[schedules]]` entry: target, cron and time zone, next run, last run and its result."""
+    body = {"schedules": await schedules(request.app)}
+    return _json(redacted(body, request.app[LIVE].config.secrets()))  # a failure's reason may quote a URL
 
 
 async def reset_conversation(request: web.Request) -> web.Response:
@@ -247,6 +253,7 @@ def setup(app: web.Application) -> None:
     app.router.add_get("/api/bots", bots)
     app.router.add_get("/api/agents", agents)
     app.router.add_get("/api/usage", usage)
+    app.router.add_get("/api/schedules", schedules_list)
     app.router.add_post("/api/conversations/reset", reset_conversation)
     app.router.add_post("/api/channels/{platform}/reconnect", reconnect_channel)
     app.router.add_post("/api/channels/{platform}/{bot}/reconnect", reconnect_channel)

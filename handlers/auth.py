@@ -38,7 +38,7 @@ from gateway.i18n import N_, Locale, translator
 from gateway.keys import AUTH, CONFIG, LIVE
 from gateway.logs import SHOWS_CREDENTIAL
 
-from .http import json_error
+from .http import API_V1, json_error
 from .pages import locale_of
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,8 @@ TRUSTED_PROXIES = web.AppKey("trusted_proxies", tuple[Network, ...])
 
 
 def is_admin_path(path: str) -> bool:
-    return path == "/" or path.startswith(ADMIN_PREFIXES)
+    """The page and admin API; not the send API (`/api/v1/`), which takes its own tokens."""
+    return path == "/" or (path.startswith(ADMIN_PREFIXES) and not path.startswith(API_V1))
 
 
 # -- who is asking --------------------------------------------------------------------------------
@@ -281,6 +282,14 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     if not audited:
         return await handler(request)
+    return await recording_status(handler, request, lambda status: _audit_request(request, status))
+
+
+async def recording_status(
+    handler: Handler, request: web.Request, record: Callable[[int], None]
+) -> web.StreamResponse:
+    """`handler(request)`, then `record` the status it answered with (500 when it raised anything
+    but an HTTP answer): for audit records, which must exist whatever the outcome."""
     status = 500
     try:
         response = await handler(request)
@@ -290,7 +299,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         status = e.status
         raise
     finally:
-        _audit_request(request, status)
+        record(status)
 
 
 async def security_headers(request: web.Request, response: web.StreamResponse) -> None:

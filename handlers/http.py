@@ -18,13 +18,14 @@ log = logging.getLogger(__name__)
 # anyone. Every other route takes up to `[server] max_body_bytes`; the webhooks cap theirs lower
 # themselves (handlers/webhook.py).
 SMALL_BODY = 4096
+API_V1 = "/api/v1/"  # the send API (handlers/api_v1.py): messages and alert payloads are not small
 
 
 def body_limit(request: web.Request) -> int:
     """The most this request's body may hold."""
     limit = request.app[CONFIG].server.max_body_bytes
     route = _route_label(request)
-    if route in ("/login", "/logout") or route.startswith("/api/"):
+    if route in ("/login", "/logout") or (route.startswith("/api/") and not route.startswith(API_V1)):
         return min(limit, SMALL_BODY)
     return limit
 

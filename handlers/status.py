@@ -30,7 +30,7 @@ from gateway.config import Config, masked
 from gateway.errors import StoreError
 from gateway.i18n import DEFAULT_LOCALE, N_, Locale, Translator, translator
 from gateway.keyage import MAX_AGE_DAYS, today, too_old
-from gateway.keys import ALERTS, CHANNELS, DISPATCHER, KEY_AGES, LIVE, METRICS, RESPONDER, STARTED_AT, STORE
+from gateway.keys import ALERTS, CHANNELS, DISPATCHER, KEY_AGES, LIVE, METRICS, RESPONDER, SCHEDULER, STARTED_AT, STORE
 from gateway.logs import redacted
 from gateway.stats import Percentiles
 
@@ -84,6 +84,12 @@ async def _usage_today(app: web.Application, cfg: Config) -> dict[str, Any] | No
     except (StoreError, TimeoutError):
         return None
     return {"day": day, "timezone": cfg.quotas.timezone, **figures}
+
+
+async def schedules(app: web.Application) -> list[dict[str, Any]]:
+    """Every schedule with its next run and last result (`Scheduler.report`; also /api/schedules)."""
+    scheduler = app.get(SCHEDULER)
+    return [] if scheduler is None else await scheduler.report()  # None: not started (yet)
 
 
 def _budget(request: web.Request, s: ChannelStatus) -> dict[str, Any] | None:
@@ -243,6 +249,7 @@ async def snapshot(request: web.Request) -> dict[str, Any]:
         },
         "store": await _store_health(app),
         "usage": await _usage_today(app, cfg),
+        "schedules": await schedules(app),
         "key_age": _key_age(app, cfg),
         "admin": {
             "password_set": bool(cfg.admin.password),

@@ -18,8 +18,9 @@ from gateway.alerts import RETRY_AFTER, Monitor
 from gateway.channel import ChannelState, ChannelStatus
 from gateway.config import AlertsConfig
 from gateway.stats import Stats
+from gateway.store import MemoryStore
 from handlers.dingtalk.webhook import sign as dingtalk_sign
-from handlers.robots import DingTalkRobot, robot_sinks
+from handlers.robots import DingTalkRobot, robot_senders
 from tests.conftest import make_config
 from tests.doubles.robots import RobotDouble
 from tests.helpers import chat
@@ -40,7 +41,7 @@ def test_alert_rules_pass_promtool_check() -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 10 rules found" in result.stdout
+    assert "SUCCESS: 11 rules found" in result.stdout
 
 
 @needs_promtool
@@ -63,7 +64,7 @@ def test_dingtalk_signature_matches_the_documented_example() -> None:
 
 
 def test_dingtalk_sign_is_url_encoded_in_the_query() -> None:
-    robot = DingTalkRobot(None, "https://robot.example/robot/send?access_token=t", "SECx")  # type: ignore[arg-type]
+    robot = DingTalkRobot(None, None, "https://robot.example/robot/send?access_token=t", "SECx")  # type: ignore[arg-type]
     for ms in range(1_700_000_000_000, 1_700_000_001_000):  # find a signature with + or /
         if any(c in dingtalk_sign(str(ms), "SECx") for c in "+/"):
             break
@@ -110,7 +111,7 @@ async def test_model_failures_alert_once_then_resolve(robots: Any) -> None:
     stats = Stats(clock)
     monitor = Monitor(stats, lambda: [], clock)
     async with aiohttp.ClientSession() as session:
-        sinks = robot_sinks(cfg, session)
+        sinks = robot_senders(cfg, session, MemoryStore())
         for _ in range(10):  # ten failures in a row, checked after each one
             stats.model_call(1.0, "server_error")
             await monitor.check(cfg, sinks)
@@ -143,14 +144,14 @@ async def test_wrongly_signed_post_is_refused_and_retried_later(robots: Any) -> 
     monitor = Monitor(stats, lambda: [], clock)
     async with aiohttp.ClientSession() as session:
         stats.model_call(1.0, "timeout")
-        assert await monitor.check(wrong, robot_sinks(wrong, session)) == []
+        assert await monitor.check(wrong, robot_senders(wrong, session, MemoryStore())) == []
         assert double.refusals == [("dingtalk", 310000)] and double.posts == []
         clock.now += RETRY_AFTER / 2
-        await monitor.check(wrong, robot_sinks(wrong, session))
+        await monitor.check(wrong, robot_senders(wrong, session, MemoryStore()))
         assert len(double.refusals) == 1  # no hammering while it is failing
         right = alerts_config({**urls, "feishu_webhook": ""}, model_failures=1)
         clock.now += RETRY_AFTER
-        sent = await monitor.check(right, robot_sinks(right, session))
+        sent = await monitor.check(right, robot_senders(right, session, MemoryStore()))
     assert [a.firing for a in sent] == [True]
     assert [p for p, _ in double.posts] == ["dingtalk"]
 
@@ -162,7 +163,7 @@ async def test_flapping_alert_is_rate_limited(robots: Any) -> None:
     stats = Stats(clock)
     monitor = Monitor(stats, lambda: [], clock)
     async with aiohttp.ClientSession() as session:
-        sinks = robot_sinks(cfg, session)
+        sinks = robot_senders(cfg, session, MemoryStore())
         stats.model_call(1.0, "connection")
         await monitor.check(cfg, sinks)  # FIRING x2
         stats.model_call(1.0, None)
@@ -188,7 +189,7 @@ async def test_channel_down_alert_after_channel_down_after(robots: Any) -> None:
     ]
     monitor = Monitor(Stats(clock), lambda: statuses, clock)
     async with aiohttp.ClientSession() as session:
-        sinks = robot_sinks(cfg, session)
+        sinks = robot_senders(cfg, session, MemoryStore())
         await monitor.check(cfg, sinks)
         clock.now += 60
         assert await monitor.check(cfg, sinks) == []  # down, but not for long enough yet
@@ -219,7 +220,7 @@ async def test_each_bot_is_its_own_channel_down_alert(robots: Any) -> None:
     statuses = [hr, it]
     monitor = Monitor(Stats(clock), lambda: statuses, clock)
     async with aiohttp.ClientSession() as session:
-        sinks = robot_sinks(cfg, session)
+        sinks = robot_senders(cfg, session, MemoryStore())
         await monitor.check(cfg, sinks)
         clock.now += 61
         first = await monitor.check(cfg, sinks)

@@ -27,6 +27,8 @@ from tests.conftest import make_config
 from tests.helpers import chat, hello
 
 FAMILIES = {
+    "botgate_schedule_runs": ("counter", {"schedule", "result"}),
+    "botgate_outbox_messages": ("counter", {"platform", "state"}),
     "botgate_messages_received": ("counter", {"platform", "transport", "kind"}),
     "botgate_replies": ("counter", {"platform", "outcome"}),
     "botgate_model_request_duration_seconds": ("histogram", set()),

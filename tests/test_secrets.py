@@ -138,7 +138,8 @@ async def test_no_secret_in_any_output(
         assert not leaked, f"{where} leak {leaked}"
 
 
-LISTS = ("source", "agents", "bots", "routes")  # not sections: arrays of tables (tests/test_bots_config.py)
+# not sections: arrays of tables (tests/test_bots_config.py)
+LISTS = ("source", "agents", "bots", "routes", "schedules")
 
 
 def test_masked_dump_hides_every_secret_key() -> None:

@@ -17,9 +17,13 @@ from gateway.errors import StoreError
 from gateway.i18n import Locale
 from gateway.messages import Attachment
 from gateway.store import (
+    FAILED,
+    QUEUED,
+    SENT,
     CardRecord,
     LeaseStore,
     MemoryStore,
+    OutboxEntry,
     RedisStore,
     SqliteStore,
     Store,
@@ -412,6 +416,14 @@ async def test_ping_ok_while_open_and_fails_after_close(backend: Backend) -> Non
         await store.backend_session("x")
     with pytest.raises(StoreError):
         await store.set_backend_session("x", "conv", 60)
+    with pytest.raises(StoreError):
+        await store.outbox_add(outgoing(1), 60)
+    with pytest.raises(StoreError):
+        await store.outbox_get("o1")
+    with pytest.raises(StoreError):
+        await store.outbox_update(outgoing(1), 60)
+    with pytest.raises(StoreError):
+        await store.outbox_queued()
 
 
 # -- usage accounting ----------------------------------------------------------------------------
@@ -490,3 +502,152 @@ async def test_a_file_from_before_usage_opens_and_counts(tmp_path: Path) -> None
         assert await store.usage([DAY], "user", "a") == UsageCount(1, 3, 0)
     finally:
         await store.close()
+
+
+# -- outbox: proactive messages from acceptance until delivered or given up -------------------------
+def outgoing(i: int, key: str = "", created_at: float | None = None, text: str = "") -> OutboxEntry:
+    return OutboxEntry(
+        id=f"o{i}",
+        platform="feishu",
+        bot="default",
+        to_kind="conversation",
+        to="oc_team",
+        text=text or f"notice {i} ✓",
+        markdown=True,
+        origin="token:ops",
+        created_at=1_900_000_000.0 + i if created_at is None else created_at,
+        idempotency_key=key,
+    )
+
+
+def sent(entry: OutboxEntry) -> OutboxEntry:
+    return dataclasses.replace(entry, state=SENT, attempts=entry.attempts + 1, done_at=time.time())
+
+
+async def test_outbox_entry_round_trips_and_unknown_ids_are_none(store: Store) -> None:
+    entry = dataclasses.replace(outgoing(1, "token:ops:k1"), reason="throttled", attempts=2, next_at=12.5)
+    assert await store.outbox_add(entry, 60) == entry
+    assert await store.outbox_get("o1") == entry
+    assert await store.outbox_get("o2") is None
+
+
+async def test_outbox_queued_is_oldest_first_and_limited(store: Store) -> None:
+    entries = [outgoing(i, created_at=t) for i, t in ((1, 30.0), (2, 10.0), (3, 20.0), (4, 40.0))]
+    for entry in entries:
+        await store.outbox_add(entry, 60)
+    assert [e.id for e in await store.outbox_queued()] == ["o2", "o3", "o1", "o4"]
+    assert [e.id for e in await store.outbox_queued(limit=2)] == ["o2", "o3"]
+    assert await store.outbox_queued(limit=0) == []
+
+
+async def test_outbox_idempotency_key_returns_the_first_entry(store: Store) -> None:
+    first = outgoing(1, "token:ops:k1")
+    assert await store.outbox_add(first, 60) == first
+    again = outgoing(2, "token:ops:k1", text="a retried request")
+    assert await store.outbox_add(again, 60) == first  # nothing written: the first is returned
+    assert await store.outbox_get("o2") is None
+    other = outgoing(3, "token:ops:k2")
+    assert await store.outbox_add(other, 60) == other
+    unkeyed = [outgoing(4), outgoing(5)]  # no key: never a duplicate of anything
+    for entry in unkeyed:
+        assert await store.outbox_add(entry, 60) == entry
+    assert [e.id for e in await store.outbox_queued()] == ["o1", "o3", "o4", "o5"]
+
+
+async def test_outbox_adding_the_same_entry_twice_keeps_one(store: Store) -> None:
+    """An add retried after its reply was lost finds itself instead of queueing a second copy."""
+    entry = outgoing(1)
+    assert await store.outbox_add(entry, 60) == entry
+    assert await store.outbox_add(dataclasses.replace(entry, text="changed"), 60) == entry
+    assert await store.outbox_queued() == [entry]
+
+
+async def test_outbox_key_dedups_while_a_done_entry_is_kept(store: Store) -> None:
+    first = outgoing(1, "schedule:daily:2026-12-01")
+    await store.outbox_add(first, 60)
+    delivered = sent(first)
+    await store.outbox_update(delivered, 60)
+    assert await store.outbox_get("o1") == delivered
+    assert await store.outbox_queued() == []  # done: out of the queue
+    assert await store.outbox_add(outgoing(2, "schedule:daily:2026-12-01"), 60) == delivered
+    assert await store.outbox_queued() == []
+
+
+async def test_outbox_done_entry_and_its_key_are_forgotten_after_keep(store: Store) -> None:
+    first = outgoing(1, "alertmanager:fp1")
+    await store.outbox_add(first, 0.05)
+    await store.outbox_update(dataclasses.replace(first, state=FAILED, reason="bot removed"), keep=0.05)
+    kept = sent(outgoing(3, "alertmanager:fp3"))  # done, with a long keep: stays
+    await store.outbox_add(outgoing(3, "alertmanager:fp3"), 60)
+    await store.outbox_update(kept, keep=60)
+
+    async def forgotten() -> bool:
+        return await store.outbox_get("o1") is None
+
+    await eventually(forgotten)
+    fresh = outgoing(2, "alertmanager:fp1")
+    assert await store.outbox_add(fresh, 60) == fresh  # the key went with its entry
+    assert await store.outbox_queued() == [fresh]
+    assert await store.outbox_add(outgoing(4, "alertmanager:fp3"), 60) == kept
+    assert await store.outbox_get("o3") == kept
+
+
+async def test_outbox_update_replaces_a_kept_entry_only(store: Store) -> None:
+    first, second = outgoing(1, "token:ops:k1"), outgoing(2)
+    for entry in (first, second):
+        await store.outbox_add(entry, 60)
+    retrying = dataclasses.replace(first, attempts=1, next_at=1_900_000_100.0, reason="HTTP 429")
+    await store.outbox_update(retrying, 60)  # still queued: stays in the queue, in its place
+    assert await store.outbox_queued() == [retrying, second]
+    await store.outbox_update(outgoing(9), 60)  # never added: nothing written
+    assert await store.outbox_get("o9") is None
+    assert [e.id for e in await store.outbox_queued()] == ["o1", "o2"]
+    gone = dataclasses.replace(second, state=FAILED, reason="bot removed from the chat")
+    await store.outbox_update(gone, keep=0.05)
+
+    async def forgotten() -> bool:
+        return await store.outbox_get("o2") is None
+
+    await eventually(forgotten)
+    await store.outbox_update(dataclasses.replace(gone, state=QUEUED), 60)  # too late: stays forgotten
+    assert await store.outbox_get("o2") is None
+    assert await store.outbox_queued() == [retrying]
+
+
+async def test_concurrent_outbox_adds_with_one_key_write_one_entry(backend: Backend) -> None:
+    """Two instances (on Redis: two connections) accept the same request at once: one message."""
+    stores = [await backend.open() for _ in range(2)] if backend.name == "redis" else [await backend.open()]
+    offers = [outgoing(i, "token:ops:same") for i in range(20)]
+    results = await asyncio.gather(*(stores[i % len(stores)].outbox_add(e, 60) for i, e in enumerate(offers)))
+    assert len({r.id for r in results}) == 1
+    for store in stores:
+        assert await store.outbox_queued() == [results[0]]
+
+
+async def test_a_failed_outbox_add_leaves_no_key_behind(backend: Backend) -> None:
+    """A refused write is refused whole: the caller's retry with the same key is queued."""
+    store = await backend.open()
+    big = outgoing(1, "token:ops:big", text="x" * 20_000)
+    async with refusing_writes(backend, store):
+        with pytest.raises(StoreError):
+            await store.outbox_add(big, 60)
+    assert await store.outbox_get("o1") is None
+    assert await store.outbox_add(big, 60) == big
+    assert await store.outbox_queued() == [big]
+
+
+async def test_outbox_survives_reopen_and_is_shared(backend: Backend) -> None:
+    if backend.name == "memory":
+        pytest.skip("memory:// is not durable by design")
+    first = await backend.open()
+    queued, done = outgoing(1, "token:ops:k1"), sent(outgoing(2, "token:ops:k2"))
+    await first.outbox_add(queued, 60)
+    await first.outbox_add(outgoing(2, "token:ops:k2"), 60)
+    await first.outbox_update(done, 600)
+    await first.close()
+    backend.opened.remove(first)
+
+    reopened = await backend.open()  # a restart (redis: or another instance)
+    assert await reopened.outbox_queued() == [queued]
+    assert await reopened.outbox_get("o2") == done
+    assert await reopened.outbox_add(outgoing(3, "token:ops:k2"), 60) == done

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
 from gateway.errors import StoreError
-from gateway.store import RedisStore, Turn
+from gateway.store import SENT, OutboxEntry, RedisStore, Turn
 from tests.helpers import msg
 from tests.redisd import RedisServer, free_port
 
 pytestmark = pytest.mark.redis
+
+NOTICE = OutboxEntry(
+    "o1", "feishu", "default", "user", "ou_1", "notice", False, "token:ops", 1000.0, idempotency_key="token:ops:k"
+)
 
 
 async def test_unreachable_at_open_names_the_server_not_the_password() -> None:
@@ -45,6 +50,14 @@ async def test_outage_raises_store_errors_then_recovers_by_itself(tmp_path: Path
             await store.backend_session("dingtalk:c1")
         with pytest.raises(StoreError, match="context reset"):
             await store.reset("dingtalk:c1")
+        with pytest.raises(StoreError, match="outbox add"):
+            await store.outbox_add(NOTICE, 60)
+        with pytest.raises(StoreError, match="outbox read"):
+            await store.outbox_get(NOTICE.id)
+        with pytest.raises(StoreError, match="outbox update"):
+            await store.outbox_update(NOTICE, 60)
+        with pytest.raises(StoreError, match="outbox read"):
+            await store.outbox_queued()
 
         await asyncio.to_thread(server.start)  # same port, empty (no persistence in tests)
         await store.ping()  # the pool reconnects; no reopen needed
@@ -54,6 +67,8 @@ async def test_outage_raises_store_errors_then_recovers_by_itself(tmp_path: Path
         assert await store.inbox_pending() == [message]
         await store.set_backend_session("dingtalk:c1", "conv-1", 60)
         assert await store.backend_session("dingtalk:c1") == "conv-1"
+        assert await store.outbox_add(NOTICE, 60) == NOTICE
+        assert await store.outbox_queued() == [NOTICE]
     finally:
         await store.close()
         server.stop()
@@ -70,6 +85,7 @@ async def test_keys_carry_the_botgate_prefix(redis_url: str, redis_server: Redis
         await store.acquire_lease("dingtalk:c1", "me", 60)
         await store.append_turns("dingtalk:c1", [Turn("user", "hi")], 10, 1000, 60)
         await store.set_backend_session("dingtalk:c1", "conv-1", 60)
+        await store.outbox_add(NOTICE, 60)
     finally:
         await store.close()
     client = aioredis.Redis(port=redis_server.port)
@@ -94,6 +110,26 @@ async def test_a_backend_session_expires_by_redis_ttl_and_shows_on_every_instanc
         await two.reset("feishu:oc_1")
         assert await one.backend_session("feishu:oc_1") is None
         assert await admin.exists("botgate:backend:feishu:oc_1") == 0
+    finally:
+        await admin.aclose()
+        await one.close()
+        await two.close()
+
+
+async def test_a_done_outbox_entry_and_its_key_expire_by_redis_ttl(redis_url: str) -> None:
+    """Redis itself forgets done entries (no sweep), on every instance at once."""
+    one, two = RedisStore(redis_url), RedisStore(redis_url)
+    await one.open()
+    await two.open()
+    admin = aioredis.Redis.from_url(redis_url)
+    entry_key, idempotency_key = "botgate:{outbox}:o1", "botgate:{outbox}:key:token:ops:k"
+    try:
+        await one.outbox_add(NOTICE, 90)
+        assert await admin.pttl(entry_key) == -1 and await admin.pttl(idempotency_key) == -1  # queued: kept
+        await two.outbox_update(dataclasses.replace(NOTICE, state=SENT), keep=90)
+        for key in (entry_key, idempotency_key):
+            assert 80_000 < await admin.pttl(key) <= 90_000
+        assert await one.outbox_queued() == [] and await admin.zcard("botgate:{outbox}:queue") == 0
     finally:
         await admin.aclose()
         await one.close()

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
+import signal
 import sqlite3
+import sys
 import time
 from pathlib import Path
 
@@ -11,9 +15,10 @@ import orjson
 import pytest
 
 from gateway.errors import StoreError
-from gateway.store import SqliteStore, Turn, open_store
+from gateway.store import SENT, OutboxEntry, SqliteStore, Turn, open_store
 from gateway.store.base import encode_message
 from tests.helpers import msg
+from tests.process import ROOT
 
 # The schema (user_version 1) of the release before backend sessions, as its files are on disk.
 SCHEMA_BEFORE_BACKEND_SESSIONS = """
@@ -205,5 +210,125 @@ async def test_expired_backend_sessions_are_swept_from_the_file(tmp_path: Path) 
             await asyncio.sleep(0.02)
         else:
             pytest.fail("the expired row was not swept within 5 s")
+    finally:
+        await store.close()
+
+
+def outgoing(i: int, key: str = "") -> OutboxEntry:
+    return OutboxEntry(
+        f"o{i}", "dingtalk", "default", "user", "staff1", f"notice {i}", False, "token:ops", 1000.0 + i,
+        idempotency_key=key,
+    )
+
+
+async def test_a_file_from_before_the_outbox_opens_and_gains_it(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(SCHEMA_BEFORE_BACKEND_SESSIONS)
+    conn.close()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        await store.outbox_add(outgoing(1, "token:ops:k"), 60)
+    finally:
+        await store.close()
+    reopened = SqliteStore(path)
+    await reopened.open()
+    try:
+        assert await reopened.outbox_queued() == [outgoing(1, "token:ops:k")]
+    finally:
+        await reopened.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1  # an addition older releases ignore
+    conn.close()
+
+
+async def test_done_outbox_entries_are_swept_from_the_file_with_their_keys(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "sweep.sqlite3", sweep_interval=0.05)
+    await store.open()
+    try:
+        for i in (1, 2, 3):
+            await store.outbox_add(outgoing(i, f"k{i}"), 60)
+        await store.outbox_update(dataclasses.replace(outgoing(1, "k1"), state=SENT), keep=0.05)
+        await store.outbox_update(dataclasses.replace(outgoing(2, "k2"), state=SENT), keep=600)
+
+        def rows(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            return list(conn.execute("SELECT id, idempotency_key FROM outbox ORDER BY id"))
+
+        for _ in range(250):  # the sweep has no event to await: look until it has run (bounded)
+            if await store.db.read(rows) == [("o2", "k2"), ("o3", "k3")]:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            pytest.fail("the done entry was not swept within 5 s")
+    finally:
+        await store.close()
+
+
+async def test_an_unreadable_outbox_entry_is_logged_and_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SqliteStore(tmp_path / "odd.sqlite3")
+    await store.open()
+    try:
+        await store.outbox_add(outgoing(1), 60)
+        # As if written by another botgate version with a field this one does not know.
+        await store.db.write(
+            lambda conn, now: conn.execute(
+                "INSERT INTO outbox (id, idempotency_key, created_at, entry) VALUES ('x', 'token:ops:x', 1001.5, ?)",
+                (b'{"id": "x", "unknown_field": 1}',),
+            )
+        )
+        await store.outbox_add(outgoing(2), 60)
+        with caplog.at_level(logging.ERROR, "gateway.store.base"):
+            assert await store.outbox_queued() == [outgoing(1), outgoing(2)]
+            assert await store.outbox_get("x") is None
+        skipped = [r for r in caplog.records if r.getMessage().startswith("unreadable outbox entry skipped")]
+        assert len(skipped) == 2
+        # Its key is still taken: a new request under it is refused, not queued as a duplicate.
+        with pytest.raises(StoreError, match="outbox entry kept for 'token:ops:x' is unreadable"):
+            await store.outbox_add(outgoing(3, "token:ops:x"), 60)
+        assert await store.outbox_get("o3") is None
+    finally:
+        await store.close()
+
+
+# Adds an entry, says so once `outbox_add` returned (the 202 of the send API), then waits to be killed.
+CHILD = """
+import asyncio, sys
+from pathlib import Path
+from gateway.store import OutboxEntry, SqliteStore
+
+async def main() -> None:
+    store = SqliteStore(Path(sys.argv[1]))
+    await store.open()
+    entry = OutboxEntry("o1", "dingtalk", "default", "user", "staff1", "notice", False, "token:ops", 1.0,
+                        idempotency_key="token:ops:k")
+    await store.outbox_add(entry, 60)
+    print("added", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_an_outbox_entry_added_right_before_kill_9_is_there_after_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "crash.sqlite3"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD, str(path), cwd=ROOT, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None
+        async with asyncio.timeout(20):
+            assert await child.stdout.readline() == b"added\n"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        await child.wait()
+    store = SqliteStore(path)  # the killed process's lock went with it
+    await store.open()
+    try:
+        [entry] = await store.outbox_queued()
+        assert (entry.id, entry.idempotency_key) == ("o1", "token:ops:k")
+        assert (await store.outbox_add(dataclasses.replace(outgoing(2), idempotency_key="token:ops:k"), 60)).id == "o1"
     finally:
         await store.close()

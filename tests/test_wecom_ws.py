@@ -7,7 +7,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -15,8 +14,8 @@ import pytest
 
 from gateway.channel import ChannelState
 from gateway.doctor import Status
-from gateway.errors import PlatformError
 from gateway.i18n import Locale
+from gateway.keys import OUTBOX
 from handlers.wecom.doctor import checks as doctor_checks
 from handlers.wecom.parse import welcome
 from tests.conftest import make_config
@@ -266,28 +265,31 @@ async def test_a_file_is_downloaded_within_its_url_life_and_read(
     assert [status for _, status in env.double.media_gets] == [200]
 
 
-@dataclass(frozen=True)
-class Entry:
-    """The fields of an outbox entry that `push` reads."""
-
-    to_kind: str
-    to: str
-    text: str
-    markdown: bool = True
+API_TOKEN = "wecom-api-token-0123456789"
 
 
-async def test_a_proactive_push_goes_to_a_chat_that_messaged_the_bot(
+async def test_the_send_api_pushes_to_a_chat_that_messaged_the_bot(
     aiohttp_server: Callable[..., Any], gateway: Callable[..., Any]
 ) -> None:
-    env = await start(aiohttp_server, gateway)
+    env = await start(aiohttp_server, gateway, sections={"api": {"tokens": [API_TOKEN]}})
     await env.double.wait_stream(await env.double.push(wd.text("hi", group=wd.GROUP)))
-    await env.adapter.push(Entry("conversation", wd.GROUP, "**deploy** finished"))
+    auth = {"Authorization": f"Bearer {API_TOKEN}"}
+    outbox = env.client.app[OUTBOX]
+    body = {"platform": "wecom", "conversation": wd.GROUP, "markdown": "**deploy** finished"}
+    sent = await env.client.post("/api/v1/messages", json=body, headers=auth)
+    assert sent.status == 202
+    async with asyncio.timeout(10):
+        assert (await outbox.settled((await sent.json())["id"])).state == "sent"
     assert [(s.conversation, s.body["markdown"]["content"]) for s in env.double.sent] == [
         (wd.GROUP, "**deploy** finished")
     ]
-    with pytest.raises(PlatformError) as refused:  # WeCom takes pushes only to chats that wrote first
-        await env.adapter.push(Entry("user", "stranger", "hello"))
-    assert not refused.value.retryable
+    # WeCom takes pushes only to chats that wrote first: failed at once, with WeCom's reason.
+    stranger = await env.client.post(
+        "/api/v1/messages", json={"platform": "wecom", "user": "stranger", "text": "hello"}, headers=auth
+    )
+    async with asyncio.timeout(10):
+        failed = await outbox.settled((await stranger.json())["id"])
+    assert failed.state == "failed" and failed.attempts == 1 and failed.reason
 
 
 async def test_doctor_subscribes_with_the_credentials_and_names_the_fix(aiohttp_server: Callable[..., Any]) -> None:

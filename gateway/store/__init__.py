@@ -5,16 +5,33 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import StoreError
-from .base import USAGE_KINDS, CardRecord, LeaseStore, Store, Turn, UsageCount, lease_store, trim_turns
+from .base import (
+    FAILED,
+    QUEUED,
+    SENT,
+    USAGE_KINDS,
+    CardRecord,
+    LeaseStore,
+    OutboxEntry,
+    Store,
+    Turn,
+    UsageCount,
+    lease_store,
+    trim_turns,
+)
 from .memory import MemoryStore
 from .redis import RedisStore
 from .sqlite import SqliteStore
 
 __all__ = [
+    "FAILED",
+    "QUEUED",
+    "SENT",
     "USAGE_KINDS",
     "CardRecord",
     "LeaseStore",
     "MemoryStore",
+    "OutboxEntry",
     "RedisStore",
     "SqliteStore",
     "Store",

@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import orjson
 
+from ..errors import StoreError
 from ..messages import InboundMessage
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,43 @@ class UsageCount:
         return UsageCount(
             self.messages + other.messages, self.tokens + other.tokens, self.estimated + other.estimated
         )
+
+
+# An outbox entry's states: waiting for (another) delivery attempt, delivered, given up.
+QUEUED, SENT, FAILED = "queued", "sent", "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """A proactive message (the send API, a schedule, an alert to a conversation) from the moment it
+    is accepted (a 202: durably queued) until it is delivered or given up (gateway/outbox.py)."""
+
+    id: str
+    platform: str
+    bot: str
+    to_kind: str  # "conversation" (a group) | "user" (a 1:1 chat)
+    to: str  # the platform's id of it: DingTalk openConversationId / staffId, Feishu chat_id / open_id
+    text: str
+    markdown: bool
+    origin: str  # who asked, for the audit log: "token:<name>", "schedule:<name>", "alertmanager"
+    created_at: float  # wall clock
+    idempotency_key: str = ""  # "" = none; scoped by the caller ("<origin>:<key>")
+    state: str = QUEUED
+    reason: str = ""  # why it failed, or what the last failed attempt said while still queued
+    attempts: int = 0
+    next_at: float = 0.0  # queued: no attempt before this (wall clock)
+    done_at: float | None = None  # when it was sent or given up
+
+    @property
+    def done(self) -> bool:
+        return self.state != QUEUED
+
+    def encode(self) -> bytes:
+        return orjson.dumps({f: getattr(self, f) for f in self.__slots__})
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> OutboxEntry:
+        return cls(**orjson.loads(raw))
 
 
 class Store(Protocol):
@@ -157,6 +195,26 @@ class Store(Protocol):
     async def usage_top(self, day: str, kind: str, limit: int) -> list[tuple[str, UsageCount]]:
         """The `limit` subjects of `kind` with the most tokens on `day` (then messages), most first."""
 
+    # -- outbox: proactive messages accepted but not yet delivered (gateway/outbox.py) ------------
+    async def outbox_add(self, entry: OutboxEntry, keep: float) -> OutboxEntry:
+        """Durably queue `entry`, as ONE atomic step with its idempotency key: when
+        `entry.idempotency_key` is set and an entry kept under the same key exists, nothing is
+        written and that entry is returned (as it is now: queued, sent or failed); otherwise
+        `entry` is written and returned. The key lives as long as its entry: until `keep` seconds
+        after the entry is done (see `outbox_update`)."""
+
+    async def outbox_get(self, entry_id: str) -> OutboxEntry | None:
+        """The entry with this id (queued, or done and still kept), or None."""
+
+    async def outbox_update(self, entry: OutboxEntry, keep: float) -> None:
+        """Replace the entry with the same id (its state, attempts, next_at, reason). A done entry
+        (sent / failed) leaves the queue and is kept, with its idempotency key, for `keep`
+        seconds from now, then forgotten. Nothing for an entry no longer kept."""
+
+    async def outbox_queued(self, limit: int = 1000) -> list[OutboxEntry]:
+        """Up to `limit` queued entries (by any process using this store), oldest first by
+        `created_at`; an unreadable one is logged and left out."""
+
     # -- streaming cards still open on a platform -------------------------------------------------
     async def card_open(self, record: CardRecord) -> None:
         """Record an open card (replacing a record with the same key)."""
@@ -223,6 +281,26 @@ def decode_cards(rows: list[bytes]) -> list[CardRecord]:
         except (orjson.JSONDecodeError, TypeError, KeyError, ValueError) as e:
             log.error("unreadable card record skipped: %s", e, extra={"entry": raw[:200].decode(errors="replace")})
     return sorted(cards, key=lambda c: c.opened_at)
+
+
+def decode_outbox(rows: list[bytes]) -> list[OutboxEntry]:
+    """Outbox rows back to entries, in the order given; an unreadable one is logged and left out."""
+    entries = []
+    for raw in rows:
+        try:
+            entries.append(OutboxEntry.decode(raw))
+        except (orjson.JSONDecodeError, TypeError, KeyError, ValueError) as e:
+            log.error("unreadable outbox entry skipped: %s", e, extra={"entry": raw[:200].decode(errors="replace")})
+    return entries
+
+
+def decode_kept(raw: bytes, offered: OutboxEntry) -> OutboxEntry:
+    """The entry `outbox_add` found kept under `offered`'s idempotency key (or id), to return
+    instead of `offered`; unreadable, it cannot be returned and `offered` cannot be written."""
+    found = decode_outbox([raw])
+    if not found:
+        raise StoreError(f"outbox entry kept for {offered.idempotency_key or offered.id!r} is unreadable")
+    return found[0]
 
 
 def decode_messages(rows: list[bytes]) -> list[InboundMessage]:

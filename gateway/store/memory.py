@@ -7,7 +7,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from ..messages import InboundMessage
-from .base import CardRecord, Turn, UsageCount, top_usage, trim_turns
+from .base import CardRecord, OutboxEntry, Turn, UsageCount, top_usage, trim_turns
 
 
 class MemoryStore:
@@ -23,6 +23,8 @@ class MemoryStore:
         self._buckets: dict[str, tuple[float, float]] = {}
         self._cards: dict[str, CardRecord] = {}
         self._usage: dict[tuple[str, str, str], tuple[float, UsageCount]] = {}  # (day, kind, subject)
+        self._outbox: dict[str, tuple[float | None, OutboxEntry]] = {}  # id -> (forgotten at once done, entry)
+        self._outbox_keys: dict[str, str] = {}  # idempotency key -> entry id
         self._next_sweep = 0.0
 
     async def open(self) -> None:
@@ -46,6 +48,8 @@ class MemoryStore:
         # A bucket untouched for a minute has refilled completely: same as no entry.
         self._buckets = {k: v for k, v in self._buckets.items() if v[1] > now - 60.0}
         self._usage = {k: v for k, v in self._usage.items() if v[0] > now}
+        for entry_id in [i for i, (until, _) in self._outbox.items() if until is not None and until <= now]:
+            self._outbox_forget(entry_id)
 
     async def claim(self, key: str, ttl: float) -> bool:
         now = time.monotonic()
@@ -141,6 +145,48 @@ class MemoryStore:
         now = time.monotonic()
         rows = [(k[2], v[1]) for k, v in self._usage.items() if k[0] == day and k[1] == kind and v[0] > now]
         return top_usage(rows, limit)
+
+    async def outbox_add(self, entry: OutboxEntry, keep: float) -> OutboxEntry:
+        now = time.monotonic()
+        self._sweep(now)
+        key = entry.idempotency_key
+        kept_id = self._outbox_keys.get(key) if key else None
+        existing = self._outbox_kept(kept_id, now) if kept_id else None
+        existing = existing or self._outbox_kept(entry.id, now)  # the same id again: already written
+        if existing is not None:
+            return existing
+        self._outbox[entry.id] = (None, entry)
+        if key:
+            self._outbox_keys[key] = entry.id
+        return entry
+
+    async def outbox_get(self, entry_id: str) -> OutboxEntry | None:
+        return self._outbox_kept(entry_id, time.monotonic())
+
+    async def outbox_update(self, entry: OutboxEntry, keep: float) -> None:
+        now = time.monotonic()
+        if self._outbox_kept(entry.id, now) is not None:
+            self._outbox[entry.id] = (now + keep if entry.done else None, entry)
+
+    async def outbox_queued(self, limit: int = 1000) -> list[OutboxEntry]:
+        queued = [entry for until, entry in self._outbox.values() if until is None]
+        return sorted(queued, key=lambda e: e.created_at)[: max(0, limit)]
+
+    def _outbox_kept(self, entry_id: str, now: float) -> OutboxEntry | None:
+        """The entry unless it is unknown or its keep time has passed (then it is forgotten)."""
+        found = self._outbox.get(entry_id)
+        if found is None:
+            return None
+        until, entry = found
+        if until is not None and until <= now:
+            self._outbox_forget(entry_id)
+            return None
+        return entry
+
+    def _outbox_forget(self, entry_id: str) -> None:
+        _, entry = self._outbox.pop(entry_id)
+        if self._outbox_keys.get(entry.idempotency_key) == entry_id:
+            del self._outbox_keys[entry.idempotency_key]
 
     async def card_open(self, record: CardRecord) -> None:
         self._cards[record.key] = record

@@ -1,10 +1,11 @@
 """Redis store (`redis://`, `rediss://`, `unix://`): state shared by several gateway instances.
 
 Every key starts with `botgate:`. Multi-key steps run as Lua scripts (atomic, one round trip); the
-inbox and dedup keys share the `{inbox}` hash tag so the scripts also work on a Redis Cluster. Dedup
-claims (and admissions, which claim) and lease changes are idempotent under redis-py's retry of a
-command whose reply was lost: a claim stores a per-call token, so a retried claim recognises its own
-earlier success instead of calling the message a duplicate (which would ACK and drop it).
+inbox and dedup keys share the `{inbox}` hash tag, the outbox's keys `{outbox}`, so the scripts also
+work on a Redis Cluster. Dedup claims (and admissions, which claim) and lease changes are idempotent
+under redis-py's retry of a command whose reply was lost: a claim stores a per-call token, so a
+retried claim recognises its own earlier success instead of calling the message a duplicate (which
+would ACK and drop it); an outbox add finds the entry it wrote itself.
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ from ..errors import StoreError
 from ..messages import InboundMessage
 from .base import (
     CardRecord,
+    OutboxEntry,
     Turn,
     UsageCount,
     decode_cards,
+    decode_kept,
     decode_messages,
+    decode_outbox,
     encode_message,
     top_usage,
     trim_turns,
@@ -44,6 +48,9 @@ INBOX_SEQ = INBOX + ":seq"  # counter giving the global arrival order
 INBOX_ORDER = INBOX + ":order"  # sorted set: request_id by seq
 DEDUP = INBOX + ":dedup:"  # + key: a claim's token, with the dedup TTL
 CARDS = PREFIX + "cards"  # hash: card key -> record JSON (streaming cards still open)
+OUTBOX = PREFIX + "{outbox}:"  # + id: an entry's JSON; once done, with its keep time as TTL
+OUTBOX_KEY = OUTBOX + "key:"  # + idempotency key: the id of the entry kept under it, same TTL
+OUTBOX_QUEUE = OUTBOX + "queue"  # sorted set: queued entry ids by created_at
 CONTEXT = PREFIX + "ctx:"  # + context key: its turns JSON, with the idle TTL
 SESSION = PREFIX + "backend:"  # + context key: the backend's conversation id, with the idle TTL
 USAGE = PREFIX + "usage:"  # + "<day>:<kind>": hash m:/t:/e:<subject> -> messages/tokens/estimated
@@ -112,6 +119,36 @@ if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1],
 return 1
 """
 
+# KEYS: entry, queue[, idempotency key]. The key is looked at and taken with the entry written, so
+# two instances adding under one key at once write one entry. Returns the id of an entry already
+# kept under the key (or with this id: a retry of an add whose reply was lost), else nothing.
+_OUTBOX_ADD = """
+if KEYS[3] then
+  local kept = redis.call('GET', KEYS[3])
+  if kept then return kept end
+end
+if not redis.call('SET', KEYS[1], ARGV[2], 'NX') then return ARGV[1] end
+if KEYS[3] then redis.call('SET', KEYS[3], ARGV[1]) end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return false
+"""
+# KEYS: entry, queue[, idempotency key]; ARGV: id, entry, created_at, keep ms ("" while queued).
+# Only an entry still kept is replaced: a late update never brings back a forgotten one.
+_OUTBOX_UPDATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local mine = KEYS[3] and redis.call('GET', KEYS[3]) == ARGV[1]
+if ARGV[4] == '' then
+  redis.call('SET', KEYS[1], ARGV[2])
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+  if mine then redis.call('PERSIST', KEYS[3]) end
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  if mine then redis.call('PEXPIRE', KEYS[3], ARGV[4]) end
+end
+return 1
+"""
+
 _SCRIPTS = {
     "claim": _CLAIM,
     "admit": _ADMIT,
@@ -120,6 +157,8 @@ _SCRIPTS = {
     "acquire": _ACQUIRE,
     "release": _RELEASE,
     "card_update": _CARD_UPDATE,
+    "outbox_add": _OUTBOX_ADD,
+    "outbox_update": _OUTBOX_UPDATE,
 }
 
 
@@ -355,6 +394,44 @@ class RedisStore:
         with self._errors("lease release"):
             await self._script("release", [f"{PREFIX}lease:{conversation}"], [owner])
 
+    # -- outbox -----------------------------------------------------------------------------------
+    async def outbox_add(self, entry: OutboxEntry, keep: float) -> OutboxEntry:
+        args: list[str | int | bytes] = [entry.id, entry.encode(), repr(entry.created_at)]
+        with self._errors("outbox add"):
+            for _ in range(3):
+                kept = await self._scripts["outbox_add"](_outbox_keys(entry), args, client=self._r)
+                if kept is None:
+                    return entry
+                raw = await self._r.get(OUTBOX + _text(kept))
+                if raw is not None:
+                    return decode_kept(_bytes(raw), entry)
+                # Forgotten (its keep time passed) between the two calls: the key is free now.
+        raise StoreError(f"redis {self._where}: outbox add: the entry kept for {entry.id!r} keeps vanishing")
+
+    async def outbox_get(self, entry_id: str) -> OutboxEntry | None:
+        with self._errors("outbox read"):
+            raw = await self._r.get(OUTBOX + entry_id)
+        found = decode_outbox([_bytes(raw)]) if raw is not None else []
+        return found[0] if found else None
+
+    async def outbox_update(self, entry: OutboxEntry, keep: float) -> None:
+        args: list[str | int | bytes] = [
+            entry.id, entry.encode(), repr(entry.created_at), _ms(keep) if entry.done else ""
+        ]
+        with self._errors("outbox update"):
+            await self._script("outbox_update", _outbox_keys(entry), args)
+
+    async def outbox_queued(self, limit: int = 1000) -> list[OutboxEntry]:
+        if limit <= 0:
+            return []
+        with self._errors("outbox read"):
+            ids: list[bytes] = list(await self._r.zrange(OUTBOX_QUEUE, 0, limit - 1))  # type: ignore[arg-type]
+            if not ids:
+                return []
+            rows = await self._r.mget([OUTBOX + _text(i) for i in ids])
+        # An id without an entry was done (and forgotten) between the two reads.
+        return decode_outbox([_bytes(raw) for raw in rows if raw is not None])
+
     # -- open streaming cards -----------------------------------------------------------------------
     async def card_open(self, record: CardRecord) -> None:
         with self._errors("card record"):
@@ -376,6 +453,19 @@ class RedisStore:
 
 def _conversation_order(conversation: str) -> str:
     return f"{INBOX}:conv:{conversation}"
+
+
+def _outbox_keys(entry: OutboxEntry) -> list[str]:
+    keys = [OUTBOX + entry.id, OUTBOX_QUEUE]
+    return [*keys, OUTBOX_KEY + entry.idempotency_key] if entry.idempotency_key else keys
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def _bytes(raw: bytes | str) -> bytes:
+    return raw if isinstance(raw, bytes) else raw.encode()
 
 
 def _ms(seconds: float) -> int:

@@ -1,6 +1,6 @@
 """SQLite store (`sqlite:///PATH`): the default, durable state of a single gateway process.
 
-Every write (dedup claim, inbox entry, context, backend session, cache, bucket) joins a group
+Every write (dedup claim, inbox entry, context, backend session, cache, bucket, outbox) joins a group
 commit on the file's writer thread (see `sqlfile`), so the event loop never blocks and a burst
 costs one fsync. Times are wall-clock (`time.time()`) because they outlive the process. One
 gateway process owns the file: several instances need the Redis backend, so no leases here.
@@ -22,10 +22,13 @@ from ..messages import InboundMessage
 from ..tasks import stop_task
 from .base import (
     CardRecord,
+    OutboxEntry,
     Turn,
     UsageCount,
     decode_cards,
+    decode_kept,
     decode_messages,
+    decode_outbox,
     encode_message,
     top_usage,
     trim_turns,
@@ -35,7 +38,7 @@ from .sqlfile import SqliteFile
 log = logging.getLogger(__name__)
 
 # `user_version` rises only for a change a file's older readers could not live with; a table added
-# for something new (`cards`, `backend_sessions`) is created in an existing file when it is opened
+# for something new (`cards`, `backend_sessions`, `outbox`) is created in an existing file when it is opened
 # (`IF NOT EXISTS`), and a botgate from before it still opens the file, ignoring the table.
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -63,6 +66,14 @@ CREATE TABLE IF NOT EXISTS usage (
     messages INTEGER NOT NULL, tokens INTEGER NOT NULL, estimated INTEGER NOT NULL, expires REAL NOT NULL,
     PRIMARY KEY (day, kind, subject)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox (
+    id TEXT PRIMARY KEY,
+    idempotency_key TEXT UNIQUE,  -- NULL: none (NULLs never collide)
+    created_at REAL NOT NULL,
+    expires REAL,  -- NULL while queued; once done, forgotten (with its key) after this
+    entry BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_queue ON outbox (created_at) WHERE expires IS NULL;
 """
 
 
@@ -286,6 +297,64 @@ class SqliteStore:
         )
         return top_usage([(str(r[0]), UsageCount(int(r[1]), int(r[2]), int(r[3]))) for r in rows], limit)
 
+    # -- outbox ---------------------------------------------------------------------------------
+    async def outbox_add(self, entry: OutboxEntry, keep: float) -> OutboxEntry:
+        key = entry.idempotency_key or None
+        row = (entry.id, key, entry.created_at, entry.encode())
+
+        def op(conn: sqlite3.Connection, now: float) -> bytes | None:
+            # One transaction (the group commit's): the key is checked and taken together. An entry
+            # past its keep time that the sweep has not reached yet no longer holds its id or key.
+            conn.execute(
+                "DELETE FROM outbox WHERE (id = ? OR idempotency_key = ?) AND expires <= ?", (entry.id, key, now)
+            )
+            if key is not None:
+                found = conn.execute("SELECT entry FROM outbox WHERE idempotency_key = ?", (key,)).fetchone()
+                if found is not None:
+                    return bytes(found[0])
+            cur = conn.execute(
+                "INSERT INTO outbox (id, idempotency_key, created_at, expires, entry) VALUES (?, ?, ?, NULL, ?)"
+                " ON CONFLICT (id) DO NOTHING",
+                row,
+            )
+            if cur.rowcount == 0:  # the same id again (a retried add): already written
+                return bytes(conn.execute("SELECT entry FROM outbox WHERE id = ?", (entry.id,)).fetchone()[0])
+            return None
+
+        raw = await self.db.write(op)
+        return entry if raw is None else decode_kept(raw, entry)
+
+    async def outbox_get(self, entry_id: str) -> OutboxEntry | None:
+        now = time.time()
+        row = await self.db.read(
+            lambda conn: conn.execute(
+                "SELECT entry FROM outbox WHERE id = ? AND (expires IS NULL OR expires > ?)", (entry_id, now)
+            ).fetchone()
+        )
+        found = decode_outbox([row[0]]) if row else []
+        return found[0] if found else None
+
+    async def outbox_update(self, entry: OutboxEntry, keep: float) -> None:
+        done, raw = entry.done, entry.encode()
+        await self.db.write(
+            lambda conn, now: conn.execute(
+                "UPDATE outbox SET entry = ?, expires = ? WHERE id = ? AND (expires IS NULL OR expires > ?)",
+                (raw, now + keep if done else None, entry.id, now),
+            )
+        )
+
+    async def outbox_queued(self, limit: int = 1000) -> list[OutboxEntry]:
+        rows = await self.db.read(
+            lambda conn: [
+                row[0]
+                for row in conn.execute(
+                    "SELECT entry FROM outbox WHERE expires IS NULL ORDER BY created_at, rowid LIMIT ?",
+                    (max(0, limit),),
+                )
+            ]
+        )
+        return decode_outbox(rows)
+
     # -- open streaming cards -----------------------------------------------------------------
     async def card_open(self, record: CardRecord) -> None:
         row = (record.key, record.encode())
@@ -330,6 +399,7 @@ def _sweep(conn: sqlite3.Connection, now: float) -> int:
         ("DELETE FROM context WHERE expires <= ?", (now,)),
         ("DELETE FROM backend_sessions WHERE expires <= ?", (now,)),
         ("DELETE FROM usage WHERE expires <= ?", (now,)),
+        ("DELETE FROM outbox WHERE expires <= ?", (now,)),  # done and past its keep time, key with it
         # A bucket untouched for a minute has refilled completely: same as no row.
         ("DELETE FROM buckets WHERE updated <= ?", (now - 60.0,)),
     ):

@@ -30,7 +30,7 @@ from gateway.messages import Attachment, InboundMessage, Reply
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter, per_second
 from gateway.retry import retry_transient
-from gateway.store import CardRecord
+from gateway.store import CardRecord, OutboxEntry
 from gateway.streaming import INTERRUPTED, CardBook
 
 from ..webhook import install
@@ -38,7 +38,7 @@ from .api import DingTalkApi, SessionWebhookRejected
 from .card import AICardStream, can_carry_card
 from .images import send_files, send_images
 from .parse import PLATFORM, Filters, parse_message
-from .render import openapi_markdown, render, session_markdown, title_of
+from .render import PUSH_LIMIT, openapi_markdown, openapi_text, render, session_markdown, title_of
 from .stream import StreamClient
 from .webhook import stale, webhook
 
@@ -156,6 +156,24 @@ class DingTalkAdapter(Adapter[DingTalkConfig, DingTalkApi]):
             raise PlatformError("sessionWebhook expired and the sender has no staff id", retryable=False)
         msg_key, param = openapi_markdown(title, text)
         await api.send_direct(robot_code, staff_id, msg_key, param)
+
+    # -- proactive (gateway/outbox.py) -------------------------------------------------------------
+    def push_limit(self, markdown: bool) -> int:
+        return PUSH_LIMIT
+
+    async def push(self, entry: OutboxEntry) -> None:
+        """A message into a group (`groupMessages/send`) or to a user by staffId (`batchSend`). Neither
+        takes an idempotency key: only a refusal that says it was not taken is retried."""
+        api, robot_code = self.runtime.api, self._filters.robot_code
+        if entry.markdown:
+            title = title_of(entry.text) or translator(self.locale())(N_("Message"))
+            msg_key, param = openapi_markdown(title, entry.text)
+        else:
+            msg_key, param = openapi_text(entry.text)
+        if entry.to_kind == "conversation":
+            await api.send_group(robot_code, entry.to, msg_key, param)
+        else:
+            await api.send_direct(robot_code, entry.to, msg_key, param)
 
     async def send_images(self, message: InboundMessage, images: Sequence[OutImage], hosts: Sequence[str]) -> None:
         """The answer's data-URL images as image messages after it (`handlers/dingtalk/images.py`)."""

@@ -18,6 +18,9 @@ from gateway.render import Part, split_text, tables_to_lists
 # Characters per markdown message. DingTalk caps a robot message at 20 000 bytes; 3 800 characters
 # of CJK text (3 bytes each in UTF-8) stay well below that, with room for the mention.
 PART_LIMIT = 3800
+# A proactive message (the send API) is sent whole, never split: at most what a robot message holds,
+# less room for the title and the message's JSON.
+PUSH_LIMIT = 19_000
 TITLE_LIMIT = 20
 _MARKUP = re.compile(r"[#*_>`~\[\]|]+")
 EMPTY = N_("(empty)")  # what a reply without text shows instead of nothing
@@ -52,3 +55,8 @@ def session_markdown(title: str, text: str, at_user_ids: list[str]) -> dict[str,
 def openapi_markdown(title: str, text: str) -> tuple[str, str]:
     """(msgKey, msgParam) of a markdown message for the robot send APIs."""
     return "sampleMarkdown", orjson.dumps({"title": title, "text": text}).decode()
+
+
+def openapi_text(text: str) -> tuple[str, str]:
+    """(msgKey, msgParam) of a plain text message for the robot send APIs."""
+    return "sampleText", orjson.dumps({"content": text}).decode()

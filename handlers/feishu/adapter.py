@@ -40,7 +40,7 @@ from gateway.metrics import Metrics
 from gateway.ratelimit import Rate, RateLimiter, per_second
 from gateway.render import Part
 from gateway.retry import retry_transient
-from gateway.store import CardRecord
+from gateway.store import CardRecord, OutboxEntry
 from gateway.streaming import INTERRUPTED, CardBook
 
 from ..webhook import install
@@ -227,6 +227,20 @@ class FeishuAdapter(Adapter[FeishuConfig, FeishuApi]):
 
     async def unmark_working(self, message: InboundMessage, mark: str) -> None:
         await self.runtime.api.remove_reaction(message.reply_handle["message_id"], mark)
+
+    # -- proactive (gateway/outbox.py) -------------------------------------------------------------
+    def push_limit(self, markdown: bool) -> int:
+        return TEXT_LIMIT_BYTES
+
+    async def push(self, entry: OutboxEntry) -> None:
+        """A new message in a chat (chat_id) or to a user (open_id): markdown as cards (several
+        for a long one, in order), text as one text message. Each part carries a uuid made from
+        the entry's id, so the outbox may repeat an attempt after any failure."""
+        text = [Part(entry.text, "text", {"text": defuse(entry.text)})]
+        parts = render(entry.text) if entry.markdown else text
+        id_type = "chat_id" if entry.to_kind == "conversation" else "open_id"
+        for index, part in enumerate(parts):
+            await self.runtime.api.create_message(id_type, entry.to, part, reply_uuid(entry.id, "push", index))
 
     async def reply_parts(self, message: InboundMessage, parts: Sequence[Part], kind: str, first: int = 0) -> None:
         """Send `parts` in order as replies to the message (in its thread if it came from one)."""

@@ -209,6 +209,25 @@ class FeishuApi:
         new_id = _dict(data.get("data")).get("message_id")
         return new_id if isinstance(new_id, str) else ""
 
+    async def create_message(self, receive_id_type: str, receive_id: str, part: Part, uuid: str) -> str:
+        """A new message in a chat (`chat_id`) or to a user (`open_id`), not a reply: the send API.
+        `uuid` makes a repeated request deliver nothing new (Feishu keeps it an hour)."""
+        data = await self.call(
+            "POST",
+            "/open-apis/im/v1/messages",
+            "create_message",
+            params={"receive_id_type": receive_id_type},
+            body={
+                "receive_id": receive_id,
+                "msg_type": part.msg_type,
+                "content": orjson.dumps(part.content).decode(),
+                "uuid": uuid,
+            },
+            scope=receive_id,
+        )
+        new_id = _dict(data.get("data")).get("message_id")
+        return new_id if isinstance(new_id, str) else ""
+
     async def download(self, message_id: str, file_key: str, kind: str) -> tuple[bytes, str]:
         """A message's picture or file: (bytes, mime type)."""
 

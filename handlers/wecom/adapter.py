@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -31,7 +31,7 @@ from gateway.messages import Attachment, InboundMessage, Reply
 from gateway.metrics import Metrics
 from gateway.ratelimit import RateLimiter
 from gateway.retry import retry_transient
-from gateway.store import Store
+from gateway.store import OutboxEntry, Store
 
 from ..webhook import install
 from . import frame as wf
@@ -47,22 +47,6 @@ from .ws import Link, WeComWsClient
 log = logging.getLogger(__name__)
 
 PUSH_LIMIT = CONTENT_LIMIT - FRAME_ROOM  # UTF-8 bytes of one proactive message
-
-
-class PushEntry(Protocol):
-    """What `push` reads of an outbox entry (`gateway.store.OutboxEntry`)."""
-
-    @property
-    def to_kind(self) -> str: ...
-
-    @property
-    def to(self) -> str: ...
-
-    @property
-    def text(self) -> str: ...
-
-    @property
-    def markdown(self) -> bool: ...
 
 
 class WeComAdapter(Adapter[WeComConfig, WeComApi]):
@@ -211,7 +195,7 @@ class WeComAdapter(Adapter[WeComConfig, WeComApi]):
     def push_limit(self, markdown: bool) -> int:
         return PUSH_LIMIT
 
-    async def push(self, entry: PushEntry) -> None:
+    async def push(self, entry: OutboxEntry) -> None:
         """A proactive message (`aibot_send_msg`) into a group (`to_kind` "conversation", its chatid)
         or a single chat ("user", the userid); WeCom takes only chats that messaged the bot
         before. Markdown either way: the AI bot sends no plain text messages. Not idempotent: only

@@ -188,6 +188,10 @@ class FeishuDouble:
     responses: dict[str, Frame] = field(default_factory=dict)  # by frame message_id
     response_frames: list[Frame] = field(default_factory=list)
     replies: list[SentReply] = field(default_factory=list)
+    # `POST /open-apis/im/v1/messages` (new messages, the send API): (receive_id_type, message), `to`
+    # being the receive_id; a receive_id in `absent_chats` is a chat the bot is not in (230002).
+    created: list[tuple[str, SentReply]] = field(default_factory=list)
+    absent_chats: set[str] = field(default_factory=set)
     # `POST /open-apis/im/v1/images`: image_key -> (bytes, content type) of each upload
     images: dict[str, tuple[bytes, str]] = field(default_factory=dict)
     # `POST /open-apis/im/v1/files`: file_key -> (bytes, file_name, file_type) of each upload
@@ -222,6 +226,7 @@ class FeishuDouble:
         r.add_post("/open-apis/auth/v3/tenant_access_token/internal", self.token)
         r.add_get("/open-apis/bot/v3/info", self.bot_info)
         r.add_post("/open-apis/im/v1/messages/{message_id}/reply", self.reply)
+        r.add_post("/open-apis/im/v1/messages", self.create_message)
         r.add_post("/open-apis/im/v1/images", self.image_upload)
         r.add_post("/open-apis/im/v1/files", self.file_upload)
         r.add_get("/open-apis/im/v1/messages/{message_id}", self.get_message)
@@ -594,6 +599,36 @@ class FeishuDouble:
             self._uuids[uuid] = sent
         await self._notify()
         return ok(data={"message_id": sent.message_id, "chat_id": "oc_chat", "msg_type": sent.msg_type})
+
+    async def create_message(self, request: web.Request) -> web.Response:
+        """im/v1 messages (create): `receive_id_type` chat_id | open_id | user_id | union_id | email."""
+        if denied := self._authorized(request):
+            return denied
+        id_type = request.query.get("receive_id_type", "")
+        if id_type not in ("chat_id", "open_id", "user_id", "union_id", "email"):
+            return fail(99992402, "field validation failed: receive_id_type", 400)
+        body = await request.json()
+        uuid = body.get("uuid", "")
+        if uuid and uuid in self._uuids:  # the same uuid within an hour sends nothing new
+            return ok(data={"message_id": self._uuids[uuid].message_id})
+        if body.get("receive_id") in self.absent_chats:
+            return fail(230002, "Bot/User can NOT be out of the chat.", 400)
+        content = orjson.loads(body["content"])
+        if body["msg_type"] == "interactive" and (why := self._check_card(content)):
+            self.rejected.append(why)
+            return fail(230099, why)
+        sent = SentReply(
+            to=str(body["receive_id"]),
+            msg_type=body["msg_type"],
+            content=content,
+            uuid=uuid,
+            in_thread=False,
+            message_id=f"om_new_{len(self.created) + 1}",
+        )
+        self.created.append((id_type, sent))
+        if uuid:
+            self._uuids[uuid] = sent
+        return ok(data={"message_id": sent.message_id, "msg_type": sent.msg_type})
 
     async def image_upload(self, request: web.Request) -> web.Response:
         """im/v1 images (create): multipart `image_type=message` and `image` -> an image_key."""

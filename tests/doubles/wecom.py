@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import itertools
 import os
@@ -334,7 +335,9 @@ class WeComDouble:
             await self._after_subscribe(conn)
 
     async def _send(self, conn: Connection, frame: wf.Frame) -> None:
-        if not conn.ws.closed:
+        if conn.ws.closed:
+            return
+        with contextlib.suppress(ConnectionError):  # a socket closing meanwhile (an old, kicked one)
             await conn.ws.send_str(frame.encode())
 
     async def _subscribe(self, conn: Connection, body: dict[str, Any]) -> tuple[int, str]:
