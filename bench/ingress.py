@@ -7,21 +7,24 @@ import asyncio
 import importlib.util
 import re
 import time
+from dataclasses import dataclass
 
 import aiohttp
 import orjson
 
-from .context import BenchError, Channels, Context, gateway_for
+from .context import BenchError, Channels, Context, gateway_for, store_url
 from .dingtalk import WEBHOOK_PATH, chatbot_payload
 from .doubles import Sink, instant_model, parked_model
+from .env import free_port
 from .load import CONNECTIONS, LoadResult, run_load
 from .report import Row, at_least_ratio
-from .servers import ServerProcess, dingtalk_section, reference
+from .servers import ServerProcess, dingtalk_section, gateway, gateway_sections, reference, uvloop_installed
 
 S1 = "1. Webhook ingress"
 PATH = "/dingtalk/webhook"
 STORES = (("memory", "memory store"), ("sqlite", "SQLite store"))
 NO_FASTAPI = "fastapi/uvicorn not installed: the optional extra, pip install -r bench/requirements.txt"
+NO_UVLOOP = "uvloop not installed: the optional extra, pip install -r bench/requirements.txt"
 # One worker, parked on a model that never answers; stopping does not wait for it.
 PARKED = {"max_concurrency": 1, "drain_timeout": 0.2}
 INTAKE_ONLY = "max_concurrency 1 and a model double that never answers, so the core does nothing but intake"
@@ -80,11 +83,39 @@ async def accepted(proc: ServerProcess) -> int:
     """Messages the gateway accepted so far (botgate_messages_received_total, all platforms)."""
     async with aiohttp.ClientSession() as http, http.get(proc.url + "/metrics") as resp:
         text = await resp.text()
-    return int(
-        sum(
-            float(v) for v in re.findall(r"^botgate_messages_received_total\{[^}]*\} ([\d.e+]+)$", text, re.M)
-        )
+    return int(sum(float(v) for v in re.findall(r"^botgate_messages_received_total\{[^}]*\} ([\d.e+]+)$", text, re.M)))
+
+
+async def _bare(ctx: Context, hook: str, loop: str) -> tuple[LoadResult, str]:
+    async with reference(ctx.cores, ctx.workdir, "bare", loop=loop) as bare:
+        await _expect_401(bare)
+        return await _hammer(ctx, bare, hook)
+
+
+@dataclass(frozen=True, slots=True)
+class Intake:
+    """Where the gateway's intake-only rows send their webhooks."""
+
+    parked_url: str  # the model double that never answers
+    sink_url: str  # where sessionWebhooks live
+    hook: str  # the sessionWebhook the bodies carry
+
+
+async def _intake_only(
+    ctx: Context, intake: Intake, backend: str, name: str, loop: str = "asyncio", durability: str = ""
+) -> tuple[float, str]:
+    """events/s of the gateway with its answering side parked (one worker waits on a model that
+    never answers), and the note for its row."""
+    section = dingtalk_section("http://127.0.0.1:9", intake.sink_url, "webhook")
+    sections = gateway_sections(
+        free_port(), intake.parked_url + "/v1", store_url(backend), dingtalk=section, dispatcher=PARKED
     )
+    if durability:
+        sections["store"]["durability"] = durability
+    async with gateway(ctx.cores, ctx.workdir, sections, name, loop) as proc:
+        await _expect_401(proc)
+        result, usage = await _hammer(ctx, proc, intake.hook)
+    return result.rate, f"verify, dedup, inbox write, 200 (answers parked: {INTAKE_ONLY}); " + _load_note(result, usage)
 
 
 async def webhook(ctx: Context) -> list[Row]:
@@ -95,18 +126,36 @@ async def webhook(ctx: Context) -> list[Row]:
     hook = sink.server.url + WEBHOOK_PATH
     rows: list[Row] = []
     try:
-        async with reference(ctx.cores, ctx.workdir, "bare") as bare:
-            await _expect_401(bare)
-            ceiling, usage = await _hammer(ctx, bare, hook)
+        ceiling, usage = await _bare(ctx, hook, "asyncio")
         rows.append(
             Row(
                 S1,
                 "bare aiohttp handler (ceiling)",
                 ceiling.rate,
                 "events/s",
-                note="read body, check HMAC, parse JSON, 200; " + _load_note(ceiling, usage),
+                note="read body, check HMAC, parse JSON, 200; asyncio's event loop; " + _load_note(ceiling, usage),
             )
         )
+        # uvloop (bench/requirements.txt) under the bare handler and the gateway's SQLite intake: the
+        # gateway itself runs on asyncio's loop (docs/benchmarks.md, Profiles: why).
+        uvloop = uvloop_installed()
+        bare_uvloop: float | None = None
+        if uvloop:
+            on_uvloop, usage = await _bare(ctx, hook, "uvloop")
+            bare_uvloop = on_uvloop.rate
+            rows.append(
+                Row(
+                    S1,
+                    "bare aiohttp handler on uvloop",
+                    on_uvloop.rate,
+                    "events/s",
+                    "bare",
+                    ceiling.rate,
+                    note="the same handler on uvloop's event loop; " + _load_note(on_uvloop, usage),
+                )
+            )
+        else:
+            rows.append(Row(S1, "bare aiohttp handler on uvloop", skipped=NO_UVLOOP, optional=True))
         fastapi: float | None = None
         if importlib.util.find_spec("fastapi") and importlib.util.find_spec("uvicorn"):
             async with reference(ctx.cores, ctx.workdir, "fastapi") as proc:
@@ -121,41 +170,27 @@ async def webhook(ctx: Context) -> list[Row]:
                     "events/s",
                     "bare",
                     ceiling.rate,
-                    note="same handler; " + _load_note(result, usage),
+                    note="same handler (uvicorn picks uvloop + httptools when installed); " + _load_note(result, usage),
                 )
             )
         else:
             rows.append(Row(S1, "FastAPI + uvicorn handler", skipped=NO_FASTAPI, optional=True))
+        section = dingtalk_section("http://127.0.0.1:9", sink.server.url, "webhook")
+        intake = Intake(parked.url, sink.server.url, hook)
         for store, label in STORES:
             name = f"gateway, {label}, intake only"
-            section = dingtalk_section("http://127.0.0.1:9", sink.server.url, "webhook")
-            # Intake only: answering parked (one worker waits on a model that never answers).
-            proc = gateway_for(
-                ctx,
-                parked.url + "/v1",
-                Channels(),
-                store,
-                f"gateway-webhook-{store}-intake",
-                dingtalk=section,
-                dispatcher=PARKED,
-            )
-            async with proc:
-                await _expect_401(proc)
-                result, usage = await _hammer(ctx, proc, hook)
-            note = f"verify, dedup, inbox write, 200 (answers parked: {INTAKE_ONLY}); " + _load_note(
-                result, usage
-            )
+            rate, intake_note = await _intake_only(ctx, intake, store, f"gateway-webhook-{store}-intake")
             rows.append(
                 Row(
                     S1,
                     name,
-                    result.rate,
+                    rate,
                     "events/s",
                     "bare",
                     ceiling.rate,
                     ">= 0.7x bare",
                     at_least_ratio(0.7),
-                    note=note,
+                    note=intake_note,
                 )
             )
             rows.append(
@@ -164,7 +199,7 @@ async def webhook(ctx: Context) -> list[Row]:
                 else Row(
                     S1,
                     f"{name} vs FastAPI",
-                    result.rate,
+                    rate,
                     "events/s",
                     "FastAPI",
                     fastapi,
@@ -172,10 +207,39 @@ async def webhook(ctx: Context) -> list[Row]:
                     at_least_ratio(2.5),
                 )
             )
+            if store == "sqlite":
+                process, process_note = await _intake_only(
+                    ctx, intake, store, "gateway-webhook-sqlite-process", durability="process"
+                )
+                rows.append(
+                    Row(
+                        S1,
+                        f"{name}, [store] durability = process",
+                        process,
+                        "events/s",
+                        "bare",
+                        ceiling.rate,
+                        note="synchronous=NORMAL: no disk sync per group commit (kill -9 safe, not power-cut "
+                        f"safe); {process_note}",
+                    )
+                )
+                if bare_uvloop is not None:
+                    on_uv, on_uv_note = await _intake_only(
+                        ctx, intake, store, "gateway-webhook-sqlite-uvloop", "uvloop"
+                    )
+                    rows.append(
+                        Row(
+                            S1,
+                            f"{name}, on uvloop",
+                            on_uv,
+                            "events/s",
+                            "bare on uvloop",
+                            bare_uvloop,
+                            note=f"the same gateway started on uvloop's policy; {on_uv_note}",
+                        )
+                    )
             # Intake + answers: every message also gets its model call and reply on the same core.
-            proc = gateway_for(
-                ctx, model.url + "/v1", Channels(), store, f"gateway-webhook-{store}", dingtalk=section
-            )
+            proc = gateway_for(ctx, model.url + "/v1", Channels(), store, f"gateway-webhook-{store}", dingtalk=section)
             async with proc:
                 result, usage = await _hammer(ctx, proc, hook)
                 answered = await replies_delivered(proc, "dingtalk")

@@ -1,5 +1,6 @@
-"""Scenarios 3 (gateway overhead at a steady 200 msg/s, model 1 s) and 4 (burst of 2,000
-conversations at once, model 1 s), against the gateway and the minimal relay (the floor)."""
+"""Scenarios 3 (gateway overhead at a steady 200 msg/s, and at 1,000 msg/s on the SQLite store,
+model 1 s) and 4 (burst of 2,000 conversations at once, model 1 s), against the gateway and the
+minimal relay (the floor) at the same rates."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .report import Row, at_most
 from .servers import ServerProcess, reference
 
 RATE = 200  # messages per second
+HIGH_RATE = 1000  # the second load point, on the default (SQLite) store
 MODEL_DELAY = 1.0
 S3 = "3. Gateway overhead"
 S4 = "4. Burst"
@@ -53,16 +55,16 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(p * len(ordered)) - 1))]
 
 
-async def steady(driver: Driver, model: TimedModel, seconds: float, tag: str) -> Overhead:
-    """RATE msg/s for `seconds`; each conversation has at most one message in flight, as people do."""
-    pool = int(RATE * (model.delay + 1.0)) + 1
+async def steady(driver: Driver, model: TimedModel, seconds: float, tag: str, rate: int = RATE) -> Overhead:
+    """`rate` msg/s for `seconds`; each conversation has at most one message in flight, as people do."""
+    pool = int(rate * (model.delay + 1.0)) + 1
     conversations = [f"{tag}{i:06d}" for i in range(pool)]
     await driver.open(conversations)
-    total = int(RATE * seconds)
+    total = int(rate * seconds)
     sent: list[tuple[str, float, asyncio.Future[float]]] = []
     start = time.monotonic()
     for k in range(total):
-        delay = start + k / RATE - time.monotonic()
+        delay = start + k / rate - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
         text = f"{tag}-{k}"
@@ -101,17 +103,31 @@ async def measure(
     ctx: Context, proc: ServerProcess, driver: Driver, model: TimedModel
 ) -> tuple[Overhead, Burst, str]:
     """Steady overhead, then the burst; plus how busy the server was during the steady part."""
-    tag = f"b{next(_salt)}x"
     try:
-        if not ctx.quick:
-            await steady(driver, model, 1.0, tag + "w")  # warm-up: pooled connections
-        start = proc.usage_start()
-        result = await steady(driver, model, ctx.pick(20.0, 0.5), tag + "s")
-        usage = proc.usage_since(start)
-        shot = await burst(driver, ctx.pick(2000, 200), tag + "b", model.delay)
+        result, usage = await steady_load(ctx, proc, driver, model, RATE)
+        shot = await burst(driver, ctx.pick(2000, 200), f"b{next(_salt)}x", model.delay)
     finally:
         await driver.close()
     return result, shot, usage
+
+
+async def steady_load(
+    ctx: Context, proc: ServerProcess, driver: Driver, model: TimedModel, rate: int
+) -> tuple[Overhead, str]:
+    """Steady overhead at `rate` after a warm-up, and how busy the server was meanwhile."""
+    tag = f"s{next(_salt)}x"
+    if not ctx.quick:
+        await steady(driver, model, 1.0, tag + "w", rate)  # warm-up: pooled connections
+    start = proc.usage_start()
+    result = await steady(driver, model, ctx.pick(20.0, 0.5), tag + "s", rate)
+    return result, proc.usage_since(start)
+
+
+async def high_rate(ctx: Context, proc: ServerProcess, driver: Driver, model: TimedModel) -> tuple[Overhead, str]:
+    try:
+        return await steady_load(ctx, proc, driver, model, HIGH_RATE)
+    finally:
+        await driver.close()
 
 
 def stream_driver(channels: Channels) -> DingTalkStreamDriver:
@@ -159,12 +175,18 @@ async def run(ctx: Context) -> list[Row]:
     try:
         async with reference(ctx.cores, ctx.workdir, "relay", "--upstream", model_url) as relay:
             ref_overhead, ref_burst, ref_usage = await measure(ctx, relay, WebChatDriver(relay.url), model)
+            ref_high, ref_high_usage = await high_rate(ctx, relay, WebChatDriver(relay.url), model)
         async with channel_doubles(feishu=False) as channels:
             proc = gateway_for(ctx, model_url, channels)
             async with proc:
                 driver = stream_driver(channels)
                 overhead, shot, usage = await measure(ctx, proc, driver, model)
                 histogram = await gateway_histogram_p99(proc)
+        async with channel_doubles(feishu=False) as channels:
+            proc = gateway_for(ctx, model_url, channels, "sqlite", "gateway-latency-sqlite")
+            async with proc:
+                high, high_usage = await high_rate(ctx, proc, stream_driver(channels), model)
+                high_histogram = await gateway_histogram_p99(proc)
         shipped = await default_burst(ctx, model, model_url)
     finally:
         await runner.cleanup()
@@ -176,6 +198,13 @@ async def run(ctx: Context) -> list[Row]:
         "(web chat socket -> model -> socket, no dispatcher/store/metrics/logs): "
         f"p99 {ref_overhead.p99_ms:.1f} ms, {ref_usage}"
     )
+    high_note = (
+        f"{high.count} messages at {HIGH_RATE:,}/s over {driver.path}, SQLite store (the default; the "
+        f"row above runs on the memory store), model {model.delay:g} s, overhead as above; max "
+        f"{high.max_ms:.1f} ms; {high_usage}; {high_histogram}. Reference: the same relay at {HIGH_RATE:,}/s: "
+        f"p99 {ref_high.p99_ms:.1f} ms, {ref_high_usage}"
+    )
+    high_name = f"at {HIGH_RATE:,} msg/s, SQLite store"
     rows = [
         Row(S3, "overhead p50", overhead.p50_ms, "ms", "relay p50", ref_overhead.p50_ms, note=steady_note),
         Row(
@@ -185,6 +214,17 @@ async def run(ctx: Context) -> list[Row]:
             "ms",
             "relay p99",
             ref_overhead.p99_ms,
+            "p99 < 20 ms",
+            at_most(20.0),
+        ),
+        Row(S3, f"overhead p50 {high_name}", high.p50_ms, "ms", "relay p50", ref_high.p50_ms, note=high_note),
+        Row(
+            S3,
+            f"overhead p99 {high_name}",
+            high.p99_ms,
+            "ms",
+            "relay p99",
+            ref_high.p99_ms,
             "p99 < 20 ms",
             at_most(20.0),
         ),

@@ -19,7 +19,7 @@ import orjson
 from gateway.channel import ChannelState, ChannelStatus, StatusTracker
 from gateway.config import DispatcherConfig
 from gateway.dispatcher import Dispatcher
-from gateway.messages import InboundMessage
+from gateway.messages import InboundMessage, new_request_id
 from gateway.metrics import Metrics
 from gateway.store import open_store
 from handlers.dingtalk.parse import Filters, parse_message
@@ -94,7 +94,8 @@ async def run(ctx: Context) -> list[Row]:
         tracker = StatusTracker(ChannelStatus("dingtalk", ChannelState.CONNECTED))
         ts = str(int(time.time() * 1000))
         steps: list[tuple[str, Callable[[], Any], str]] = [
-            ("uuid.uuid4().hex (InboundMessage.request_id)", lambda: uuid.uuid4().hex, "one per message"),
+            ("new_request_id() (InboundMessage.request_id)", new_request_id, "one per message: a counter"),
+            ("uuid.uuid4().hex (what request ids cost before)", lambda: uuid.uuid4().hex, "for comparison"),
             (
                 "InboundMessage.to_dict()",
                 m.to_dict,
@@ -118,7 +119,7 @@ async def run(ctx: Context) -> list[Row]:
             (
                 "DingTalk parse_message(body)",
                 lambda: parse_message(body, FILTERS, "stream"),
-                "SDK ChatbotMessage + InboundMessage",
+                "the body's dict read once (no SDK ChatbotMessage) + InboundMessage",
             ),
         ]
         rows = [Row(S8, "orjson.loads(callback body) (reference)", base, "us")]

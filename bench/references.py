@@ -200,7 +200,14 @@ def main() -> None:
     parser.add_argument(
         "--upstream", default="", help="model URL (relay), api base (dingtalk), domain (feishu)"
     )
+    parser.add_argument(
+        "--loop", choices=["asyncio", "uvloop"], default="asyncio", help="the event loop (aiohttp kinds)"
+    )
     args = parser.parse_args()
+    if args.loop == "uvloop":  # web.run_app makes its loop through the policy
+        import uvloop  # bench/requirements.txt
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     if args.kind in ("relay", "dingtalk", "feishu"):
         {"relay": relay, "dingtalk": dingtalk, "feishu": feishu}[args.kind](args.port, args.upstream)
     else:

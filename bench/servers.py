@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import signal
 import tempfile
@@ -215,10 +216,27 @@ def feishu_section(domain: str) -> dict[str, Any]:
     return {"enabled": True, "mode": "ws", "app_id": FEISHU_APP_ID, "domain": domain, **limits}
 
 
+# The gateway runs on asyncio's loop (docs/benchmarks.md, Profiles: why not uvloop); to measure it
+# on uvloop all the same, its process installs uvloop's policy before running run.py.
+ON_UVLOOP = (
+    "import runpy, sys, uvloop; uvloop.install(); sys.argv = sys.argv[1:]; "
+    "runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+
+
+def uvloop_installed() -> bool:
+    return importlib.util.find_spec("uvloop") is not None
+
+
 def gateway(
-    cores: Cores, workdir: Path, sections: dict[str, dict[str, Any]], name: str = "gateway"
+    cores: Cores,
+    workdir: Path,
+    sections: dict[str, dict[str, Any]],
+    name: str = "gateway",
+    loop: str = "asyncio",
 ) -> ServerProcess:
-    """A gateway process for `sections`; secrets go through BOTGATE_ environment variables."""
+    """A gateway process for `sections`; secrets go through BOTGATE_ environment variables.
+    `loop`: "asyncio" (the gateway's own) or "uvloop" (bench/requirements.txt)."""
     state = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))
     sections["server"]["state_dir"] = str(state)
     config = state / "config.toml"
@@ -228,14 +246,15 @@ def gateway(
         env["BOTGATE_DINGTALK__CLIENT_SECRET"] = SECRET
     if sections.get("feishu", {}).get("enabled"):
         env["BOTGATE_FEISHU__APP_SECRET"] = SECRET
-    argv = [PYTHON, "run.py", "--config", str(config)]
+    argv = [PYTHON, *(["-c", ON_UVLOOP] if loop == "uvloop" else []), "run.py", "--config", str(config)]
     proc = ServerProcess(name, argv, sections["server"]["port"], cores, workdir, env)
     proc.state_dir = state
     return proc
 
 
-def reference(cores: Cores, workdir: Path, kind: str, *args: str) -> ServerProcess:
-    """A reference server or client from `bench.references` (`bare`, `fastapi`, `relay`, `dingtalk`, `feishu`)."""
+def reference(cores: Cores, workdir: Path, kind: str, *args: str, loop: str = "asyncio") -> ServerProcess:
+    """A reference server or client from `bench.references` (`bare`, `fastapi`, `relay`, `dingtalk`,
+    `feishu`), on asyncio's loop or (`loop="uvloop"`) on uvloop's."""
     port = free_port()
-    argv = [PYTHON, "-m", "bench.references", kind, "--port", str(port), *args]
-    return ServerProcess(f"ref-{kind}", argv, port, cores, workdir, ready_path="/healthz")
+    argv = [PYTHON, "-m", "bench.references", kind, "--port", str(port), "--loop", loop, *args]
+    return ServerProcess(f"ref-{kind}-{loop}", argv, port, cores, workdir, ready_path="/healthz")

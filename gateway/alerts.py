@@ -233,13 +233,16 @@ class Monitor:
         config: Callable[[], AlertsConfig],
         sinks: Callable[[AlertsConfig], Sequence[AlertSink]],
     ) -> None:
-        """Check on every stats change and at least every few seconds, until cancelled."""
+        """Check on every stats change (at most every MIN_TICK: under load the stats change with
+        every message) and at least every few seconds, until cancelled."""
         changed = asyncio.Event()
         self._stats.add_listener(changed)
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 cfg = config()
                 changed.clear()
+                checked_at = loop.time()
                 try:
                     await self.check(cfg, sinks(cfg))
                 except Exception:  # the loop's edge: a bug in one check must not end alerting
@@ -248,5 +251,6 @@ class Monitor:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(tick):
                         await changed.wait()
+                await asyncio.sleep(max(0.0, checked_at + MIN_TICK - loop.time()))
         finally:
             self._stats.remove_listener(changed)

@@ -80,7 +80,7 @@ async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG]
-    store = open_store(cfg.store.url, cfg.state_dir)
+    store = open_store(cfg.store.url, cfg.state_dir, cfg.store.durability)
     await store.open()
     app[STORE] = store
     try:

@@ -227,6 +227,9 @@ def wecom_problems(s: WeComConfig) -> list[tuple[str, str]]:
 @dataclass(frozen=True, slots=True)
 class StoreConfig:
     url: str = "sqlite:///botgate.sqlite3"  # relative to the state directory
+    # SQLite only (docs/state.md): "power" = every commit on disk before the platform's ACK
+    # (synchronous=FULL), "process" = safe from a killed process, not from a power cut (NORMAL).
+    durability: str = "power"
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,6 +510,7 @@ SECRET_KEYS = frozenset(
 )
 
 REASONING_MODES = ("strip", "fold", "show")
+DURABILITY = ("power", "process")  # [store] durability (gateway/store/sqlfile.py SYNCHRONOUS)
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.provider": ("auto", "openai", "echo", "dify", "coze", "fastgpt"),
     "model.reasoning": REASONING_MODES,
@@ -519,6 +523,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "feishu.locale": BOT_LOCALE_SETTINGS,
     "wecom.locale": BOT_LOCALE_SETTINGS,
     "alerts.locale": ("", "zh-CN", "en"),
+    "store.durability": DURABILITY,
 }
 
 

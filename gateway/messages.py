@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -11,6 +12,29 @@ from typing import Any
 from .i18n import Locale
 
 DEFAULT_BOT = "default"  # a single-app platform section's bot; the web chat's
+
+# Request ids count up from a random 64-bit start drawn from the OS for each process (and again in a
+# forked child): unique within a process, and two processes sharing a store would need their runs of
+# ids to overlap, about (messages of both) / 2**64. Not `uuid4`, which took 3.5 µs a message (the
+# UUID object) and scattered the SQLite inbox's request_id index over random pages: consecutive
+# ids land on the same index page, ~5 µs less SQLite work a message in a group commit. The price:
+# two refs of one process, quoted in notices, tell how many messages it took in between. Ids are
+# not secrets.
+_MASK = (1 << 64) - 1
+_next_id = itertools.count(int.from_bytes(os.urandom(8))).__next__
+
+
+def _reseed() -> None:
+    global _next_id
+    _next_id = itertools.count(int.from_bytes(os.urandom(8))).__next__
+
+
+os.register_at_fork(after_in_child=_reseed)
+
+
+def new_request_id() -> str:
+    """16 hex digits, unique for every message this process takes in (0.4 µs)."""
+    return f"{_next_id() & _MASK:016x}"
 
 
 class ConversationKind(StrEnum):
@@ -99,7 +123,7 @@ class InboundMessage:
     # When the gateway received it (wall clock), not the platform's send time: latency and
     # gateway overhead are measured from here.
     created_at: float = field(default_factory=time.time)
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    request_id: str = field(default_factory=new_request_id)
     # The bot (app) of its platform that received it: replies leave through that bot.
     bot: str = DEFAULT_BOT
     # The language its notices are worded in (`gateway.i18n.locale_for`), chosen at intake by the

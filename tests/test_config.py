@@ -71,6 +71,7 @@ def error_of(path: Path | None, env: dict[str, str] | None = None) -> str:
             '[store]\nurl = "postgres://db"\n',
             "store.url: must start with memory://, sqlite:/// or redis://, got 'postgres://db'",
         ),
+        ('[store]\ndurability = "fast"\n', "store.durability: must be one of power, process, got 'fast'"),
         (
             '[dingtalk]\nenabled = true\nclient_id = "ding123"\n',
             "dingtalk.client_secret: is required when dingtalk.enabled = true "

@@ -67,12 +67,14 @@ class Burst:
         return True
 
 
-@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+@pytest.fixture(params=["sqlite", "sqlite-process", pytest.param("redis", marks=pytest.mark.redis)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, object]:
+    """The [store] section: SQLite at either `durability` (both survive kill -9), or Redis."""
     if request.param == "redis":
         url: str = request.getfixturevalue("redis_url")
-        return url
-    return f"sqlite:///{tmp_path}/state/botgate.sqlite3"
+        return {"url": url}
+    durability = "process" if request.param == "sqlite-process" else "power"
+    return {"url": f"sqlite:///{tmp_path}/state/botgate.sqlite3", "durability": durability}
 
 
 async def pending(store_url: str, tmp_path: Path) -> list[str]:
@@ -91,7 +93,7 @@ async def test_kill_9_mid_burst_then_restart_answers_every_acked_message_once(
     aiohttp_server: Any,
     openai_double: tuple[OpenAIDouble, str],
     spawn_gateway: Callable[..., GatewayProcess],
-    store_url: str,
+    store: dict[str, object],
     tmp_path: Path,
 ) -> None:
     double = DingTalkDouble()
@@ -102,7 +104,7 @@ async def test_kill_9_mid_burst_then_restart_answers_every_acked_message_once(
         {
             "dingtalk": dingtalk_section(double),
             "model": {"base_url": model_url, "max_retries": 0},
-            "store": {"url": store_url},
+            "store": store,
             "cache": {"enabled": False},
             # A dead instance's conversation leases (Redis) block the restart this long.
             "dispatcher": {"lease_ttl": 1.0, "drain_timeout": 5.0},
@@ -159,4 +161,4 @@ async def test_kill_9_mid_burst_then_restart_answers_every_acked_message_once(
     assert resumed >= len(acked) - ANSWERED  # the ACKed, unanswered ones came back from the inbox
     assert burst.answered_in_order(acked)
     assert double.calls("/v1.0/robot/oToMessages/batchSend") == []  # sessionWebhooks still valid
-    assert await pending(store_url, tmp_path) == []
+    assert await pending(str(store["url"]), tmp_path) == []

@@ -9,14 +9,18 @@ import signal
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 from gateway.errors import StoreError
+from gateway.keys import STORE
 from gateway.store import SENT, OutboxEntry, SqliteStore, Turn, open_store
 from gateway.store.base import encode_message
+from tests.conftest import make_config
 from tests.helpers import msg
 from tests.process import ROOT
 
@@ -332,3 +336,24 @@ async def test_an_outbox_entry_added_right_before_kill_9_is_there_after_reopen(t
         assert (await store.outbox_add(dataclasses.replace(outgoing(2), idempotency_key="token:ops:k"), 60)).id == "o1"
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize(("durability", "synchronous"), [("power", 2), ("process", 1)])
+async def test_durability_is_the_sync_of_every_commit(
+    gateway: Callable[..., Any], tmp_path: Path, durability: str, synchronous: int
+) -> None:
+    """`[store] durability` picks PRAGMA synchronous on the connection that commits: FULL (2)
+    syncs every group commit to disk, NORMAL (1) leaves it to the OS until a checkpoint."""
+    url = f"sqlite:///{tmp_path}/d.sqlite3"
+    client = await gateway(make_config(store={"url": url, "durability": durability}))
+    store = client.app[STORE]
+    assert await store.db.write(lambda conn, now: conn.execute("PRAGMA synchronous").fetchone()[0]) == synchronous
+    message = msg(1)
+    assert await store.admit(message, 60) is True
+    assert await store.inbox_pending() == [message]  # committed and readable at either setting
+
+
+def test_default_durability_is_power() -> None:
+    """An ACKed message survives a power cut unless the operator chose otherwise."""
+    assert make_config().store.durability == "power"
+    assert SqliteStore(Path("unused.sqlite3")).db.synchronous == "FULL"

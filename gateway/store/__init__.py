@@ -58,14 +58,15 @@ def sqlite_path(url: str, state_dir: Path) -> Path:
     return path if path.is_absolute() else state_dir / path
 
 
-def open_store(url: str, state_dir: Path) -> Store:
-    """Build (not yet open) the store for `url`; relative SQLite paths live under `state_dir`.
+def open_store(url: str, state_dir: Path, durability: str = "power") -> Store:
+    """Build (not yet open) the store for `url`; relative SQLite paths live under `state_dir`;
+    `durability` is `[store] durability` (SQLite only: see `sqlfile.SYNCHRONOUS`).
 
     Raises `StoreError` for an unsupported URL."""
     if url.startswith("memory://"):
         return MemoryStore()
     if url.startswith("sqlite:"):
-        return SqliteStore(sqlite_path(url, state_dir))
+        return SqliteStore(sqlite_path(url, state_dir), durability=durability)
     if url.startswith(("redis://", "rediss://", "unix://")):
         return RedisStore(url)
     scheme = url.partition("://")[0] or url

@@ -6,6 +6,11 @@ running) and commits it as ONE transaction, then resolves every waiter. So many 
 at once cost one fsync, not one each. Reads run on a second thread with its own connection, which
 WAL lets proceed while the writer commits. An exclusive `flock` on `<file>.lock` keeps a second
 process off the file.
+
+Writes of one kind queued one after another (the intake's admits) can run as one call over all
+their items (`write_grouped`): a few multi-row statements a commit instead of two a message. Every
+statement releases and retakes the GIL, and on a core the event loop keeps busy the writer thread
+may wait for the loop each time it retakes it.
 """
 
 from __future__ import annotations
@@ -27,13 +32,30 @@ log = logging.getLogger(__name__)
 
 # A write operation runs inside the batch transaction on the writer thread: (connection, now).
 WriteOp = Callable[[sqlite3.Connection, float], Any]
+# A grouped write runs once for consecutive queued items of its kind: (connection, now, items) ->
+# one result per item, in order.
+GroupOp = Callable[[sqlite3.Connection, float, list[Any]], list[Any]]
+# A queued write: its group (None: `item` is a WriteOp run alone), its item, its waiter.
+_Pending = tuple[GroupOp | None, Any, "asyncio.Future[Any]"]
 
 META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;"
 
+# `[store] durability` -> PRAGMA synchronous in WAL mode (https://www.sqlite.org/pragma.html#pragma_synchronous):
+# FULL syncs the WAL at every commit, so a commit is on disk before the platform gets its ACK, even
+# across a power cut (group commit keeps that to one sync per batch); NORMAL syncs only around
+# checkpoints: a commit survives a crashed or killed process (it is in the OS's page cache), but the
+# last ones may roll back after a power cut or OS crash. The file stays consistent with either.
+SYNCHRONOUS = {"power": "FULL", "process": "NORMAL"}
+
 
 class SqliteFile:
-    def __init__(self, path: Path, schema: str, version: int, window: float = 0.001) -> None:
+    def __init__(
+        self, path: Path, schema: str, version: int, window: float = 0.001, durability: str = "power"
+    ) -> None:
+        if durability not in SYNCHRONOUS:
+            raise ValueError(f"durability must be one of {', '.join(SYNCHRONOUS)}, got {durability!r}")
         self.path = path
+        self.synchronous = SYNCHRONOUS[durability]
         self.commits = 0  # write transactions committed; under load far fewer than writes
         self._schema = schema
         self._version = version
@@ -43,7 +65,7 @@ class SqliteFile:
         self._wconn: sqlite3.Connection | None = None  # used on the writer thread only
         self._rconn: sqlite3.Connection | None = None  # used on the reader thread only
         self._lock_fd: int | None = None
-        self._pending: list[tuple[WriteOp, asyncio.Future[Any]]] = []
+        self._pending: list[_Pending] = []
         self._wakeup: asyncio.Event | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._open = False
@@ -103,9 +125,7 @@ class SqliteFile:
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode != "wal":
             raise StoreError(f"sqlite {self.path}: WAL mode unavailable (journal_mode={mode})")
-        # FULL: a commit is on disk before the platform gets its ACK, even across a power cut;
-        # group commit keeps that affordable.
-        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")  # see SYNCHRONOUS
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > self._version:
             raise StoreError(
@@ -150,10 +170,19 @@ class SqliteFile:
     # -- writes: group commit -----------------------------------------------------------
     async def write(self, op: WriteOp) -> Any:
         """Run `op` in the next group commit; returns its result once that commit is durable."""
+        return await self._queue(None, op)
+
+    async def write_grouped(self, group: GroupOp, item: Any) -> Any:
+        """Run `group` in the next group commit over `item` and the other items queued for it right
+        before or after (nothing else queued in between); returns this item's result once that
+        commit is durable. Order against other writes is kept as if each item ran alone."""
+        return await self._queue(group, item)
+
+    async def _queue(self, group: GroupOp | None, item: Any) -> Any:
         if not self._open:
             raise StoreError("store is closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((op, future))
+        self._pending.append((group, item, future))
         assert self._wakeup is not None
         self._wakeup.set()
         return await future
@@ -170,31 +199,31 @@ class SqliteFile:
             if batch:
                 await self._commit(batch)
 
-    async def _commit(self, batch: list[tuple[WriteOp, asyncio.Future[Any]]]) -> None:
+    async def _commit(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
         assert self._writer is not None
         try:
-            results = await loop.run_in_executor(self._writer, self._run_batch, [op for op, _ in batch])
+            results = await loop.run_in_executor(self._writer, self._run_batch, batch)
         except BaseException as e:
             reason = str(e) if isinstance(e, StoreError) else f"sqlite {self.path}: write: {e!r}"
-            for _, future in batch:
+            for _, _, future in batch:
                 if not future.done():
                     future.set_exception(StoreError(reason))
             if not isinstance(e, Exception):
                 raise  # cancellation: the waiters have their error
             return
-        for (_, future), result in zip(batch, results, strict=True):
+        for (_, _, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
 
-    def _run_batch(self, ops: list[WriteOp]) -> list[Any]:
+    def _run_batch(self, batch: list[_Pending]) -> list[Any]:
         conn = self._wconn
         assert conn is not None
         now = time.time()
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                results = [op(conn, now) for op in ops]
+                results = _run_in_order(conn, now, batch)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -223,6 +252,27 @@ class SqliteFile:
             return await asyncio.get_running_loop().run_in_executor(self._reader, run)
         except sqlite3.Error as e:
             raise StoreError(f"sqlite {self.path}: read failed: {e}") from e
+
+
+def _run_in_order(conn: sqlite3.Connection, now: float, batch: list[_Pending]) -> list[Any]:
+    """Every write of `batch` in order; a run of consecutive items of one group in one call."""
+    results: list[Any] = []
+    start = 0
+    while start < len(batch):
+        group, item, _ = batch[start]
+        if group is None:
+            results.append(item(conn, now))
+            start += 1
+            continue
+        end = start + 1
+        while end < len(batch) and batch[end][0] is group:
+            end += 1
+        done = group(conn, now, [entry[1] for entry in batch[start:end]])
+        if len(done) != end - start:
+            raise RuntimeError(f"grouped write {group!r} gave {len(done)} results for {end - start} items")
+        results += done
+        start = end
+    return results
 
 
 def _heartbeat(conn: sqlite3.Connection, now: float) -> None:

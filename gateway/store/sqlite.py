@@ -9,11 +9,14 @@ gateway process owns the file: several instances need the Redis backend, so no l
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import orjson
 
@@ -36,6 +39,7 @@ from .base import (
 from .sqlfile import SqliteFile
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # `user_version` rises only for a change a file's older readers could not live with; a table added
 # for something new (`cards`, `backend_sessions`, `outbox`) is created in an existing file when it is opened
@@ -81,9 +85,11 @@ class SqliteStore:
     backend = "sqlite"
     shared = False
 
-    def __init__(self, path: Path, window: float = 0.001, sweep_interval: float = 60.0) -> None:
+    def __init__(
+        self, path: Path, window: float = 0.001, sweep_interval: float = 60.0, durability: str = "power"
+    ) -> None:
         self.path = path
-        self.db = SqliteFile(path, SCHEMA, SCHEMA_VERSION, window)
+        self.db = SqliteFile(path, SCHEMA, SCHEMA_VERSION, window, durability)
         self._sweep_interval = sweep_interval
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -124,21 +130,10 @@ class SqliteStore:
 
     # -- inbox --------------------------------------------------------------------------------
     async def admit(self, message: InboundMessage, ttl: float) -> bool:
-        key = message.dedup_key
+        # One transaction (the group commit's): a failed commit undoes the claim too. The admits of
+        # one commit run as one group: a few statements per commit, not two per message.
         row = (message.request_id, message.conversation_key, encode_message(message))
-
-        def op(conn: sqlite3.Connection, now: float) -> bool:
-            # One transaction (the group commit's): a failed commit undoes the claim too.
-            if not _claim(conn, now, key, ttl):
-                return False
-            conn.execute(
-                "INSERT INTO inbox (request_id, conversation, message) VALUES (?, ?, ?)"
-                " ON CONFLICT (request_id) DO NOTHING",
-                row,
-            )
-            return True
-
-        return bool(await self.db.write(op))
+        return bool(await self.db.write_grouped(_admit_all, _Admit(message.dedup_key, ttl, row)))
 
     async def inbox_done(self, message: InboundMessage) -> None:
         request_id = message.request_id
@@ -385,6 +380,75 @@ def _claim(conn: sqlite3.Connection, now: float, key: str, ttl: float) -> bool:
         (key, now + ttl, now),
     )
     return cur.rowcount == 1
+
+
+@dataclass(frozen=True, slots=True)
+class _Admit:
+    key: str  # the dedup key
+    ttl: float  # seconds it stays claimed
+    row: tuple[str, str, bytes]  # the inbox row: request_id, conversation, message
+
+
+def _admit_all(conn: sqlite3.Connection, now: float, admits: list[_Admit]) -> list[bool]:
+    """`_claim` then the inbox row, for every admit in order, in a few multi-row statements: the
+    same answers as one claim and one insert after another (a key twice in the group: the
+    first one wins while its claim lasts)."""
+    keys = list(dict.fromkeys(a.key for a in admits))
+    taken: set[str] = set()
+    for chunk in _chunks(keys):
+        taken.update(key for (key,) in conn.execute(_select_claimed(len(chunk)), (*chunk, now)))
+    claims: dict[str, float] = {}  # key -> its new expiry
+    fresh = []
+    for a in admits:
+        ok = a.key not in taken and claims.get(a.key, now) <= now
+        if ok:
+            claims[a.key] = now + a.ttl
+        fresh.append(ok)
+    for some_claims in _chunks(list(claims.items())):
+        conn.execute(_upsert_claims(len(some_claims)), [v for claim in some_claims for v in claim])
+    rows = [a.row for a, ok in zip(admits, fresh, strict=True) if ok]
+    for some_rows in _chunks(rows):
+        conn.execute(_insert_inbox(len(some_rows)), [v for row in some_rows for v in row])
+    return fresh
+
+
+_CHUNK_MAX = 128  # rows per statement: 3 x 128 parameters stay under SQLite's old limit of 999
+
+
+def _chunks(items: list[_T]) -> Iterator[list[_T]]:
+    """`items` in slices of power-of-two lengths (the largest first), so that each multi-row
+    statement is compiled once per length (sqlite3's statement cache), not once per batch size."""
+    start, size = 0, _CHUNK_MAX
+    while start < len(items):
+        while size > len(items) - start:
+            size //= 2
+        yield items[start : start + size]
+        start += size
+
+
+def _rows(n: int, marks: str) -> str:
+    return ", ".join([marks] * n)
+
+
+@functools.cache
+def _select_claimed(n: int) -> str:
+    return f"SELECT key FROM dedup WHERE key IN ({_rows(n, '?')}) AND expires > ?"
+
+
+@functools.cache
+def _upsert_claims(n: int) -> str:
+    return (
+        f"INSERT INTO dedup (key, expires) VALUES {_rows(n, '(?, ?)')}"
+        " ON CONFLICT (key) DO UPDATE SET expires = excluded.expires"
+    )
+
+
+@functools.cache
+def _insert_inbox(n: int) -> str:
+    return (
+        f"INSERT INTO inbox (request_id, conversation, message) VALUES {_rows(n, '(?, ?, ?)')}"
+        " ON CONFLICT (request_id) DO NOTHING"
+    )
 
 
 def _turns(raw: bytes) -> list[Turn]:
