@@ -190,7 +190,7 @@ async def test_final_refusal_stops_retrying_and_says_so(
     [line] = [r for r in caplog.records if r.getMessage() == "connection refused"]
     fields = vars(line)
     assert line.levelno == logging.ERROR and fields["retry_in_s"] == REFUSED_RETRY >= 600
-    assert why in fields["error"] and "or on an admin reconnect" in fields["error"]
+    assert why in fields["error_message"] and "or on an admin reconnect" in fields["error_message"]
     ready_status, ready = await readiness(client)
     assert ready_status == 503 and ready["channels"]["feishu/default"] == "refused"
     assert f"feishu/default refused (feishu refused the connection, {why}" in ready["reason"]

@@ -229,7 +229,7 @@ class RedisStore:
         self._redis = redis
         # EVALSHA, re-loading the script by itself after a Redis restart flushed it.
         self._scripts = {name: redis.register_script(source) for name, source in _SCRIPTS.items()}
-        log.info("store opened", extra={"backend": "redis", "url": self._where})
+        log.info("store opened", extra={"backend": "redis", "store_url": self._where})
 
     async def close(self) -> None:
         if self._redis is not None:
