@@ -81,8 +81,46 @@ def documented_check_config() -> str:
     # The block that is that one command (the upgrade steps run it too, among others).
     commands = [b for b in blocks if len(b.replace("\\\n", " ").strip().splitlines()) == 1]
     found = [b for b in commands if "--check-config" in b and "--env-file /etc/botgate/env" in b]
+    found = [b for b in found if not b.startswith("CREDENTIALS_DIRECTORY=")]
     assert len(found) == 1, "docs/deploy.md: an sh block of its own runs --check-config --env-file /etc/botgate/env"
     return found[0]
+
+
+def documented_credentials_check() -> str:
+    """docs/deploy.md's check of the config with the secrets as credential files."""
+    blocks: list[str] = re.findall(r"```sh\n(CREDENTIALS_DIRECTORY=.*?)```", DEPLOY.read_text(), flags=re.S)
+    assert len(blocks) == 1, "docs/deploy.md: no CREDENTIALS_DIRECTORY=... --check-config block"
+    return blocks[0]
+
+
+@pytest.mark.parametrize("left_in_env_file", [False, True])
+def test_documented_credentials_check_sees_the_env_file_too(tmp_path: Path, left_in_env_file: bool) -> None:
+    """The service gets the env file and the credentials; a secret in both is refused at start, so
+    the documented check must refuse it too (the step "remove those lines from the env file")."""
+    config = tmp_path / "config.toml"
+    config.write_text('[dingtalk]\nclient_id = "dingabc"\n')
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "BOTGATE_DINGTALK__CLIENT_SECRET").write_text("from-the-credential\n")
+    env = tmp_path / "env"
+    forgotten = "BOTGATE_DINGTALK__CLIENT_SECRET=old\n" if left_in_env_file else ""
+    env.write_text("BOTGATE_DINGTALK__ENABLED=true\n" + forgotten)
+    command = (
+        documented_credentials_check()
+        .replace("/etc/botgate/credentials", str(credentials))
+        .replace("/opt/botgate/.venv/bin/python", sys.executable)
+        .replace("/opt/botgate/run.py", str(ROOT / "run.py"))
+        .replace("/etc/botgate/config.toml", str(config))
+        .replace("/etc/botgate/env", str(env))
+    )
+    result = subprocess.run(
+        ["/bin/sh", "-e", "-c", command], capture_output=True, text=True, timeout=TIMEOUT, check=False
+    )
+    if left_in_env_file:
+        assert result.returncode == 2
+        assert "credential BOTGATE_DINGTALK__CLIENT_SECRET: also set in the environment" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
 
 
 def test_docs_never_source_the_env_file_with_a_shell() -> None:

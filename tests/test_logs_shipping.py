@@ -22,6 +22,7 @@ import yaml
 
 from gateway.logs import ECS_OBJECTS, JsonFormatter, syslog_priority
 from tests import journald
+from tests.debian import tool as debian_tool
 from tests.log_keys import RECORD_ATTRIBUTES, LogKeys
 from tests.process import ROOT, GatewayProcess
 
@@ -219,6 +220,24 @@ WRITER = (
     "log.info('answered', extra={'request_id': 'r1'}); log.warning('connection lost', extra={'request_id': 'r2'});"
     "log.error('model failed', extra={'request_id': 'r3'}); print('config error: not JSON', file=sys.stderr)"
 )
+
+
+def test_the_slowest_answers_recipe_sorts_by_latency() -> None:
+    """docs/logging.md's "slowest answers" one-liner, on the lines the gateway writes: the slowest
+    first (a line `sort -n` cannot read a number from, such as a JSON array, would not sort at all)."""
+    jq = debian_tool("jq", "jq")
+    match = re.search(r"^# the slowest answers today\njournalctl [^|]+\| (jq .+)$", DOCS.read_text(), re.M)
+    assert match, "docs/logging.md: no 'the slowest answers today' recipe"
+    lines = [
+        orjson.dumps({"message": "answered", "latency_ms": ms, "request_id": f"r{ms}"}).decode()
+        for ms in (9.5, 120.0, 30.25)
+    ] + ['{"message":"connection lost","latency_ms":null}', "Starting botgate.service - botgate chat gateway..."]
+    result = subprocess.run(
+        ["sh", "-c", match.group(1).replace("jq ", f"{jq} ", 1)],
+        input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert [line.split()[-1] for line in result.stdout.splitlines()] == ["r120.0", "r30.25", "r9.5"]
 
 
 @pytest.mark.skipif(bool(_journald_missing()), reason=_journald_missing() or "-")

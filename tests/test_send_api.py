@@ -16,6 +16,7 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import outbox as outbox_module
 from gateway.keys import OUTBOX, STORE
@@ -173,11 +174,26 @@ async def test_a_throttled_platform_is_retried_and_delivers_once(world: World) -
     assert len(world.group_sends()) == 1 and world.ding.throttled == [GROUP_SEND]
 
 
+async def failed_count(client: Client, platform: str) -> float | None:
+    """`botgate_outbox_messages_total{state="failed"}` of `platform` on /metrics (None: no series)."""
+    text = await (await client.get("/metrics")).text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            wanted = {"platform": platform, "state": "failed"}
+            if sample.name == "botgate_outbox_messages_total" and sample.labels == wanted:
+                return sample.value
+    return None
+
+
 async def test_a_refusal_fails_the_message_with_the_platforms_reason(world: World) -> None:
+    # The series is there at 0 before the first failure: the alert (increase() over 15 minutes) can
+    # only see a failure that moves an existing series.
+    assert await failed_count(world.client, "feishu") == 0
     world.feishu.absent_chats.add("oc_gone")
     _, body = await world.post({"platform": "feishu", "conversation": "oc_gone", "text": "hello"})
     state = await world.settled(body["id"])
     assert state["state"] == "failed" and "230002" in state["reason"] and state["attempts"] == 1
+    assert await failed_count(world.client, "feishu") == 1
 
 
 async def test_an_unknown_message_id_is_a_404(world: World) -> None:
