@@ -1,7 +1,8 @@
-"""Start botgate: `python run.py [--config PATH] [--check-config]`, or check its surroundings:
-`python run.py doctor [--config PATH]`, or manage the admin login token (used while no admin
-password is set): `python run.py login-link` prints the login link, `python run.py rotate-login-token`
-replaces the token (every session made with the old one ends)."""
+"""Start botgate: `python run.py [--config PATH] [--env-file PATH] [--check-config]`, or check its
+surroundings: `python run.py doctor [--config PATH]`, or manage the admin login token (used while no
+admin password is set): `python run.py login-link` prints the login link, `python run.py
+rotate-login-token` replaces the token (every session made with the old one ends), or copy the
+SQLite store while the gateway runs: `python run.py backup FILE [--force]` (docs/deploy.md)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,16 @@ import argparse
 import asyncio
 import getpass
 import logging
+import os
 import sys
 from pathlib import Path
 
 import handlers
-from gateway import __version__, doctor
+from gateway import __version__, doctor, envfile
 from gateway.app import create_app
 from gateway.auth import LOGIN_TOKEN_FILE, LoginToken, audit, login_url
 from gateway.backends import uses_echo
+from gateway.backup import BackupFailed, BackupRefused, backup
 from gateway.config import Config, ConfigError, load
 from gateway.errors import StoreError
 from gateway.logs import JsonFormatter, setup_logging
@@ -32,21 +35,51 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "command",
         nargs="?",
-        choices=["serve", "doctor", "login-link", "rotate-login-token"],
+        choices=["serve", "doctor", "login-link", "rotate-login-token", "backup"],
         default="serve",
         help="serve (default); doctor: check credentials, endpoints, clock, model and store, then exit; "
-        "login-link: print the admin login link; rotate-login-token: replace the admin login token",
+        "login-link: print the admin login link; rotate-login-token: replace the admin login token; "
+        "backup FILE: copy the SQLite store to FILE (a directory: a new file named by the time in it)",
     )
+    parser.add_argument("file", nargs="?", help="backup: where the copy goes")
     parser.add_argument("--config", help="path to config.toml (default: the one next to run.py)")
+    parser.add_argument(
+        "--env-file",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="read BOTGATE_... variables from PATH as systemd's EnvironmentFile= does (values literal, "
+        "nothing run); they win over the environment; may be given more than once",
+    )
+    parser.add_argument("--force", action="store_true", help="backup: replace FILE if it exists")
     parser.add_argument("--check-config", action="store_true", help="validate the config and exit")
     parser.add_argument("--version", action="version", version=f"botgate {__version__}")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if (args.command == "backup") != (args.file is not None):
+        parser.error("FILE goes with backup only: run.py backup FILE" if args.file else "backup needs FILE")
+    return args
 
 
 def load_config(path: str | None) -> Config:
     if path is not None:
         return load(path)
     return load(DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+
+
+def backup_command(config: Config, file: str, force: bool) -> int:
+    try:
+        result = backup(config, file, overwrite=force)
+    except BackupRefused as e:
+        print(f"backup refused: {e}", file=sys.stderr)
+        return 2
+    except BackupFailed as e:
+        print(f"backup failed: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"backup ok: {result.source} -> {result.target} ({result.size} bytes, schema version "
+        f"{result.schema_version}, {result.pending} messages not yet answered)"
+    )
+    return 0
 
 
 def login_token_command(config: Config, rotate: bool) -> int:
@@ -67,7 +100,7 @@ def login_token_command(config: Config, rotate: bool) -> int:
         handler = logging.StreamHandler(sys.stderr)  # stdout carries only the link
         handler.setFormatter(JsonFormatter(config.secrets()))
         logging.getLogger().handlers[:] = [handler]
-        audit("login_token.rotate", "ok", actor="local command", user=getpass.getuser(), path=str(path))
+        audit("login_token.rotate", "ok", actor="local command", os_user=getpass.getuser(), path=str(path))
         print("login token replaced: the old one and every session made with it no longer work", file=sys.stderr)
     if config.admin.password:
         print("note: [admin] password is set, so log in with the password; the token is not accepted", file=sys.stderr)
@@ -77,6 +110,12 @@ def login_token_command(config: Config, rotate: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        for path in args.env_file:  # as systemd would set them: into this process's environment
+            os.environ.update(envfile.read(path))
+    except envfile.EnvFileError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     try:
         config = load_config(args.config)
         tls = ssl_context(config)
@@ -88,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "doctor":
         return asyncio.run(doctor.run(config, [handlers.doctor]))
+    if args.command == "backup":
+        return backup_command(config, args.file, args.force)
     if args.command in ("login-link", "rotate-login-token"):
         return login_token_command(config, rotate=args.command == "rotate-login-token")
     setup_logging(config.log.level, config.secrets())
@@ -98,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "starting",
         extra={
             "version": __version__,
-            "host": config.server.host,
+            "listen_host": config.server.host,
             "port": config.server.port,
             "config": config.source,
             # Say plainly when no model is configured: every answer will be an echo.

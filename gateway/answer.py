@@ -243,7 +243,7 @@ class Summary:
                 **fields(message),
                 "platform": message.platform,
                 "bot": message.bot,
-                "agent": exchange.agent,
+                "agent_name": exchange.agent,
                 "message_id": message.message_id,
                 "latency_ms": round((time.time() - message.created_at) * 1000, 1),
                 "overhead_ms": round(overhead * 1000, 2),

@@ -177,7 +177,7 @@ class ConnectionLoop:
                     extra={
                         "platform": self.platform,
                         "conn_id": self._conn_id,
-                        "error": error,
+                        "error_message": error,
                         "retry_in_s": round(delay, 2),
                     },
                 )

@@ -1,9 +1,13 @@
 """JSON log lines on stdout, with every secret masked before it is written: the configured ones,
-the credentials obtained at run time (`register_secret`), and credentials inside URLs (`redact`)."""
+the credentials obtained at run time (`register_secret`), and credentials inside URLs (`redact`).
+
+The keys are safe to decode into the root of an Elastic Common Schema document (no string where ECS
+has an object), and under journald each line starts with its syslog priority (docs/logging.md)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import threading
@@ -11,7 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 import orjson
@@ -21,6 +25,52 @@ from aiohttp.web_protocol import RequestPayloadError
 # Fields every line carries (null when unknown), so log queries never miss a key.
 STANDARD_FIELDS = ("request_id", "user_id", "latency_ms", "model_version")
 _RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+# The top-level names that are objects in the Elastic Common Schema 9.4 (field sets such as `event`
+# and `host`, and the object-typed `labels`), from tests/data/ecs_fields.txt. Elasticsearch's ECS
+# templates map them as objects and reject a whole line that carries a string there ("object mapping
+# for [host] tried to parse field [host] as object, but found a concrete value"). The gateway's own
+# keys avoid them (tests/test_logs_shipping.py checks the source); a value logged under one anyway,
+# by a library for instance, is written as `<name>_value`.
+ECS_OBJECTS = frozenset(
+    {
+        "agent", "client", "cloud", "container", "data_stream", "destination", "device", "dll", "dns",
+        "ecs", "email", "entity", "error", "event", "faas", "file", "gen_ai", "group", "host", "http",
+        "labels", "log", "network", "observer", "orchestrator", "organization", "package", "process",
+        "registry", "related", "rule", "server", "service", "source", "span", "threat", "tls", "trace",
+        "transaction", "url", "user", "user_agent", "volume", "vulnerability",
+    }
+)  # fmt: skip
+
+
+def ecs_safe_key(key: str, value: object) -> str:
+    """`key`, or `<key>_value` when a non-object value would land on an ECS object."""
+    return f"{key}_value" if key in ECS_OBJECTS and not isinstance(value, dict) else key
+
+
+# -- journald priorities ---------------------------------------------------------------------------
+# syslog(3) priorities, as journald reads them from a "<N>" line prefix (sd-daemon(3)).
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+
+def syslog_priority(levelno: int) -> int:
+    """CRITICAL 2 (crit), ERROR 3 (err), WARNING 4 (warning), INFO 6 (info), DEBUG 7 (debug); a level
+    in between takes the priority of the named level below it."""
+    return next((priority for floor, priority in _PRIORITIES if levelno >= floor), 7)
+
+
+def writes_to_journal(stream: TextIO) -> bool:
+    """Is `stream` the journal stream systemd connected the service to? systemd sets
+    JOURNAL_STREAM to that stream's "device:inode" (systemd.exec(5)); the variable is inherited by
+    a process whose output was redirected elsewhere (a terminal, a file, a pipe into jq), so the
+    stream's own device and inode must match."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(stream.fileno())
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (OSError, ValueError):  # not set or malformed, or a stream without a file descriptor
+        return False
+
 
 MASK = "***"
 MIN_SECRET = 4  # shorter values would mask ordinary words
@@ -143,8 +193,13 @@ def redacted(value: T, secrets: Iterable[str] = ()) -> T:
 
 
 class JsonFormatter(logging.Formatter):
-    def __init__(self, secrets: list[str] | None = None) -> None:
+    """One JSON object per line. `priority_prefix` puts the record's syslog priority in front
+    ("<4>{...}"), for journald only: it strips the prefix and keeps the priority, so
+    `journalctl -p warning` finds the warnings and `journalctl -o cat` still shows bare JSON."""
+
+    def __init__(self, secrets: list[str] | None = None, priority_prefix: bool = False) -> None:
         super().__init__()
+        self.priority_prefix = priority_prefix
         self.set_secrets(secrets or [])
 
     def set_secrets(self, secrets: list[str]) -> None:
@@ -157,19 +212,21 @@ class JsonFormatter(logging.Formatter):
             "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "event": record.getMessage(),
+            "message": record.getMessage(),
         }
         for name in STANDARD_FIELDS:
             line[name] = None
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
-                line[key] = value
+                line[ecs_safe_key(key, value)] = value
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         text = orjson.dumps(line, default=str).decode()
         if getattr(record, "_shows_credential", False):
-            return _replace(_replace(text, self._secrets), RUNTIME.forms)
-        return _redact(text, self._secrets)
+            text = _replace(_replace(text, self._secrets), RUNTIME.forms)
+        else:
+            text = _redact(text, self._secrets)
+        return f"<{syslog_priority(record.levelno)}>{text}" if self.priority_prefix else text
 
 
 class ClientProtocolErrors(logging.Filter):
@@ -232,7 +289,7 @@ ACCEPT_EXHAUSTED = ("socket.accept() out of system resource",)
 def setup_logging(level: str = "INFO", secrets: list[str] | None = None) -> None:
     """Configure the root logger (called by run.py only)."""
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter(secrets))
+    handler.setFormatter(JsonFormatter(secrets, priority_prefix=writes_to_journal(sys.stdout)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

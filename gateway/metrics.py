@@ -16,15 +16,18 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    ProcessCollector,
     generate_latest,
 )
 
+from .procstats import ProcessMetrics
 from .stats import Stats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 MODEL_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0)
 API_CALL_BUCKETS = (0, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89)
+# HTTP request durations: 0.5 is a bound, so "share of requests slower than 500 ms" (the latency
+# SLO in deploy/alerts.yml) is exact, not interpolated; finer below it, where webhooks answer.
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
 class Outcome(StrEnum):
@@ -47,8 +50,9 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.stats = Stats()
-        # process_cpu_seconds_total and friends, for the CPU alert (Linux /proc; empty elsewhere).
-        ProcessCollector(registry=r)
+        # process_cpu_seconds_total and friends, for the CPU, memory and restart alerts (Linux;
+        # from /proc/self only, so they exist under the unit's ProcSubset=pid: gateway/procstats.py).
+        ProcessMetrics(r)
         self.messages_received = Counter(
             "botgate_messages_received",
             "Inbound messages accepted from a platform.",
@@ -183,6 +187,14 @@ class Metrics:
         self.http_requests = Counter(
             "botgate_http_requests", "HTTP requests served.", ["route", "status"], registry=r
         )
+        self.http_duration = Histogram(
+            "botgate_http_request_duration_seconds",
+            "HTTP request duration by route template, arrival until the response is ready (for "
+            "/chat/ws and /status/events: how long the connection stayed open).",
+            ["route"],
+            buckets=HTTP_BUCKETS,
+            registry=r,
+        )
         self.outbox = Counter(
             "botgate_outbox_messages",
             "Proactive messages (send API, schedules, alerts to a conversation) by platform and what "
@@ -199,7 +211,7 @@ class Metrics:
         )
         # Labelled children by label values (bounded: every label takes bounded values).
         self._received: dict[tuple[str, str, str], Any] = {}
-        self._http: dict[tuple[str, int], Any] = {}
+        self._http: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     # -- what the core records (Prometheus + status page from one call) ------------------------
     def message_received(self, platform: str, transport: str, kind: str) -> None:
@@ -210,12 +222,17 @@ class Metrics:
         child.inc()
         self.stats.message_received()
 
-    def http_request(self, route: str, status: int) -> None:
+    def http_request(self, route: str, status: int, seconds: float) -> None:
         key = (route, status)
-        child = self._http.get(key)
-        if child is None:
-            child = self._http[key] = self.http_requests.labels(route, str(status))
-        child.inc()
+        children = self._http.get(key)
+        if children is None:  # one lookup per request finds both the counter and the histogram
+            children = self._http[key] = (
+                self.http_requests.labels(route, str(status)),
+                self.http_duration.labels(route),
+            )
+        count, duration = children
+        count.inc()
+        duration.observe(seconds)
 
     def reply(self, platform: str, outcome: Outcome) -> None:
         self.replies.labels(platform, outcome.value).inc()

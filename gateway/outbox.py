@@ -107,7 +107,10 @@ class Outbox:
         self._owner = uuid.uuid4().hex
         self._wake = asyncio.Event()
         self._busy: dict[str, asyncio.Task[None]] = {}  # target -> its attempt in flight
-        self._elsewhere: dict[str, float] = {}  # entry id -> when to look again (another instance has it)
+        # entry id -> when to look again (another instance has it, or the store failed its attempt)
+        self._elsewhere: dict[str, float] = {}
+        # An attempt's outcome the store did not take (entry id -> it): written again, never sent again.
+        self._unrecorded: dict[str, OutboxEntry] = {}
         self._changed = asyncio.Event()  # replaced on every recorded outcome (tests, `settled`)
 
     # -- accepting -------------------------------------------------------------------------------
@@ -207,6 +210,7 @@ class Outbox:
         now, wait = self._clock(), rescan
         queued_ids = {entry.id for entry in queued}
         self._elsewhere = {i: t for i, t in self._elsewhere.items() if i in queued_ids}
+        self._unrecorded = {i: e for i, e in self._unrecorded.items() if i in queued_ids}
         seen: set[str] = set()
         for entry in queued:
             target = _target(entry)
@@ -243,10 +247,18 @@ class Outbox:
                 if current is None or current.done or current.attempts != entry.attempts:
                     return  # delivered or tried meanwhile: the next look sees its new state
                 entry = current
-            done = await self._deliver(entry)
-            await self._store.outbox_update(done, self._config().keep_for)
+            done = self._unrecorded.get(entry.id) or await self._deliver(entry)
+            try:
+                await self._store.outbox_update(done, self._config().keep_for)
+            except StoreError:
+                self._unrecorded[entry.id] = done  # sent (or refused) already: only the record is owed
+                raise
+            self._unrecorded.pop(entry.id, None)
             self._record(done)
         except StoreError as e:
+            # Not looked at again at once: the store refusing writes while reads work (a full disk,
+            # Redis at maxmemory) would otherwise spin this entry's attempts.
+            self._elsewhere[entry.id] = self._clock() + STORE_RETRY
             log.warning("outbox entry not updated: %s", e, extra={"outbox_id": entry.id})
         finally:
             if leases is not None:

@@ -181,7 +181,7 @@ class LiveConfig:
         for event in self._listeners:
             event.set()
         fields = {
-            "source": report.source,
+            "config": report.source,
             "applied": list(report.applied),
             "restart_keys": list(report.needs_restart),
             "log_level": new.log.level,

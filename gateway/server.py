@@ -89,7 +89,7 @@ class GuardedRequestHandler(RequestHandler):
     def _headers_late(self) -> None:
         self._header_clock = None
         log.debug("request headers not received in time, connection closed",
-                  extra={"timeout": self._header_limit, "client": _peer(self)})  # fmt: skip
+                  extra={"timeout": self._header_limit, "client_ip": _peer(self)})  # fmt: skip
         self.force_close()
 
     def _body_late(self, payload: StreamReader) -> None:
@@ -97,7 +97,7 @@ class GuardedRequestHandler(RequestHandler):
         if payload.is_eof() or payload.exception() is not None:
             return
         log.debug("request body not received in time",
-                  extra={"timeout": self._body_limit, "client": _peer(self)})  # fmt: skip
+                  extra={"timeout": self._body_limit, "client_ip": _peer(self)})  # fmt: skip
         payload.set_exception(BodyTimeout(f"request body not received within {self._body_limit:g} s"))
 
     @staticmethod
@@ -219,7 +219,7 @@ class Service:
             await runner.setup()  # every cleanup_ctx: store, model, dispatcher, channels
             site = web.TCPSite(runner, cfg.server.host, cfg.server.port, ssl_context=self._tls)
             await site.start()
-            log.info("serving", extra={"url": self._where})
+            log.info("serving", extra={"listen_url": self._where})
             self._notifier.ready(f"serving on {self._where}")
             self._serving.set()
             await self._stop.wait()

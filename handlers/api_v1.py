@@ -45,7 +45,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     cfg = request.app[LIVE].in_force.api
     resource = request.match_info.route.resource
     route = f"{request.method} {resource.canonical if resource is not None else request.path}"
-    who = {"client": client_address(request)}
+    who = {"client_ip": client_address(request)}
     if not cfg.tokens:
         audit(route, "refused", status=403, reason="api off", **who)
         return json_error(403, "the send API is off: no [api] tokens are configured")

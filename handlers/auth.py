@@ -106,8 +106,8 @@ def client_address(request: web.Request) -> str:
 def _who(request: web.Request) -> dict[str, Any]:
     """The audit record's "who" and "from where"."""
     principal = request.get(PRINCIPAL)
-    fields: dict[str, Any] = {"client": client_address(request)}
-    if fields["client"] != request.remote:
+    fields: dict[str, Any] = {"client_ip": client_address(request)}
+    if fields["client_ip"] != request.remote:
         fields["peer"] = request.remote
     if principal is None:
         fields["actor"] = "anonymous"

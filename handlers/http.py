@@ -1,9 +1,11 @@
-"""HTTP plumbing shared by every route: JSON errors (never a bare 500), request metrics, body limits
-(per route, checked before the body is read) and the 408 for a body that does not arrive in time."""
+"""HTTP plumbing shared by every route: JSON errors (never a bare 500), request metrics (count and
+duration by route template), body limits (per route, checked before the body is read) and the 408
+for a body that does not arrive in time."""
 
 from __future__ import annotations
 
 import logging
+from time import perf_counter
 from typing import Any
 
 from aiohttp import web
@@ -48,7 +50,9 @@ def _last_line(text: str) -> str:
 async def errors_and_metrics(request: web.Request, handler: Any) -> web.StreamResponse:
     """Oversized bodies are refused up front; aiohttp's own 404/405/413 become JSON errors; an
     unexpected exception is logged and answered with a JSON 500 instead of escaping; every response
-    is counted by route template. (One middleware, not three: each layer costs every request.)"""
+    is counted and timed by route template. (One middleware, not three: each layer costs every
+    request.)"""
+    started = perf_counter()
     status = 500
     try:
         # A declared body over the route's limit gets 413 before any handler runs, on every route
@@ -91,4 +95,4 @@ async def errors_and_metrics(request: web.Request, handler: Any) -> web.StreamRe
         log.exception("unhandled error", extra={"route": _route_label(request)})
         return json_error(500, "internal error")
     finally:
-        request.app[METRICS].http_request(_route_label(request), status)
+        request.app[METRICS].http_request(_route_label(request), status, perf_counter() - started)

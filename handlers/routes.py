@@ -14,6 +14,8 @@ from gateway.errors import StoreError
 from gateway.i18n import N_
 from gateway.keys import CHANNELS, CONFIG, DISPATCHER, METRICS, STORE
 from gateway.logs import redacted
+from gateway.outbox import Pusher
+from gateway.store import FAILED, QUEUED, SENT
 
 from . import pages
 from .auth import authenticated
@@ -94,6 +96,9 @@ async def metrics(request: web.Request) -> web.Response:
         # Start per-platform counters at 0 so rate() and alerts see them before the first event.
         m.reconnects.labels(status.platform)
         m.dedup_dropped.labels(status.platform)
+        if isinstance(channel, Pusher):  # a 0 first, so increase() sees the first failed message
+            for state in (QUEUED, SENT, FAILED):
+                m.outbox.labels(status.platform, state)
     return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -19,6 +19,8 @@ from tests.doubles.openai import OpenAIDouble
 from tests.process import GatewayProcess
 from tests.redisd import RedisServer
 
+pytest_plugins = ["tests.feishu_env"]  # the Feishu double's fixtures: feishu, feishu_gateway
+
 # websockets honours proxy variables even for 127.0.0.1 (docs/protocols/testing.md §0.8).
 os.environ["NO_PROXY"] = "127.0.0.1,localhost"
 os.environ["no_proxy"] = "127.0.0.1,localhost"

@@ -9,6 +9,9 @@
   as, SQLite fchown()s its journal and copes with EPERM; the service user never makes that call.)
 - RestrictAddressFamilies=                      -> other socket() families fail with EAFNOSUPPORT, as
   under systemd (glibc's getaddrinfo probes AF_NETLINK and copes with that)
+- ProcSubset= / ProtectProc=                     -> a private /proc mounted with subset=pid and hidepid=
+  (/proc/stat, /proc/meminfo... are gone, as under the unit); needs root, skipped otherwise:
+  `proc_unsupported()` says so
 CI has no systemd as PID 1, so this is how tests show that Python and aiohttp work inside the sandbox.
 Only x86_64 is supported; `unsupported()` says why it cannot run here.
 """
@@ -37,6 +40,7 @@ AUDIT_ARCH_X86_64 = 0xC000003E
 LD_ABS, JEQ, RET = 0x20, 0x15, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K
 NR_SOCKET = 41
 FAMILIES = {"AF_UNIX": socket.AF_UNIX, "AF_INET": socket.AF_INET, "AF_INET6": socket.AF_INET6}
+CLONE_NEWNS, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x20000, 2, 4, 8, 0x4000, 1 << 18
 
 
 def unsupported() -> str | None:
@@ -50,6 +54,19 @@ def unsupported() -> str | None:
     if libc.prctl(PR_SET_MDWE + 1, 0, 0, 0, 0) < 0:  # PR_GET_MDWE
         return "kernel without PR_SET_MDWE (needs Linux 6.3+)"
     return None
+
+
+def proc_unsupported() -> str | None:
+    if os.geteuid() != 0:
+        return "mounting a private /proc (ProcSubset=, ProtectProc=) needs root"
+    return None
+
+
+def proc_options() -> bytes:
+    """procfs mount options for the unit's ProcSubset= and ProtectProc= (systemd.exec(5))."""
+    options = [f"subset={v}" for v in unit_values("ProcSubset") if v == "pid"]
+    options += [f"hidepid={v}" for v in unit_values("ProtectProc") if v != "default"]
+    return ",".join(options).encode()
 
 
 def unit_values(key: str) -> list[str]:
@@ -134,6 +151,14 @@ def apply() -> None:
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
     fprog = SockFprog(len(code) // 8, ctypes.addressof(buf))
+    if proc_options() and proc_unsupported() is None:  # before seccomp, which refuses mount()
+        libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+        if libc.unshare(CLONE_NEWNS) != 0:
+            raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+        if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+            raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
+        if libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, proc_options()) != 0:
+            raise OSError(ctypes.get_errno(), f"mount -t proc -o {proc_options().decode()}")
     prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0)
     prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0)

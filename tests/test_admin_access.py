@@ -94,7 +94,7 @@ async def test_no_peer_reaches_an_admin_surface_without_the_token(gateway_proces
     # One log line carries the token: the login link, on this machine's loopback and port.
     [announced] = lines_with(gw, token)
     link = f"http://127.0.0.1:{gw.port}/login?token={token}"
-    assert orjson.loads(announced)["login_url"] == link and link in orjson.loads(announced)["event"]
+    assert orjson.loads(announced)["login_url"] == link and link in orjson.loads(announced)["message"]
 
     async with Forwarder(gw.port) as proxy, aiohttp.ClientSession() as visitor:
         for base, host in (

@@ -12,6 +12,7 @@ import logging
 import zoneinfo
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,12 +23,13 @@ from aiohttp.test_utils import TestClient
 
 from gateway.alertmanager import parse, render
 from gateway.alerts import Monitor
-from gateway.errors import Throttled
+from gateway.errors import PlatformError, Throttled
 from gateway.keys import OUTBOX
 from gateway.robots import RobotMessage, RobotRefused
 from gateway.stats import Stats
 from gateway.store import MemoryStore
-from handlers.robots import WeComRobot, robot_senders
+from gateway.store.sqlite import SqliteStore
+from handlers.robots import DingTalkRobot, WeComRobot, robot_senders
 from tests.conftest import make_config
 from tests.doubles.dingtalk import DingTalkDouble
 from tests.doubles.robots import RobotDouble
@@ -262,6 +264,14 @@ async def test_a_throttled_robot_is_a_503_then_delivered_once(world: Any) -> Non
     assert Counter(p for p, _ in w.robots.posts) == {"dingtalk": 1, "feishu": 1}
 
 
+async def test_a_busy_dingtalk_robot_is_retried_not_refused(world: Any) -> None:
+    w = await world("dingtalk")
+    w.robots.next_errcodes["dingtalk"] = [-1]  # "system busy": not taken
+    status, body, retry_after = await w.post(FIRING)
+    assert status == 503 and retry_after and body["targets"] == {"dingtalk": "retry"}
+    assert (await w.post(FIRING))[0] == 200 and len(w.robots.posts) == 1
+
+
 async def test_a_repeat_with_other_alerts_is_posted_again(world: Any) -> None:
     w = await world("feishu")
     assert (await w.post(FIRING))[0] == 200
@@ -332,6 +342,21 @@ async def test_the_robot_bucket_waits_briefly_then_counts_as_throttled(robot_url
         with pytest.raises(Throttled):
             await other.send(RobotMessage("still too many"))
     assert len(double.posts) == WeComRobot.per_minute and double.refusals == []
+
+
+async def test_a_robot_whose_bucket_the_store_cannot_give_is_retried_not_a_500(robot_urls: Any, tmp_path: Path) -> None:
+    """The Alertmanager receiver answers a retryable `PlatformError` with a 503; a bare `StoreError`
+    would escape it as a 500 (and the built-in notifier would log it as a bug)."""
+    double, urls = robot_urls
+    store = SqliteStore(tmp_path / "botgate.sqlite3")
+    await store.open()
+    await store.close()  # a store that fails every call
+    async with aiohttp.ClientSession() as session:
+        robot = DingTalkRobot(session, store, urls["dingtalk_webhook"], urls["dingtalk_secret"], wait=0.0)
+        with pytest.raises(PlatformError) as caught:
+            await robot.send(RobotMessage("disk full"))
+    assert caught.value.retryable and not isinstance(caught.value, Throttled | RobotRefused)
+    assert "bucket" in str(caught.value) and double.posts == []
 
 
 async def test_a_text_too_long_for_wecom_is_cut_with_a_marker(robot_urls: Any) -> None:

@@ -3,6 +3,7 @@ DingTalk/Feishu robot-webhook doubles — once per incident, then a resolve."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from urllib.parse import parse_qsl
 import aiohttp
 import orjson
 import pytest
+import yaml
 
 from gateway.alerts import RETRY_AFTER, Monitor
 from gateway.channel import ChannelState, ChannelStatus
@@ -26,33 +28,94 @@ from tests.doubles.robots import RobotDouble
 from tests.helpers import chat
 
 ROOT = Path(__file__).resolve().parent.parent
+RULES = ROOT / "deploy" / "alerts.yml"
+RULE_TESTS = ROOT / "tests" / "promtool" / "alerts_test.yml"
+RUNBOOK = ROOT / "docs" / "runbook.md"
+RUNBOOK_URL = "file:///opt/botgate/docs/runbook.md#"  # docs/runbook.md says how to point it elsewhere
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool not installed (Debian package prometheus)"
 )
 
 
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    assert PROMTOOL is not None
+    return subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=60)
+
+
+def rules() -> list[dict[str, Any]]:
+    return [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+
+
+def alerts() -> dict[str, dict[str, Any]]:
+    return {rule["alert"]: rule for rule in rules() if "alert" in rule}
+
+
+def anchor(heading: str) -> str:
+    """The id GitHub and GitLab give a Markdown heading: lower case, punctuation dropped, spaces to -."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def runbook_sections() -> dict[str, str]:
+    """Runbook sections by anchor: each heading's text up to the next heading of any level."""
+    parts = re.split(r"^#{2,4} (.+)$", RUNBOOK.read_text(), flags=re.MULTILINE)
+    return {anchor(heading): body for heading, body in zip(parts[1::2], parts[2::2], strict=True)}
+
+
 @needs_promtool
 def test_alert_rules_pass_promtool_check() -> None:
-    result = subprocess.run(
-        [str(PROMTOOL), "check", "rules", str(ROOT / "deploy" / "alerts.yml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = promtool("check", "rules", str(RULES))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 11 rules found" in result.stdout
+    assert f"SUCCESS: {len(rules())} rules found" in result.stdout
 
 
 @needs_promtool
 def test_alert_rules_fire_on_the_documented_conditions() -> None:
-    result = subprocess.run(
-        [str(PROMTOOL), "test", "rules", str(ROOT / "tests" / "promtool" / "alerts_test.yml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = promtool("test", "rules", str(RULE_TESTS))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_has_a_firing_and_a_quiet_promtool_case() -> None:
+    tests = yaml.safe_load(RULE_TESTS.read_text())["tests"]
+    cases = [case for test in tests for case in test.get("alert_rule_test", [])]
+    firing = {case["alertname"] for case in cases if case["exp_alerts"]}
+    quiet = {case["alertname"] for case in cases if not case["exp_alerts"]}
+    assert set(alerts()) - firing == set(), "alerts without a promtool case where they fire"
+    assert set(alerts()) - quiet == set(), "alerts without a promtool case where they must not fire"
+    assert (firing | quiet) - set(alerts()) == set(), "promtool cases for alerts that do not exist"
+
+
+def test_every_alert_links_its_runbook_section() -> None:
+    sections = runbook_sections()
+    for name, rule in alerts().items():
+        url = rule["annotations"].get("runbook_url", "")
+        assert url == RUNBOOK_URL + name.lower(), (name, url)
+        body = sections.get(name.lower())
+        assert body is not None, f"docs/runbook.md has no section {name}"
+        for part in ("**Means:**", "**Check:**", "**Do:**"):
+            assert part in body, f"docs/runbook.md {name}: no {part}"
+        assert "```" in body, f"docs/runbook.md {name}: no commands to check with"
+
+
+@needs_promtool
+def test_example_prometheus_config_loads_the_rules(tmp_path: Path) -> None:
+    shipped = ROOT / "deploy" / "prometheus.yml"
+    result = promtool("check", "config", "--syntax-only", str(shipped))
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Fully, with the files it names in place: the installed rules are deploy/alerts.yml.
+    config = yaml.safe_load(shipped.read_text())
+    assert config["rule_files"] == ["/etc/prometheus/botgate-alerts.yml"]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert {"botgate", "node"} <= set(jobs)  # what the rules select
+    token = tmp_path / "botgate-metrics-token"
+    token.write_text("metrics-token\n")
+    assert jobs["botgate"]["authorization"]["credentials_file"] == "/etc/prometheus/botgate-metrics-token"
+    text = shipped.read_text().replace("/etc/prometheus/botgate-alerts.yml", str(RULES))
+    installed = tmp_path / "prometheus.yml"
+    installed.write_text(text.replace("/etc/prometheus/botgate-metrics-token", str(token)))
+    result = promtool("check", "config", str(installed))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(rules())} rules found" in result.stdout
 
 
 def test_dingtalk_signature_matches_the_documented_example() -> None:

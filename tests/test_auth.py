@@ -292,7 +292,7 @@ async def test_a_trusted_proxy_names_the_client_for_the_limiter_and_the_logs(
     assert (await client.post("/login", json={"password": PASSWORD}, headers=spoofing)).status == 200
     last = audits(caplog)[-1]
     assert (last["action"], last["result"], last["actor"]) == ("login", "ok", "admin")
-    assert (last["client"], last["peer"]) == ("198.51.100.8", "127.0.0.1")
+    assert (last["client_ip"], last["peer"]) == ("198.51.100.8", "127.0.0.1")
 
 
 async def test_forwarded_for_from_a_peer_that_is_not_a_trusted_proxy_is_ignored(gateway: Any) -> None:
@@ -447,7 +447,7 @@ async def test_every_admin_api_call_and_login_is_an_audit_record(
         ("logout", "ok", "admin", None),
     ]
     records = audits(caplog)
-    assert all(r["client"] == "127.0.0.1" for r in records)
+    assert all(r["client_ip"] == "127.0.0.1" for r in records)
     assert records[4]["conversation"] == "web:audited" and records[4]["credential"] == "password"
     assert records[4]["session"] and records[1]["reason"] == "wrong password"
 

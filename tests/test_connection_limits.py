@@ -179,7 +179,7 @@ async def test_full_descriptor_table_logs_a_line_per_interval_not_per_accept(
         return [
             line
             for line in gw.log_lines()
-            if str(line["event"]).startswith("socket.accept() out of system resource")
+            if str(line["message"]).startswith("socket.accept() out of system resource")
         ]
 
     try:

@@ -150,7 +150,7 @@ async def test_kill_9_mid_burst_then_restart_answers_every_acked_message_once(
     answers = burst.answers()
     before = len(burst.bodies) - CONVERSATIONS  # without the last round, pushed after the restart
     duplicates = sum(n - 1 for n in answers.values())
-    resumes = [e for e in gateway.log_lines() if e["event"] == "resumed unanswered messages"]
+    resumes = [e for e in gateway.log_lines() if e["message"] == "resumed unanswered messages"]
     resumed = sum(int(str(e["count"])) for e in resumes)
     # The numbers docs/state.md quotes (`pytest -s` or `-rP` shows them).
     print(

@@ -190,7 +190,7 @@ async def test_passwords_inside_url_settings_never_show(
 # -- the masking itself -------------------------------------------------------------------------------
 def line(formatter: JsonFormatter, msg: str, *args: object, **extra: object) -> str:
     record = logging.makeLogRecord({"msg": msg, "args": args, "levelname": "INFO", **extra})
-    return str(orjson.loads(formatter.format(record))["event"])
+    return str(orjson.loads(formatter.format(record))["message"])
 
 
 @pytest.mark.parametrize(

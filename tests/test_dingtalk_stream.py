@@ -16,7 +16,7 @@ from tests.helpers import ping_round_trip, start
 
 def lost_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
-        str(getattr(r, "error", ""))
+        str(getattr(r, "error_message", ""))
         for r in caplog.records
         if r.getMessage() == "connection lost" and getattr(r, "platform", "") == "dingtalk"
     ]

@@ -76,5 +76,5 @@ enabled = false
     # Tracebacks (an "exception" field) only come from errors nobody handled on purpose.
     bad = [line for line in lines if line["level"] == "CRITICAL" or "exception" in line]
     assert bad == [], bad
-    events = [line["event"] for line in lines]
+    events = [line["message"] for line in lines]
     assert events.count("connected") == 7 and "stopped" in events

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import itertools
 import time
-from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -20,48 +19,14 @@ from gateway.messages import InboundMessage, Reply, ReplyKind
 from gateway.steps import GREETING, NO_VISION, help_text
 from handlers.feishu.parse import Rules, parse_event
 from handlers.feishu.render import MANY_TABLES_NOTE, PART_LIMIT
-from tests.doubles import feishu as fd
-from tests.doubles.feishu import FeishuDouble
 from tests.doubles.feishu_events import BOT_OPEN_ID, mention, message_event
-from tests.doubles.openai import OpenAIDouble
+from tests.feishu_env import Start, answered
 
 BOT = mention("@_user_1", BOT_OPEN_ID, "Bot")
 TABLE = "| k | v |\n|---|---|\n| a | 1 |"
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
 
 Client = TestClient[web.Request, web.Application]
-
-
-@pytest.fixture
-async def feishu(aiohttp_server: Callable[..., Any]) -> tuple[FeishuDouble, str]:
-    return await fd.start(aiohttp_server)
-
-
-Start = Callable[..., Any]
-
-
-@pytest.fixture
-def start(feishu: tuple[FeishuDouble, str], openai_double: tuple[OpenAIDouble, str], gateway: Start) -> Start:
-    """Start a gateway on the doubles and wait until its long connection is up. (The doubles come
-    first so that they stop after the gateway.)"""
-
-    async def run(**sections: dict[str, Any]) -> Client:
-        double, domain = feishu
-        client: Client = await gateway(fd.config(domain, openai_double[1], **sections))
-        if sections.get("feishu", {}).get("mode", "ws") != "webhook":
-            await double.wait_for(lambda: double.pings >= 1)
-        return client
-
-    return run
-
-
-async def answer(client: Client, double: FeishuDouble, message_id: str) -> str:
-    """Wait until the message is answered and the gateway idle; everything shown in reply."""
-    await double.wait_for(lambda: double.answer(message_id) is not None)
-    await client.app[DISPATCHER].wait_idle()
-    text = double.answer(message_id)
-    assert text is not None
-    return text
 
 
 def dropped(client: Client, reason: str) -> float:
@@ -78,14 +43,14 @@ def api_calls(client: Client, endpoint: str) -> float:
     return value or 0.0
 
 
-async def test_p2p_text_answered_in_a_streaming_card(start: Start, feishu: Any, openai_double: Any) -> None:
+async def test_p2p_text_answered_in_a_streaming_card(feishu_gateway: Start, feishu: Any, openai_double: Any) -> None:
     double, _ = feishu
     model, _ = openai_double
-    client = await start()
+    client = await feishu_gateway()
     frame_id = await double.push_event(message_event("hello there", message_id="om_1"))
     assert await double.response(frame_id) == {"code": 200}
     assert double.responses[frame_id].header("biz_rt") is not None
-    assert await answer(client, double, "om_1") == "echo: hello there"
+    assert await answered(client, double, "om_1") == "echo: hello there"
     (reply,) = double.replies_to("om_1")
     assert reply.msg_type == "interactive" and reply.content["type"] == "card" and not reply.in_thread
     card = double.cards[reply.content["data"]["card_id"]]
@@ -96,10 +61,10 @@ async def test_p2p_text_answered_in_a_streaming_card(start: Start, feishu: Any, 
         assert api_calls(client, endpoint) >= 1, endpoint
 
 
-async def test_group_messages_need_the_bot_mentioned(start: Start, feishu: Any, openai_double: Any) -> None:
+async def test_group_messages_need_the_bot_mentioned(feishu_gateway: Start, feishu: Any, openai_double: Any) -> None:
     double, _ = feishu
     model, _ = openai_double
-    client = await start()
+    client = await feishu_gateway()
     alice = mention("@_user_2", "ou_alice", "Alice")
     for event in (
         message_event("chatting among ourselves", message_id="om_g1", chat_type="group"),
@@ -111,58 +76,60 @@ async def test_group_messages_need_the_bot_mentioned(start: Start, feishu: Any, 
                           mentions=[BOT, alice])
     await double.push_event(event)
     # The event names no sender: the model sees "成员-" and the open_id's end (docs/security.md).
-    assert await answer(client, double, "om_g3") == "echo: 成员-u_user: what about @Alice?"
+    assert await answered(client, double, "om_g3") == "echo: 成员-u_user: what about @Alice?"
     assert [r.to for r in double.replies] == ["om_g3"]
     assert len(model.requests) == 1
 
 
-async def test_bare_mention_gets_a_greeting(start: Start, feishu: Any, openai_double: Any) -> None:
+async def test_bare_mention_gets_a_greeting(feishu_gateway: Start, feishu: Any, openai_double: Any) -> None:
     double, _ = feishu
-    client = await start()
+    client = await feishu_gateway()
     await double.push_event(message_event("@_user_1", message_id="om_hi", chat_type="group", mentions=[BOT]))
-    assert await answer(client, double, "om_hi") == translator("zh-CN")(GREETING)  # Chinese on Feishu by default
+    assert await answered(client, double, "om_hi") == translator("zh-CN")(GREETING)  # Chinese on Feishu by default
     assert openai_double[0].requests == []
 
 
-async def test_post_text_joined(start: Start, feishu: Any, openai_double: Any) -> None:
+async def test_post_text_joined(feishu_gateway: Start, feishu: Any, openai_double: Any) -> None:
     double, _ = feishu
-    client = await start()
+    client = await feishu_gateway()
     content = {"title": "Q", "content": [[{"tag": "text", "text": "first line"}], [{"tag": "text", "text": "second"}]]}
     await double.push_event(message_event(message_id="om_post", message_type="post", content=content))
-    assert await answer(client, double, "om_post") == "echo: Q\nfirst line\nsecond"
+    assert await answered(client, double, "om_post") == "echo: Q\nfirst line\nsecond"
 
 
-async def test_image_passed_to_a_vision_model(start: Start, feishu: Any, openai_double: Any) -> None:
+async def test_image_passed_to_a_vision_model(feishu_gateway: Start, feishu: Any, openai_double: Any) -> None:
     double, _ = feishu
     model, _ = openai_double
     double.resources[("om_img", "img_1")] = (PNG, "image/png")
-    client = await start(model={"vision": True})
+    client = await feishu_gateway(model={"vision": True})
     await double.push_event(message_event(message_id="om_img", message_type="image", content={"image_key": "img_1"}))
-    await answer(client, double, "om_img")
+    await answered(client, double, "om_img")
     parts = model.requests[-1]["messages"][-1]["content"]
     assert parts[1]["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(PNG).decode()
     assert api_calls(client, "message_resource") == 1
 
 
-async def test_image_without_vision_gets_a_clear_reply(start: Start, feishu: Any, openai_double: Any) -> None:
+async def test_image_without_vision_gets_a_clear_reply(feishu_gateway: Start, feishu: Any, openai_double: Any) -> None:
     double, _ = feishu
-    client = await start()
+    client = await feishu_gateway()
     await double.push_event(message_event(message_id="om_img", message_type="image", content={"image_key": "img_1"}))
-    assert await answer(client, double, "om_img") == translator("zh-CN")(NO_VISION)
+    assert await answered(client, double, "om_img") == translator("zh-CN")(NO_VISION)
     assert openai_double[0].requests == [] and api_calls(client, "message_resource") == 0
 
 
-async def test_video_gets_a_polite_notice(start: Start, feishu: Any, openai_double: Any) -> None:
+async def test_video_gets_a_polite_notice(feishu_gateway: Start, feishu: Any, openai_double: Any) -> None:
     double, _ = feishu
-    client = await start()
+    client = await feishu_gateway()
     await double.push_event(message_event(message_id="om_f", message_type="media", content={"file_key": "f1"}))
-    assert "我还读不了视频" in await answer(client, double, "om_f")  # Chinese on Feishu by default
+    assert "我还读不了视频" in await answered(client, double, "om_f")  # Chinese on Feishu by default
     assert openai_double[0].requests == []
 
 
-async def test_same_message_delivered_twice_answered_once(start: Start, feishu: Any, openai_double: Any) -> None:
+async def test_same_message_delivered_twice_answered_once(
+    feishu_gateway: Start, feishu: Any, openai_double: Any
+) -> None:
     double, _ = feishu
-    client = await start()
+    client = await feishu_gateway()
     event = message_event("once please", message_id="om_d")
     first = await double.push_event(event)
     again = await double.push_event(event)  # Feishu's retry: same event_id
@@ -170,32 +137,32 @@ async def test_same_message_delivered_twice_answered_once(start: Start, feishu: 
     third = await double.push_event(replay)
     for frame_id in (first, again, third):
         assert await double.response(frame_id) == {"code": 200}  # all acknowledged: no more retries
-    assert await answer(client, double, "om_d") == "echo: once please"
+    assert await answered(client, double, "om_d") == "echo: once please"
     assert len(double.replies_to("om_d")) == 1 and len(openai_double[0].requests) == 1
     dedup = client.app[METRICS].registry.get_sample_value("botgate_dedup_dropped_total", {"platform": "feishu"})
     assert dedup == 2
 
 
-async def test_old_replayed_event_dropped(start: Start, feishu: Any, openai_double: Any) -> None:
+async def test_old_replayed_event_dropped(feishu_gateway: Start, feishu: Any, openai_double: Any) -> None:
     double, _ = feishu
-    client = await start()
+    client = await feishu_gateway()
     old = message_event("from yesterday", message_id="om_old", create_time=time.time() - 86400)
     assert await double.response(await double.push_event(old)) == {"code": 200}
     assert dropped(client, "stale") == 1
     await double.push_event(message_event("today", message_id="om_new"))
-    await answer(client, double, "om_new")
+    await answered(client, double, "om_new")
     assert double.replies_to("om_old") == [] and len(openai_double[0].requests) == 1
 
 
 async def test_streaming_updates_in_order_ending_with_the_full_text(
-    start: Start, feishu: Any, openai_double: Any
+    feishu_gateway: Start, feishu: Any, openai_double: Any
 ) -> None:
     double, _ = feishu
     model, _ = openai_double
     model.answer = " ".join(f"word{i}" for i in range(40))
-    client = await start(feishu={"stream_interval": 0.0})
+    client = await feishu_gateway(feishu={"stream_interval": 0.0})
     await double.push_event(message_event("stream it", message_id="om_s"))
-    assert await answer(client, double, "om_s") == model.answer
+    assert await answered(client, double, "om_s") == model.answer
     (reply,) = double.replies_to("om_s")
     card = double.cards[reply.content["data"]["card_id"]]
     texts = [card.card["body"]["elements"][0]["content"]] + [text for _, text in card.contents]
@@ -209,7 +176,7 @@ async def test_streaming_updates_in_order_ending_with_the_full_text(
 
 @pytest.mark.parametrize("broken", ["content", "create"])
 async def test_streaming_failure_still_gives_one_complete_answer(
-    start: Start, feishu: Any, openai_double: Any, broken: str
+    feishu_gateway: Start, feishu: Any, openai_double: Any, broken: str
 ) -> None:
     """No card: the answer as one ordinary reply. A card that takes no text after its first: it
     is closed showing that, and the rest of the answer follows as a reply (nothing twice)."""
@@ -217,7 +184,7 @@ async def test_streaming_failure_still_gives_one_complete_answer(
     model, _ = openai_double
     model.answer = " ".join(f"w{i}" for i in range(20))
     double.fail_card = broken
-    client = await start(feishu={"stream_interval": 0.0})
+    client = await feishu_gateway(feishu={"stream_interval": 0.0})
     await double.push_event(message_event("stream it", message_id="om_sf"))
     await double.wait_for(lambda: any(r.content.get("type") != "card" for r in double.replies_to("om_sf")))
     await client.app[DISPATCHER].wait_idle()
@@ -231,13 +198,13 @@ async def test_streaming_failure_still_gives_one_complete_answer(
     assert double.open_cards() == []
 
 
-async def test_six_tables_become_a_post(start: Start, feishu: Any, openai_double: Any) -> None:
+async def test_six_tables_become_a_post(feishu_gateway: Start, feishu: Any, openai_double: Any) -> None:
     double, _ = feishu
     model, _ = openai_double
     model.answer = "\n\n".join(f"Part {i}\n\n{TABLE}" for i in range(6))
-    client = await start()
+    client = await feishu_gateway()
     await double.push_event(message_event("tables please", message_id="om_t"))
-    shown = await answer(client, double, "om_t")
+    shown = await answered(client, double, "om_t")
     card_reply, post_reply = double.replies_to("om_t")
     assert double.shown(card_reply) == translator("zh-CN")(MANY_TABLES_NOTE)
     assert post_reply.msg_type == "post"
@@ -245,61 +212,63 @@ async def test_six_tables_become_a_post(start: Start, feishu: Any, openai_double
     assert double.rejected == []  # no card with more than 5 tables was ever sent
 
 
-async def test_long_answer_arrives_in_ordered_parts(start: Start, feishu: Any, openai_double: Any) -> None:
+async def test_long_answer_arrives_in_ordered_parts(feishu_gateway: Start, feishu: Any, openai_double: Any) -> None:
     double, _ = feishu
     model, _ = openai_double
     model.answer = "\n\n".join(f"Paragraph {i} " + "x" * 990 for i in range(12))
     assert len(model.answer) > PART_LIMIT
-    client = await start()
+    client = await feishu_gateway()
     await double.push_event(message_event("long please", message_id="om_l"))
-    assert await answer(client, double, "om_l") == model.answer
+    assert await answered(client, double, "om_l") == model.answer
     replies = double.replies_to("om_l")
     assert len(replies) == 2 and replies[1].msg_type == "interactive"
     assert double.rejected == []
 
 
-async def test_invalid_token_refreshed_once(start: Start, feishu: Any, openai_double: Any) -> None:
+async def test_invalid_token_refreshed_once(feishu_gateway: Start, feishu: Any, openai_double: Any) -> None:
     double, _ = feishu
-    client = await start()
+    client = await feishu_gateway()
     assert double.token_calls == 1
     double.reject_token_once = True
     await double.push_event(message_event("token?", message_id="om_tok"))
-    assert await answer(client, double, "om_tok") == "echo: token?"
+    assert await answered(client, double, "om_tok") == "echo: token?"
     assert double.token_calls == 2
     assert len(double.replies_to("om_tok")) == 1
     assert double.api_auth[-1] == "Bearer t-2"
 
 
-async def test_nearly_spent_budget_answers_without_streaming(start: Start, feishu: Any, openai_double: Any) -> None:
+async def test_nearly_spent_budget_answers_without_streaming(
+    feishu_gateway: Start, feishu: Any, openai_double: Any
+) -> None:
     double, _ = feishu
     # The ws endpoint and bot info calls use it all (the token is not billable): 100 %.
-    client = await start(feishu={"monthly_api_budget": 2})
+    client = await feishu_gateway(feishu={"monthly_api_budget": 2})
     await double.push_event(message_event("cheap please", message_id="om_b"))
-    assert await answer(client, double, "om_b") == "echo: cheap please"
+    assert await answered(client, double, "om_b") == "echo: cheap please"
     (reply,) = double.replies_to("om_b")
     assert reply.content.get("type") != "card" and double.cards == {}  # one call, no CardKit
 
 
-async def test_threaded_question_answered_in_its_thread(start: Start, feishu: Any, openai_double: Any) -> None:
+async def test_threaded_question_answered_in_its_thread(feishu_gateway: Start, feishu: Any, openai_double: Any) -> None:
     double, _ = feishu
-    client = await start()
+    client = await feishu_gateway()
     event = message_event("@_user_1 in a thread", message_id="om_th", chat_type="group", mentions=[BOT],
                           thread_id="omt_1")
     await double.push_event(event)
-    await answer(client, double, "om_th")
+    await answered(client, double, "om_th")
     assert [r.in_thread for r in double.replies_to("om_th")] == [True]
 
 
 
-async def test_resent_reply_shows_once(start: Start, feishu: Any) -> None:
+async def test_resent_reply_shows_once(feishu_gateway: Start, feishu: Any) -> None:
     """A reply sent again (a retry, or a restarted process answering from its inbox with only the
     persisted message) carries the same uuid, so Feishu shows it once."""
     double, _ = feishu
-    client = await start()
+    client = await feishu_gateway()
     event = message_event("/help", message_id="om_h")
     await double.push_event(event)
     shown = help_text(Locale.ZH_CN)  # Chinese on Feishu by default
-    assert await answer(client, double, "om_h") == shown
+    assert await answered(client, double, "om_h") == shown
     parsed = parse_event(event, Rules(BOT_OPEN_ID), "ws", time.time())
     assert isinstance(parsed, InboundMessage)
     persisted = InboundMessage.from_dict(orjson.loads(orjson.dumps(parsed.to_dict())))

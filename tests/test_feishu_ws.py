@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,39 +18,16 @@ from handlers.feishu import FeishuAdapter
 from handlers.feishu.api import SDK_USER_AGENT
 from handlers.feishu.ws import REFUSED_RETRY, ClientConfig, Reassembler, ServerPacedBackoff
 from tests.doubles import feishu as fd
-from tests.doubles.feishu import FeishuDouble
 from tests.doubles.feishu_events import message_event
-from tests.doubles.openai import OpenAIDouble
+from tests.feishu_env import answered
 from tests.helpers import readiness
 
 Client = TestClient[web.Request, web.Application]
 
 
-@pytest.fixture
-async def feishu(aiohttp_server: Callable[..., Any]) -> tuple[FeishuDouble, str]:
-    return await fd.start(aiohttp_server)
-
-
-@pytest.fixture
-def start(feishu: tuple[FeishuDouble, str], openai_double: tuple[OpenAIDouble, str], gateway: Any) -> Any:
-    async def run(**sections: dict[str, Any]) -> Client:
-        double, domain = feishu
-        client: Client = await gateway(fd.config(domain, openai_double[1], **sections))
-        await double.wait_for(lambda: double.pings >= 1)
-        return client
-
-    return run
-
-
-async def answered(client: Client, double: FeishuDouble, message_id: str) -> str:
-    await double.wait_for(lambda: double.answer(message_id) is not None)
-    await client.app[DISPATCHER].wait_idle()
-    return double.answer(message_id) or ""
-
-
-async def test_connected_and_ready(start: Any, feishu: Any) -> None:
+async def test_connected_and_ready(feishu_gateway: Any, feishu: Any) -> None:
     double, _ = feishu
-    client = await start()
+    client = await feishu_gateway()
     status = client.app[CHANNELS]["feishu/default"].status()
     assert status.state is ChannelState.CONNECTED and status.transports == ("ws",)
     resp = await client.get("/readyz")
@@ -59,18 +35,18 @@ async def test_connected_and_ready(start: Any, feishu: Any) -> None:
     assert double.endpoint_calls == 1 and double.connections == 1
 
 
-async def test_pong_client_config_sets_the_ping_interval(start: Any, feishu: Any) -> None:
+async def test_pong_client_config_sets_the_ping_interval(feishu_gateway: Any, feishu: Any) -> None:
     double, _ = feishu
     double.pong_config = {"PingInterval": 0.05, "ReconnectCount": -1, "ReconnectInterval": 1, "ReconnectNonce": 0}
-    await start()
+    await feishu_gateway()
     # The first pong carries the new interval; pings then come every 50 ms instead of every 120 s.
     await double.wait_for(lambda: double.pings >= 4)
     assert double.connections == 1  # the faster pace is kept, not mistaken for a dead link
 
 
-async def test_event_split_into_parts_answered_once(start: Any, feishu: Any) -> None:
+async def test_event_split_into_parts_answered_once(feishu_gateway: Any, feishu: Any) -> None:
     double, _ = feishu
-    client = await start()
+    client = await feishu_gateway()
     frame_id = await double.push_event(message_event("in three parts", message_id="om_p"), parts=3, order=[2, 0, 1])
     assert await double.response(frame_id) == {"code": 200}
     assert await answered(client, double, "om_p") == "echo: in three parts"
@@ -79,18 +55,18 @@ async def test_event_split_into_parts_answered_once(start: Any, feishu: Any) -> 
     assert response.header("seq") == "1" and response.header("sum") == "3"
 
 
-async def test_not_accepted_event_is_answered_500_for_redelivery(start: Any, feishu: Any) -> None:
+async def test_not_accepted_event_is_answered_500_for_redelivery(feishu_gateway: Any, feishu: Any) -> None:
     double, _ = feishu
-    client = await start()
+    client = await feishu_gateway()
     client.app[DISPATCHER].stop_intake()  # as while shutting down
     frame_id = await double.push_event(message_event("too late", message_id="om_late"))
     assert await double.response(frame_id) == {"code": 500}
     assert double.responses[frame_id].header("biz_rt") is None
 
 
-async def test_unreadable_event_acknowledged_and_counted(start: Any, feishu: Any) -> None:
+async def test_unreadable_event_acknowledged_and_counted(feishu_gateway: Any, feishu: Any) -> None:
     double, _ = feishu
-    client = await start()
+    client = await feishu_gateway()
     frame_id = await double.push_event({"schema": "2.0", "header": {"event_type": "im.message.receive_v1"}})
     assert await double.response(frame_id) == {"code": 200}
     value = client.app[METRICS].registry.get_sample_value(
@@ -99,10 +75,10 @@ async def test_unreadable_event_acknowledged_and_counted(start: Any, feishu: Any
     assert value == 1
 
 
-async def test_stale_connection_detected_and_replaced(start: Any, feishu: Any) -> None:
+async def test_stale_connection_detected_and_replaced(feishu_gateway: Any, feishu: Any) -> None:
     double, _ = feishu
     double.client_config["PingInterval"] = 0.2
-    client = await start()
+    client = await feishu_gateway()
     double.pong = False  # the socket stays open, but nobody answers: "connected but deaf"
     await double.wait_for(lambda: double.connections == 2)
     status = client.app[CHANNELS]["feishu/default"].status()
@@ -114,12 +90,12 @@ async def test_stale_connection_detected_and_replaced(start: Any, feishu: Any) -
     assert client.app[METRICS].registry.get_sample_value("botgate_reconnects_total", {"platform": "feishu"}) == 1
 
 
-async def test_socket_without_any_pong_replaced_within_a_minute(start: Any, feishu: Any) -> None:
+async def test_socket_without_any_pong_replaced_within_a_minute(feishu_gateway: Any, feishu: Any) -> None:
     """The server's ping interval stays at its default 120 s, so ping frames alone would need 240 s
     to notice; websocket pings notice in `stale_after` (40 s by default, 0.3 s here)."""
     double, _ = feishu
     assert FeishuConfig().stale_after <= 60
-    client = await start(feishu={"stale_after": 0.3})
+    client = await feishu_gateway(feishu={"stale_after": 0.3})
     double.pong, double.ws_pong = False, False  # open, but nothing comes back at all
     await double.wait_for(lambda: double.connections == 2)
     status = client.app[CHANNELS]["feishu/default"].status()
@@ -127,17 +103,17 @@ async def test_socket_without_any_pong_replaced_within_a_minute(start: Any, feis
     assert double.ws_pings >= 1 and double.pings == 1  # the one ping frame sent on connecting
 
 
-async def test_websocket_pongs_keep_a_quiet_socket(start: Any, feishu: Any) -> None:
+async def test_websocket_pongs_keep_a_quiet_socket(feishu_gateway: Any, feishu: Any) -> None:
     double, _ = feishu
-    client = await start(feishu={"stale_after": 0.5})
+    client = await feishu_gateway(feishu={"stale_after": 0.5})
     # No event, no ping frame due for 120 s: only websocket pongs (pings every 0.25 s) prove the link.
     await double.wait_for(lambda: double.ws_pings >= 6)
     assert double.connections == 1 and client.app[CHANNELS]["feishu/default"].status().reconnects == 0
 
 
-async def test_closed_socket_reconnects_and_next_message_answered(start: Any, feishu: Any) -> None:
+async def test_closed_socket_reconnects_and_next_message_answered(feishu_gateway: Any, feishu: Any) -> None:
     double, _ = feishu
-    client = await start()
+    client = await feishu_gateway()
     await double.close_sockets()
     await double.wait_for(lambda: double.connections == 2 and double.sockets)
     assert double.endpoint_calls == 2  # a fresh endpoint call per connection, as the SDK does
@@ -190,7 +166,7 @@ async def test_final_refusal_stops_retrying_and_says_so(
     [line] = [r for r in caplog.records if r.getMessage() == "connection refused"]
     fields = vars(line)
     assert line.levelno == logging.ERROR and fields["retry_in_s"] == REFUSED_RETRY >= 600
-    assert why in fields["error"] and "or on an admin reconnect" in fields["error"]
+    assert why in fields["error_message"] and "or on an admin reconnect" in fields["error_message"]
     ready_status, ready = await readiness(client)
     assert ready_status == 503 and ready["channels"]["feishu/default"] == "refused"
     assert f"feishu/default refused (feishu refused the connection, {why}" in ready["reason"]
@@ -205,18 +181,18 @@ async def test_final_refusal_stops_retrying_and_says_so(
     assert channel.status().last_error == ""
 
 
-async def test_endpoint_call_and_upgrade_carry_the_sdk_headers(start: Any, feishu: Any) -> None:
+async def test_endpoint_call_and_upgrade_carry_the_sdk_headers(feishu_gateway: Any, feishu: Any) -> None:
     double, _ = feishu
-    await start()
+    await feishu_gateway()
     [endpoint], [upgrade] = double.endpoint_headers, double.ws_headers
     assert endpoint["locale"] == "zh" and endpoint["User-Agent"] == SDK_USER_AGENT
     assert upgrade["User-Agent"] == SDK_USER_AGENT
     assert SDK_USER_AGENT.startswith("oapi-sdk-python/v")  # the SDK's form (lark_oapi/core/utils/user_agent.py)
 
 
-async def test_admin_reconnect(start: Any, feishu: Any) -> None:
+async def test_admin_reconnect(feishu_gateway: Any, feishu: Any) -> None:
     double, _ = feishu
-    client = await start()
+    client = await feishu_gateway()
     await client.app[CHANNELS]["feishu/default"].reconnect()
     await double.wait_for(lambda: double.connections == 2 and double.sockets)
 

@@ -131,7 +131,7 @@ async def reloaded(gw: GatewayProcess) -> dict[str, object]:
     gw.signal(signal.SIGHUP)
     await gw.notify.await_for("RELOADING=1")
     assert (await gw.notify.areceive())[0] == "READY=1"
-    lines = [line for line in gw.log_lines() if str(line["event"]).startswith("config reloaded")]
+    lines = [line for line in gw.log_lines() if str(line["message"]).startswith("config reloaded")]
     assert lines, gw.output()
     return lines[-1]
 

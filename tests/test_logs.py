@@ -68,7 +68,7 @@ async def test_answered_line_has_the_fields_ops_query(
     client = await gateway(config)
     await chat(client, "logsession1", "how are you")
 
-    answered = [line for line in lines(stream) if line["event"] == "answered"]
+    answered = [line for line in lines(stream) if line["message"] == "answered"]
     assert len(answered) == 1
     line = answered[0]
     stamp = datetime.fromisoformat(line["timestamp"])
@@ -86,7 +86,7 @@ async def test_answered_line_has_the_fields_ops_query(
     assert (line["prompt_tokens"], line["completion_tokens"]) == (7, 4)
     # Every line carries the standard keys, null when unknown, so queries never miss a key.
     for other in lines(stream):
-        assert {"timestamp", "level", "event", "request_id", "user_id", "latency_ms", "model_version"} <= set(other)
+        assert {"timestamp", "level", "message", "request_id", "user_id", "latency_ms", "model_version"} <= set(other)
 
 
 async def test_secrets_never_reach_the_log(gateway: Any, openai_double: Any, captured: Any) -> None:
@@ -108,7 +108,7 @@ async def test_secrets_never_reach_the_log(gateway: Any, openai_double: Any, cap
     for secret in config.secrets():
         assert secret not in text
     assert "jwt\\\"with" not in text  # not even in its JSON-escaped form
-    failed = next(line for line in lines(stream) if line["event"].startswith("model failed"))
-    assert "Incorrect API key provided: ***" in failed["event"]
+    failed = next(line for line in lines(stream) if line["message"].startswith("model failed"))
+    assert "Incorrect API key provided: ***" in failed["message"]
     assert failed["request_id"] and failed["reason"] == "bad_request"
-    assert lines(stream)[-1]["event"] == "quoted ***"
+    assert lines(stream)[-1]["message"] == "quoted ***"

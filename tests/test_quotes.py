@@ -9,16 +9,13 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.keys import DISPATCHER
 from tests.documents_gen import docx_bytes
-from tests.doubles import feishu as fd
-from tests.doubles.feishu import FeishuDouble
 from tests.doubles.feishu_events import APP_ID, message_event
 from tests.doubles.openai import OpenAIDouble
+from tests.feishu_env import answered
 from tests.helpers import start as start_dingtalk
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x01" * 32
@@ -101,28 +98,6 @@ async def test_dingtalk_rich_text_pictures_all_reach_the_vision_model(
 
 
 # -- Feishu ----------------------------------------------------------------------------------------
-@pytest.fixture
-async def feishu(aiohttp_server: Callable[..., Any]) -> tuple[FeishuDouble, str]:
-    return await fd.start(aiohttp_server)
-
-
-@pytest.fixture
-def start(feishu: tuple[FeishuDouble, str], openai_double: tuple[OpenAIDouble, str], gateway: Start) -> Start:
-    async def run(**sections: dict[str, Any]) -> Client:
-        double, domain = feishu
-        client: Client = await gateway(fd.config(domain, openai_double[1], **sections))
-        await double.wait_for(lambda: double.pings >= 1)
-        return client
-
-    return run
-
-
-async def answered(client: Client, double: FeishuDouble, message_id: str) -> str:
-    await double.wait_for(lambda: double.answer(message_id) is not None)
-    await client.app[DISPATCHER].wait_idle()
-    return double.answer(message_id) or ""
-
-
 def reply_to(parent_id: str, text: str, message_id: str = "om_reply") -> dict[str, Any]:
     event = message_event(text, message_id=message_id)
     event["event"]["message"]["parent_id"] = parent_id
@@ -145,35 +120,37 @@ def stored(msg_type: str, content: dict[str, Any], sender: str = "ou_other", **e
     }
 
 
-async def test_feishu_parent_text_is_fetched_and_quoted(start: Start, feishu: Any, openai_double: Any) -> None:
+async def test_feishu_parent_text_is_fetched_and_quoted(feishu_gateway: Start, feishu: Any, openai_double: Any) -> None:
     double, _ = feishu
     model, _ = openai_double
     double.messages["om_parent"] = stored("text", {"text": "the build is red since 9:00"}, sender="ou_user")
-    client = await start()
+    client = await feishu_gateway()
     await double.push_event(reply_to("om_parent", "why?"))
     await answered(client, double, "om_reply")
     assert double.message_gets == ["om_parent"]
     assert question(model) == "> [quoted message from the user]\n> the build is red since 9:00\n\nwhy?"
 
 
-async def test_feishu_quoted_card_it_cannot_read_is_said_plainly(start: Start, feishu: Any, openai_double: Any) -> None:
+async def test_feishu_quoted_card_it_cannot_read_is_said_plainly(
+    feishu_gateway: Start, feishu: Any, openai_double: Any
+) -> None:
     double, _ = feishu
     model, _ = openai_double
     card = {"title": "", "elements": [[{"tag": "text", "text": "请升级至最新版本客户端，以查看内容"}]]}
     double.messages["om_card"] = stored("interactive", card, sender=APP_ID)
-    client = await start()
+    client = await feishu_gateway()
     await double.push_event(reply_to("om_card", "explain this"))
     await answered(client, double, "om_reply")
     assert question(model) == "> [quoted a card the bot cannot read]\n\nexplain this"
 
 
-async def test_feishu_nested_quote_one_level_deep(start: Start, feishu: Any, openai_double: Any) -> None:
+async def test_feishu_nested_quote_one_level_deep(feishu_gateway: Start, feishu: Any, openai_double: Any) -> None:
     double, _ = feishu
     model, _ = openai_double
     double.messages["om_a"] = stored("text", {"text": "original"}, parent_id="om_root")
     double.messages["om_b"] = stored("text", {"text": "a reply to it"}, sender=APP_ID, parent_id="om_a")
     double.messages["om_root"] = stored("text", {"text": "never fetched"})
-    client = await start()
+    client = await feishu_gateway()
     await double.push_event(reply_to("om_b", "and now?"))
     await answered(client, double, "om_reply")
     assert double.message_gets == ["om_b", "om_a"]  # not om_root: one level deep
@@ -182,33 +159,35 @@ async def test_feishu_nested_quote_one_level_deep(start: Start, feishu: Any, ope
     )
 
 
-async def test_feishu_quote_fetch_failure_still_answers(start: Start, feishu: Any, openai_double: Any) -> None:
+async def test_feishu_quote_fetch_failure_still_answers(feishu_gateway: Start, feishu: Any, openai_double: Any) -> None:
     double, _ = feishu
     model, _ = openai_double
-    client = await start()
+    client = await feishu_gateway()
     await double.push_event(reply_to("om_gone", "still there?"))
     assert (await answered(client, double, "om_reply")).endswith("still there?")  # answered, not lost
     assert question(model) == "> [quoted a message the bot could not fetch]\n\nstill there?"
 
 
 async def test_feishu_quoted_picture_is_downloaded_under_its_own_message(
-    start: Start, feishu: Any, openai_double: Any
+    feishu_gateway: Start, feishu: Any, openai_double: Any
 ) -> None:
     double, _ = feishu
     model, _ = openai_double
     double.messages["om_pic"] = stored("image", {"image_key": "img_q"})
     double.resources[("om_pic", "img_q")] = (PNG, "image/png")
-    client = await start(model={"vision": True})
+    client = await feishu_gateway(model={"vision": True})
     await double.push_event(reply_to("om_pic", "what is this?"))
     await answered(client, double, "om_reply")
     assert images(model) == [data_url("image/png", PNG)]
 
 
-async def test_feishu_post_image_reaches_the_vision_model(start: Start, feishu: Any, openai_double: Any) -> None:
+async def test_feishu_post_image_reaches_the_vision_model(
+    feishu_gateway: Start, feishu: Any, openai_double: Any
+) -> None:
     double, _ = feishu
     model, _ = openai_double
     double.resources[("om_post", "img_p")] = (JPEG, "image/jpeg")
-    client = await start(model={"vision": True})
+    client = await feishu_gateway(model={"vision": True})
     content = {"title": "", "content": [[{"tag": "text", "text": "see"}, {"tag": "img", "image_key": "img_p"}]]}
     await double.push_event(message_event(message_id="om_post", message_type="post", content=content))
     await answered(client, double, "om_post")

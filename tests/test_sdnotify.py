@@ -78,12 +78,12 @@ def test_sighup_reloads_config_and_names_keys_needing_restart(
     assert gw.stop() == 0
 
     lines = gw.log_lines()
-    reloaded = next(line for line in lines if str(line["event"]).startswith("config reloaded"))
+    reloaded = next(line for line in lines if str(line["message"]).startswith("config reloaded"))
     assert reloaded["restart_keys"] == ["dispatcher.max_queue"]
     assert reloaded["applied"] == ["model.temperature", "log.level"]  # docs/status.md
     assert reloaded["log_level"] == "DEBUG"
-    failed = next(line for line in lines if str(line["event"]).startswith("reload failed"))
-    assert "invalid TOML" in str(failed["event"])
+    failed = next(line for line in lines if str(line["message"]).startswith("reload failed"))
+    assert "invalid TOML" in str(failed["message"])
 
 
 def test_bind_error_exits_2_without_ready(spawn_gateway: Callable[..., GatewayProcess]) -> None:

@@ -188,4 +188,4 @@ def test_config_errors_do_not_echo_secret_values() -> None:
 def test_log_masking_survives_json_escaping(secret: str) -> None:
     record = logging.makeLogRecord({"msg": "value %s", "args": (secret,), "levelname": "INFO"})
     line = JsonFormatter([secret]).format(record)
-    assert orjson.loads(line)["event"] == "value ***"
+    assert orjson.loads(line)["message"] == "value ***"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,12 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.keys import OUTBOX
+from gateway import outbox as outbox_module
+from gateway.keys import OUTBOX, STORE
+from gateway.store import OutboxEntry
+from gateway.store.sqlite import SqliteStore
 from tests.conftest import make_config
 from tests.doubles import feishu as fd
 from tests.doubles.dingtalk import DingTalkDouble
@@ -169,11 +174,26 @@ async def test_a_throttled_platform_is_retried_and_delivers_once(world: World) -
     assert len(world.group_sends()) == 1 and world.ding.throttled == [GROUP_SEND]
 
 
+async def failed_count(client: Client, platform: str) -> float | None:
+    """`botgate_outbox_messages_total{state="failed"}` of `platform` on /metrics (None: no series)."""
+    text = await (await client.get("/metrics")).text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            wanted = {"platform": platform, "state": "failed"}
+            if sample.name == "botgate_outbox_messages_total" and sample.labels == wanted:
+                return sample.value
+    return None
+
+
 async def test_a_refusal_fails_the_message_with_the_platforms_reason(world: World) -> None:
+    # The series is there at 0 before the first failure: the alert (increase() over 15 minutes) can
+    # only see a failure that moves an existing series.
+    assert await failed_count(world.client, "feishu") == 0
     world.feishu.absent_chats.add("oc_gone")
     _, body = await world.post({"platform": "feishu", "conversation": "oc_gone", "text": "hello"})
     state = await world.settled(body["id"])
     assert state["state"] == "failed" and "230002" in state["reason"] and state["attempts"] == 1
+    assert await failed_count(world.client, "feishu") == 1
 
 
 async def test_an_unknown_message_id_is_a_404(world: World) -> None:
@@ -268,3 +288,71 @@ async def test_two_instances_on_one_redis_deliver_each_message_once(
         calls = [c for c in ding.api_calls if c[2].get("openConversationId") == target]
         mine = [orjson.loads(c[2]["msgParam"])["content"] for c in calls]
         assert mine == sorted(mine, key=lambda t: int(t[1:]))
+
+
+class Counted(logging.Handler):
+    """Sets `reached` once `n` records with this message have been logged."""
+
+    def __init__(self, message: str, n: int) -> None:
+        super().__init__()
+        self.message, self.n, self.count = message, n, 0
+        self.reached = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg == self.message:
+            self.count += 1
+            if self.count >= self.n:
+                self.reached.set()
+
+
+async def test_a_store_that_refuses_writes_after_a_send_never_sends_it_again(
+    aiohttp_server: Callable[..., Any], gateway: Callable[..., Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk (reads still work) after the platform took the message: the outcome is written
+    once the store takes it, the message is not posted again (nor spun on)."""
+    monkeypatch.setattr(outbox_module, "STORE_RETRY", 0.2)
+    monkeypatch.setattr(outbox_module, "RESCAN_LOCAL", 0.1)  # the courier finds the entry written below
+    ding = DingTalkDouble()
+    await serve(aiohttp_server, ding)
+    config = make_config(
+        dingtalk={**dingtalk_section(ding), "mode": "webhook"},
+        store={"url": f"sqlite:///{tmp_path}/botgate.sqlite3"},
+        api={"tokens": [TOKEN]},
+    )
+    client = await gateway(config)
+    store = client.app[STORE]
+    assert isinstance(store, SqliteStore)
+    failures = Counted("outbox entry not updated: %s", 2)
+    logging.getLogger("gateway.outbox").addHandler(failures)
+    try:
+        # A big message (its row spans overflow pages, so rewriting it needs new ones), due shortly.
+        now = time.time()
+        entry = OutboxEntry(
+            id="full1",
+            platform="dingtalk",
+            bot="default",
+            to_kind="conversation",
+            to="cidFull",
+            text="满" * 5000,
+            markdown=False,
+            origin="token:t",
+            created_at=now,
+            next_at=now + 0.3,
+        )
+        await store.outbox_add(entry, 60)
+        pages = await store.db.write(lambda conn, now: conn.execute("PRAGMA page_count").fetchone()[0])
+        await store.db.write(lambda conn, now: conn.execute(f"PRAGMA max_page_count = {pages}"))
+        async with asyncio.timeout(10):
+            await failures.reached.wait()  # the outcome was refused twice by the store
+        assert len(world_sends(ding, "cidFull")) == 1
+        await store.db.write(lambda conn, now: conn.execute("PRAGMA max_page_count = 1073741823"))
+        async with asyncio.timeout(10):
+            done = await client.app[OUTBOX].settled("full1")
+    finally:
+        logging.getLogger("gateway.outbox").removeHandler(failures)
+    assert done.state == "sent" and done.attempts == 1
+    assert len(world_sends(ding, "cidFull")) == 1
+
+
+def world_sends(ding: DingTalkDouble, target: str) -> list[dict[str, Any]]:
+    return [body for _, path, body in ding.api_calls if path == GROUP_SEND and body["openConversationId"] == target]

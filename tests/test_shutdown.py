@@ -177,11 +177,11 @@ async def test_sigterm_during_work_drains_the_answer_and_exits_0(
         assert await gateway_process.proc.wait() == 0
     assert gateway_process.stderr.read_text() == ""
     logs = gateway_process.logs()
-    events = [line["event"] for line in logs]
+    events = [line["message"] for line in logs]
     assert "answered" in events and events[-1] == "stopped"
-    draining = next(line for line in logs if line["event"].startswith("shutting down"))
+    draining = next(line for line in logs if line["message"].startswith("shutting down"))
     assert (draining["inflight"], draining["timeout_s"]) == (1, drain_timeout)
-    assert events.index("answered") > events.index(draining["event"])  # answered while draining
+    assert events.index("answered") > events.index(draining["message"])  # answered while draining
     assert "drain timeout, unfinished messages stay in the inbox" not in events
     assert "sk-shutdown-test-key" not in gateway_process.stdout.read_text()
 
@@ -202,7 +202,7 @@ async def test_work_beyond_drain_timeout_is_cut_off_and_exit_is_still_0(
             assert await gateway_process.stopped(signal.SIGTERM, bound=10.0) == 0
             frames = await frames_until_closed(ws)
         assert [f for f in frames if f["type"] in ("done", "delta")] == []
-    events = [line["event"] for line in gateway_process.logs()]
+    events = [line["message"] for line in gateway_process.logs()]
     assert "drain timeout, unfinished messages stay in the inbox" in events
     assert events[-1] == "stopped"
 
@@ -230,5 +230,5 @@ async def test_fresh_start_with_shipped_config_answers_by_echo(gateway_process: 
     assert await gateway_process.stopped(signal.SIGINT, bound=10.0) == 0
     assert gateway_process.stderr.read_text() == ""
     starting = gateway_process.logs()[0]
-    assert starting["event"] == "starting" and starting["model"] == "echo"
+    assert starting["message"] == "starting" and starting["model"] == "echo"
     assert starting["config"] == str(ROOT / "config.toml")

@@ -52,27 +52,13 @@ def shown(post: dict[str, Any]) -> str:
     return str(post["markdown"]["text"] if "markdown" in post else post["text"]["content"])
 
 
-@pytest.fixture
-async def feishu(aiohttp_server: Callable[..., Any]) -> tuple[FeishuDouble, str]:
-    return await fd.start(aiohttp_server)
-
-
-@pytest.fixture
-def start(feishu: tuple[FeishuDouble, str], openai_double: tuple[OpenAIDouble, str], gateway: Start) -> Start:
-    async def run(**sections: dict[str, Any]) -> Client:
-        double, domain = feishu
-        client: Client = await gateway(fd.config(domain, openai_double[1], **sections))
-        await double.wait_for(lambda: double.pings >= 1)
-        return client
-
-    return run
-
-
-async def test_stop_mid_stream_leaves_one_text_and_no_context(start: Start, feishu: Any, openai_double: Any) -> None:
+async def test_stop_mid_stream_leaves_one_text_and_no_context(
+    feishu_gateway: Start, feishu: Any, openai_double: Any
+) -> None:
     double, _ = feishu
     model, _ = openai_double
     model.script = ["stall"]
-    client = await start()
+    client = await feishu_gateway()
     await double.push_event(message_event("tell me a long story", message_id="om_1"))
     await double.wait_for(lambda: bool(double.replies_to("om_1")))  # the card is shown
     await double.push_event(message_event("/stop", message_id="om_2"))
@@ -91,9 +77,9 @@ async def test_stop_mid_stream_leaves_one_text_and_no_context(start: Start, feis
 
 
 @pytest.mark.parametrize("command", ["/stop", "/停止"])
-async def test_stop_with_nothing_running(start: Start, feishu: Any, command: str) -> None:
+async def test_stop_with_nothing_running(feishu_gateway: Start, feishu: Any, command: str) -> None:
     double, _ = feishu
-    client = await start()
+    client = await feishu_gateway()
     await double.push_event(message_event(command, message_id="om_1"))
     await double.wait_for(lambda: double.answer("om_1") is not None)
     await client.app[DISPATCHER].wait_idle()

@@ -13,13 +13,15 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.channel import ChannelState
 from gateway.errors import StoreError
 from gateway.store.redis import RedisStore
 from handlers.wecom.holder import ConnectionHolder
 from tests.conftest import make_config
 from tests.doubles import wecom as wd
 from tests.process import GatewayProcess, env_for
-from tests.wecom_env import wecom_section
+from tests.test_wecom_ws import wf_subscribe
+from tests.wecom_env import start, wecom_section
 
 pytestmark = pytest.mark.redis
 
@@ -129,3 +131,66 @@ async def test_callback_polls_reaching_another_instance_are_answered_from_the_st
             break
         await asyncio.sleep(0.05)
     assert answer["finish"] is True and "> who polls?" in answer["content"]
+
+
+LEASE_KEY = "wecom-connection:default"
+
+
+async def _take_lease(store: RedisStore, holder: str, ttl: float) -> None:
+    """Another instance ("b") holds the bot's connection lease now, as after `holder`'s lapsed."""
+    await store.release_lease(LEASE_KEY, holder)
+    assert await store.acquire_lease(LEASE_KEY, "b", ttl)
+
+
+async def test_kicked_by_another_instance_of_ours_stands_by_and_holds_nobody_back(
+    aiohttp_server: Callable[..., Any], gateway: Callable[..., Any], redis_url: str
+) -> None:
+    """A's lease lapsed (a stalled loop, Redis lost its keys) and B took it and subscribed: A is
+    kicked by its own standby. A stands by for B instead of refusing for kicked_retry, and marks
+    nothing that would keep B from subscribing again after a blip of its own."""
+    env = await start(aiohttp_server, gateway, sections={"store": {"url": redis_url}},
+                      connection_lease=30.0, kicked_retry=60.0)
+    store = RedisStore(redis_url)
+    await store.open()
+    try:
+        await _take_lease(store, env.adapter.runtime.dispatcher.instance_id, 30.0)
+        async with env.client.session.ws_connect(env.double.ws_url) as b:
+            await b.send_str(wf_subscribe())  # B's subscribe kicks A off
+            async with asyncio.timeout(5):
+                status = await env.adapter.tracker.wait_for(
+                    lambda s: s.state in (ChannelState.STANDBY, ChannelState.REFUSED)
+                )
+            assert status.state is ChannelState.STANDBY
+            assert status.detail == "another instance holds this bot's connection"
+            assert await store.cache_get("wecom-kicked:default") is None
+            holder_b = ConnectionHolder(store, "default", "b", 30.0, 60.0)
+            reports: list[str] = []
+            async with asyncio.timeout(2):  # B may subscribe again at once (a reconnect of its own)
+                await holder_b.acquire(reports.append)
+            assert reports == [""]
+    finally:
+        with contextlib.suppress(StoreError):
+            await store.close()
+
+
+async def test_a_lease_lost_while_connecting_is_not_followed_by_a_subscribe(
+    aiohttp_server: Callable[..., Any], gateway: Callable[..., Any], redis_url: str
+) -> None:
+    """The websocket handshake took longer than the lease and another instance took it meanwhile:
+    A must not subscribe (that would kick the new holder off), it stands by."""
+    gate = asyncio.Event()
+    env = await start(aiohttp_server, gateway, sections={"store": {"url": redis_url}},
+                      double={"handshake_gate": gate}, connect=False, connection_lease=30.0)
+    store = RedisStore(redis_url)
+    await store.open()
+    try:
+        await env.double.wait_for(lambda: env.double.handshakes == 1)  # A holds the lease, connecting
+        await _take_lease(store, env.adapter.runtime.dispatcher.instance_id, 30.0)
+        gate.set()
+        async with asyncio.timeout(5):
+            await env.adapter.tracker.wait_for(lambda s: s.state is ChannelState.STANDBY)
+        await env.double.wait_for(lambda: env.double.connections and env.double.connections[0].ws.closed)
+        assert env.double.subscribes == []
+    finally:
+        with contextlib.suppress(StoreError):
+            await store.close()

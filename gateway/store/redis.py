@@ -133,7 +133,8 @@ redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return false
 """
 # KEYS: entry, queue[, idempotency key]; ARGV: id, entry, created_at, keep ms ("" while queued).
-# Only an entry still kept is replaced: a late update never brings back a forgotten one.
+# Only an entry still kept is replaced: a late update never brings back a forgotten one (a done
+# entry kept for keep_for may still be listed by a racing outbox_queued: the courier re-reads it).
 _OUTBOX_UPDATE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local mine = KEYS[3] and redis.call('GET', KEYS[3]) == ARGV[1]
@@ -229,7 +230,7 @@ class RedisStore:
         self._redis = redis
         # EVALSHA, re-loading the script by itself after a Redis restart flushed it.
         self._scripts = {name: redis.register_script(source) for name, source in _SCRIPTS.items()}
-        log.info("store opened", extra={"backend": "redis", "url": self._where})
+        log.info("store opened", extra={"backend": "redis", "store_url": self._where})
 
     async def close(self) -> None:
         if self._redis is not None:

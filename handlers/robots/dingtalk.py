@@ -31,6 +31,7 @@ class DingTalkRobot(WebhookRobot):
     per_minute = 10
     body_limit = BODY_LIMIT
     throttled: ClassVar[Mapping[int, float]] = {130101: 600.0}  # blocked for ten minutes
+    busy: ClassVar[frozenset[int]] = frozenset({-1})  # "system busy" (DingTalk's global error codes)
     refusals: ClassVar[Mapping[int, str]] = {
         310000: "signature, keyword or IP allow-list check failed (the robot's security settings)",
         300001: "the access_token in the webhook URL is missing or unknown",

@@ -19,7 +19,7 @@ from aiohttp import hdrs
 from yarl import URL
 
 from gateway.alerts import Alert
-from gateway.errors import PlatformError, Throttled
+from gateway.errors import PlatformError, StoreError, Throttled
 from gateway.robots import BUCKET_WAIT, RobotMessage, RobotRefused, cut_to_bytes, take_robot_token
 from gateway.store import Store
 
@@ -40,6 +40,7 @@ class WebhookRobot:
     per_minute: ClassVar[int]
     body_limit: ClassVar[int | None] = None  # the platform's limit on the whole JSON body, bytes
     throttled: ClassVar[Mapping[int, float]]  # error code -> seconds to wait before trying again
+    busy: ClassVar[frozenset[int]] = frozenset()  # codes that say "not taken, try again later"
     refusals: ClassVar[Mapping[int, str]]  # error codes known to be a refusal -> what it means
 
     def __init__(
@@ -71,7 +72,10 @@ class WebhookRobot:
         await self.send(RobotMessage(alert.text()))
 
     async def send(self, message: RobotMessage) -> None:
-        await take_robot_token(self._store, self.name, self.per_minute, self._wait)
+        try:
+            await take_robot_token(self._store, self.name, self.per_minute, self._wait)
+        except StoreError as e:  # its bucket cannot be read: not posted, so trying again later is safe
+            raise PlatformError(f"the {self.name} robot's rate-limit bucket is unavailable: {e}") from None
         url, raw = self._request(message)
         try:
             async with self._session.post(
@@ -108,6 +112,8 @@ class WebhookRobot:
         if code is not None and code in self.throttled:
             wait = self.throttled[code]
             raise Throttled(f"the {self.name} robot throttled the post: {code} {said}", retry_after=wait)
+        if code is not None and code in self.busy:
+            raise PlatformError(f"the {self.name} robot is busy: {code} {said}")
         if code is not None and code != 0:
             reason = self.refusals.get(code, "")
             raise RobotRefused(self.name, code, f"{reason} ({said})" if reason and said else reason or said)

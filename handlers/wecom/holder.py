@@ -9,7 +9,9 @@ off), so instances sharing a store take turns instead of kicking each other.
 * When WeCom says another connection took the bot over (`disconnected_event`), someone outside
   this lease did (another deployment, a developer's laptop): the kicked instance marks the bot
   kicked in the store for `kicked_retry` seconds, so no instance of ours subscribes again and
-  kicks it back before then.
+  kicks it back before then. Unless the lease says it was one of ours (this one's lapsed and
+  another took it): then this one just stands by. A lease is renewed once more between opening
+  the socket and subscribing, so a connect slower than the lease never kicks its new holder.
 * On a store only this process uses (SQLite, memory) there is nobody to take turns with: no lease,
   but the kicked mark still holds back this process's own retries.
 """
@@ -80,20 +82,28 @@ class ConnectionHolder:
             return f"store unavailable, cannot tell who holds the connection: {e}"
         return HELD_ELSEWHERE
 
+    async def renew(self) -> bool:
+        """Renew the lease now; False when another instance holds it. A store that cannot be
+        reached keeps it (True): nobody else can take the lease either."""
+        if self._leases is None:
+            return True
+        try:
+            if not await self._leases.acquire_lease(self.key, self.owner, self.ttl):
+                self.holding = False
+                return False
+        except StoreError as e:
+            log.warning("connection lease not renewed: %s", e, extra={"platform": "wecom"})
+        return True
+
     async def renew_until_lost(self) -> None:
-        """Renew the lease every third of it; returns when another instance holds it. A store
-        that cannot be reached keeps the connection: nobody else can take the lease either."""
+        """Renew the lease every third of it; returns when another instance holds it."""
         if self._leases is None:
             await asyncio.Event().wait()  # nothing to renew: runs until cancelled
             return
         while True:
             await asyncio.sleep(self.ttl / 3)
-            try:
-                if not await self._leases.acquire_lease(self.key, self.owner, self.ttl):
-                    self.holding = False
-                    return
-            except StoreError as e:
-                log.warning("connection lease not renewed: %s", e, extra={"platform": "wecom"})
+            if not await self.renew():
+                return
 
     async def release(self) -> None:
         """Give the lease up (shutdown): a standby instance takes over at its next look."""
@@ -105,10 +115,16 @@ class ConnectionHolder:
         except StoreError as e:
             log.warning("connection lease not released, it expires by itself: %s", e, extra={"platform": "wecom"})
 
-    async def kicked(self) -> None:
-        """Another connection took the bot over: hold every instance of ours back for a while."""
+    async def kicked(self) -> bool:
+        """Another connection took the bot over: hold every instance of ours back for a while.
+        False (nothing marked) when it was another instance of ours, which holds the lease now
+        (this one's lapsed: a stalled loop, a store that lost its keys): that one is the bot's
+        connection, this one stands by."""
+        if not await self.renew():
+            return False
         try:
             await self._store.cache_put(self._kicked_key, self.owner, self._kicked_for)
         except StoreError as e:
             log.warning("kicked mark not stored: %s", e, extra={"platform": "wecom"})
         await self.release()
+        return True

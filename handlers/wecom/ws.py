@@ -195,6 +195,9 @@ class WeComWsClient:
                 )
         except aiohttp.WSServerHandshakeError as e:
             raise PlatformError(f"wecom websocket handshake refused: HTTP {e.status}") from None
+        if not await self._holder.renew():  # it may have lapsed while connecting: never kick its new holder
+            await ws.close()
+            raise LeaseLost("another instance took over this bot's connection lease")
         link = Link(ws)
         renewer = asyncio.create_task(self._hold(ws), name="wecom:lease")
         try:
@@ -305,7 +308,8 @@ class WeComWsClient:
 
     async def _kicked(self, link: Link) -> None:
         link.close("another connection took over")
-        await self._holder.kicked()
+        if not await self._holder.kicked():
+            raise LeaseLost("another instance of this gateway took over this bot's connection")
         cfg = self._config()
         raise Refused(
             "another connection took this bot over (WeCom allows one per bot): not reconnecting "

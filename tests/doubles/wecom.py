@@ -227,6 +227,9 @@ class WeComDouble:
     per_minute: int = wf.CONVERSATION_PER_MINUTE
     per_hour: int = wf.CONVERSATION_PER_HOUR
     media_lifetime: float = wf.MEDIA_URL_LIFETIME
+    # Set: websocket handshakes wait for it (a slow connect); `handshakes` counts those begun.
+    handshake_gate: asyncio.Event | None = None
+    handshakes: int = 0
     base_url: str = ""  # set by `start`
 
     connections: list[Connection] = field(default_factory=list)
@@ -287,6 +290,10 @@ class WeComDouble:
 
     # -- the long connection ------------------------------------------------------------------------------
     async def websocket(self, request: web.Request) -> web.StreamResponse:
+        self.handshakes += 1
+        if self.handshake_gate is not None:
+            await self._notify()
+            await self.handshake_gate.wait()
         ws = web.WebSocketResponse(autoping=False)
         await ws.prepare(request)
         conn = Connection(len(self.connections) + 1, ws)
