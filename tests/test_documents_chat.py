@@ -6,7 +6,6 @@ a notice, a sticker nothing."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,15 +15,15 @@ from aiohttp.test_utils import TestClient
 from gateway.config import ConfigError
 from gateway.documents import DOCUMENTS, Kind
 from gateway.i18n import Locale
-from gateway.keys import DISPATCHER, METRICS
+from gateway.keys import METRICS
 from gateway.messages import Attachment, ConversationKind, InboundMessage
 from gateway.upstream import MAX_DOWNLOAD
 from tests.conftest import make_config
 from tests.documents_gen import PHRASES, docx_bytes, paragraphs_xml, rezip, samples
-from tests.doubles import feishu as fd
 from tests.doubles.feishu import FeishuDouble
 from tests.doubles.feishu_events import message_event
 from tests.doubles.openai import OpenAIDouble
+from tests.feishu_env import Start, answered
 from tests.helpers import DingTalkEnv, start
 
 Client = TestClient[web.Request, web.Application]
@@ -141,80 +140,60 @@ async def test_a_file_the_platform_will_not_hand_over_gets_a_notice(
 
 
 # -- Feishu ----------------------------------------------------------------------------------------
-@pytest.fixture
-async def feishu(aiohttp_server: Callable[..., Any]) -> tuple[FeishuDouble, str]:
-    return await fd.start(aiohttp_server)
-
-
-async def feishu_gateway(gateway: Any, feishu: tuple[FeishuDouble, str], model_url: str, **sections: Any) -> Client:
-    double, domain = feishu
-    client: Client = await gateway(fd.config(domain, model_url, **sections))
-    await double.wait_for(lambda: double.pings >= 1)
-    return client
-
-
-async def answer(client: Client, double: FeishuDouble, message_id: str) -> str:
-    await double.wait_for(lambda: double.answer(message_id) is not None)
-    await client.app[DISPATCHER].wait_idle()
-    text = double.answer(message_id)
-    assert text is not None
-    return text
-
-
 def file_event(message_id: str, file_key: str, name: str, chat_id: str = "oc_chat") -> dict[str, Any]:
     content = {"file_key": file_key, "file_name": name}
     return message_event(message_id=message_id, message_type="file", content=content, chat_id=chat_id)
 
 
 async def test_every_kind_via_feishu_reaches_the_model(
-    gateway: Any, feishu: tuple[FeishuDouble, str], openai_double: tuple[OpenAIDouble, str]
+    feishu_gateway: Start, feishu: tuple[FeishuDouble, str], openai_double: tuple[OpenAIDouble, str]
 ) -> None:
-    model, url = openai_double
+    model, _ = openai_double
     double, _ = feishu
-    client = await feishu_gateway(gateway, feishu, url)
+    client = await feishu_gateway()
     for kind, (name, data) in samples().items():
         message_id = f"om_{kind}"
         double.resources[(message_id, f"file_{kind}")] = (data, "application/octet-stream")
         await double.push_event(file_event(message_id, f"file_{kind}", name, chat_id=f"oc_{kind}"))
-        shown = await answer(client, double, message_id)
+        shown = await answered(client, double, message_id)
         asked = last_user(model.requests[-1])
         assert PHRASES[kind] in asked and asked.endswith(SUMMARISE_ZH) and PHRASES[kind] in shown, kind
 
 
 async def test_feishu_follow_up_in_english(
-    gateway: Any, feishu: tuple[FeishuDouble, str], openai_double: tuple[OpenAIDouble, str]
+    feishu_gateway: Start, feishu: tuple[FeishuDouble, str], openai_double: tuple[OpenAIDouble, str]
 ) -> None:
-    model, url = openai_double
+    model, _ = openai_double
     double, _ = feishu
-    client = await feishu_gateway(gateway, feishu, url, chat={"locale": "en"})
+    client = await feishu_gateway(chat={"locale": "en"})
     name, data = samples()[Kind.PDF]
     double.resources[("om_pdf", "file_pdf")] = (data, "application/pdf")
     await double.push_event(file_event("om_pdf", "file_pdf", name))
-    await answer(client, double, "om_pdf")
+    await answered(client, double, "om_pdf")
     asked = last_user(model.requests[0])
     assert asked.startswith("The user sent the file “a.pdf”:") and asked.endswith("Summarise this file.")
     await double.push_event(message_event("what bird is named?", message_id="om_q"))
-    await answer(client, double, "om_q")
+    await answered(client, double, "om_q")
     history = model.requests[1]["messages"]
     assert history[-1]["content"] == "what bird is named?" and PHRASES[Kind.PDF] in history[1]["content"]
 
 
 async def test_feishu_unreadable_file_gets_a_notice_video_a_notice_and_a_sticker_nothing(
-    gateway: Any, feishu: tuple[FeishuDouble, str], openai_double: tuple[OpenAIDouble, str]
+    feishu_gateway: Start, feishu: tuple[FeishuDouble, str], openai_double: tuple[OpenAIDouble, str]
 ) -> None:
-    model, url = openai_double
+    model, _ = openai_double
     double, _ = feishu
-    client = await feishu_gateway(gateway, feishu, url)
+    client = await feishu_gateway()
     ole2 = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\x00" * 600  # the header of Word 97-2003 files
     double.resources[("om_doc", "file_doc")] = (ole2, "application/msword")
     await double.push_event(file_event("om_doc", "file_doc", "old.doc"))
-    assert ".docx" in await answer(client, double, "om_doc")  # an old Word file: save it as .docx
+    assert ".docx" in await answered(client, double, "om_doc")  # an old Word file: save it as .docx
     video = message_event(message_id="om_video", message_type="media", content={"file_key": "v", "image_key": "i"})
     await double.push_event(video)
-    assert "视频" in await answer(client, double, "om_video")
+    assert "视频" in await answered(client, double, "om_video")
     await double.push_event(message_event(message_id="om_sticker", message_type="sticker", content={"file_key": "s"}))
     await double.push_event(message_event("and now?", message_id="om_after"))
-    assert await answer(client, double, "om_after") == "echo: and now?"
+    assert await answered(client, double, "om_after") == "echo: and now?"
     assert double.answer("om_sticker") is None and double.replies_to("om_sticker") == []
     dropped = client.app[METRICS].registry.get_sample_value(
         "botgate_messages_dropped_total", {"platform": "feishu", "reason": "sticker"}

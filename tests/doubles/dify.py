@@ -66,6 +66,8 @@ from typing import Any, Literal
 import orjson
 from aiohttp import web
 
+from tests.doubles.waiting import Waitable
+
 Mode = Literal["chat", "agent-chat", "advanced-chat", "agent", "workflow", "completion"]
 CHAT_MODES: frozenset[str] = frozenset({"chat", "agent-chat", "advanced-chat", "agent"})
 
@@ -239,7 +241,7 @@ def _split_inside_char(data: bytes) -> int:
 
 
 @dataclass
-class DifyDouble:
+class DifyDouble(Waitable):
     mode: Mode = "chat"
     api_keys: set[str] = field(default_factory=lambda: {"app-double"})
     app_id: str = "8f1c1d0e-0b1e-4d4b-9a5a-4f0c2b6b7d11"
@@ -302,10 +304,6 @@ class DifyDouble:
         """The conversation is deleted on the Dify side: its id now gets 404."""
         self.conversations.pop(conversation_id, None)
 
-    async def wait_for(self, predicate: Callable[[], bool]) -> None:
-        async with self._changed:
-            await self._changed.wait_for(predicate)
-
     async def wait_requests(self, count: int) -> None:
         """Until `count` generate requests have arrived in total."""
         await self.wait_for(lambda: len(self.requests) >= count)
@@ -319,10 +317,6 @@ class DifyDouble:
 
     async def wait_stops(self, count: int = 1) -> None:
         await self.wait_for(lambda: len(self.stops) >= count)
-
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
 
     # --- envelopes -------------------------------------------------------------------------------------
 

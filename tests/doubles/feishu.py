@@ -45,6 +45,7 @@ from gateway.config import Config
 from handlers.feishu.frame import Frame, decode, encode
 from tests.conftest import make_config
 from tests.doubles.feishu_events import APP_ID, BOT_OPEN_ID
+from tests.doubles.waiting import Waitable
 
 APP_SECRET = "secret-test"
 SERVICE_ID = 33
@@ -122,7 +123,7 @@ class Card:
 
 
 @dataclass
-class FeishuDouble:
+class FeishuDouble(Waitable):
     app_secret: str = APP_SECRET  # the only secret the token and endpoint calls accept (a rotation sets another)
     client_config: dict[str, Any] = field(
         default_factory=lambda: {
@@ -300,15 +301,7 @@ class FeishuDouble:
         except orjson.JSONDecodeError:
             return True  # a file (message resource)
 
-    # -- synchronisation -------------------------------------------------------------------------
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def wait_for(self, predicate: Callable[[], object], timeout: float = 10.0) -> None:
-        async with asyncio.timeout(timeout), self._changed:
-            await self._changed.wait_for(predicate)
-
+    # -- what tests wait on (wait_for: tests/doubles/waiting.py) ---------------------------------
     def replies_to(self, message_id: str) -> list[SentReply]:
         return [r for r in self.replies if r.to == message_id]
 

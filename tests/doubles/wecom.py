@@ -58,6 +58,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from handlers.wecom import frame as wf
 from handlers.wecom.crypto import CallbackCrypto, encrypt_media
+from tests.doubles.waiting import Waitable
 
 BOT_ID = "aibTESTBOT01"
 SECRET = "long-connection-secret-test"
@@ -212,7 +213,7 @@ def event(eventtype: str, *, user: str = USER, group: str = "", detail: dict[str
 
 
 @dataclass
-class WeComDouble:
+class WeComDouble(Waitable):
     bot_id: str = BOT_ID
     secret: str = SECRET
     subscribe_limit: int = 0  # subscribes per `subscribe_window` s before 45009 (0: no limit)
@@ -263,15 +264,7 @@ class WeComDouble:
     def ws_url(self) -> str:
         return self.base_url.replace("http://", "ws://", 1) + "/"
 
-    # -- synchronisation --------------------------------------------------------------------------------
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def wait_for(self, predicate: Callable[[], object], timeout: float = 10.0) -> None:
-        async with asyncio.timeout(timeout), self._changed:
-            await self._changed.wait_for(predicate)
-
+    # -- what tests wait on (wait_for: tests/doubles/waiting.py) ---------------------------------
     def streams(self, req_id: str) -> list[Stream]:
         return [s for s in self.stream_list if s.req_id == req_id]
 
