@@ -5,6 +5,8 @@
   fastapi   the same handler in FastAPI on uvicorn (what users would otherwise deploy)
   relay     a minimal web-chat-to-model relay: no dispatcher, store, metrics or logs (latency floor)
   dingtalk  a bare DingTalk Stream client: open-connection, websocket, parse, ACK (stream ceiling)
+  dingtalk-relay  the same client answering every message: ACK, model call, reply POST to the
+            sessionWebhook; no store, dispatcher, metrics or logs (the answers-per-core floor)
   feishu    a bare Feishu long-connection client: endpoint, protobuf frames, response frame
 """
 
@@ -15,6 +17,7 @@ import asyncio
 import contextlib
 import hmac
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -74,18 +77,10 @@ def relay(port: int, model_url: str) -> None:
     async def answer(
         ws: web.WebSocketResponse, http: aiohttp.ClientSession, frame: dict[str, Any], session: str
     ) -> None:
-        body = {"model": "bench", "stream": True, "messages": [{"role": "user", "content": frame["text"]}]}
-        parts: list[str] = []
-        async with http.post(model_url + "/chat/completions", data=orjson.dumps(body)) as resp:
-            async for line in resp.content:
-                if line.startswith(b"data:") and b"[DONE]" not in line:
-                    for choice in orjson.loads(line[5:]).get("choices") or ():
-                        parts.append(choice.get("delta", {}).get("content") or "")
-                elif b"[DONE]" in line:
-                    break
+        text = await _model_text(http, model_url, frame["text"])
         await ws.send_str(
             orjson.dumps(
-                {"type": "done", "text": "".join(parts), "reply_to": f"{session}:{frame['id']}"}
+                {"type": "done", "text": text, "reply_to": f"{session}:{frame['id']}"}
             ).decode()
         )
 
@@ -124,7 +119,7 @@ def _client(port: int, serve: Any) -> None:
 
     async def loop_ctx(app: web.Application) -> Any:
         async def run() -> None:
-            async with aiohttp.ClientSession() as http:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
                 while True:
                     with contextlib.suppress(aiohttp.ClientError, OSError):
                         await serve(http, state)
@@ -140,32 +135,78 @@ def _client(port: int, serve: Any) -> None:
     web.run_app(app, host=HOST, port=port, print=None, access_log=None)
 
 
+@contextlib.asynccontextmanager
+async def _stream_socket(http: aiohttp.ClientSession, api_base: str) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    """open-connection, then the websocket it names."""
+    body = {
+        "clientId": CLIENT_ID,
+        "clientSecret": SECRET,
+        "subscriptions": [{"type": "CALLBACK", "topic": "/v1.0/im/bot/messages/get"}],
+    }
+    async with http.post(api_base + "/v1.0/gateway/connections/open", json=body) as resp:
+        conn = await resp.json()
+    async with http.ws_connect(conn["endpoint"], params={"ticket": conn["ticket"]}) as ws:
+        yield ws
+
+
+def _stream_ack(frame: dict[str, Any]) -> str:
+    ack = {
+        "code": 200,
+        "headers": {"contentType": "application/json", "messageId": frame["headers"]["messageId"]},
+        "message": "OK",
+        "data": '{"response": "OK"}',
+    }
+    return orjson.dumps(ack).decode()
+
+
+async def _model_text(http: aiohttp.ClientSession, model_url: str, text: str) -> str:
+    """One streamed chat completion, its deltas joined (what any relay must do with the model)."""
+    body = {"model": "bench", "stream": True, "messages": [{"role": "user", "content": text}]}
+    parts: list[str] = []
+    async with http.post(model_url + "/chat/completions", data=orjson.dumps(body)) as resp:
+        async for line in resp.content:
+            if line.startswith(b"data:") and b"[DONE]" not in line:
+                for choice in orjson.loads(line[5:]).get("choices") or ():
+                    parts.append(choice.get("delta", {}).get("content") or "")
+            elif b"[DONE]" in line:
+                break
+    return "".join(parts)
+
+
 def dingtalk(port: int, api_base: str) -> None:
     async def serve(http: aiohttp.ClientSession, state: dict[str, bool]) -> None:
-        body = {
-            "clientId": CLIENT_ID,
-            "clientSecret": SECRET,
-            "subscriptions": [{"type": "CALLBACK", "topic": "/v1.0/im/bot/messages/get"}],
-        }
-        async with http.post(api_base + "/v1.0/gateway/connections/open", json=body) as resp:
-            conn = await resp.json()
-        async with http.ws_connect(conn["endpoint"], params={"ticket": conn["ticket"]}) as ws:
+        async with _stream_socket(http, api_base) as ws:
             state["connected"] = True
             async for msg in ws:
                 frame = orjson.loads(msg.data)
                 data = orjson.loads(frame["data"])
                 if frame["type"] == "CALLBACK" and not data.get("msgId"):
                     continue
-                ack = {
-                    "code": 200,
-                    "headers": {
-                        "contentType": "application/json",
-                        "messageId": frame["headers"]["messageId"],
-                    },
-                    "message": "OK",
-                    "data": '{"response": "OK"}',
-                }
-                await ws.send_str(orjson.dumps(ack).decode())
+                await ws.send_str(_stream_ack(frame))
+
+    _client(port, serve)
+
+
+def dingtalk_relay(port: int, api_base: str, model_url: str) -> None:
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def answer(http: aiohttp.ClientSession, data: dict[str, Any]) -> None:
+        text = await _model_text(http, model_url, data["text"]["content"])
+        reply = {"msgtype": "markdown", "markdown": {"title": text[:20], "text": text}}
+        async with http.post(data["sessionWebhook"], data=orjson.dumps(reply)) as resp:
+            await resp.read()
+
+    async def serve(http: aiohttp.ClientSession, state: dict[str, bool]) -> None:
+        async with _stream_socket(http, api_base) as ws:
+            state["connected"] = True
+            async for msg in ws:
+                frame = orjson.loads(msg.data)
+                data = orjson.loads(frame["data"])
+                await ws.send_str(_stream_ack(frame))
+                if frame["type"] == "CALLBACK" and data.get("msgId"):
+                    task = asyncio.create_task(answer(http, data))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
 
     _client(port, serve)
 
@@ -195,11 +236,12 @@ def feishu(port: int, domain: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.references")
-    parser.add_argument("kind", choices=["bare", "fastapi", "relay", "dingtalk", "feishu"])
+    parser.add_argument("kind", choices=["bare", "fastapi", "relay", "dingtalk", "dingtalk-relay", "feishu"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument(
         "--upstream", default="", help="model URL (relay), api base (dingtalk), domain (feishu)"
     )
+    parser.add_argument("--model", default="", help="model URL (dingtalk-relay)")
     parser.add_argument(
         "--loop", choices=["asyncio", "uvloop"], default="asyncio", help="the event loop (aiohttp kinds)"
     )
@@ -208,7 +250,9 @@ def main() -> None:
         import uvloop  # bench/requirements.txt
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    if args.kind in ("relay", "dingtalk", "feishu"):
+    if args.kind == "dingtalk-relay":
+        dingtalk_relay(args.port, args.upstream, args.model)
+    elif args.kind in ("relay", "dingtalk", "feishu"):
         {"relay": relay, "dingtalk": dingtalk, "feishu": feishu}[args.kind](args.port, args.upstream)
     else:
         {"bare": bare, "fastapi": fastapi}[args.kind](args.port)

@@ -36,6 +36,7 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
+from .capability import supports
 from .errors import PlatformError
 from .exchange import Delivery, Exchange, Flow, fields, log
 from .i18n import N_, Locale, translator
@@ -110,7 +111,7 @@ class UploadChannel(Protocol):
 async def upload_ahead(channel: object, exchange: Exchange, answer: str) -> None:
     """Before the answer is delivered: its images uploaded where the channel shows them inside
     it (`UploadChannel`). A failure leaves them to `ImagesOut` (the links stay in the text)."""
-    if not isinstance(channel, UploadChannel):
+    if not supports(channel, UploadChannel):
         return
     hosts = list(exchange.cfg.content.image_hosts)
     images = find_images(answer, hosts)
@@ -248,13 +249,13 @@ class ImagesOut:
         hosts = list(exchange.cfg.content.image_hosts)
         images = find_images(answer, hosts)
         channel = self._delivery.channel(message)
-        if images and isinstance(channel, ImageChannel):
+        if images and supports(channel, ImageChannel):
             try:
                 await channel.send_images(message, images, hosts)
             except PlatformError as e:  # the answer is delivered: the images stay links
                 log.warning("answer images not sent: %s", e, extra=fields(message))
         files = [OutFile(name, url) for name, url in (draft.files if draft is not None else [])]
-        if files and isinstance(channel, FileChannel):
+        if files and supports(channel, FileChannel):
             file_hosts = [*hosts, *_base_host(exchange.cfg.model.base_url)]
             allowed = [f for f in files if _allowed(f.url, _hosts(file_hosts))][:MAX_FILES]
             try:

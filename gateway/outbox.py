@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Protocol, runtime_checkable
 
+from .capability import supports
 from .channel import Channel
 from .config import ApiConfig
 from .errors import PlatformError, StoreError, Throttled
@@ -116,11 +117,11 @@ class Outbox:
     # -- accepting -------------------------------------------------------------------------------
     def pusher(self, platform: str, bot: str) -> Pusher | None:
         channel = self._channels.get(f"{platform}/{bot}")
-        return channel if isinstance(channel, Pusher) else None
+        return channel if supports(channel, Pusher) else None
 
     def check(self, request: SendRequest) -> None:
         """Raise `SendRefused` naming the first field the outbox cannot take."""
-        platforms = sorted({key.split("/", 1)[0] for key, c in self._channels.items() if isinstance(c, Pusher)})
+        platforms = sorted({key.split("/", 1)[0] for key, c in self._channels.items() if supports(c, Pusher)})
         if request.platform not in platforms:
             known = ", ".join(platforms) or "none is configured"
             raise SendRefused("platform", f"no bot of platform {request.platform!r} is configured ({known})")
@@ -129,7 +130,7 @@ class Outbox:
             bots = sorted(
                 key.split("/", 1)[1]
                 for key, c in self._channels.items()
-                if key.startswith(f"{request.platform}/") and isinstance(c, Pusher)
+                if key.startswith(f"{request.platform}/") and supports(c, Pusher)
             )
             raise SendRefused("bot", f"no {request.platform} bot named {request.bot!r} (bots: {', '.join(bots)})")
         if request.to_kind not in TARGET_KINDS:

@@ -15,6 +15,7 @@ import asyncio
 import logging
 from typing import Protocol, runtime_checkable
 
+from .capability import supports
 from .exchange import Delivery, fields
 from .i18n import N_, translator
 from .messages import InboundMessage
@@ -50,7 +51,7 @@ class Working:
 
     async def start(self) -> None:
         channel = self._delivery.channel(self._message)
-        if isinstance(channel, Marks):
+        if supports(channel, Marks):
             try:
                 self._mark = await channel.mark_working(self._message)
             except Exception as e:
@@ -83,7 +84,7 @@ class Working:
             return
         mark, self._mark = self._mark, ""
         channel = self._delivery.channel(self._message)
-        if isinstance(channel, Marks):
+        if supports(channel, Marks):
             try:
                 await channel.unmark_working(self._message, mark)
             except Exception as e:

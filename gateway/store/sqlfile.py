@@ -4,8 +4,8 @@ Writes go through a queue to a dedicated writer thread with its own connection; 
 whatever arrives within `window` seconds (plus whatever arrives while the previous commit is still
 running) and commits it as ONE transaction, then resolves every waiter. So many webhooks accepted
 at once cost one fsync, not one each. Reads run on a second thread with its own connection, which
-WAL lets proceed while the writer commits. An exclusive `flock` on `<file>.lock` keeps a second
-process off the file.
+WAL lets proceed while the writer commits; the reads that arrive while it is busy go to it
+together. An exclusive `flock` on `<file>.lock` keeps a second process off the file.
 
 Writes of one kind queued one after another (the intake's admits) can run as one call over all
 their items (`write_grouped`): a few multi-row statements a commit instead of two a message. Every
@@ -37,6 +37,9 @@ WriteOp = Callable[[sqlite3.Connection, float], Any]
 GroupOp = Callable[[sqlite3.Connection, float, list[Any]], list[Any]]
 # A queued write: its group (None: `item` is a WriteOp run alone), its item, its waiter.
 _Pending = tuple[GroupOp | None, Any, "asyncio.Future[Any]"]
+# A queued read and its waiter; what it returned (True, value) or raised (False, exception).
+_Read = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
+_Outcome = tuple[bool, Any]
 
 META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;"
 
@@ -57,6 +60,7 @@ class SqliteFile:
         self.path = path
         self.synchronous = SYNCHRONOUS[durability]
         self.commits = 0  # write transactions committed; under load far fewer than writes
+        self.read_batches = 0  # turns of the reader thread; under load far fewer than reads
         self._schema = schema
         self._version = version
         self._window = window
@@ -66,6 +70,8 @@ class SqliteFile:
         self._rconn: sqlite3.Connection | None = None  # used on the reader thread only
         self._lock_fd: int | None = None
         self._pending: list[_Pending] = []
+        self._reads: list[_Read] = []
+        self._reading = False  # a batch of reads is on the reader thread
         self._wakeup: asyncio.Event | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._open = False
@@ -240,18 +246,62 @@ class SqliteFile:
         return results
 
     async def read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Run `fn` on the reader thread (sees every write whose `write()` has returned)."""
+        """Run `fn` on the reader thread (sees every write whose `write()` has returned).
+
+        Reads queued while the reader thread is busy go over together in its next turn: one
+        thread hand-off (and one wake-up of the loop) for all of them instead of one each."""
         if not self._open or self._reader is None:
             raise StoreError("store is closed")
-
-        def run() -> Any:
-            assert self._rconn is not None
-            return fn(self._rconn)
-
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._reads.append((fn, future))
+        if not self._reading:
+            self._next_reads()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._reader, run)
+            return await future
         except sqlite3.Error as e:
             raise StoreError(f"sqlite {self.path}: read failed: {e}") from e
+
+    def _next_reads(self) -> None:
+        batch, self._reads = self._reads, []
+        if not batch:
+            return
+        self._reading = True
+        try:
+            assert self._reader is not None
+            done = asyncio.get_running_loop().run_in_executor(self._reader, self._run_reads, batch)
+        except (AssertionError, RuntimeError):  # closed meanwhile: the pool takes nothing more
+            self._reading = False
+            _settle(batch, [(False, StoreError("store is closed"))] * len(batch))
+            return
+        done.add_done_callback(lambda outcome: self._reads_done(batch, outcome))
+
+    def _reads_done(self, batch: list[_Read], outcome: asyncio.Future[list[_Outcome]]) -> None:
+        self._reading = False
+        _settle(batch, outcome.result())
+        self._next_reads()
+
+    def _run_reads(self, batch: list[_Read]) -> list[_Outcome]:
+        conn = self._rconn
+        if conn is None:
+            return [(False, StoreError("store is closed"))] * len(batch)
+        self.read_batches += 1
+        outcomes: list[_Outcome] = []
+        for fn, _ in batch:
+            try:
+                outcomes.append((True, fn(conn)))
+            except Exception as e:  # this read's own failure, raised to its caller alone
+                outcomes.append((False, e))
+        return outcomes
+
+
+def _settle(batch: list[_Read], outcomes: list[_Outcome]) -> None:
+    for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+        if future.done():  # its caller was cancelled
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
 
 
 def _run_in_order(conn: sqlite3.Connection, now: float, batch: list[_Pending]) -> list[Any]:
