@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 from yarl import URL
 
 from .config import Config, is_proxy_url
@@ -135,6 +136,14 @@ def proxy_policy(config: Config, env: Mapping[str, str] | None = None) -> ProxyP
 
 def client_session(config: Config, env: Mapping[str, str] | None = None, **kwargs: Any) -> aiohttp.ClientSession:
     """The outbound session for `config`; `kwargs` go to `aiohttp.ClientSession` (connector,
-    headers, timeout)."""
+    headers, timeout). A `json=` body is written by orjson: UTF-8 as it is (the standard library's
+    encoder sends every Chinese character as a six-byte `\\uXXXX` escape) and about ten times
+    faster."""
     policy = proxy_policy(config, env)
-    return aiohttp.ClientSession(request_class=policy.request_class(), trust_env=False, **kwargs)
+    return aiohttp.ClientSession(
+        request_class=policy.request_class(), trust_env=False, json_serialize=_json_text, **kwargs
+    )
+
+
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value).decode()

@@ -157,14 +157,23 @@ class GuardedRunner(web.AppRunner):
 TLS_KEYS = frozenset({"server.tls_cert", "server.tls_key"})
 
 
-def freeze_startup_heap() -> None:
-    """Move what start-up made (modules, config, the app, the clients: ~50,000 objects) out of the
-    cyclic collector's sight. A full collection walks every object it tracks; with these in it one
-    took 50-70 ms on the bench machine, a stall every few seconds for every message in flight (the
-    overhead p99 of BENCHMARKS.md scenario 3). They live until exit anyway
-    (https://docs.python.org/3/library/gc.html#gc.freeze)."""
+# The cyclic collector's thresholds once serving (https://docs.python.org/3/library/gc.html):
+# a young collection after 700 net new container objects (Python's default), a middle one after 10
+# of those, and a full one only after 100 middle ones (default 10). Every answer in flight holds some
+# hundred objects (two HTTP exchanges, its tasks and buffers) for the model's whole answer time, so
+# they outlive the young collections, reach the oldest generation and, at the default, make it due
+# every few seconds: measured on the bench machine, full collections were ~60 % of the collector's
+# time, each a 30-70 ms stall for every message in flight (BENCHMARKS.md scenario 3, overhead p99).
+GC_THRESHOLDS = (700, 10, 100)
+
+
+def tune_collector() -> None:
+    """Once serving: what start-up made (modules, config, the app, the clients: ~50,000 objects,
+    alive until exit) moved out of the collector's sight (`gc.freeze`), so a full collection walks
+    only what came after, and full collections made rarer (`GC_THRESHOLDS`)."""
     gc.collect()
     gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def ssl_context(config: Config) -> ssl.SSLContext | None:
@@ -233,7 +242,7 @@ class Service:
             log.info("serving", extra={"listen_url": self._where})
             self._notifier.ready(f"serving on {self._where}")
             self._serving.set()
-            freeze_startup_heap()
+            tune_collector()
             await self._stop.wait()
             self._notifier.stopping("draining in-flight conversations")
         finally:

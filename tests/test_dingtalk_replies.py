@@ -250,3 +250,16 @@ async def test_card_creation_failing_gives_exactly_one_markdown_answer(
 
 
 # The API budget (80 %: cards only at the end; 100 %: no card) is tested in tests/test_api_quota.py.
+
+
+async def test_chinese_answers_travel_as_utf8_not_escapes(
+    aiohttp_server: Any, gateway: Any, openai_double: Any
+) -> None:
+    model, url = openai_double
+    model.answer = "你好，这是回答。"
+    env = await start(aiohttp_server, gateway, model_url=url)
+    await env.double.push(env.double.message("问个问题"))
+    [answer] = await env.answers(1)
+    assert "你好，这是回答。" in answer["markdown"]["text"]
+    [raw] = env.double.session_bodies
+    assert "你好，这是回答。".encode() in raw and b"\\u" not in raw  # 3 bytes a character, not 6

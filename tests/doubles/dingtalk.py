@@ -146,6 +146,7 @@ class DingTalkDouble:
     acks: list[Ack] = field(default_factory=list)
     ack_errors: list[str] = field(default_factory=list)
     session_posts: list[dict[str, Any]] = field(default_factory=list)
+    session_bodies: list[bytes] = field(default_factory=list)  # every sessionWebhook POST as sent
     refused_session_posts: list[dict[str, Any]] = field(default_factory=list)  # answered "expired"
     api_calls: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     tokens_issued: list[str] = field(default_factory=list)
@@ -646,7 +647,9 @@ class DingTalkDouble:
         return web.json_response({"success": True, "processQueryKey": "q1"})
 
     async def _session_webhook(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        raw = await request.read()
+        self.session_bodies.append(raw)
+        body = json.loads(raw)
         if (limited := self._limited(request.path)) is not None:
             return limited
         if self._failing(request.path):
