@@ -40,6 +40,10 @@ def at_least_ratio(x: float) -> Callable[[Row], bool]:
     return lambda row: row.ratio is not None and row.ratio >= x
 
 
+def at_most_ratio(x: float) -> Callable[[Row], bool]:
+    return lambda row: row.ratio is not None and row.ratio <= x
+
+
 def at_least(limit: float) -> Callable[[Row], bool]:
     return lambda row: row.value is not None and row.value >= limit
 
