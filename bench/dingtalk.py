@@ -3,6 +3,11 @@
 Wire format as in docs/protocols/dingtalk.md §A (CALLBACK frames whose `data` is a JSON *string*, ACKs carrying the
 frame's `messageId`), and the webhook signature of §C.2. It pushes frames as fast as asked, times
 every ACK and every reply, and can drop the socket to measure recovery.
+
+Several Stream connections of the one client may be open at once (one per gateway instance, each
+from its own open-connection call): CALLBACK frames are spread over them round-robin, as the
+platform spreads a bot's messages over its connections, and every reply is counted per msgId, so
+a scenario sees an answer given twice or never.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import hashlib
 import hmac
 import itertools
 import time
-from collections import deque
+from collections import Counter, deque
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
@@ -65,9 +70,13 @@ class DingTalkDouble:
         self.connections = 0
         self.acks = 0
         self.bad_acks = 0
-        self.connected = asyncio.Event()
-        self._ws: web.WebSocketResponse | None = None
-        self._transport: asyncio.BaseTransport | None = None
+        self.connected = asyncio.Event()  # set while at least one Stream connection is open
+        self.replied: Counter[str] = Counter()  # msgId -> replies that reached the sink for it
+        self.frames_per_connection: Counter[int] = Counter()  # connection number -> frames pushed
+        # The open Stream connections, oldest first: (number, websocket, its TCP transport).
+        self._open: list[tuple[int, web.WebSocketResponse, asyncio.BaseTransport | None]] = []
+        self._changed = asyncio.Condition()
+        self._turn = itertools.count()  # round-robin over the open connections
         self._runner: web.AppRunner | None = None
         self._frames = itertools.count()
         self._messages = itertools.count()
@@ -103,8 +112,8 @@ class DingTalkDouble:
         return f"http://{HOST}:{self.port}"
 
     async def stop(self) -> None:
-        if self._ws is not None:
-            await self._ws.close()
+        for _, ws, _ in list(self._open):
+            await ws.close()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.sink.server.stop()
@@ -143,9 +152,10 @@ class DingTalkDouble:
     async def _connect(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=1 << 20)
         await ws.prepare(request)
-        self._ws, self._transport = ws, request.transport
         self.connections += 1
-        self.connected.set()
+        entry = (self.connections, ws, request.transport)
+        self._open.append(entry)
+        await self._opened_or_closed()
         while self._backlog:
             await ws.send_str(self._backlog.popleft())
         try:
@@ -153,10 +163,27 @@ class DingTalkDouble:
                 if msg.type is WSMsgType.TEXT:
                     self._on_ack(msg.data)
         finally:
-            if self._ws is ws:
-                self._ws = None
-                self.connected.clear()
+            if entry in self._open:
+                self._open.remove(entry)
+            await self._opened_or_closed()
         return ws
+
+    async def _opened_or_closed(self) -> None:
+        if self._open:
+            self.connected.set()
+        else:
+            self.connected.clear()
+        async with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
+
+    async def wait_connections(self, count: int, within: float = 15.0) -> None:
+        """Until `count` Stream connections are open (TimeoutError after `within` seconds)."""
+        async with asyncio.timeout(within), self._changed:
+            await self._changed.wait_for(lambda: len(self._open) >= count)
 
     # -- frames -----------------------------------------------------------------------------
     def callback_frame(self, conversation: str, text: str) -> tuple[str, str, str]:
@@ -196,16 +223,25 @@ class DingTalkDouble:
 
     def _on_reply(self, path: bytes, body: bytes) -> None:
         query = parse_qs(urlsplit(path.decode()).query)
-        future = self._reply_waiters.pop(query.get("m", [""])[0], None)
+        msg_id = query.get("m", [""])[0]
+        self.replied[msg_id] += 1
+        future = self._reply_waiters.pop(msg_id, None)
         if future is not None and not future.done():
             future.set_result(time.monotonic())
 
-    async def push(self, frame: str) -> None:
-        """Send now, or keep it for the next connection when the stream is down."""
-        if self._ws is None or self._ws.closed:
+    async def push(self, frame: str, via: int | None = None) -> int:
+        """Send now on the next open connection in turn (or on the `via`-th, modulo how many are
+        open), or keep it for the next connection when none is open. Returns the index of the
+        connection used among the open ones (-1: kept)."""
+        live = [(n, ws) for n, ws, _ in self._open if not ws.closed]
+        if not live:
             self._backlog.append(frame)
-        else:
-            await self._ws.send_str(frame)
+            return -1
+        index = (next(self._turn) if via is None else via) % len(live)
+        number, ws = live[index]
+        self.frames_per_connection[number] += 1
+        await ws.send_str(frame)
+        return index
 
     def expect_ack(self, frame_id: str) -> asyncio.Future[float]:
         future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
@@ -225,8 +261,9 @@ class DingTalkDouble:
         return sent, reply
 
     def drop(self) -> None:
-        """Drop the TCP connection under the stream without a close frame (a network failure)."""
-        if self._transport is not None:
-            self._transport.close()
-        self._ws = self._transport = None
+        """Drop the TCP connections under the stream without a close frame (a network failure)."""
+        for _, _, transport in self._open:
+            if transport is not None:
+                transport.close()
+        self._open.clear()
         self.connected.clear()

@@ -84,6 +84,70 @@ def _high_rate(rows: Sequence[Row], row: Row) -> str:
     )
 
 
+def _scale_out(rows: Sequence[Row], row: Row) -> str:
+    """Scenario 11's two instances: where the cores went, and the scaling per gateway CPU-second."""
+    busy = re.search(r"gateway cores busy (\d+)% and (\d+)%", row.note)
+    waited = re.search(r"waiting for a CPU (\d+)% and (\d+)%", row.note)
+    redis = re.search(r"Redis (\d+)%", row.note)
+    bench = re.search(r"bench process\) (\d+)%", row.note)
+    helpers = sum(int(v) for v in re.findall(r"(?:wrk|nginx) (\d+)%", row.note))
+    efficiency = next((r for r in rows if r.name == f"{row.name}, answers per gateway CPU-second"), None)
+    split = (
+        f"The two gateways kept their cores {busy.group(1)}% and {busy.group(2)}% busy; on the second "
+        f"instance's core Redis took {redis.group(1)}% of a core, the doubles and the frame pump (the bench "
+        f"process) {bench.group(1)}%" + (f", wrk and nginx {helpers}%" if helpers else "") + ". "
+        + (
+            f"The gateways waited for a CPU {waited.group(1)}% and {waited.group(2)}% of the time (work "
+            "outside the gateway on their cores: the second's load side, and on a shared machine "
+            "other processes). "
+            if waited
+            else ""
+        )
+        if busy and redis and bench
+        else ""
+    )
+    per_cpu = (
+        f"Per gateway CPU-second two instances answered {efficiency.ratio:.2f}x what one did "
+        f"({efficiency.value:,.0f} against {efficiency.ref_value:,.0f} answers, "
+        f"{1000 / efficiency.ref_value:.1f} ms of gateway CPU per answer with one instance): "
+        if efficiency is not None and efficiency.ratio is not None and efficiency.ref_value
+        else ""
+    )
+    below = (
+        "Below 0.9, as here, part of the gap is in the gateways themselves or the CPU they waited for "
+        "(other work on their cores), not only the missing core. "
+        if efficiency is not None and efficiency.ratio is not None and efficiency.ratio < 0.9
+        else ""
+    )
+    return (
+        split + per_cpu + "a per-CPU ratio near 1 means sharing one Redis costs the instances nothing, and "
+        "the gap is the core the second instance shares with the load side: a 2-core machine has no third "
+        "core for Redis, the doubles and the load generator (one instance had a core to itself and the rest "
+        "had the other). Were each instance's core its own, two would answer about twice that per-CPU ratio "
+        "times one instance's rate. " + below + _redis_cost(rows, row)
+    )
+
+
+def _redis_cost(rows: Sequence[Row], row: Row) -> str:
+    sqlite = next((r for r in rows if r.scenario == row.scenario and "SQLite store" in r.name), None)
+    commands = re.search(r"([\d.]+) Redis commands per answered message", row.note)
+    cost = (
+        f"Per answer one instance on Redis spends {sqlite.ratio:.1f}x the gateway CPU it spends on "
+        "SQLite (the SQLite row, same load, same run)"
+        if sqlite is not None and sqlite.ratio
+        else "Per answer the Redis store costs more gateway CPU than SQLite"
+    )
+    return (
+        cost + (f", with {commands.group(1)} Redis commands per answered message" if commands else "")
+        + " (claim + inbox, the lease and its renewal, the conversation's pending messages, context, cache, "
+        "the context write under WATCH, usage counters, inbox done, lease release; those inside Lua "
+        "scripts counted), every round trip through redis-py's asyncio client costing a few hundred µs of "
+        "CPU on this machine. What would close it: fewer round trips per answer (lease + pending in one "
+        "script, context + cache in one read, inbox done + release in one, usage in the same pipeline), "
+        "issue 21 goal 4."
+    )
+
+
 def explain(rows: Sequence[Row]) -> None:
     """Fill `gap` of every missed row from what this run measured."""
     for row in rows:
@@ -111,6 +175,8 @@ def explain(rows: Sequence[Row]) -> None:
             row.gap = "Intake is CPU-bound on one core. " + _intake(rows)
         elif row.scenario.startswith("3.") and "1,000 msg/s" in row.name:
             row.gap = _high_rate(rows, row)
+        elif row.scenario.startswith("11."):
+            row.gap = _scale_out(rows, row)
         elif row.scenario.startswith("4."):
             row.gap = (
                 "The model time is 1 s, and the relay reference in the same row, which does nothing but "
