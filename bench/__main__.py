@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from . import cards, findings, ingress, latency, micro, recovery, resources, stream
+from . import cards, findings, growth, ingress, latency, micro, recovery, resources, stream
 from .context import BenchError, Context
 from .env import ROOT, load_average, machine_facts, pin_self, plan_cores, raise_fd_limit
 from .report import Row, as_json, markdown, table
@@ -30,6 +30,7 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "7": ("startup + idle memory (7, 5)", resources.startup),
     "8": ("hot-path costs", micro.run),
     "9": ("card streaming", cards.run),
+    "10": ("state growth", growth.run),
 }
 
 
@@ -73,7 +74,7 @@ async def run_all(ctx: Context, only: list[str]) -> tuple[list[Row], list[str]]:
         rows += got
         print(table(got), flush=True)
         print(f"   ({time.monotonic() - started:.1f} s)", flush=True)
-    rows.sort(key=lambda r: r.scenario)
+    rows.sort(key=lambda r: int(r.scenario.split(".")[0]))  # "10." after "9."
     findings.explain(rows)
     return rows, errors
 
