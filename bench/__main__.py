@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from . import answers, cards, findings, ingress, latency, micro, recovery, resources, scaleout, stream
+from . import answers, cards, findings, growth, ingress, latency, micro, recovery, resources, scaleout, stream
 from .context import BenchError, Context
 from .env import ROOT, load_average, machine_facts, pin_self, plan_cores, raise_fd_limit
 from .report import Row, as_json, markdown, table
@@ -30,6 +30,7 @@ SCENARIOS: dict[str, tuple[str, Scenario]] = {
     "7": ("startup + idle memory (7, 5)", resources.startup),
     "8": ("hot-path costs", micro.run),
     "9": ("card streaming", cards.run),
+    "10": ("state growth", growth.run),
     "11": ("scale-out on Redis", scaleout.run),
     "12": ("answers per core", answers.run),
 }

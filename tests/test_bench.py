@@ -26,6 +26,7 @@ SCENARIOS = (
     "7. Startup",
     "8. Hot-path costs",
     "9. Card streaming",
+    "10. State growth",
     "11. Scale-out on Redis",
     "12. Answer throughput",
 )

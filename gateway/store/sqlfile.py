@@ -50,6 +50,17 @@ META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT RO
 # last ones may roll back after a power cut or OS crash. The file stays consistent with either.
 SYNCHRONOUS = {"power": "FULL", "process": "NORMAL"}
 
+# Housekeeping (https://www.sqlite.org/pragma.html#pragma_auto_vacuum): the file is in incremental
+# auto-vacuum mode, so pages freed by deleted rows can be handed back to the file system
+# (`release_free_pages`, after each sweep) instead of only being reused.
+INCREMENTAL = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
+SPARE = 0.1  # free pages kept for the next inserts, as a fraction of the file: steady churn reuses them
+RELEASE_MAX = 2048  # pages released per sweep at most (8 MB of 4 KB pages, ~20 ms): the writer is not held long
+# Bytes of WAL kept when it starts over after a checkpoint (PRAGMA journal_size_limit): about what
+# the automatic checkpoint lets it reach (1,000 pages). SQLite's default keeps a WAL that a burst
+# or a long read once made large at that size for ever.
+WAL_KEEP = 4 * 2**20
+
 
 class SqliteFile:
     def __init__(
@@ -128,10 +139,14 @@ class SqliteFile:
         self._lock_fd = fd
         conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
         self._wconn = conn
+        # Takes effect only in a file without tables yet (a new one); an older file is converted
+        # below, once.
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode != "wal":
             raise StoreError(f"sqlite {self.path}: WAL mode unavailable (journal_mode={mode})")
         conn.execute(f"PRAGMA synchronous={self.synchronous}")  # see SYNCHRONOUS
+        conn.execute(f"PRAGMA journal_size_limit={WAL_KEEP}")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > self._version:
             raise StoreError(
@@ -140,8 +155,27 @@ class SqliteFile:
             )
         conn.executescript(self._schema + META)
         conn.execute(f"PRAGMA user_version={self._version}")
+        if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != INCREMENTAL:
+            self._convert_to_incremental(conn)
         # Proves the file is writable now rather than at the first message.
         _heartbeat(conn, time.time())
+
+    def _convert_to_incremental(self, conn: sqlite3.Connection) -> None:
+        """A file made before incremental auto-vacuum: switch it over with one VACUUM (a rewrite of
+        the whole file, needing as much free disk again; seconds for a few hundred MB). Without
+        room for that the file keeps working as before (the sweep's freed pages are reused but
+        not handed back to the file system), and the next start tries again."""
+        started = time.monotonic()
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        try:
+            conn.execute("VACUUM")
+        except sqlite3.Error as e:
+            log.warning("sqlite %s: not converted to incremental auto-vacuum: %s", self.path, e)
+            return
+        log.info(
+            "sqlite file converted to incremental auto-vacuum (once)",
+            extra={"path": str(self.path), "seconds": round(time.monotonic() - started, 3)},
+        )
 
     def _open_reader(self) -> None:
         self._rconn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
@@ -323,6 +357,24 @@ def _run_in_order(conn: sqlite3.Connection, now: float, batch: list[_Pending]) -
         results += done
         start = end
     return results
+
+
+def release_free_pages(conn: sqlite3.Connection) -> int:
+    """Hand free pages beyond `SPARE` of the file back to the file system, at most `RELEASE_MAX`;
+    returns how many. Runs inside a write transaction; the file itself shrinks when the WAL is
+    next checkpointed. Does nothing in a file not in incremental auto-vacuum mode."""
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != INCREMENTAL:
+        return 0
+    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    surplus = min(free - int(pages * SPARE), RELEASE_MAX)
+    if surplus <= 0:
+        return 0
+    # Each step of the statement frees one page, and sqlite3 steps a statement without result
+    # columns once (executescript would run it to the end, but commits the batch first).
+    for _ in range(surplus):
+        conn.execute("PRAGMA incremental_vacuum")
+    return int(surplus)
 
 
 def _heartbeat(conn: sqlite3.Connection, now: float) -> None:

@@ -36,7 +36,7 @@ from .base import (
     top_usage,
     trim_turns,
 )
-from .sqlfile import SqliteFile
+from .sqlfile import SqliteFile, release_free_pages
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -57,6 +57,9 @@ CREATE TABLE IF NOT EXISTS dedup (key TEXT PRIMARY KEY, expires REAL NOT NULL) W
 CREATE TABLE IF NOT EXISTS context (
     conversation TEXT PRIMARY KEY, turns BLOB NOT NULL, expires REAL NOT NULL
 ) WITHOUT ROWID;
+-- The sweep finds idle contexts by this index: without it, it reads every context's turns (overflow
+-- pages: `expires` comes after them), each sweep.
+CREATE INDEX IF NOT EXISTS context_by_expiry ON context (expires);
 CREATE TABLE IF NOT EXISTS cache (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires REAL NOT NULL)
     WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS buckets (bucket TEXT PRIMARY KEY, tokens REAL NOT NULL, updated REAL NOT NULL)
@@ -456,16 +459,23 @@ def _turns(raw: bytes) -> list[Turn]:
 
 
 def _sweep(conn: sqlite3.Connection, now: float) -> int:
+    """Delete expired rows, then hand the pages they freed beyond a spare back to the file system
+    (`sqlfile.release_free_pages`): a burst's rows do not keep the file large for ever."""
     removed = 0
     for sql, args in (
         ("DELETE FROM dedup WHERE expires <= ?", (now,)),
         ("DELETE FROM cache WHERE expires <= ?", (now,)),
         ("DELETE FROM context WHERE expires <= ?", (now,)),
         ("DELETE FROM backend_sessions WHERE expires <= ?", (now,)),
-        ("DELETE FROM usage WHERE expires <= ?", (now,)),
+        # Only the oldest day's figures: a day's rows expire after every earlier day's (each one
+        # `USAGE_TTL` after its last message), so the primary key finds them without a scan of 40
+        # days of figures (an index on `expires` would be as large as the table). The next day
+        # follows once this one is gone.
+        ("DELETE FROM usage WHERE day = (SELECT min(day) FROM usage) AND expires <= ?", (now,)),
         ("DELETE FROM outbox WHERE expires <= ?", (now,)),  # done and past its keep time, key with it
         # A bucket untouched for a minute has refilled completely: same as no row.
         ("DELETE FROM buckets WHERE updated <= ?", (now - 60.0,)),
     ):
         removed += conn.execute(sql, args).rowcount
+    release_free_pages(conn)  # also what an earlier sweep freed beyond its share
     return removed
