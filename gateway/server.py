@@ -157,14 +157,18 @@ class GuardedRunner(web.AppRunner):
 TLS_KEYS = frozenset({"server.tls_cert", "server.tls_key"})
 
 
-# The cyclic collector's thresholds once serving (https://docs.python.org/3/library/gc.html):
-# a young collection after 700 net new container objects (Python's default), a middle one after 10
-# of those, and a full one only after 100 middle ones (default 10). Every answer in flight holds some
-# hundred objects (two HTTP exchanges, its tasks and buffers) for the model's whole answer time, so
-# they outlive the young collections, reach the oldest generation and, at the default, make it due
-# every few seconds: measured on the bench machine, full collections were ~60 % of the collector's
-# time, each a 30-70 ms stall for every message in flight (BENCHMARKS.md scenario 3, overhead p99).
-GC_THRESHOLDS = (700, 10, 100)
+# The cyclic collector's thresholds once serving (https://docs.python.org/3/library/gc.html). Every
+# answer in flight holds a few hundred container objects (two HTTP exchanges, its tasks, buffers)
+# for the model's whole answer time, so they outlive young collections and are walked again by each
+# one until they die; and at the default (700, 10, 10) they reach the oldest generation and make a
+# full collection due every few seconds. Measured on the bench machine at 1,000 answers/s: the
+# collector took ~20 % of the CPU (full collections a third of that, 30-70 ms stalls of every
+# message in flight: the overhead p99 of BENCHMARKS.md scenario 3). A young collection after 20,000
+# net new objects instead of 700 and a full one after 100 middle ones instead of 10 cut it to ~7 %;
+# a young collection then walks at most ~20,000 objects (~10-30 ms on that machine, a few times a
+# second at full load, every few seconds at 200 msg/s), and the overhead p99 at 200 msg/s stayed
+# where it was with 700.
+GC_THRESHOLDS = (20_000, 10, 100)
 
 
 def tune_collector() -> None:
