@@ -288,6 +288,11 @@ ACCEPT_EXHAUSTED = ("socket.accept() out of system resource",)
 
 def setup_logging(level: str = "INFO", secrets: list[str] | None = None) -> None:
     """Configure the root logger (called by run.py only)."""
+    # The lines carry none of a record's thread, process or source-file fields, so records are
+    # made without looking them up: a stack walk and three lookups less per line, one line per
+    # answered message (https://docs.python.org/3/howto/logging.html#optimization).
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging._srcfile = None
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter(secrets, priority_prefix=writes_to_journal(sys.stdout)))
     root = logging.getLogger()
