@@ -19,7 +19,8 @@ Two deliberate choices, both tested:
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterable
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
 LIMIT = 1 << 20  # bytes: a longer line, or event data, is refused (a runaway or hostile stream)
@@ -109,10 +110,26 @@ class SseParser:
         return event
 
 
-async def read_events(chunks: AsyncIterable[bytes], limit: int = LIMIT) -> AsyncGenerator[SseEvent, None]:
+def read_events(chunks: AsyncIterable[bytes], limit: int = LIMIT) -> AsyncIterator[SseEvent]:
     """The events of a byte stream (e.g. `aiohttp.ClientResponse.content.iter_any()`); raises
     `SseError` at a line or event over `limit` bytes."""
-    parser = SseParser(limit)
-    async for chunk in chunks:
-        for event in parser.feed(chunk):
-            yield event
+    return _Events(chunks.__aiter__(), SseParser(limit))
+
+
+class _Events:
+    """`read_events`' iterator. A class, not an async generator: a backend stops reading at its
+    terminal event (`[DONE]`, `message_end`), and an async generator left unfinished is closed by
+    the loop's finalizer hook in a task of its own, one per answer; this object just goes away."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], parser: SseParser) -> None:
+        self._chunks = chunks
+        self._parser = parser
+        self._ready: deque[SseEvent] = deque()
+
+    def __aiter__(self) -> _Events:
+        return self
+
+    async def __anext__(self) -> SseEvent:
+        while not self._ready:
+            self._ready.extend(self._parser.feed(await self._chunks.__anext__()))  # StopAsyncIteration at the end
+        return self._ready.popleft()

@@ -3,6 +3,7 @@ as in docs/protocols/backends.md §1), limits, and that no chunking of the bytes
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator
 
 import pytest
@@ -173,3 +174,34 @@ def test_any_chunking_of_the_bytes_gives_the_same_events(body: list[str], eol: s
     points = sorted({min(c, len(raw)) for c in cuts})
     pieces = [raw[a:b] for a, b in zip([0, *points], [*points, len(raw)], strict=True)]
     assert parse(*pieces) == whole
+
+
+class _Chunks:
+    """A byte stream as aiohttp's `iter_any()` is: an iterator object, not an async generator."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self._chunks = iter(chunks)
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return next(self._chunks)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+
+async def test_a_reader_left_at_the_terminal_event_needs_no_finalizing() -> None:
+    """A backend stops at `[DONE]`; an unfinished async generator would cost a task of its own
+    (the loop's finalizer hook closes it), one per answer."""
+    started: list[object] = []
+    hooks = sys.get_asyncgen_hooks()
+    sys.set_asyncgen_hooks(firstiter=started.append, finalizer=hooks.finalizer)
+    try:
+        async for event in read_events(_Chunks([b"data: a\n\ndata: [DONE]\n\ndata: late\n\n"])):
+            if event.data == "[DONE]":
+                break
+    finally:
+        sys.set_asyncgen_hooks(*hooks)
+    assert started == []
