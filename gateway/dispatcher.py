@@ -319,8 +319,8 @@ class Dispatcher:
         head = queue[0]
         self._heads[key] = head
         try:
-            async with self._leases.hold(key):
-                for message in await self._due(head):
+            async with self._leases.hold(key) as pending:
+                for message in self._due(head, pending):
                     await self._answer_in_slot(message, head, queue, ready_at)
                     ready_at = time.time()
                 if queue and queue[0] is head:  # answered elsewhere, skipped
@@ -362,15 +362,12 @@ class Dispatcher:
         mine = self._queued_by.get(sender, 0)
         return mine > 0 and mine >= max(self._queued_by.values())
 
-    async def _due(self, message: InboundMessage) -> list[InboundMessage]:
-        """What to answer under the lease: the conversation's pending messages up to `message`.
-        With an unshared store every pending message is queued here already, in order."""
-        if not self._leases.shared:
-            return [message]
-        try:
-            pending = await self._store.inbox_pending(message.conversation_key)
-        except StoreError as e:
-            log.error("inbox unreadable, answering this message only: %s", e, extra=_fields(message))
+    @staticmethod
+    def _due(message: InboundMessage, pending: list[InboundMessage] | None) -> list[InboundMessage]:
+        """What to answer under the lease: the conversation's `pending` messages (read with the
+        lease) up to `message`. With an unshared store (`pending` None) every pending message is
+        queued here already, in order."""
+        if pending is None:
             return [message]
         ids = [m.request_id for m in pending]
         if message.request_id not in ids:

@@ -134,3 +134,78 @@ async def test_a_done_outbox_entry_and_its_key_expire_by_redis_ttl(redis_url: st
         await admin.aclose()
         await one.close()
         await two.close()
+
+
+# Keeps Redis busy (every client waits) for ARGV[1] ms, timed by the server's clock.
+STALL = """
+local t = redis.call('TIME')
+local start = t[1] * 1000000 + t[2]
+repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] - start >= ARGV[1] * 1000
+return 1
+"""
+
+
+async def test_waiting_for_a_pooled_connection_is_not_an_outage(redis_url: str) -> None:
+    """A backlog queues commands for the pool's few connections far longer than one command may
+    take: they wait and succeed, none is reported as a store outage (which holds messages unACKed
+    and apologises). Each command here takes a 0.1 s stall of the server, well within its 0.8 s
+    timeout; the 40 of them over 2 connections take ~2 s."""
+    store = RedisStore(redis_url, timeout=0.8, max_connections=2)
+    await store.open()
+    staller = aioredis.Redis.from_url(redis_url)
+    done = asyncio.Event()
+
+    async def stall_until_done() -> None:
+        for _ in range(200):  # bounded: ~20 s of stalls at most
+            if done.is_set():
+                return
+            await staller.eval(STALL, 0, 100)
+
+    stalls = asyncio.create_task(stall_until_done())
+    try:
+        async with asyncio.timeout(30):
+            claimed = await asyncio.gather(*(store.claim(f"dingtalk:{n}", 60) for n in range(40)))
+        assert claimed == [True] * 40
+    finally:
+        done.set()
+        await stalls
+        await staller.aclose()
+        await store.close()
+
+
+async def test_appends_racing_on_one_context_from_two_instances_keep_every_turn(redis_url: str) -> None:
+    """Without the lease (a writer outside it), appends of two instances at once each land: a
+    write over turns that changed since they were read is retried on the turns there now."""
+    one, two = RedisStore(redis_url), RedisStore(redis_url)
+    await one.open()
+    await two.open()
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        await one.append_turns("dingtalk:c1", [Turn("user", "first")], 10, 1000, 60)
+        await asyncio.gather(
+            *((one, two)[n % 2].append_turns("dingtalk:c1", [Turn("user", f"t{n}")], 10, 1000, 90) for n in range(4))
+        )
+        turns = await two.context("dingtalk:c1")
+        assert turns[0] == Turn("user", "first")
+        assert sorted(t.content for t in turns[1:]) == ["t0", "t1", "t2", "t3"]
+        assert 80_000 < await admin.pttl("botgate:ctx:dingtalk:c1") <= 90_000
+    finally:
+        await admin.aclose()
+        await one.close()
+        await two.close()
+
+
+async def test_an_append_over_turns_changed_since_they_were_read_keeps_both(redis_url: str) -> None:
+    """The append after an answer writes over the turns its `context` read: another instance
+    appending in between is not overwritten."""
+    one, two = RedisStore(redis_url), RedisStore(redis_url)
+    await one.open()
+    await two.open()
+    try:
+        assert await one.context("dingtalk:c1") == []
+        await two.append_turns("dingtalk:c1", [Turn("user", "on two")], 10, 1000, 60)
+        await one.append_turns("dingtalk:c1", [Turn("user", "on one")], 10, 1000, 60)
+        assert await two.context("dingtalk:c1") == [Turn("user", "on two"), Turn("user", "on one")]
+    finally:
+        await one.close()
+        await two.close()

@@ -237,6 +237,10 @@ class LeaseStore(Store, Protocol):
     async def acquire_lease(self, conversation: str, owner: str, ttl: float) -> bool:
         """Take or renew the lease for `ttl` seconds; False while another owner holds it."""
 
+    async def lease_pending(self, conversation: str, owner: str, ttl: float) -> list[InboundMessage] | None:
+        """`acquire_lease` and, once held, the conversation's `inbox_pending` in the same step
+        (one round trip: what a worker does before each answer); None while another owner holds it."""
+
     async def release_lease(self, conversation: str, owner: str) -> None:
         """Give the lease up if `owner` still holds it (never someone else's)."""
 

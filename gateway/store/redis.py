@@ -1,11 +1,15 @@
 """Redis store (`redis://`, `rediss://`, `unix://`): state shared by several gateway instances.
 
-Every key starts with `botgate:`. Multi-key steps run as Lua scripts (atomic, one round trip); the
-inbox and dedup keys share the `{inbox}` hash tag, the outbox's keys `{outbox}`, so the scripts also
-work on a Redis Cluster. Dedup claims (and admissions, which claim) and lease changes are idempotent
-under redis-py's retry of a command whose reply was lost: a claim stores a per-call token, so a
-retried claim recognises its own earlier success instead of calling the message a duplicate (which
-would ACK and drop it); an outbox add finds the entry it wrote itself.
+Every key starts with `botgate:`. Multi-key steps run as Lua scripts (atomic, one round trip), and
+so do hot steps of several commands: each round trip costs the gateway ~0.1-0.2 ms of CPU in
+redis-py, 11 of them per answered message (docs/state.md, "Round trips per answer"). The inbox and
+dedup keys share the `{inbox}` hash tag, the outbox's keys `{outbox}`; the lease read with the
+pending inbox and the usage figures span hash slots, so the store is for one Redis server (with
+replicas), not a Redis Cluster (whose client it does not use either). Dedup claims (and
+admissions, which claim) and lease changes are idempotent under redis-py's retry of a command whose
+reply was lost: a claim stores a per-call token, so a retried claim recognises its own earlier
+success instead of calling the message a duplicate (which would ACK and drop it); an outbox add
+finds the entry it wrote itself; a context swap finds the turns it wrote.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import RedisError
 
 from ..errors import StoreError
 from ..messages import InboundMessage
@@ -57,6 +61,14 @@ USAGE = PREFIX + "usage:"  # + "<day>:<kind>": hash m:/t:/e:<subject> -> message
 # ... + ":top": sorted set of the day's subjects of that kind by tokens * TOP_SCALE + messages
 TOP_SCALE = 1_000_000  # exact in a double up to ~9e9 tokens a day per subject
 CHUNK = 500  # ids per HMGET when reading the inbox
+# Seconds a command may wait for a free pooled connection. Under a backlog (thousands of messages
+# answered at once on 128 connections, the CPU saturated) that wait passes the 5 s command timeout
+# on a healthy Redis; counted as an outage it held messages unACKed and sent apologies. A down Redis
+# still shows: each command ahead fails within the command timeout and frees its connection.
+POOL_WAIT = 120.0
+# Conversations whose turns, as `context` last read them, are kept for the append after the answer:
+# 8x the default answers at once; a miss costs one more round trip, never a lost turn.
+READ_KEPT = 512
 
 _CLAIM = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
@@ -100,6 +112,22 @@ redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
 redis.call('PEXPIRE', KEYS[1], 60000)
 return allowed
 """
+# KEYS: per subject its kind's figures and top; ARGV: tokens, "1" if estimated, TTL ms, top score
+# increment, then the subjects. One round trip of one command for the client (~0.13 ms of its CPU,
+# against ~0.6 ms for the same 20 commands pipelined).
+_ADD_USAGE = """
+local tokens, estimated, ttl, score = ARGV[1], ARGV[2] == '1', ARGV[3], ARGV[4]
+for i = 5, #ARGV do
+  local figures, top, subject = KEYS[2 * i - 9], KEYS[2 * i - 8], ARGV[i]
+  redis.call('HINCRBY', figures, 'm:' .. subject, 1)
+  redis.call('HINCRBY', figures, 't:' .. subject, tokens)
+  if estimated then redis.call('HINCRBY', figures, 'e:' .. subject, tokens) end
+  redis.call('ZINCRBY', top, score, subject)
+  redis.call('PEXPIRE', figures, ttl)
+  redis.call('PEXPIRE', top, ttl)
+end
+return 1
+"""
 _ACQUIRE = """
 local holder = redis.call('GET', KEYS[1])
 if holder == false or holder == ARGV[1] then
@@ -107,6 +135,32 @@ if holder == false or holder == ARGV[1] then
   return 1
 end
 return 0
+"""
+# KEYS: lease, the conversation's inbox order, inbox. The lease taken (or renewed) and, with it, the
+# conversation's pending entries oldest first: what its holder answers. Nothing while another owner
+# holds it. An id without a body is not returned (`inbox_pending` skips it the same way).
+_LEASE_PENDING = """
+local holder = redis.call('GET', KEYS[1])
+if holder ~= false and holder ~= ARGV[1] then return false end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local ids = redis.call('ZRANGE', KEYS[2], 0, -1)
+local bodies = {}
+for start = 1, #ids, CHUNK do
+  local rows = redis.call('HMGET', KEYS[3], unpack(ids, start, math.min(start + CHUNK - 1, #ids)))
+  for _, body in ipairs(rows) do
+    if body then bodies[#bodies + 1] = body end
+  end
+end
+return bodies
+""".replace("CHUNK", str(CHUNK))
+# KEYS: context; ARGV: the turns as last read ("": none; stored turns are never empty, a JSON
+# list), the new turns, idle TTL ms. Written only over what was read, else it returns the turns
+# there now (in a list: "" for none) to retry on; a retry of a swap that was done finds its turns.
+_CONTEXT_SWAP = """
+local now = redis.call('GET', KEYS[1]) or ''
+if now ~= ARGV[1] and now ~= ARGV[2] then return {now} end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return false
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -155,8 +209,11 @@ _SCRIPTS = {
     "admit": _ADMIT,
     "inbox_done": _INBOX_DONE,
     "take_token": _TAKE_TOKEN,
+    "add_usage": _ADD_USAGE,
     "acquire": _ACQUIRE,
+    "lease_pending": _LEASE_PENDING,
     "release": _RELEASE,
+    "context_swap": _CONTEXT_SWAP,
     "card_update": _CARD_UPDATE,
     "outbox_add": _OUTBOX_ADD,
     "outbox_update": _OUTBOX_UPDATE,
@@ -176,15 +233,24 @@ class RedisStore:
     shared = True
 
     def __init__(
-        self, url: str, connect_timeout: float = 2.0, timeout: float = 5.0, max_connections: int = 128
+        self,
+        url: str,
+        connect_timeout: float = 2.0,
+        timeout: float = 5.0,
+        max_connections: int = 128,
+        pool_wait: float = POOL_WAIT,
     ) -> None:
         self.url = url
         self._max_connections = max_connections
+        self._pool_wait = pool_wait
         self._where = safe_url(url)
         self._connect_timeout = connect_timeout
         self._timeout = timeout
         self._redis: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
+        # Per conversation, its turns as `context` last read them: what the append after the
+        # answer writes over, without reading them again (the swap checks they are still there).
+        self._read: dict[str, bytes] = {}
 
     @contextmanager
     def _errors(self, what: str) -> Iterator[None]:
@@ -208,12 +274,14 @@ class RedisStore:
         # a real outage must surface within a fraction of a second (readiness, no ACK).
         retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.2), 2, (RedisConnectionError,))
         try:
-            # Blocking pool: a burst waits briefly for a free connection instead of failing with
-            # "Too many connections" (the default pool's behaviour past its limit).
+            # Blocking pool: a burst waits for a free connection instead of failing with "Too many
+            # connections" (the default pool's behaviour past its limit). That wait is the load's
+            # queue, not an outage: it has its own, longer bound (`POOL_WAIT`), while `timeout`
+            # bounds each command on its connection, which is what fails when Redis is down.
             pool = BlockingConnectionPool.from_url(
                 self.url,
                 max_connections=self._max_connections,
-                timeout=self._timeout,
+                timeout=self._pool_wait,
                 socket_connect_timeout=self._connect_timeout,
                 socket_timeout=self._timeout,
                 retry=retry,
@@ -284,6 +352,10 @@ class RedisStore:
     async def context(self, conversation: str) -> list[Turn]:
         with self._errors("context read"):
             raw = await self._r.get(CONTEXT + conversation)
+        self._read.pop(conversation, None)  # newest read last: the oldest go first past READ_KEPT
+        self._read[conversation] = _bytes(raw or b"")
+        if len(self._read) > READ_KEPT:
+            del self._read[next(iter(self._read))]
         return _turns(raw) if raw else []
 
     async def append_turns(
@@ -291,22 +363,23 @@ class RedisStore:
     ) -> None:
         key = CONTEXT + conversation
         with self._errors("context write"):
-            # The lease already serialises writers of one conversation; WATCH guards the rest.
-            async with self._r.pipeline(transaction=True) as pipe:
-                for _ in range(5):
-                    try:
-                        await pipe.watch(key)
-                        raw = await pipe.get(key)
-                        kept = trim_turns((_turns(raw) if raw else []) + turns, max_turns, max_chars)
-                        pipe.multi()  # type: ignore[no-untyped-call]
-                        pipe.set(key, orjson.dumps([[t.role, t.content] for t in kept]), px=_ms(idle_ttl))
-                        await pipe.execute()
-                        return
-                    except WatchError:
-                        continue
+            # The lease already serialises writers of one conversation; the swap (written only over
+            # the turns read, else it hands back the turns there now) guards the rest. One round
+            # trip after `context` read the turns, else two; not WATCH's three.
+            raw = self._read.pop(conversation, None)
+            if raw is None:
+                raw = _bytes(await self._r.get(key) or b"")
+            for _ in range(5):
+                kept = trim_turns((_turns(raw) if raw else []) + turns, max_turns, max_chars)
+                value = orjson.dumps([[t.role, t.content] for t in kept])
+                found = await self._scripts["context_swap"]([key], [raw, value, _ms(idle_ttl)], client=self._r)
+                if found is None:
+                    return
+                raw = _bytes(found[0])
         raise StoreError(f"redis {self._where}: context write: too much contention on {conversation}")
 
     async def reset(self, conversation: str) -> None:
+        self._read.pop(conversation, None)
         with self._errors("context reset"):
             # Two single-key DELs in one round trip (no multi-key command across hash slots).
             async with self._r.pipeline(transaction=False) as pipe:
@@ -343,20 +416,16 @@ class RedisStore:
     async def add_usage(
         self, day: str, subjects: Sequence[tuple[str, str]], tokens: int, estimated: bool, ttl: float
     ) -> None:
-        # Single-key commands in one round trip: every instance adds to the same counters. (A
-        # command retried after a lost reply may count a message twice: figures, not a ledger.)
+        # One script: every instance adds to the same counters. (A script retried after a lost
+        # reply may count a message twice: figures, not a ledger.)
+        if not subjects:
+            return
+        keys = [key for kind, _ in subjects for key in (f"{USAGE}{day}:{kind}", f"{USAGE}{day}:{kind}:top")]
+        args: list[str | int | bytes] = [
+            tokens, "1" if estimated else "0", _ms(ttl), tokens * TOP_SCALE + 1, *(s for _, s in subjects)
+        ]
         with self._errors("usage write"):
-            async with self._r.pipeline(transaction=False) as pipe:
-                for kind, subject in subjects:
-                    figures, top = f"{USAGE}{day}:{kind}", f"{USAGE}{day}:{kind}:top"
-                    pipe.hincrby(figures, "m:" + subject, 1)
-                    pipe.hincrby(figures, "t:" + subject, tokens)
-                    if estimated:
-                        pipe.hincrby(figures, "e:" + subject, tokens)
-                    pipe.zincrby(top, tokens * TOP_SCALE + 1, subject)
-                    pipe.pexpire(figures, _ms(ttl))
-                    pipe.pexpire(top, _ms(ttl))
-                await pipe.execute()
+            await self._script("add_usage", keys, args)
 
     async def usage(self, days: Sequence[str], kind: str, subject: str) -> UsageCount:
         fields = ["m:" + subject, "t:" + subject, "e:" + subject]
@@ -390,6 +459,12 @@ class RedisStore:
     async def acquire_lease(self, conversation: str, owner: str, ttl: float) -> bool:
         with self._errors("lease"):
             return bool(await self._script("acquire", [f"{PREFIX}lease:{conversation}"], [owner, _ms(ttl)]))
+
+    async def lease_pending(self, conversation: str, owner: str, ttl: float) -> list[InboundMessage] | None:
+        keys = [f"{PREFIX}lease:{conversation}", _conversation_order(conversation), INBOX]
+        with self._errors("lease"):
+            rows = await self._scripts["lease_pending"](keys, [owner, _ms(ttl)], client=self._r)
+        return None if rows is None else decode_messages([_bytes(raw) for raw in rows])
 
     async def release_lease(self, conversation: str, owner: str) -> None:
         with self._errors("lease release"):
