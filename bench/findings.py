@@ -161,12 +161,12 @@ def _redis_cost(rows: Sequence[Row], row: Row) -> str:
     )
     return (
         cost + (f", with {commands.group(1)} Redis commands per answered message" if commands else "")
-        + " (claim + inbox, the lease and its renewal, the conversation's pending messages, context, cache, "
-        "the context write under WATCH, usage counters, inbox done, lease release; those inside Lua "
-        "scripts counted), every round trip through redis-py's asyncio client costing a few hundred µs of "
-        "CPU on this machine. What would close it: fewer round trips per answer (lease + pending in one "
-        "script, context + cache in one read, inbox done + release in one, usage in the same pipeline), "
-        "issue 21 goal 4."
+        + " (those inside Lua scripts counted), in 11 round trips (claim + inbox, the lease with the "
+        "conversation's pending messages, the two rate-limit buckets, context, cache, the usage counters, "
+        "the cache write, the context write, inbox done, lease release; docs/state.md), every one through "
+        "redis-py's asyncio client costing ~100-200 µs of CPU on this machine. What would take a few more "
+        "off: inbox done with the lease release, both buckets in one script, the cache write with the "
+        "context write."
     )
 
 
