@@ -109,7 +109,7 @@ def markdown(
         "",
         "Reproduce: `apt-get install wrk` (Debian), `pip install -r bench/requirements.txt` (the optional",
         "FastAPI + uvicorn reference; without it those rows are skipped), then `python -m bench` from the",
-        "repository root (about 35 minutes on 2 cores; `--only N`, `--keep` for the logs, `--json PATH` for",
+        "repository root (about 30 minutes on 2 cores; `--only N`, `--keep` for the logs, `--json PATH` for",
         "the rows as JSON). `python -m bench --quick` runs every scenario for a moment (CI).",
         "",
         "## Machine",
