@@ -6,7 +6,7 @@ first frame to the last reply, and the server's CPU per answer, for the gateway 
 from __future__ import annotations
 
 import asyncio
-import time
+import math
 from dataclasses import dataclass
 
 from .context import BenchError, Channels, Context, gateway_for
@@ -15,6 +15,7 @@ from .doubles import instant_model
 from .env import cpu_seconds
 from .report import Row, at_least_ratio
 from .servers import ServerProcess, reference
+from .stream import pump
 
 S12 = "12. Answer throughput"
 CONVERSATIONS = 2000
@@ -28,23 +29,14 @@ class Answered:
     usage: str
 
 
-async def answer_all(double: DingTalkDouble, count: int, window: int, tag: str) -> tuple[float, int]:
-    """Send `count` messages keeping at most `window` unanswered; (seconds first send -> last reply, n)."""
-    slots = asyncio.Semaphore(window)
-    replies: list[asyncio.Future[float]] = []
-    started = time.monotonic()
-    for i in range(count):
-        await slots.acquire()
-        _, future = await double.send_message(f"{tag}{i % CONVERSATIONS:05d}", f"answer me {tag} {i}")
-        future.add_done_callback(lambda _: slots.release())
-        replies.append(future)
-    try:
-        async with asyncio.timeout(60):
-            done = await asyncio.gather(*replies)
-    except TimeoutError:
-        missing = sum(not f.done() for f in replies)
-        raise BenchError(f"{missing} of {len(replies)} messages never answered") from None
-    return max(done) - started, len(replies)
+async def answer_all(double: DingTalkDouble, count: int, window: int, tag: str) -> float:
+    """Send `count` messages keeping at most `window` unanswered; answers/s first send -> last reply."""
+
+    async def send(i: int) -> asyncio.Future[float]:
+        _, reply = await double.send_message(f"{tag}{i % CONVERSATIONS:05d}", f"answer me {tag} {i}")
+        return reply
+
+    return await pump(send, count, window, math.inf, within=60.0, what="answered")
 
 
 async def measure(ctx: Context, proc: ServerProcess, double: DingTalkDouble, tag: str) -> Answered:
@@ -55,9 +47,9 @@ async def measure(ctx: Context, proc: ServerProcess, double: DingTalkDouble, tag
     count, window = ctx.pick(20_000, 500), ctx.pick(400, 100)
     await answer_all(double, ctx.pick(2_000, 100), window, tag + "w")  # warm-up: pooled connections
     start, cpu = proc.usage_start(), cpu_seconds(proc.pid)
-    seconds, n = await answer_all(double, count, window, tag)
+    rate = await answer_all(double, count, window, tag)
     used = cpu_seconds(proc.pid) - cpu
-    return Answered(n / seconds, used / n * 1e6, n, proc.usage_since(start))
+    return Answered(rate, used / count * 1e6, count, proc.usage_since(start))
 
 
 async def run(ctx: Context) -> list[Row]:

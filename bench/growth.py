@@ -26,6 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import redis.asyncio
 
@@ -37,6 +38,8 @@ from gateway.usage import USAGE_TTL, subjects
 from .context import BenchError, Context
 from .doubles import ANSWER
 from .report import Row, at_least_ratio
+
+_T = TypeVar("_T")
 
 S10 = "10. State growth"
 MONTH = 30 * 86_400.0  # simulated seconds the whole run stands for
@@ -286,6 +289,15 @@ class Measured:
     control: tuple[float, float]  # intake of a fresh, empty store right after the first and the last probe
 
 
+async def opened(store: Store, use: Callable[[], Awaitable[_T]]) -> _T:
+    """`use()` with `store` open, closed afterwards whatever happens."""
+    await store.open()
+    try:
+        return await use()
+    finally:
+        await store.close()
+
+
 async def measure(
     run: Run, at: Callable[[str], Awaitable[None]], fresh: Callable[[], Awaitable[float]]
 ) -> Measured:
@@ -383,18 +395,10 @@ async def sqlite_rows(ctx: Context, plan: Plan) -> list[Row]:
 
     async def fresh() -> float:
         control = SqliteStore(path.parent / f"empty{next(controls)}.sqlite3", sweep_interval=sweep_interval(plan))
-        await control.open()
-        try:
-            return await Run.of(control, plan).intake()
-        finally:
-            await control.close()
+        return await opened(control, Run.of(control, plan).intake)
 
     run = Run.of(store, plan)
-    await store.open()
-    try:
-        got = await measure(run, at, fresh)
-    finally:
-        await store.close()
+    got = await opened(store, lambda: measure(run, at, fresh))
     early, end = sizes["early"], sizes["end"]
     size = Row(
         S10,
@@ -441,18 +445,10 @@ async def redis_rows(ctx: Context, plan: Plan) -> list[Row]:
                 finally:
                     await empty.aclose()
                 control = RedisStore(server.url.removesuffix("/0") + "/1")
-                await control.open()
-                try:
-                    return await Run.of(control, plan).intake()
-                finally:
-                    await control.close()
+                return await opened(control, Run.of(control, plan).intake)
 
             run = Run.of(store, plan)
-            await store.open()
-            try:
-                got = await measure(run, at, fresh)
-            finally:
-                await store.close()
+            got = await opened(store, lambda: measure(run, at, fresh))
         finally:
             await client.aclose()
     finally:

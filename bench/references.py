@@ -173,21 +173,9 @@ async def _model_text(http: aiohttp.ClientSession, model_url: str, text: str) ->
     return "".join(parts)
 
 
-def dingtalk(port: int, api_base: str) -> None:
-    async def serve(http: aiohttp.ClientSession, state: dict[str, bool]) -> None:
-        async with _stream_socket(http, api_base) as ws:
-            state["connected"] = True
-            async for msg in ws:
-                frame = orjson.loads(msg.data)
-                data = orjson.loads(frame["data"])
-                if frame["type"] == "CALLBACK" and not data.get("msgId"):
-                    continue
-                await ws.send_str(_stream_ack(frame))
-
-    _client(port, serve)
-
-
-def dingtalk_relay(port: int, api_base: str, model_url: str) -> None:
+def dingtalk(port: int, api_base: str, model_url: str = "") -> None:
+    """The bare Stream client; with `model_url`, the relay: every message also answered (model
+    call, reply POSTed to its sessionWebhook) in a task of its own."""
     tasks: set[asyncio.Task[None]] = set()
 
     async def answer(http: aiohttp.ClientSession, data: dict[str, Any]) -> None:
@@ -202,8 +190,10 @@ def dingtalk_relay(port: int, api_base: str, model_url: str) -> None:
             async for msg in ws:
                 frame = orjson.loads(msg.data)
                 data = orjson.loads(frame["data"])
+                if frame["type"] == "CALLBACK" and not data.get("msgId"):
+                    continue
                 await ws.send_str(_stream_ack(frame))
-                if frame["type"] == "CALLBACK" and data.get("msgId"):
+                if model_url and frame["type"] == "CALLBACK":
                     task = asyncio.create_task(answer(http, data))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
@@ -250,10 +240,10 @@ def main() -> None:
         import uvloop  # bench/requirements.txt
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    if args.kind == "dingtalk-relay":
-        dingtalk_relay(args.port, args.upstream, args.model)
-    elif args.kind in ("relay", "dingtalk", "feishu"):
-        {"relay": relay, "dingtalk": dingtalk, "feishu": feishu}[args.kind](args.port, args.upstream)
+    if args.kind in ("dingtalk", "dingtalk-relay"):  # the relay is the one given a model
+        dingtalk(args.port, args.upstream, args.model if args.kind == "dingtalk-relay" else "")
+    elif args.kind in ("relay", "feishu"):
+        {"relay": relay, "feishu": feishu}[args.kind](args.port, args.upstream)
     else:
         {"bare": bare, "fastapi": fastapi}[args.kind](args.port)
 

@@ -20,9 +20,11 @@ S2 = "2. Stream ingress"
 Pump = Callable[[int], Awaitable[asyncio.Future[float]]]
 
 
-async def pump(send_one: Pump, count: int, window: int, seconds: float) -> float:
-    """Push up to `count` events (stopping after `seconds`), keeping at most `window` un-ACKed;
-    events/s from the first push to the last ACK."""
+async def pump(
+    send_one: Pump, count: int, window: int, seconds: float, within: float = 30.0, what: str = "ACKed"
+) -> float:
+    """Push up to `count` events (stopping after `seconds`), keeping at most `window` of the futures
+    `send_one` returns (ACKs, or replies) unresolved; events/s from the first push to the last one."""
     slots = asyncio.Semaphore(window)
     acks: list[asyncio.Future[float]] = []
     started = time.monotonic()
@@ -34,10 +36,10 @@ async def pump(send_one: Pump, count: int, window: int, seconds: float) -> float
         future.add_done_callback(lambda _: slots.release())
         acks.append(future)
     try:
-        async with asyncio.timeout(30):
+        async with asyncio.timeout(within):
             done = await asyncio.gather(*acks)
     except TimeoutError:
-        raise BenchError(f"{sum(not f.done() for f in acks)} of {len(acks)} events never ACKed") from None
+        raise BenchError(f"{sum(not f.done() for f in acks)} of {len(acks)} events never {what}") from None
     return len(acks) / (max(done) - started)
 
 
